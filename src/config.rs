@@ -1,0 +1,197 @@
+//! Destination configuration as the Python face hands it over (JSON), with the documented
+//! defaults. Python validates first for friendly messages; `validate` here is the last word.
+
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::record::Kind;
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum OnFull {
+    Drop,
+    Block,
+}
+
+/// What every destination shares: routing, queue, batching, retries, breaker.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Common {
+    pub name: String,
+    pub min_level: u16,
+    pub kinds: Vec<Kind>,
+    pub queue_max_records: usize,
+    pub queue_max_bytes: usize,
+    pub on_full: OnFull,
+    pub block_timeout: f64,
+    pub batch_max_records: usize,
+    pub batch_max_bytes: usize,
+    pub batch_max_delay: f64,
+    pub max_retries: u32,
+    pub retry_initial: f64,
+    pub retry_max: f64,
+    pub attempt_timeout: f64,
+    pub breaker_threshold: u32,
+    pub breaker_cooldown: f64,
+}
+
+impl Default for Common {
+    fn default() -> Self {
+        Common {
+            name: String::new(),
+            min_level: 0,
+            kinds: vec![Kind::App, Kind::Http],
+            queue_max_records: 100_000,
+            queue_max_bytes: 64 << 20,
+            on_full: OnFull::Drop,
+            block_timeout: 0.1,
+            batch_max_records: 10_000,
+            batch_max_bytes: 4 << 20,
+            batch_max_delay: 1.0,
+            max_retries: 3,
+            retry_initial: 0.1,
+            retry_max: 10.0,
+            attempt_timeout: 30.0,
+            breaker_threshold: 5,
+            breaker_cooldown: 60.0,
+        }
+    }
+}
+
+impl Common {
+    pub fn validate(&self) -> Result<(), String> {
+        let positive = [
+            ("queue_max_records", self.queue_max_records as f64),
+            ("queue_max_bytes", self.queue_max_bytes as f64),
+            ("batch_max_records", self.batch_max_records as f64),
+            ("batch_max_bytes", self.batch_max_bytes as f64),
+            ("batch_max_delay", self.batch_max_delay),
+            ("attempt_timeout", self.attempt_timeout),
+            ("breaker_threshold", self.breaker_threshold as f64),
+            ("retry_initial", self.retry_initial),
+            ("retry_max", self.retry_max),
+        ];
+        for (name, v) in positive {
+            if !(v > 0.0 && v.is_finite()) {
+                return Err(format!("{name} must be a positive number, got {v}"));
+            }
+        }
+        for (name, v) in [("block_timeout", self.block_timeout), ("breaker_cooldown", self.breaker_cooldown)] {
+            if !(v >= 0.0 && v.is_finite()) {
+                return Err(format!("{name} must be zero or a positive number, got {v}"));
+            }
+        }
+        if self.name.is_empty() {
+            return Err("name must not be empty".into());
+        }
+        if self.kinds.is_empty() {
+            return Err("kinds must name at least one of 'app', 'http'".into());
+        }
+        Ok(())
+    }
+
+    pub fn wants(&self, level_no: u16, kind: Kind) -> bool {
+        level_no >= self.min_level && self.kinds.contains(&kind)
+    }
+
+    pub fn secs(v: f64) -> Duration {
+        Duration::from_secs_f64(v.max(0.0))
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LocalFilesConfig {
+    pub directory: String,
+    pub prefix: String,
+    pub max_file_bytes: u64,
+    /// Seconds per file; 0 disables time rotation.
+    pub rotate_seconds: u64,
+    pub compress: bool,
+    /// Rotated files kept per directory; 0 keeps all.
+    pub keep: usize,
+    pub fsync: bool,
+}
+
+impl Default for LocalFilesConfig {
+    fn default() -> Self {
+        LocalFilesConfig {
+            directory: "./logs".into(),
+            prefix: "logsluice".into(),
+            max_file_bytes: 100 << 20,
+            rotate_seconds: 3600,
+            compress: false,
+            keep: 0,
+            fsync: false,
+        }
+    }
+}
+
+/// A destination whose writer fails on demand: used by tests of the generic machinery
+/// (breaker, retries, queue-full) through the real Python API.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ControlledConfig {
+    pub control_file: String,
+    pub output_file: String,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Target {
+    LocalFiles(LocalFilesConfig),
+    Controlled(ControlledConfig),
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DestinationSpec {
+    #[serde(default)]
+    pub common: Common,
+    pub target: Target,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PipelineOptions {
+    pub max_message_bytes: usize,
+    pub max_field_bytes: usize,
+}
+
+impl Default for PipelineOptions {
+    fn default() -> Self {
+        PipelineOptions { max_message_bytes: 64 << 10, max_field_bytes: 64 << 10 }
+    }
+}
+
+pub fn parse_specs(json: &str) -> Result<Vec<DestinationSpec>, String> {
+    let specs: Vec<DestinationSpec> = serde_json::from_str(json).map_err(|e| format!("invalid destination configuration: {e}"))?;
+    let mut names = std::collections::HashSet::new();
+    for s in &specs {
+        s.common.validate().map_err(|e| format!("destination {:?}: {e}", s.common.name))?;
+        if !names.insert(s.common.name.clone()) {
+            return Err(format!("two destinations are named {:?}; give one a different name=", s.common.name));
+        }
+    }
+    Ok(specs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_fill_in_and_unknown_keys_fail() {
+        let specs = parse_specs(r#"[{"common":{"name":"local_files"},"target":{"type":"local_files","directory":"/tmp/x"}}]"#).unwrap();
+        assert_eq!(specs[0].common.queue_max_records, 100_000);
+        assert!(parse_specs(r#"[{"common":{"name":"a","bogus":1},"target":{"type":"local_files"}}]"#).is_err());
+        assert!(parse_specs(r#"[{"common":{"name":"a","batch_max_delay":-1},"target":{"type":"local_files"}}]"#).is_err());
+    }
+
+    #[test]
+    fn duplicate_names_fail() {
+        let one = r#"{"common":{"name":"a"},"target":{"type":"local_files"}}"#;
+        assert!(parse_specs(&format!("[{one},{one}]")).unwrap_err().contains("two destinations"));
+    }
+}

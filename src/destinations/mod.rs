@@ -1,0 +1,64 @@
+//! Destinations: each one writes a batch and knows nothing of Python, queues or breakers.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::config::Target;
+use crate::record::Record;
+
+pub mod controlled;
+pub mod local_files;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// Worth retrying: the service may come back (I/O hiccup, restart, throttling).
+    Transient,
+    /// Retrying cannot help (bad credentials, missing permission): fail fast, no spinning.
+    Permanent,
+}
+
+#[derive(Clone, Debug)]
+pub struct WriteError {
+    pub kind: ErrorKind,
+    /// Shown in `stats()` and the "logsluice" logger: must never contain a secret.
+    pub message: String,
+    /// A server's request to wait (e.g. `Retry-After`).
+    pub retry_after: Option<Duration>,
+}
+
+impl WriteError {
+    pub fn transient(message: impl Into<String>) -> Self {
+        WriteError { kind: ErrorKind::Transient, message: message.into(), retry_after: None }
+    }
+    pub fn permanent(message: impl Into<String>) -> Self {
+        WriteError { kind: ErrorKind::Permanent, message: message.into(), retry_after: None }
+    }
+}
+
+/// What became of a batch that was (at least partly) written.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Outcome {
+    /// Records refused as data errors and left out; the rest of the batch was written.
+    pub invalid: u64,
+}
+
+pub trait Writer: Send {
+    /// Writes the whole batch or nothing (so a retry never duplicates), except records
+    /// reported in `Outcome::invalid`. `timeout` bounds one attempt.
+    fn write_batch(&mut self, batch: &[Arc<Record>], timeout: Duration) -> Result<Outcome, WriteError>;
+
+    /// Called when the queue has been idle for a while: time-based rotation, maintenance.
+    fn idle(&mut self) {}
+
+    /// Flushes and releases resources at shutdown.
+    fn close(&mut self) -> Result<(), WriteError> {
+        Ok(())
+    }
+}
+
+pub fn open(target: &Target) -> Result<Box<dyn Writer>, WriteError> {
+    Ok(match target {
+        Target::LocalFiles(cfg) => Box::new(local_files::LocalFiles::open(cfg.clone())?),
+        Target::Controlled(cfg) => Box::new(controlled::Controlled::new(cfg.clone())),
+    })
+}

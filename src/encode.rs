@@ -1,0 +1,176 @@
+//! NDJSON encoding of records: the on-disk and in-blob format, one object per line with
+//! the same field names everywhere.
+
+use std::io::Write;
+
+use chrono::{DateTime, Datelike, Timelike};
+use serde_json::Value;
+
+use crate::record::Record;
+
+/// Formats microseconds since the epoch as RFC 3339 UTC with microseconds.
+pub fn format_ts(ts_us: i64, out: &mut Vec<u8>) {
+    match DateTime::from_timestamp_micros(ts_us) {
+        Some(dt) => {
+            let _ = write!(
+                out,
+                "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}Z",
+                dt.year(),
+                dt.month(),
+                dt.day(),
+                dt.hour(),
+                dt.minute(),
+                dt.second(),
+                dt.timestamp_subsec_micros()
+            );
+        }
+        None => out.extend_from_slice(b"1970-01-01T00:00:00.000000Z"),
+    }
+}
+
+pub fn ts_string(ts_us: i64) -> String {
+    let mut v = Vec::with_capacity(27);
+    format_ts(ts_us, &mut v);
+    String::from_utf8(v).unwrap_or_default()
+}
+
+struct Obj<'a> {
+    out: &'a mut Vec<u8>,
+    first: bool,
+}
+
+impl<'a> Obj<'a> {
+    fn new(out: &'a mut Vec<u8>) -> Self {
+        out.push(b'{');
+        Obj { out, first: true }
+    }
+    fn key(&mut self, k: &str) {
+        if !self.first {
+            self.out.push(b',');
+        }
+        self.first = false;
+        self.out.push(b'"');
+        self.out.extend_from_slice(k.as_bytes());
+        self.out.extend_from_slice(b"\":");
+    }
+    fn str(&mut self, k: &str, v: &str) {
+        self.key(k);
+        // Serialising a &str into a Vec cannot fail.
+        let _ = serde_json::to_writer(&mut *self.out, v);
+    }
+    fn opt_str(&mut self, k: &str, v: Option<&str>) {
+        match v {
+            Some(v) => self.str(k, v),
+            None => self.raw(k, b"null"),
+        }
+    }
+    fn raw(&mut self, k: &str, v: &[u8]) {
+        self.key(k);
+        self.out.extend_from_slice(v);
+    }
+    fn num<N: std::fmt::Display>(&mut self, k: &str, v: N) {
+        self.key(k);
+        let _ = write!(self.out, "{v}");
+    }
+    fn float(&mut self, k: &str, v: f64) {
+        self.key(k);
+        if v.is_finite() {
+            let _ = write!(self.out, "{v}");
+        } else {
+            self.out.extend_from_slice(b"null");
+        }
+    }
+    fn json(&mut self, k: &str, v: &Value) {
+        self.key(k);
+        let _ = serde_json::to_writer(&mut *self.out, v);
+    }
+    fn end(self) {
+        self.out.push(b'}');
+    }
+}
+
+/// Appends one record as a JSON object followed by `\n`.
+pub fn write_ndjson(out: &mut Vec<u8>, r: &Record) {
+    let mut o = Obj::new(out);
+    o.key("ts");
+    o.out.push(b'"');
+    format_ts(r.ts_us, o.out);
+    o.out.push(b'"');
+    o.str("level", &r.level);
+    o.num("level_no", r.level_no);
+    o.str("kind", r.kind.as_str());
+    o.str("logger", &r.logger);
+    o.str("message", &r.message);
+    o.str("module", &r.module);
+    o.str("function", &r.function);
+    o.num("line", r.line);
+    o.num("process", r.process);
+    o.num("thread", r.thread);
+    o.opt_str("exception", r.exception.as_deref());
+    o.opt_str("request_id", r.request_id.as_deref());
+    o.key("fields");
+    let _ = serde_json::to_writer(&mut *o.out, &r.fields);
+    if let Some(h) = r.http.as_deref() {
+        o.str("method", &h.method);
+        o.str("scheme", &h.scheme);
+        o.str("http_version", &h.http_version);
+        o.str("path", &h.path);
+        o.opt_str("query", h.query.as_deref());
+        o.opt_str("route", h.route.as_deref());
+        o.num("status", h.status);
+        o.float("duration_ms", h.duration_ms);
+        match h.ttfb_ms {
+            Some(t) => o.float("ttfb_ms", t),
+            None => o.raw("ttfb_ms", b"null"),
+        }
+        o.opt_str("client_addr", h.client_addr.as_deref());
+        o.opt_str("user_agent", h.user_agent.as_deref());
+        o.opt_str("trace_id", h.trace_id.as_deref());
+        o.opt_str("span_id", h.span_id.as_deref());
+        o.json("request_headers", &h.request_headers);
+        o.opt_str("request_body", h.request_body.as_deref());
+        match h.request_size {
+            Some(n) => o.num("request_size", n),
+            None => o.raw("request_size", b"null"),
+        }
+        o.json("response_headers", &h.response_headers);
+        o.opt_str("response_body", h.response_body.as_deref());
+        match h.response_size {
+            Some(n) => o.num("response_size", n),
+            None => o.raw("response_size", b"null"),
+        }
+        o.float("sample_rate", h.sample_rate);
+        o.raw("error", if h.error { b"true" } else { b"false" });
+    }
+    o.end();
+    out.push(b'\n');
+}
+
+/// Encodes a whole batch into one buffer.
+pub fn encode_batch<'a, I: IntoIterator<Item = &'a Record>>(records: I, out: &mut Vec<u8>) {
+    for r in records {
+        write_ndjson(out, r);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::{Kind, Record};
+
+    #[test]
+    fn ndjson_line_is_valid_json_with_all_fields() {
+        let mut r = Record::new(1_700_000_000_123_456, "INFO", 20, Kind::App, "hi \"there\"\n".into());
+        r.fields.insert("user".into(), Value::from("ada"));
+        let r = r.finish(1024);
+        let mut out = Vec::new();
+        write_ndjson(&mut out, &r);
+        assert_eq!(*out.last().unwrap(), b'\n');
+        let v: Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["ts"], "2023-11-14T22:13:20.123456Z");
+        assert_eq!(v["message"], "hi \"there\"\n");
+        assert_eq!(v["fields"]["user"], "ada");
+        assert_eq!(v["exception"], Value::Null);
+        assert_eq!(v["kind"], "app");
+    }
+}

@@ -1,0 +1,14 @@
+//! logsluice: the Rust core and, behind the `python` feature, its PyO3 binding.
+
+pub mod breaker;
+pub mod config;
+pub mod destinations;
+pub mod encode;
+pub mod metrics;
+pub mod pipeline;
+pub mod queue;
+pub mod record;
+pub mod retry;
+
+#[cfg(feature = "python")]
+mod py;

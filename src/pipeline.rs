@@ -1,0 +1,422 @@
+//! Fan-out of records to destinations and the lifecycle of the core: one queue, one
+//! batcher thread, one breaker and one writer per destination, so a dead store never
+//! slows another store or the app.
+
+use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Once};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+
+use crate::breaker::{self, Breaker};
+use crate::config::{Common, DestinationSpec, OnFull, PipelineOptions, Target};
+use crate::destinations::{self, ErrorKind, WriteError, Writer};
+use crate::metrics::DropReason;
+use crate::queue::{Limits, Next, Queue, Snapshot};
+use crate::record::{Kind, Record};
+use crate::retry::Backoff;
+
+/// How the core reports its own problems (the Python face sends them to the stdlib
+/// logger "logsluice"). Arguments: a stdlib level number and the message.
+pub type Reporter = Arc<dyn Fn(u16, &str) + Send + Sync>;
+
+static FORK_GENERATION: AtomicU64 = AtomicU64::new(0);
+static ATFORK: Once = Once::new();
+
+extern "C" fn after_fork_in_child() {
+    FORK_GENERATION.fetch_add(1, Ordering::SeqCst);
+}
+
+/// Counts forks, so a child notices that its core's threads did not come along.
+pub fn fork_generation() -> u64 {
+    ATFORK.call_once(|| unsafe {
+        libc::pthread_atfork(None, None, Some(after_fork_in_child));
+    });
+    FORK_GENERATION.load(Ordering::Relaxed)
+}
+
+thread_local! {
+    static REPORTING: Cell<bool> = const { Cell::new(false) };
+}
+
+/// True while this thread is inside the reporter: records logged from there (a user's
+/// handler on the "logsluice" logger that feeds back into a sink) are ignored, not looped.
+pub fn reporting() -> bool {
+    REPORTING.with(Cell::get)
+}
+
+/// Lets one message per destination through every `interval`, counting the rest.
+struct RateLimit {
+    interval: Duration,
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl RateLimit {
+    fn check(&mut self) -> Option<u64> {
+        let now = Instant::now();
+        match self.last {
+            Some(t) if now.duration_since(t) < self.interval => {
+                self.suppressed += 1;
+                None
+            }
+            _ => {
+                self.last = Some(now);
+                Some(std::mem::take(&mut self.suppressed))
+            }
+        }
+    }
+}
+
+pub struct Destination {
+    pub common: Common,
+    pub queue: Arc<Queue>,
+    abort: AtomicBool,
+    thread: Mutex<Option<JoinHandle<()>>>,
+    reporter: Reporter,
+    limit: Mutex<RateLimit>,
+}
+
+impl Destination {
+    fn report(&self, level: u16, message: &str) {
+        let Some(suppressed) = self.limit.lock().check() else { return };
+        let mut text = format!("logsluice destination {:?}: {message}", self.common.name);
+        if suppressed > 0 {
+            text.push_str(&format!(" ({suppressed} similar messages suppressed)"));
+        }
+        REPORTING.with(|r| r.set(true));
+        (self.reporter)(level, &text);
+        REPORTING.with(|r| r.set(false));
+    }
+}
+
+pub struct Core {
+    pub dests: Vec<Arc<Destination>>,
+    pub options: PipelineOptions,
+    pub generation: u64,
+    /// The lowest `min_level` any destination wants, per kind: records below are never built.
+    floor: [u16; 2],
+    closed: AtomicBool,
+}
+
+/// A record that found its queue full under `on_full="block"`: the caller waits for room
+/// outside the GIL, then calls [`Core::wait_for_room`].
+pub struct Blocked {
+    dest: Arc<Destination>,
+    record: Arc<Record>,
+}
+
+impl Core {
+    pub fn start(specs: Vec<DestinationSpec>, options: PipelineOptions, reporter: Reporter) -> Arc<Core> {
+        let generation = fork_generation();
+        let mut floor = [u16::MAX; 2];
+        let mut dests = Vec::new();
+        for spec in specs {
+            for kind in &spec.common.kinds {
+                let slot = &mut floor[*kind as usize];
+                *slot = (*slot).min(spec.common.min_level);
+            }
+            let c = &spec.common;
+            let queue = Arc::new(Queue::new(Limits {
+                max_records: c.queue_max_records,
+                max_bytes: c.queue_max_bytes,
+                batch_records: c.batch_max_records,
+                batch_bytes: c.batch_max_bytes,
+                batch_delay: Common::secs(c.batch_max_delay),
+            }));
+            let dest = Arc::new(Destination {
+                common: spec.common.clone(),
+                queue,
+                abort: AtomicBool::new(false),
+                thread: Mutex::new(None),
+                reporter: reporter.clone(),
+                limit: Mutex::new(RateLimit { interval: Duration::from_secs(10), last: None, suppressed: 0 }),
+            });
+            let worker = dest.clone();
+            let target = spec.target;
+            let handle = std::thread::Builder::new()
+                .name(format!("logsluice-{}", dest.common.name))
+                .spawn(move || run(worker, target))
+                .expect("spawning a thread");
+            *dest.thread.lock() = Some(handle);
+            dests.push(dest);
+        }
+        Arc::new(Core { dests, options, generation, floor, closed: AtomicBool::new(false) })
+    }
+
+    /// Whether any destination would take a record of this level and kind.
+    pub fn wants(&self, level_no: u16, kind: Kind) -> bool {
+        level_no >= self.floor[kind as usize]
+    }
+
+    /// Routes one record to every destination that wants it. Never waits; records that
+    /// meet a full queue under `on_full="block"` come back for [`Core::wait_for_room`].
+    pub fn submit(&self, record: Record) -> Vec<Blocked> {
+        let record = Arc::new(record);
+        let mut blocked = Vec::new();
+        for d in &self.dests {
+            if !d.common.wants(record.level_no, record.kind) {
+                continue;
+            }
+            match d.common.on_full {
+                OnFull::Drop => d.queue.push(record.clone()),
+                OnFull::Block => {
+                    if let Err(record) = d.queue.try_push(record.clone()) {
+                        blocked.push(Blocked { dest: d.clone(), record });
+                    }
+                }
+            }
+        }
+        blocked
+    }
+
+    pub fn wait_for_room(blocked: Vec<Blocked>) {
+        for b in blocked {
+            let timeout = Common::secs(b.dest.common.block_timeout);
+            b.dest.queue.push_wait(b.record, timeout);
+        }
+    }
+
+    /// Waits until everything accepted before the call is written or dropped. On timeout,
+    /// returns the destinations still pending with their counts.
+    pub fn flush(&self, timeout: Duration) -> Result<(), Vec<(String, u64)>> {
+        let deadline = Instant::now() + timeout;
+        let targets: Vec<u64> = self.dests.iter().map(|d| d.queue.request_flush()).collect();
+        let mut pending = Vec::new();
+        for (d, target) in self.dests.iter().zip(targets) {
+            if !d.queue.wait_resolved(target, deadline) {
+                let resolved = d.queue.with_state(|s| s.counters.resolved());
+                pending.push((d.common.name.clone(), target.saturating_sub(resolved)));
+            }
+        }
+        if pending.is_empty() {
+            Ok(())
+        } else {
+            Err(pending)
+        }
+    }
+
+    /// Flushes, stops the threads and closes the writers. What cannot be written within
+    /// `timeout` is dropped with reason `closed` (counted, and reported). Idempotent.
+    pub fn close(&self, timeout: Duration) -> Result<(), Vec<(String, u64)>> {
+        if self.closed.swap(true, Ordering::SeqCst) {
+            return Ok(());
+        }
+        let deadline = Instant::now() + timeout;
+        let flushed = self.flush(timeout);
+        for d in &self.dests {
+            if flushed.is_err() {
+                d.abort.store(true, Ordering::SeqCst);
+            }
+            d.queue.close();
+        }
+        // Past the deadline, a writer stuck in I/O is left behind rather than hanging exit.
+        let grace = deadline.max(Instant::now() + Duration::from_millis(500));
+        for d in &self.dests {
+            let handle = d.thread.lock().take();
+            if let Some(handle) = handle {
+                while !handle.is_finished() && Instant::now() < grace {
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                if handle.is_finished() {
+                    let _ = handle.join();
+                }
+            }
+        }
+        flushed
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::SeqCst)
+    }
+
+    pub fn stats(&self) -> Vec<(String, Snapshot)> {
+        self.dests.iter().map(|d| (d.common.name.clone(), d.queue.snapshot())).collect()
+    }
+}
+
+/// The batcher loop of one destination, on its own thread.
+fn run(dest: Arc<Destination>, target: Target) {
+    let c = &dest.common;
+    let mut breaker = Breaker::new(c.breaker_threshold, Common::secs(c.breaker_cooldown));
+    let backoff = Backoff { initial: Common::secs(c.retry_initial), max: Common::secs(c.retry_max) };
+    let mut writer: Option<Box<dyn Writer>> = None;
+    loop {
+        match dest.queue.next_batch(Duration::from_secs(1)) {
+            Next::Closed => break,
+            Next::Idle => {
+                if let Some(w) = writer.as_mut() {
+                    w.idle();
+                }
+            }
+            Next::Batch(batch) => {
+                let started = Instant::now();
+                let (written, dropped) = deliver(&dest, &target, &mut writer, &mut breaker, &backoff, &batch);
+                let state = breaker.name();
+                dest.queue.with_state(|s| s.breaker = state);
+                dest.queue.resolve(batch.len(), written, &dropped, started.elapsed());
+            }
+        }
+    }
+    if let Some(mut w) = writer {
+        if let Err(e) = w.close() {
+            dest.report(30, &format!("closing failed: {}", e.message));
+        }
+    }
+}
+
+fn deliver(
+    dest: &Destination,
+    target: &Target,
+    writer: &mut Option<Box<dyn Writer>>,
+    breaker: &mut Breaker,
+    backoff: &Backoff,
+    batch: &[Arc<Record>],
+) -> (u64, Vec<(DropReason, u64)>) {
+    let n = batch.len() as u64;
+    if dest.abort.load(Ordering::SeqCst) {
+        return (0, vec![(DropReason::Closed, n)]);
+    }
+    let was_open = matches!(breaker.state(), breaker::State::Open { .. });
+    if !breaker.allow(Instant::now()) {
+        return (0, vec![(DropReason::BreakerOpen, n)]);
+    }
+    if was_open {
+        dest.queue.with_state(|s| s.breaker = "half_open");
+    }
+    let timeout = Common::secs(dest.common.attempt_timeout);
+    let mut attempt = 0;
+    loop {
+        let result = match writer.as_mut() {
+            Some(w) => w.write_batch(batch, timeout),
+            None => destinations::open(target).and_then(|w| writer.insert(w).write_batch(batch, timeout)),
+        };
+        let err = match result {
+            Ok(outcome) => {
+                let reopened = breaker.state() != breaker::State::Closed;
+                breaker.success();
+                if reopened {
+                    dest.report(20, "delivering again; circuit breaker closed");
+                }
+                let invalid = outcome.invalid.min(n);
+                return (n - invalid, if invalid > 0 { vec![(DropReason::Invalid, invalid)] } else { vec![] });
+            }
+            Err(e) => e,
+        };
+        dest.queue.with_state(|s| s.counters.last_error = Some(err.message.clone()));
+        let give_up = err.kind == ErrorKind::Permanent
+            || attempt >= dest.common.max_retries
+            || breaker.state() == breaker::State::HalfOpen
+            || dest.abort.load(Ordering::SeqCst);
+        if give_up {
+            breaker.failure(Instant::now());
+            let opened = matches!(breaker.state(), breaker::State::Open { .. });
+            let note = if opened { "; circuit breaker open" } else { "" };
+            dest.report(
+                if err.kind == ErrorKind::Permanent { 40 } else { 30 },
+                &format!("dropped a batch of {n} records after {} attempt(s): {}{note}", attempt + 1, err.message),
+            );
+            return (0, vec![(DropReason::Failed, n)]);
+        }
+        dest.queue.with_state(|s| s.counters.retries += 1);
+        sleep_unless_aborted(dest, backoff.delay_with_hint(attempt, retry_hint(&err)));
+        attempt += 1;
+    }
+}
+
+fn retry_hint(err: &WriteError) -> Option<Duration> {
+    err.retry_after
+}
+
+fn sleep_unless_aborted(dest: &Destination, total: Duration) {
+    let end = Instant::now() + total;
+    while !dest.abort.load(Ordering::SeqCst) {
+        let now = Instant::now();
+        if now >= end {
+            break;
+        }
+        std::thread::sleep((end - now).min(Duration::from_millis(20)));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{ControlledConfig, LocalFilesConfig};
+
+    fn spec(target: Target, common: Common) -> DestinationSpec {
+        DestinationSpec { common, target }
+    }
+
+    fn quiet() -> Reporter {
+        Arc::new(|_, _| {})
+    }
+
+    #[test]
+    fn routes_by_level_and_kind_and_flushes_to_files() {
+        let tmp = tempfile::tempdir().unwrap();
+        let files = Target::LocalFiles(LocalFilesConfig { directory: tmp.path().to_string_lossy().into(), ..Default::default() });
+        let warn_only = Common { name: "warn".into(), min_level: 30, ..Default::default() };
+        let out = tmp.path().join("warn.ndjson");
+        let controlled = Target::Controlled(ControlledConfig {
+            control_file: tmp.path().join("ctl").to_string_lossy().into(),
+            output_file: out.to_string_lossy().into(),
+        });
+        let core = Core::start(
+            vec![spec(files, Common { name: "local_files".into(), ..Default::default() }), spec(controlled, warn_only)],
+            PipelineOptions::default(),
+            quiet(),
+        );
+        assert!(core.wants(5, Kind::App) && core.wants(5, Kind::Http));
+        for (i, level) in [(0, 20), (1, 30), (2, 40)] {
+            core.submit(Record::new(i, "X", level, Kind::App, format!("m{i}")).finish(100));
+        }
+        core.flush(Duration::from_secs(5)).unwrap();
+        let stats = core.stats();
+        assert_eq!(stats[0].1.counters.written, 3);
+        assert_eq!(stats[1].1.counters.written, 2);
+        assert_eq!(std::fs::read_to_string(&out).unwrap().lines().count(), 2);
+        core.close(Duration::from_secs(5)).unwrap();
+        core.submit(Record::new(9, "X", 40, Kind::App, "late".into()).finish(100));
+        assert_eq!(core.stats()[0].1.counters.dropped[DropReason::Closed as usize], 1);
+    }
+
+    #[test]
+    fn breaker_opens_then_recovers() {
+        let tmp = tempfile::tempdir().unwrap();
+        let ctl = tmp.path().join("ctl");
+        std::fs::write(&ctl, "fail").unwrap();
+        let common = Common {
+            name: "c".into(),
+            max_retries: 1,
+            retry_initial: 0.001,
+            retry_max: 0.002,
+            breaker_threshold: 2,
+            breaker_cooldown: 0.2,
+            ..Default::default()
+        };
+        let target = Target::Controlled(ControlledConfig {
+            control_file: ctl.to_string_lossy().into(),
+            output_file: tmp.path().join("out").to_string_lossy().into(),
+        });
+        let core = Core::start(vec![spec(target, common)], PipelineOptions::default(), quiet());
+        let one = |i| {
+            core.submit(Record::new(i, "X", 20, Kind::App, "m".into()).finish(100));
+            core.flush(Duration::from_secs(5)).unwrap();
+        };
+        one(0);
+        one(1);
+        let s = &core.stats()[0].1;
+        assert_eq!((s.breaker, s.counters.dropped[DropReason::Failed as usize], s.counters.retries), ("open", 2, 2));
+        one(2);
+        assert_eq!(core.stats()[0].1.counters.dropped[DropReason::BreakerOpen as usize], 1);
+        std::fs::write(&ctl, "ok").unwrap();
+        std::thread::sleep(Duration::from_millis(250));
+        one(3);
+        let s = &core.stats()[0].1;
+        assert_eq!((s.breaker, s.counters.written), ("closed", 1));
+        core.close(Duration::from_secs(5)).unwrap();
+    }
+}

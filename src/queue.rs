@@ -1,0 +1,356 @@
+//! The bounded queue of one destination, bounded by records and by bytes. Producers never
+//! wait for I/O: a push is a short critical section. The batcher side waits here for a
+//! batch to become due (size, bytes, age, a flush or close).
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::{Condvar, Mutex};
+
+use crate::metrics::{Counters, DropReason};
+use crate::record::Record;
+
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    pub max_records: usize,
+    pub max_bytes: usize,
+    pub batch_records: usize,
+    pub batch_bytes: usize,
+    pub batch_delay: Duration,
+}
+
+pub struct State {
+    items: VecDeque<Arc<Record>>,
+    bytes: usize,
+    /// When the oldest queued record arrived: the batch-age clock.
+    oldest_at: Option<Instant>,
+    /// Records taken by the batcher and not yet resolved.
+    pub in_batch: u64,
+    pub counters: Counters,
+    /// Everything accepted up to this count must be written without waiting for age.
+    flush_upto: u64,
+    closed: bool,
+    pub breaker: &'static str,
+}
+
+pub struct Queue {
+    state: Mutex<State>,
+    limits: Limits,
+    not_empty: Condvar,
+    not_full: Condvar,
+    resolved: Condvar,
+}
+
+pub enum Next {
+    Batch(Vec<Arc<Record>>),
+    Idle,
+    Closed,
+}
+
+impl Queue {
+    pub fn new(limits: Limits) -> Self {
+        Queue {
+            state: Mutex::new(State {
+                items: VecDeque::new(),
+                bytes: 0,
+                oldest_at: None,
+                in_batch: 0,
+                counters: Counters::default(),
+                flush_upto: 0,
+                closed: false,
+                breaker: "closed",
+            }),
+            limits,
+            not_empty: Condvar::new(),
+            not_full: Condvar::new(),
+            resolved: Condvar::new(),
+        }
+    }
+
+    fn has_room(&self, s: &State, size: usize) -> bool {
+        // An empty queue always takes one record, so a single record above the byte
+        // bound is still delivered; memory stays within the bound plus one record.
+        s.items.is_empty() || (s.items.len() < self.limits.max_records && s.bytes + size <= self.limits.max_bytes)
+    }
+
+    fn enqueue(&self, s: &mut State, rec: Arc<Record>) -> bool {
+        let size = rec.size;
+        let was_empty = s.items.is_empty();
+        if was_empty {
+            s.oldest_at = Some(Instant::now());
+        }
+        s.items.push_back(rec);
+        s.bytes += size;
+        s.counters.accepted += 1;
+        // Wake the batcher only when it has something new to decide, not on every record.
+        was_empty
+            || s.items.len() == self.limits.batch_records
+            || (s.bytes >= self.limits.batch_bytes && s.bytes - size < self.limits.batch_bytes)
+    }
+
+    /// Queues the record, or counts it dropped when the queue is full or closed.
+    pub fn push(&self, rec: Arc<Record>) {
+        if let Err(rec) = self.try_push(rec) {
+            self.drop_new(&rec, DropReason::QueueFull);
+        }
+    }
+
+    /// Queues the record unless the queue is full (then hands it back, uncounted).
+    pub fn try_push(&self, rec: Arc<Record>) -> Result<(), Arc<Record>> {
+        let mut s = self.state.lock();
+        if s.closed {
+            s.counters.accepted += 1;
+            s.counters.drop(DropReason::Closed, 1);
+            return Ok(());
+        }
+        if !self.has_room(&s, rec.size) {
+            return Err(rec);
+        }
+        let wake = self.enqueue(&mut s, rec);
+        drop(s);
+        if wake {
+            self.not_empty.notify_one();
+        }
+        Ok(())
+    }
+
+    /// Waits up to `timeout` for room (the `on_full="block"` policy), then drops and counts.
+    pub fn push_wait(&self, rec: Arc<Record>, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        let mut s = self.state.lock();
+        while !s.closed && !self.has_room(&s, rec.size) {
+            if self.not_full.wait_until(&mut s, deadline).timed_out() {
+                break;
+            }
+        }
+        if s.closed || !self.has_room(&s, rec.size) {
+            let reason = if s.closed { DropReason::Closed } else { DropReason::QueueFull };
+            s.counters.accepted += 1;
+            s.counters.drop(reason, 1);
+            return;
+        }
+        let wake = self.enqueue(&mut s, rec);
+        drop(s);
+        if wake {
+            self.not_empty.notify_one();
+        }
+    }
+
+    fn drop_new(&self, _rec: &Record, reason: DropReason) {
+        let mut s = self.state.lock();
+        s.counters.accepted += 1;
+        s.counters.drop(reason, 1);
+    }
+
+    /// Blocks until a batch is due or `idle` passes. Records accepted before `close`
+    /// are still handed out; `Closed` comes only once the queue is closed and empty.
+    pub fn next_batch(&self, idle: Duration) -> Next {
+        let idle_deadline = Instant::now() + idle;
+        let mut s = self.state.lock();
+        loop {
+            if s.items.is_empty() {
+                if s.closed {
+                    return Next::Closed;
+                }
+                if self.not_empty.wait_until(&mut s, idle_deadline).timed_out() && s.items.is_empty() {
+                    return Next::Idle;
+                }
+                continue;
+            }
+            let age_deadline = s.oldest_at.unwrap_or_else(Instant::now) + self.limits.batch_delay;
+            let flushing = s.flush_upto > s.counters.resolved() + s.in_batch;
+            let due = s.closed
+                || flushing
+                || s.items.len() >= self.limits.batch_records
+                || s.bytes >= self.limits.batch_bytes
+                || Instant::now() >= age_deadline;
+            if due {
+                return Next::Batch(self.take(&mut s));
+            }
+            if Instant::now() >= idle_deadline {
+                return Next::Idle;
+            }
+            self.not_empty.wait_until(&mut s, age_deadline.min(idle_deadline));
+        }
+    }
+
+    fn take(&self, s: &mut State) -> Vec<Arc<Record>> {
+        let mut batch = Vec::with_capacity(s.items.len().min(self.limits.batch_records));
+        let mut bytes = 0;
+        while let Some(front) = s.items.front() {
+            if !batch.is_empty() && (batch.len() >= self.limits.batch_records || bytes + front.size > self.limits.batch_bytes) {
+                break;
+            }
+            bytes += front.size;
+            batch.push(s.items.pop_front().expect("front exists"));
+        }
+        s.bytes -= bytes;
+        s.in_batch += batch.len() as u64;
+        if s.items.is_empty() {
+            s.oldest_at = None;
+        }
+        self.not_full.notify_all();
+        batch
+    }
+
+    /// Settles a batch taken by `next_batch`: `written` records written, the rest dropped
+    /// with the reasons given.
+    pub fn resolve(&self, taken: usize, written: u64, dropped: &[(DropReason, u64)], latency: Duration) {
+        let mut s = self.state.lock();
+        s.in_batch -= taken as u64;
+        s.counters.written += written;
+        for &(reason, n) in dropped {
+            s.counters.drop(reason, n);
+        }
+        s.counters.batches += 1;
+        s.counters.record_latency(latency.as_secs_f64());
+        drop(s);
+        self.resolved.notify_all();
+    }
+
+    pub fn with_state<T>(&self, f: impl FnOnce(&mut State) -> T) -> T {
+        f(&mut self.state.lock())
+    }
+
+    /// Asks the batcher to write everything accepted so far; returns that count.
+    pub fn request_flush(&self) -> u64 {
+        let mut s = self.state.lock();
+        let target = s.counters.accepted;
+        s.flush_upto = s.flush_upto.max(target);
+        drop(s);
+        self.not_empty.notify_one();
+        target
+    }
+
+    /// Waits until `target` records are resolved; false on timeout.
+    pub fn wait_resolved(&self, target: u64, deadline: Instant) -> bool {
+        let mut s = self.state.lock();
+        while s.counters.resolved() < target {
+            if self.resolved.wait_until(&mut s, deadline).timed_out() {
+                return s.counters.resolved() >= target;
+            }
+        }
+        true
+    }
+
+    pub fn close(&self) {
+        self.state.lock().closed = true;
+        self.not_empty.notify_all();
+        self.not_full.notify_all();
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        let s = self.state.lock();
+        Snapshot {
+            counters: s.counters.clone(),
+            queue_records: s.items.len() as u64,
+            queue_bytes: s.bytes as u64,
+            in_flight: s.items.len() as u64 + s.in_batch,
+            breaker: s.breaker,
+        }
+    }
+}
+
+pub struct Snapshot {
+    pub counters: Counters,
+    pub queue_records: u64,
+    pub queue_bytes: u64,
+    pub in_flight: u64,
+    pub breaker: &'static str,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::Kind;
+
+    fn rec(size: usize) -> Arc<Record> {
+        let mut r = Record::new(0, "INFO", 20, Kind::App, String::new());
+        r.size = size;
+        Arc::new(r)
+    }
+
+    fn limits() -> Limits {
+        Limits {
+            max_records: 3,
+            max_bytes: 1000,
+            batch_records: 2,
+            batch_bytes: 10_000,
+            batch_delay: Duration::from_secs(60),
+        }
+    }
+
+    fn invariant(q: &Queue) {
+        let s = q.snapshot();
+        assert_eq!(s.counters.accepted, s.counters.written + s.counters.dropped_total() + s.in_flight);
+    }
+
+    #[test]
+    fn full_queue_drops_and_counts() {
+        let q = Queue::new(limits());
+        for _ in 0..5 {
+            q.push(rec(10));
+            invariant(&q);
+        }
+        let s = q.snapshot();
+        assert_eq!(s.queue_records, 3);
+        assert_eq!(s.counters.dropped[DropReason::QueueFull as usize], 2);
+    }
+
+    #[test]
+    fn byte_bound_applies() {
+        let q = Queue::new(limits());
+        q.push(rec(600));
+        q.push(rec(600));
+        assert_eq!(q.snapshot().queue_records, 1);
+        invariant(&q);
+    }
+
+    #[test]
+    fn batches_come_by_size_and_flush() {
+        let q = Queue::new(limits());
+        q.push(rec(1));
+        assert!(matches!(q.next_batch(Duration::from_millis(20)), Next::Idle));
+        q.push(rec(1));
+        let Next::Batch(b) = q.next_batch(Duration::from_millis(20)) else { panic!("due by size") };
+        assert_eq!(b.len(), 2);
+        invariant(&q);
+        q.resolve(2, 2, &[], Duration::from_millis(1));
+        q.push(rec(1));
+        let target = q.request_flush();
+        let Next::Batch(b) = q.next_batch(Duration::from_millis(20)) else { panic!("due by flush") };
+        q.resolve(b.len(), 0, &[(DropReason::Failed, 1)], Duration::ZERO);
+        assert!(q.wait_resolved(target, Instant::now()));
+        invariant(&q);
+    }
+
+    #[test]
+    fn close_drains_then_ends() {
+        let q = Queue::new(limits());
+        q.push(rec(1));
+        q.close();
+        assert!(matches!(q.next_batch(Duration::ZERO), Next::Batch(_)));
+        assert!(matches!(q.next_batch(Duration::ZERO), Next::Closed));
+        q.push(rec(1));
+        assert_eq!(q.snapshot().counters.dropped[DropReason::Closed as usize], 1);
+    }
+
+    #[test]
+    fn blocking_push_waits_for_room() {
+        let q = Arc::new(Queue::new(limits()));
+        for _ in 0..3 {
+            q.push(rec(1));
+        }
+        let q2 = q.clone();
+        let t = std::thread::spawn(move || q2.push_wait(rec(1), Duration::from_secs(5)));
+        std::thread::sleep(Duration::from_millis(50));
+        let Next::Batch(b) = q.next_batch(Duration::ZERO) else { panic!() };
+        t.join().unwrap();
+        assert_eq!(q.snapshot().queue_records, 2);
+        assert_eq!(b.len(), 2);
+        q.push_wait(rec(1), Duration::from_millis(10));
+        q.push_wait(rec(1), Duration::from_millis(10));
+        assert_eq!(q.snapshot().counters.dropped[DropReason::QueueFull as usize], 1);
+    }
+}

@@ -1,0 +1,220 @@
+//! The one shape every part of the core speaks: built once from Python, shared by all
+//! destinations through an `Arc`, never mutated after the queue.
+
+use serde_json::{Map, Value};
+
+/// Loguru's and the stdlib's numbering; custom levels keep their own number.
+pub const LEVELS: &[(&str, u16)] = &[
+    ("TRACE", 5),
+    ("DEBUG", 10),
+    ("INFO", 20),
+    ("SUCCESS", 25),
+    ("WARNING", 30),
+    ("ERROR", 40),
+    ("CRITICAL", 50),
+];
+
+/// Resolves a level name (any case; `WARN` and `FATAL` as aliases) to its number.
+pub fn level_no(name: &str) -> Option<u16> {
+    let upper = name.trim().to_ascii_uppercase();
+    let upper = match upper.as_str() {
+        "WARN" => "WARNING",
+        "FATAL" => "CRITICAL",
+        other => other,
+    };
+    LEVELS.iter().find(|(n, _)| *n == upper).map(|(_, no)| *no)
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    App,
+    Http,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::App => "app",
+            Kind::Http => "http",
+        }
+    }
+}
+
+/// Fields only `http` records carry (filled by the ASGI middleware).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct HttpFields {
+    pub method: String,
+    pub scheme: String,
+    pub http_version: String,
+    pub path: String,
+    pub query: Option<String>,
+    pub route: Option<String>,
+    pub status: u16,
+    pub duration_ms: f64,
+    pub ttfb_ms: Option<f64>,
+    pub client_addr: Option<String>,
+    pub user_agent: Option<String>,
+    pub trace_id: Option<String>,
+    pub span_id: Option<String>,
+    pub request_headers: Value,
+    pub response_headers: Value,
+    pub request_body: Option<String>,
+    pub response_body: Option<String>,
+    pub request_size: Option<u64>,
+    pub response_size: Option<u64>,
+    pub sample_rate: f64,
+    pub error: bool,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Record {
+    /// Microseconds since the Unix epoch, UTC.
+    pub ts_us: i64,
+    pub level: String,
+    pub level_no: u16,
+    pub kind: Kind,
+    pub logger: String,
+    pub message: String,
+    pub module: String,
+    pub function: String,
+    pub line: u32,
+    pub process: u32,
+    pub thread: u64,
+    pub exception: Option<String>,
+    pub request_id: Option<String>,
+    pub fields: Map<String, Value>,
+    pub http: Option<Box<HttpFields>>,
+    /// Approximate heap size, computed once: the queue's byte bound counts this.
+    pub size: usize,
+}
+
+impl Record {
+    /// A record with everything but the essentials empty; callers fill the rest and then
+    /// call [`Record::finish`].
+    pub fn new(ts_us: i64, level: &str, level_no: u16, kind: Kind, message: String) -> Self {
+        Record {
+            ts_us,
+            level: level.to_owned(),
+            level_no,
+            kind,
+            logger: String::new(),
+            message,
+            module: String::new(),
+            function: String::new(),
+            line: 0,
+            process: 0,
+            thread: 0,
+            exception: None,
+            request_id: None,
+            fields: Map::new(),
+            http: None,
+            size: 0,
+        }
+    }
+
+    /// Applies the size cap to the free-text parts and computes `size`. Every constructor
+    /// ends here, so every destination stores the same, already-sanitised record.
+    pub fn finish(mut self, max_message_bytes: usize) -> Self {
+        truncate_in_place(&mut self.message, max_message_bytes);
+        if let Some(exc) = self.exception.as_mut() {
+            truncate_in_place(exc, max_message_bytes);
+        }
+        let mut size = 160
+            + self.level.len()
+            + self.logger.len()
+            + self.message.len()
+            + self.module.len()
+            + self.function.len()
+            + self.exception.as_ref().map_or(0, String::len)
+            + self.request_id.as_ref().map_or(0, String::len);
+        size += self.fields.iter().map(|(k, v)| 24 + k.len() + json_size(v)).sum::<usize>();
+        if let Some(http) = self.http.as_ref() {
+            size += 200
+                + http.path.len()
+                + http.query.as_ref().map_or(0, String::len)
+                + http.route.as_ref().map_or(0, String::len)
+                + http.user_agent.as_ref().map_or(0, String::len)
+                + json_size(&http.request_headers)
+                + json_size(&http.response_headers)
+                + http.request_body.as_ref().map_or(0, String::len)
+                + http.response_body.as_ref().map_or(0, String::len);
+        }
+        self.size = size;
+        self
+    }
+}
+
+fn json_size(v: &Value) -> usize {
+    match v {
+        Value::Null | Value::Bool(_) | Value::Number(_) => 16,
+        Value::String(s) => 24 + s.len(),
+        Value::Array(a) => 24 + a.iter().map(json_size).sum::<usize>(),
+        Value::Object(o) => 48 + o.iter().map(|(k, v)| 24 + k.len() + json_size(v)).sum::<usize>(),
+    }
+}
+
+/// Removes NUL characters, which PostgreSQL rejects in `text` and `jsonb`.
+pub fn strip_nul(s: &mut String) {
+    if s.contains('\0') {
+        s.retain(|c| c != '\0');
+    }
+}
+
+/// Decodes bytes as UTF-8, replacing invalid sequences, and strips NULs.
+pub fn clean_bytes(bytes: &[u8]) -> String {
+    let mut s = String::from_utf8_lossy(bytes).into_owned();
+    strip_nul(&mut s);
+    s
+}
+
+/// Cuts `s` to at most `max` bytes on a character boundary and appends a visible marker
+/// with the original size, so a reader knows the text was cut and by how much.
+pub fn truncate_in_place(s: &mut String, max: usize) {
+    if s.len() <= max {
+        return;
+    }
+    let original = s.len();
+    let mut cut = max;
+    while !s.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    s.truncate(cut);
+    s.push_str(&format!("…[truncated, {original} bytes]"));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn truncation_keeps_char_boundary_and_says_so() {
+        let mut s = "héllo wörld".repeat(10);
+        let original = s.len();
+        truncate_in_place(&mut s, 10);
+        assert!(s.starts_with("héllo w"));
+        assert!(s.ends_with(&format!("…[truncated, {original} bytes]")));
+        let mut emoji = "😀😀😀".to_string();
+        truncate_in_place(&mut emoji, 5);
+        assert!(emoji.starts_with("😀…[truncated"));
+    }
+
+    #[test]
+    fn nul_and_invalid_utf8_are_cleaned() {
+        assert_eq!(clean_bytes(b"a\0b\xffc"), "ab\u{fffd}c");
+    }
+
+    #[test]
+    fn level_names_resolve() {
+        assert_eq!(level_no("warn"), Some(30));
+        assert_eq!(level_no("Error"), Some(40));
+        assert_eq!(level_no("nope"), None);
+    }
+
+    #[test]
+    fn finish_counts_size() {
+        let r = Record::new(0, "INFO", 20, Kind::App, "x".repeat(1000)).finish(64);
+        assert!(r.message.len() < 120);
+        assert!(r.size > r.message.len());
+    }
+}

@@ -1,0 +1,35 @@
+import socket
+import time
+
+
+def free_port() -> int:
+    # The OS picks a free port; the tiny race until the server binds it is acceptable here.
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_open(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def tail(path, lines: int = 30) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            return "".join(f.readlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def wait_until(check, timeout: float, what: str, on_fail=lambda: "") -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"timed out after {timeout}s waiting for {what}\n{on_fail()}"
+            )
+        time.sleep(0.1)
