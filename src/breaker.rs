@@ -19,7 +19,12 @@ pub struct Breaker {
 
 impl Breaker {
     pub fn new(threshold: u32, cooldown: Duration) -> Self {
-        Breaker { threshold: threshold.max(1), cooldown, failures: 0, state: State::Closed }
+        Breaker {
+            threshold: threshold.max(1),
+            cooldown,
+            failures: 0,
+            state: State::Closed,
+        }
     }
 
     /// Whether a batch may be attempted now; moves an expired open breaker to half-open.
@@ -42,7 +47,9 @@ impl Breaker {
     pub fn failure(&mut self, now: Instant) {
         self.failures = self.failures.saturating_add(1);
         if self.state == State::HalfOpen || self.failures >= self.threshold {
-            self.state = State::Open { until: now + self.cooldown };
+            self.state = State::Open {
+                until: now + self.cooldown,
+            };
         }
     }
 

@@ -77,7 +77,10 @@ impl Common {
                 return Err(format!("{name} must be a positive number, got {v}"));
             }
         }
-        for (name, v) in [("block_timeout", self.block_timeout), ("breaker_cooldown", self.breaker_cooldown)] {
+        for (name, v) in [
+            ("block_timeout", self.block_timeout),
+            ("breaker_cooldown", self.breaker_cooldown),
+        ] {
             if !(v >= 0.0 && v.is_finite()) {
                 return Err(format!("{name} must be zero or a positive number, got {v}"));
             }
@@ -161,17 +164,26 @@ pub struct PipelineOptions {
 
 impl Default for PipelineOptions {
     fn default() -> Self {
-        PipelineOptions { max_message_bytes: 64 << 10, max_field_bytes: 64 << 10 }
+        PipelineOptions {
+            max_message_bytes: 64 << 10,
+            max_field_bytes: 64 << 10,
+        }
     }
 }
 
 pub fn parse_specs(json: &str) -> Result<Vec<DestinationSpec>, String> {
-    let specs: Vec<DestinationSpec> = serde_json::from_str(json).map_err(|e| format!("invalid destination configuration: {e}"))?;
+    let specs: Vec<DestinationSpec> = serde_json::from_str(json)
+        .map_err(|e| format!("invalid destination configuration: {e}"))?;
     let mut names = std::collections::HashSet::new();
     for s in &specs {
-        s.common.validate().map_err(|e| format!("destination {:?}: {e}", s.common.name))?;
+        s.common
+            .validate()
+            .map_err(|e| format!("destination {:?}: {e}", s.common.name))?;
         if !names.insert(s.common.name.clone()) {
-            return Err(format!("two destinations are named {:?}; give one a different name=", s.common.name));
+            return Err(format!(
+                "two destinations are named {:?}; give one a different name=",
+                s.common.name
+            ));
         }
     }
     Ok(specs)
@@ -185,13 +197,21 @@ mod tests {
     fn defaults_fill_in_and_unknown_keys_fail() {
         let specs = parse_specs(r#"[{"common":{"name":"local_files"},"target":{"type":"local_files","directory":"/tmp/x"}}]"#).unwrap();
         assert_eq!(specs[0].common.queue_max_records, 100_000);
-        assert!(parse_specs(r#"[{"common":{"name":"a","bogus":1},"target":{"type":"local_files"}}]"#).is_err());
-        assert!(parse_specs(r#"[{"common":{"name":"a","batch_max_delay":-1},"target":{"type":"local_files"}}]"#).is_err());
+        assert!(parse_specs(
+            r#"[{"common":{"name":"a","bogus":1},"target":{"type":"local_files"}}]"#
+        )
+        .is_err());
+        assert!(parse_specs(
+            r#"[{"common":{"name":"a","batch_max_delay":-1},"target":{"type":"local_files"}}]"#
+        )
+        .is_err());
     }
 
     #[test]
     fn duplicate_names_fail() {
         let one = r#"{"common":{"name":"a"},"target":{"type":"local_files"}}"#;
-        assert!(parse_specs(&format!("[{one},{one}]")).unwrap_err().contains("two destinations"));
+        assert!(parse_specs(&format!("[{one},{one}]"))
+            .unwrap_err()
+            .contains("two destinations"));
     }
 }

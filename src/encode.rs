@@ -160,7 +160,13 @@ mod tests {
 
     #[test]
     fn ndjson_line_is_valid_json_with_all_fields() {
-        let mut r = Record::new(1_700_000_000_123_456, "INFO", 20, Kind::App, "hi \"there\"\n".into());
+        let mut r = Record::new(
+            1_700_000_000_123_456,
+            "INFO",
+            20,
+            Kind::App,
+            "hi \"there\"\n".into(),
+        );
         r.fields.insert("user".into(), Value::from("ada"));
         let r = r.finish(1024);
         let mut out = Vec::new();

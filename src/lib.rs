@@ -12,3 +12,10 @@ pub mod retry;
 
 #[cfg(feature = "python")]
 mod py;
+
+/// The native module `logsluice._core`; the public names live in `python/logsluice`.
+#[cfg(feature = "python")]
+#[pyo3::pymodule]
+fn _core(m: &pyo3::Bound<'_, pyo3::types::PyModule>) -> pyo3::PyResult<()> {
+    py::register(m)
+}

@@ -13,8 +13,13 @@ pub enum DropReason {
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 5] =
-        [DropReason::QueueFull, DropReason::BreakerOpen, DropReason::Failed, DropReason::Invalid, DropReason::Closed];
+    pub const ALL: [DropReason; 5] = [
+        DropReason::QueueFull,
+        DropReason::BreakerOpen,
+        DropReason::Failed,
+        DropReason::Invalid,
+        DropReason::Closed,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {

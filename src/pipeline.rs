@@ -81,7 +81,9 @@ pub struct Destination {
 
 impl Destination {
     fn report(&self, level: u16, message: &str) {
-        let Some(suppressed) = self.limit.lock().check() else { return };
+        let Some(suppressed) = self.limit.lock().check() else {
+            return;
+        };
         let mut text = format!("logsluice destination {:?}: {message}", self.common.name);
         if suppressed > 0 {
             text.push_str(&format!(" ({suppressed} similar messages suppressed)"));
@@ -109,7 +111,11 @@ pub struct Blocked {
 }
 
 impl Core {
-    pub fn start(specs: Vec<DestinationSpec>, options: PipelineOptions, reporter: Reporter) -> Arc<Core> {
+    pub fn start(
+        specs: Vec<DestinationSpec>,
+        options: PipelineOptions,
+        reporter: Reporter,
+    ) -> Arc<Core> {
         let generation = fork_generation();
         let mut floor = [u16::MAX; 2];
         let mut dests = Vec::new();
@@ -132,7 +138,11 @@ impl Core {
                 abort: AtomicBool::new(false),
                 thread: Mutex::new(None),
                 reporter: reporter.clone(),
-                limit: Mutex::new(RateLimit { interval: Duration::from_secs(10), last: None, suppressed: 0 }),
+                limit: Mutex::new(RateLimit {
+                    interval: Duration::from_secs(10),
+                    last: None,
+                    suppressed: 0,
+                }),
             });
             let worker = dest.clone();
             let target = spec.target;
@@ -143,7 +153,13 @@ impl Core {
             *dest.thread.lock() = Some(handle);
             dests.push(dest);
         }
-        Arc::new(Core { dests, options, generation, floor, closed: AtomicBool::new(false) })
+        Arc::new(Core {
+            dests,
+            options,
+            generation,
+            floor,
+            closed: AtomicBool::new(false),
+        })
     }
 
     /// Whether any destination would take a record of this level and kind.
@@ -164,7 +180,10 @@ impl Core {
                 OnFull::Drop => d.queue.push(record.clone()),
                 OnFull::Block => {
                     if let Err(record) = d.queue.try_push(record.clone()) {
-                        blocked.push(Blocked { dest: d.clone(), record });
+                        blocked.push(Blocked {
+                            dest: d.clone(),
+                            record,
+                        });
                     }
                 }
             }
@@ -233,7 +252,10 @@ impl Core {
     }
 
     pub fn stats(&self) -> Vec<(String, Snapshot)> {
-        self.dests.iter().map(|d| (d.common.name.clone(), d.queue.snapshot())).collect()
+        self.dests
+            .iter()
+            .map(|d| (d.common.name.clone(), d.queue.snapshot()))
+            .collect()
     }
 }
 
@@ -241,7 +263,10 @@ impl Core {
 fn run(dest: Arc<Destination>, target: Target) {
     let c = &dest.common;
     let mut breaker = Breaker::new(c.breaker_threshold, Common::secs(c.breaker_cooldown));
-    let backoff = Backoff { initial: Common::secs(c.retry_initial), max: Common::secs(c.retry_max) };
+    let backoff = Backoff {
+        initial: Common::secs(c.retry_initial),
+        max: Common::secs(c.retry_max),
+    };
     let mut writer: Option<Box<dyn Writer>> = None;
     loop {
         match dest.queue.next_batch(Duration::from_secs(1)) {
@@ -253,10 +278,12 @@ fn run(dest: Arc<Destination>, target: Target) {
             }
             Next::Batch(batch) => {
                 let started = Instant::now();
-                let (written, dropped) = deliver(&dest, &target, &mut writer, &mut breaker, &backoff, &batch);
+                let (written, dropped) =
+                    deliver(&dest, &target, &mut writer, &mut breaker, &backoff, &batch);
                 let state = breaker.name();
                 dest.queue.with_state(|s| s.breaker = state);
-                dest.queue.resolve(batch.len(), written, &dropped, started.elapsed());
+                dest.queue
+                    .resolve(batch.len(), written, &dropped, started.elapsed());
             }
         }
     }
@@ -291,7 +318,8 @@ fn deliver(
     loop {
         let result = match writer.as_mut() {
             Some(w) => w.write_batch(batch, timeout),
-            None => destinations::open(target).and_then(|w| writer.insert(w).write_batch(batch, timeout)),
+            None => destinations::open(target)
+                .and_then(|w| writer.insert(w).write_batch(batch, timeout)),
         };
         let err = match result {
             Ok(outcome) => {
@@ -301,11 +329,19 @@ fn deliver(
                     dest.report(20, "delivering again; circuit breaker closed");
                 }
                 let invalid = outcome.invalid.min(n);
-                return (n - invalid, if invalid > 0 { vec![(DropReason::Invalid, invalid)] } else { vec![] });
+                return (
+                    n - invalid,
+                    if invalid > 0 {
+                        vec![(DropReason::Invalid, invalid)]
+                    } else {
+                        vec![]
+                    },
+                );
             }
             Err(e) => e,
         };
-        dest.queue.with_state(|s| s.counters.last_error = Some(err.message.clone()));
+        dest.queue
+            .with_state(|s| s.counters.last_error = Some(err.message.clone()));
         let give_up = err.kind == ErrorKind::Permanent
             || attempt >= dest.common.max_retries
             || breaker.state() == breaker::State::HalfOpen
@@ -315,8 +351,16 @@ fn deliver(
             let opened = matches!(breaker.state(), breaker::State::Open { .. });
             let note = if opened { "; circuit breaker open" } else { "" };
             dest.report(
-                if err.kind == ErrorKind::Permanent { 40 } else { 30 },
-                &format!("dropped a batch of {n} records after {} attempt(s): {}{note}", attempt + 1, err.message),
+                if err.kind == ErrorKind::Permanent {
+                    40
+                } else {
+                    30
+                },
+                &format!(
+                    "dropped a batch of {n} records after {} attempt(s): {}{note}",
+                    attempt + 1,
+                    err.message
+                ),
             );
             return (0, vec![(DropReason::Failed, n)]);
         }
@@ -357,15 +401,31 @@ mod tests {
     #[test]
     fn routes_by_level_and_kind_and_flushes_to_files() {
         let tmp = tempfile::tempdir().unwrap();
-        let files = Target::LocalFiles(LocalFilesConfig { directory: tmp.path().to_string_lossy().into(), ..Default::default() });
-        let warn_only = Common { name: "warn".into(), min_level: 30, ..Default::default() };
+        let files = Target::LocalFiles(LocalFilesConfig {
+            directory: tmp.path().to_string_lossy().into(),
+            ..Default::default()
+        });
+        let warn_only = Common {
+            name: "warn".into(),
+            min_level: 30,
+            ..Default::default()
+        };
         let out = tmp.path().join("warn.ndjson");
         let controlled = Target::Controlled(ControlledConfig {
             control_file: tmp.path().join("ctl").to_string_lossy().into(),
             output_file: out.to_string_lossy().into(),
         });
         let core = Core::start(
-            vec![spec(files, Common { name: "local_files".into(), ..Default::default() }), spec(controlled, warn_only)],
+            vec![
+                spec(
+                    files,
+                    Common {
+                        name: "local_files".into(),
+                        ..Default::default()
+                    },
+                ),
+                spec(controlled, warn_only),
+            ],
             PipelineOptions::default(),
             quiet(),
         );
@@ -380,7 +440,10 @@ mod tests {
         assert_eq!(std::fs::read_to_string(&out).unwrap().lines().count(), 2);
         core.close(Duration::from_secs(5)).unwrap();
         core.submit(Record::new(9, "X", 40, Kind::App, "late".into()).finish(100));
-        assert_eq!(core.stats()[0].1.counters.dropped[DropReason::Closed as usize], 1);
+        assert_eq!(
+            core.stats()[0].1.counters.dropped[DropReason::Closed as usize],
+            1
+        );
     }
 
     #[test]
@@ -401,7 +464,11 @@ mod tests {
             control_file: ctl.to_string_lossy().into(),
             output_file: tmp.path().join("out").to_string_lossy().into(),
         });
-        let core = Core::start(vec![spec(target, common)], PipelineOptions::default(), quiet());
+        let core = Core::start(
+            vec![spec(target, common)],
+            PipelineOptions::default(),
+            quiet(),
+        );
         let one = |i| {
             core.submit(Record::new(i, "X", 20, Kind::App, "m".into()).finish(100));
             core.flush(Duration::from_secs(5)).unwrap();
@@ -409,9 +476,19 @@ mod tests {
         one(0);
         one(1);
         let s = &core.stats()[0].1;
-        assert_eq!((s.breaker, s.counters.dropped[DropReason::Failed as usize], s.counters.retries), ("open", 2, 2));
+        assert_eq!(
+            (
+                s.breaker,
+                s.counters.dropped[DropReason::Failed as usize],
+                s.counters.retries
+            ),
+            ("open", 2, 2)
+        );
         one(2);
-        assert_eq!(core.stats()[0].1.counters.dropped[DropReason::BreakerOpen as usize], 1);
+        assert_eq!(
+            core.stats()[0].1.counters.dropped[DropReason::BreakerOpen as usize],
+            1
+        );
         std::fs::write(&ctl, "ok").unwrap();
         std::thread::sleep(Duration::from_millis(250));
         one(3);

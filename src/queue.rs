@@ -71,7 +71,8 @@ impl Queue {
     fn has_room(&self, s: &State, size: usize) -> bool {
         // An empty queue always takes one record, so a single record above the byte
         // bound is still delivered; memory stays within the bound plus one record.
-        s.items.is_empty() || (s.items.len() < self.limits.max_records && s.bytes + size <= self.limits.max_bytes)
+        s.items.is_empty()
+            || (s.items.len() < self.limits.max_records && s.bytes + size <= self.limits.max_bytes)
     }
 
     fn enqueue(&self, s: &mut State, rec: Arc<Record>) -> bool {
@@ -125,7 +126,11 @@ impl Queue {
             }
         }
         if s.closed || !self.has_room(&s, rec.size) {
-            let reason = if s.closed { DropReason::Closed } else { DropReason::QueueFull };
+            let reason = if s.closed {
+                DropReason::Closed
+            } else {
+                DropReason::QueueFull
+            };
             s.counters.accepted += 1;
             s.counters.drop(reason, 1);
             return;
@@ -153,7 +158,9 @@ impl Queue {
                 if s.closed {
                     return Next::Closed;
                 }
-                if self.not_empty.wait_until(&mut s, idle_deadline).timed_out() && s.items.is_empty() {
+                if self.not_empty.wait_until(&mut s, idle_deadline).timed_out()
+                    && s.items.is_empty()
+                {
                     return Next::Idle;
                 }
                 continue;
@@ -171,7 +178,8 @@ impl Queue {
             if Instant::now() >= idle_deadline {
                 return Next::Idle;
             }
-            self.not_empty.wait_until(&mut s, age_deadline.min(idle_deadline));
+            self.not_empty
+                .wait_until(&mut s, age_deadline.min(idle_deadline));
         }
     }
 
@@ -179,7 +187,10 @@ impl Queue {
         let mut batch = Vec::with_capacity(s.items.len().min(self.limits.batch_records));
         let mut bytes = 0;
         while let Some(front) = s.items.front() {
-            if !batch.is_empty() && (batch.len() >= self.limits.batch_records || bytes + front.size > self.limits.batch_bytes) {
+            if !batch.is_empty()
+                && (batch.len() >= self.limits.batch_records
+                    || bytes + front.size > self.limits.batch_bytes)
+            {
                 break;
             }
             bytes += front.size;
@@ -196,7 +207,13 @@ impl Queue {
 
     /// Settles a batch taken by `next_batch`: `written` records written, the rest dropped
     /// with the reasons given.
-    pub fn resolve(&self, taken: usize, written: u64, dropped: &[(DropReason, u64)], latency: Duration) {
+    pub fn resolve(
+        &self,
+        taken: usize,
+        written: u64,
+        dropped: &[(DropReason, u64)],
+        latency: Duration,
+    ) {
         let mut s = self.state.lock();
         s.in_batch -= taken as u64;
         s.counters.written += written;
@@ -283,7 +300,10 @@ mod tests {
 
     fn invariant(q: &Queue) {
         let s = q.snapshot();
-        assert_eq!(s.counters.accepted, s.counters.written + s.counters.dropped_total() + s.in_flight);
+        assert_eq!(
+            s.counters.accepted,
+            s.counters.written + s.counters.dropped_total() + s.in_flight
+        );
     }
 
     #[test]
@@ -311,15 +331,22 @@ mod tests {
     fn batches_come_by_size_and_flush() {
         let q = Queue::new(limits());
         q.push(rec(1));
-        assert!(matches!(q.next_batch(Duration::from_millis(20)), Next::Idle));
+        assert!(matches!(
+            q.next_batch(Duration::from_millis(20)),
+            Next::Idle
+        ));
         q.push(rec(1));
-        let Next::Batch(b) = q.next_batch(Duration::from_millis(20)) else { panic!("due by size") };
+        let Next::Batch(b) = q.next_batch(Duration::from_millis(20)) else {
+            panic!("due by size")
+        };
         assert_eq!(b.len(), 2);
         invariant(&q);
         q.resolve(2, 2, &[], Duration::from_millis(1));
         q.push(rec(1));
         let target = q.request_flush();
-        let Next::Batch(b) = q.next_batch(Duration::from_millis(20)) else { panic!("due by flush") };
+        let Next::Batch(b) = q.next_batch(Duration::from_millis(20)) else {
+            panic!("due by flush")
+        };
         q.resolve(b.len(), 0, &[(DropReason::Failed, 1)], Duration::ZERO);
         assert!(q.wait_resolved(target, Instant::now()));
         invariant(&q);
@@ -333,7 +360,10 @@ mod tests {
         assert!(matches!(q.next_batch(Duration::ZERO), Next::Batch(_)));
         assert!(matches!(q.next_batch(Duration::ZERO), Next::Closed));
         q.push(rec(1));
-        assert_eq!(q.snapshot().counters.dropped[DropReason::Closed as usize], 1);
+        assert_eq!(
+            q.snapshot().counters.dropped[DropReason::Closed as usize],
+            1
+        );
     }
 
     #[test]
@@ -345,12 +375,17 @@ mod tests {
         let q2 = q.clone();
         let t = std::thread::spawn(move || q2.push_wait(rec(1), Duration::from_secs(5)));
         std::thread::sleep(Duration::from_millis(50));
-        let Next::Batch(b) = q.next_batch(Duration::ZERO) else { panic!() };
+        let Next::Batch(b) = q.next_batch(Duration::ZERO) else {
+            panic!()
+        };
         t.join().unwrap();
         assert_eq!(q.snapshot().queue_records, 2);
         assert_eq!(b.len(), 2);
         q.push_wait(rec(1), Duration::from_millis(10));
         q.push_wait(rec(1), Duration::from_millis(10));
-        assert_eq!(q.snapshot().counters.dropped[DropReason::QueueFull as usize], 1);
+        assert_eq!(
+            q.snapshot().counters.dropped[DropReason::QueueFull as usize],
+            1
+        );
     }
 }

@@ -128,7 +128,11 @@ impl Record {
             + self.function.len()
             + self.exception.as_ref().map_or(0, String::len)
             + self.request_id.as_ref().map_or(0, String::len);
-        size += self.fields.iter().map(|(k, v)| 24 + k.len() + json_size(v)).sum::<usize>();
+        size += self
+            .fields
+            .iter()
+            .map(|(k, v)| 24 + k.len() + json_size(v))
+            .sum::<usize>();
         if let Some(http) = self.http.as_ref() {
             size += 200
                 + http.path.len()
@@ -150,7 +154,12 @@ fn json_size(v: &Value) -> usize {
         Value::Null | Value::Bool(_) | Value::Number(_) => 16,
         Value::String(s) => 24 + s.len(),
         Value::Array(a) => 24 + a.iter().map(json_size).sum::<usize>(),
-        Value::Object(o) => 48 + o.iter().map(|(k, v)| 24 + k.len() + json_size(v)).sum::<usize>(),
+        Value::Object(o) => {
+            48 + o
+                .iter()
+                .map(|(k, v)| 24 + k.len() + json_size(v))
+                .sum::<usize>()
+        }
     }
 }
 

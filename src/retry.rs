@@ -34,13 +34,19 @@ mod tests {
 
     #[test]
     fn delays_grow_and_cap() {
-        let b = Backoff { initial: Duration::from_millis(100), max: Duration::from_secs(1) };
+        let b = Backoff {
+            initial: Duration::from_millis(100),
+            max: Duration::from_secs(1),
+        };
         assert_eq!(b.ceiling(0), Duration::from_millis(100));
         assert_eq!(b.ceiling(2), Duration::from_millis(400));
         assert_eq!(b.ceiling(10), Duration::from_secs(1));
         for n in 0..20 {
             assert!(b.delay(n) <= b.ceiling(n));
         }
-        assert_eq!(b.delay_with_hint(0, Some(Duration::from_secs(5))), Duration::from_secs(1));
+        assert_eq!(
+            b.delay_with_hint(0, Some(Duration::from_secs(5))),
+            Duration::from_secs(1)
+        );
     }
 }

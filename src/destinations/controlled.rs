@@ -23,7 +23,9 @@ impl Controlled {
 
     /// `ok` (default), `fail`, `fail_permanent` or `stall` (hold the batch until told otherwise).
     fn mode(&self) -> String {
-        fs::read_to_string(&self.cfg.control_file).map(|s| s.trim().to_owned()).unwrap_or_else(|_| "ok".into())
+        fs::read_to_string(&self.cfg.control_file)
+            .map(|s| s.trim().to_owned())
+            .unwrap_or_else(|_| "ok".into())
     }
 
     fn log_attempt(&self, n: usize, outcome: &str) {
@@ -35,11 +37,17 @@ impl Controlled {
 }
 
 impl Writer for Controlled {
-    fn write_batch(&mut self, batch: &[Arc<Record>], timeout: Duration) -> Result<Outcome, WriteError> {
+    fn write_batch(
+        &mut self,
+        batch: &[Arc<Record>],
+        timeout: Duration,
+    ) -> Result<Outcome, WriteError> {
         let started = Instant::now();
         loop {
             match self.mode().as_str() {
-                "stall" if started.elapsed() < timeout => std::thread::sleep(Duration::from_millis(5)),
+                "stall" if started.elapsed() < timeout => {
+                    std::thread::sleep(Duration::from_millis(5))
+                }
                 "stall" => {
                     self.log_attempt(batch.len(), "timeout");
                     return Err(WriteError::transient("attempt timed out"));
@@ -62,7 +70,8 @@ impl Writer for Controlled {
             .append(true)
             .open(&self.cfg.output_file)
             .map_err(|e| WriteError::transient(format!("cannot open output: {e}")))?;
-        f.write_all(&buf).map_err(|e| WriteError::transient(format!("cannot write output: {e}")))?;
+        f.write_all(&buf)
+            .map_err(|e| WriteError::transient(format!("cannot write output: {e}")))?;
         self.log_attempt(batch.len(), "ok");
         Ok(Outcome::default())
     }

@@ -40,7 +40,13 @@ impl LocalFiles {
     pub fn open(cfg: LocalFilesConfig) -> Result<Self, WriteError> {
         let dir = PathBuf::from(&cfg.directory);
         fs::create_dir_all(&dir).map_err(|e| io_error("cannot create directory", &dir, e))?;
-        Ok(LocalFiles { cfg, dir, current: None, seq: 0, buf: Vec::with_capacity(1 << 20) })
+        Ok(LocalFiles {
+            cfg,
+            dir,
+            current: None,
+            seq: 0,
+            buf: Vec::with_capacity(1 << 20),
+        })
     }
 
     fn period_now(&self) -> u64 {
@@ -53,20 +59,34 @@ impl LocalFiles {
     fn new_file(&mut self) -> Result<Current, WriteError> {
         let stamp = Utc::now().format("%Y%m%dT%H%M%S%.6fZ");
         self.seq = self.seq.wrapping_add(1);
-        let name = format!("{}-{stamp}-{}-{:04}.ndjson", self.cfg.prefix, std::process::id(), self.seq);
+        let name = format!(
+            "{}-{stamp}-{}-{:04}.ndjson",
+            self.cfg.prefix,
+            std::process::id(),
+            self.seq
+        );
         let path = self.dir.join(name);
         let file = OpenOptions::new()
             .create_new(true)
             .append(true)
             .open(&path)
             .map_err(|e| io_error("cannot create", &path, e))?;
-        Ok(Current { file, path, bytes: 0, period: self.period_now() })
+        Ok(Current {
+            file,
+            path,
+            bytes: 0,
+            period: self.period_now(),
+        })
     }
 
     fn rotate(&mut self) -> Result<(), WriteError> {
-        let Some(cur) = self.current.take() else { return Ok(()) };
+        let Some(cur) = self.current.take() else {
+            return Ok(());
+        };
         // A rotated file is final: make it durable before anyone compresses or ships it.
-        cur.file.sync_all().map_err(|e| io_error("cannot sync", &cur.path, e))?;
+        cur.file
+            .sync_all()
+            .map_err(|e| io_error("cannot sync", &cur.path, e))?;
         drop(cur.file);
         if cur.bytes == 0 {
             let _ = fs::remove_file(&cur.path);
@@ -83,13 +103,16 @@ impl LocalFiles {
             return;
         }
         let current = self.current.as_ref().map(|c| c.path.clone());
-        let Ok(entries) = fs::read_dir(&self.dir) else { return };
+        let Ok(entries) = fs::read_dir(&self.dir) else {
+            return;
+        };
         let mut files: Vec<PathBuf> = entries
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| Some(p) != current.as_ref())
             .filter(|p| {
                 p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
-                    n.starts_with(&format!("{}-", self.cfg.prefix)) && (n.ends_with(".ndjson") || n.ends_with(".ndjson.gz"))
+                    n.starts_with(&format!("{}-", self.cfg.prefix))
+                        && (n.ends_with(".ndjson") || n.ends_with(".ndjson.gz"))
                 })
             })
             .collect();
@@ -131,7 +154,11 @@ fn gzip_file(path: &Path) -> io::Result<()> {
 }
 
 impl Writer for LocalFiles {
-    fn write_batch(&mut self, batch: &[Arc<Record>], _timeout: Duration) -> Result<Outcome, WriteError> {
+    fn write_batch(
+        &mut self,
+        batch: &[Arc<Record>],
+        _timeout: Duration,
+    ) -> Result<Outcome, WriteError> {
         self.buf.clear();
         encode_batch(batch.iter().map(|r| &**r), &mut self.buf);
         self.ensure_file(self.buf.len() as u64)?;
@@ -152,14 +179,20 @@ impl Writer for LocalFiles {
     }
 
     fn idle(&mut self) {
-        if self.current.as_ref().is_some_and(|c| c.period != self.period_now()) {
+        if self
+            .current
+            .as_ref()
+            .is_some_and(|c| c.period != self.period_now())
+        {
             let _ = self.rotate();
         }
     }
 
     fn close(&mut self) -> Result<(), WriteError> {
         if let Some(cur) = self.current.take() {
-            cur.file.sync_all().map_err(|e| io_error("cannot sync", &cur.path, e))?;
+            cur.file
+                .sync_all()
+                .map_err(|e| io_error("cannot sync", &cur.path, e))?;
             if cur.bytes == 0 {
                 let _ = fs::remove_file(&cur.path);
             }
@@ -176,16 +209,27 @@ mod tests {
 
     fn batch(n: usize) -> Vec<Arc<Record>> {
         (0..n)
-            .map(|i| Arc::new(Record::new(i as i64, "INFO", 20, Kind::App, format!("message {i}")).finish(1024)))
+            .map(|i| {
+                Arc::new(
+                    Record::new(i as i64, "INFO", 20, Kind::App, format!("message {i}"))
+                        .finish(1024),
+                )
+            })
             .collect()
     }
 
     fn cfg(dir: &Path) -> LocalFilesConfig {
-        LocalFilesConfig { directory: dir.to_string_lossy().into(), ..Default::default() }
+        LocalFilesConfig {
+            directory: dir.to_string_lossy().into(),
+            ..Default::default()
+        }
     }
 
     fn names(dir: &Path) -> Vec<String> {
-        let mut v: Vec<String> = fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        let mut v: Vec<String> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
         v.sort();
         v
     }
@@ -193,7 +237,13 @@ mod tests {
     #[test]
     fn writes_lines_and_rotates_by_size_with_gzip_and_keep() {
         let tmp = tempfile::tempdir().unwrap();
-        let mut w = LocalFiles::open(LocalFilesConfig { max_file_bytes: 2000, compress: true, keep: 3, ..cfg(tmp.path()) }).unwrap();
+        let mut w = LocalFiles::open(LocalFilesConfig {
+            max_file_bytes: 2000,
+            compress: true,
+            keep: 3,
+            ..cfg(tmp.path())
+        })
+        .unwrap();
         for _ in 0..10 {
             w.write_batch(&batch(10), Duration::from_secs(1)).unwrap();
         }
@@ -203,9 +253,13 @@ mod tests {
         assert!(files[..3].iter().all(|n| n.ends_with(".ndjson.gz")));
         assert!(files[3].ends_with(".ndjson"));
         let mut text = String::new();
-        flate2::read::GzDecoder::new(File::open(tmp.path().join(&files[0])).unwrap()).read_to_string(&mut text).unwrap();
+        flate2::read::GzDecoder::new(File::open(tmp.path().join(&files[0])).unwrap())
+            .read_to_string(&mut text)
+            .unwrap();
         assert_eq!(text.lines().count(), 10);
-        assert!(text.lines().all(|l| serde_json::from_str::<serde_json::Value>(l).is_ok()));
+        assert!(text
+            .lines()
+            .all(|l| serde_json::from_str::<serde_json::Value>(l).is_ok()));
     }
 
     #[test]

@@ -28,10 +28,18 @@ pub struct WriteError {
 
 impl WriteError {
     pub fn transient(message: impl Into<String>) -> Self {
-        WriteError { kind: ErrorKind::Transient, message: message.into(), retry_after: None }
+        WriteError {
+            kind: ErrorKind::Transient,
+            message: message.into(),
+            retry_after: None,
+        }
     }
     pub fn permanent(message: impl Into<String>) -> Self {
-        WriteError { kind: ErrorKind::Permanent, message: message.into(), retry_after: None }
+        WriteError {
+            kind: ErrorKind::Permanent,
+            message: message.into(),
+            retry_after: None,
+        }
     }
 }
 
@@ -45,7 +53,11 @@ pub struct Outcome {
 pub trait Writer: Send {
     /// Writes the whole batch or nothing (so a retry never duplicates), except records
     /// reported in `Outcome::invalid`. `timeout` bounds one attempt.
-    fn write_batch(&mut self, batch: &[Arc<Record>], timeout: Duration) -> Result<Outcome, WriteError>;
+    fn write_batch(
+        &mut self,
+        batch: &[Arc<Record>],
+        timeout: Duration,
+    ) -> Result<Outcome, WriteError>;
 
     /// Called when the queue has been idle for a while: time-based rotation, maintenance.
     fn idle(&mut self) {}

@@ -1,0 +1,17 @@
+"""logsluice: ship application and HTTP logs to PostgreSQL, Azure Blob Storage and local
+files, batched and off the request path, in bounded memory.
+
+    import logsluice
+    from loguru import logger
+
+    pipeline = logsluice.Pipeline()          # LocalFiles("./logs") by default
+    pipeline.attach(logger, level="INFO")
+"""
+
+from __future__ import annotations
+
+from ._core import __version__
+from ._pipeline import LoggingHandler, Pipeline
+from .destinations import Destination, LocalFiles
+
+__all__ = ["Destination", "LocalFiles", "LoggingHandler", "Pipeline", "__version__"]

@@ -1,0 +1,186 @@
+"""`Pipeline`: the one object an app creates. It owns a Rust core (started lazily, per
+process) and hands out the Loguru sink, a stdlib logging handler and an ASGI lifespan."""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import json
+import logging
+import os
+import weakref
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any, Optional
+
+from . import _context, _core
+from .destinations import Destination, LocalFiles, level_number
+
+_log = logging.getLogger("logsluice")
+
+PIPELINE_DEFAULTS: dict[str, int] = {"max_message_bytes": 64 * 1024, "max_field_bytes": 64 * 1024}
+
+
+def _report(level: int, message: str) -> None:
+    _log.log(level, message)
+
+
+class LoggingHandler(logging.Handler):
+    """A stdlib handler feeding the pipeline, so uvicorn's and libraries' logs flow in too."""
+
+    def __init__(self, pipeline: Pipeline, level: int = logging.NOTSET) -> None:
+        super().__init__(level)
+        self._core = pipeline._core
+
+    def emit(self, record: logging.LogRecord) -> None:
+        # The core reports its own trouble on "logsluice"; feeding that back would loop.
+        if record.name == "logsluice" or record.name.startswith("logsluice."):
+            return
+        self._core.write_logging(record)
+
+    def handleError(self, record: logging.LogRecord) -> None:  # pragma: no cover - write_logging never raises
+        pass
+
+
+class Pipeline:
+    """Delivers log records to destinations in batches, off the caller's thread.
+
+    ``Pipeline(*destinations, max_message_bytes=65536, max_field_bytes=65536)``. With no
+    destination, records go to ``LocalFiles("./logs")``. No thread starts until the first
+    record arrives; a forked child starts its own core on first use.
+    """
+
+    def __init__(self, *destinations: Destination, **options: Any) -> None:
+        unknown = sorted(set(options) - set(PIPELINE_DEFAULTS))
+        if unknown:
+            raise ValueError(
+                f"Pipeline: unknown option(s) {', '.join(unknown)}; known: {', '.join(PIPELINE_DEFAULTS)}"
+                " (queue, batch and retry options belong to each destination)"
+            )
+        for d in destinations:
+            if not isinstance(d, Destination):
+                raise ValueError(f"Pipeline takes destinations such as logsluice.LocalFiles(...), got {d!r}")
+        opts = {**PIPELINE_DEFAULTS, **options}
+        for key, value in opts.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 64:
+                raise ValueError(f"Pipeline: {key} must be a whole number of bytes >= 64, got {value!r}")
+        self.destinations: tuple[Destination, ...] = destinations or (LocalFiles("./logs"),)
+        specs = json.dumps([d._spec() for d in self.destinations])
+        self._core = _core.Core(specs, json.dumps(opts), _report, _context.request_id)
+        self._handler_ids: list[int] = []
+        _live_pipelines.add(self)
+
+    @classmethod
+    def from_env(cls, **options: Any) -> Pipeline:
+        """Builds a pipeline from environment variables (see the README):
+
+        ``LOGSLUICE_DIR`` (LocalFiles directory; the default when nothing else is set),
+        ``LOGSLUICE_MIN_LEVEL`` (LocalFiles' minimum level).
+        """
+        destinations: list[Destination] = []
+        directory = os.environ.get("LOGSLUICE_DIR")
+        min_level = os.environ.get("LOGSLUICE_MIN_LEVEL") or 0
+        if directory or not destinations:
+            destinations.append(LocalFiles(directory or "./logs", min_level=min_level))
+        return cls(*destinations, **options)
+
+    @property
+    def loguru_sink(self) -> _core.LoguruSink:
+        """The object to pass to ``logger.add``; prefer :meth:`attach`, which sets safe options."""
+        return self._core.loguru_sink()
+
+    def attach(self, logger: Any, level: Any = "INFO", **filters: Any) -> int:
+        """Adds the sink to a Loguru ``logger`` with fast, safe options and returns the handler id.
+
+        ``format="{message}"`` (the record is stored structured, not pre-formatted) and
+        ``diagnose=False`` (Loguru's default would store local variable values: secrets).
+        Extra keyword arguments (``filter=...``) go to ``logger.add``.
+        """
+        reserved = {"format", "diagnose", "enqueue", "serialize", "colorize", "backtrace"} & set(filters)
+        if reserved:
+            raise ValueError(
+                f"attach() sets {', '.join(sorted(reserved))} itself; pass only level and filter"
+            )
+        if not isinstance(level, str) or level.upper() not in (
+            "TRACE",
+            "DEBUG",
+            "INFO",
+            "SUCCESS",
+            "WARNING",
+            "ERROR",
+            "CRITICAL",
+        ):
+            level_number(level, "level")
+        handler_id: int = logger.add(
+            self.loguru_sink,
+            level=level,
+            format="{message}",
+            diagnose=False,
+            backtrace=False,
+            enqueue=False,
+            colorize=False,
+            catch=True,
+            **filters,
+        )
+        self._handler_ids.append(handler_id)
+        return handler_id
+
+    def logging_handler(self, level: Any = logging.NOTSET) -> LoggingHandler:
+        """A ``logging.Handler`` that feeds this pipeline (add it to the root logger or any other)."""
+        return LoggingHandler(self, level_number(level, "level") if isinstance(level, str) else level)
+
+    def stats(self) -> dict[str, dict[str, Any]]:
+        """Counters per destination; ``accepted == written + dropped_total + in_flight`` always holds."""
+        return self._core.stats()
+
+    def flush(self, timeout: float = 5.0) -> None:
+        """Returns once everything accepted before the call is written or counted as dropped;
+        raises ``TimeoutError`` naming what is still pending."""
+        self._core.flush(timeout)
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Flushes and stops. Records not written within ``timeout`` are counted as dropped
+        (reason ``closed``) and reported on the ``logsluice`` logger. Safe to call twice."""
+        if self._core.closed:
+            return
+        pending = self._core.close(timeout)
+        if pending:
+            _log.warning("logsluice: close timed out after %.1fs; dropped %s", timeout, pending)
+
+    @property
+    def closed(self) -> bool:
+        return bool(self._core.closed)
+
+    @asynccontextmanager
+    async def lifespan(self, app: Any = None) -> AsyncIterator[None]:
+        """ASGI lifespan: ``FastAPI(lifespan=pipeline.lifespan)`` flushes and closes at shutdown."""
+        yield
+        await asyncio.get_running_loop().run_in_executor(None, self.close)
+
+    def __enter__(self) -> Pipeline:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Pipeline({', '.join(repr(d) for d in self.destinations)})"
+
+
+_live_pipelines: weakref.WeakSet[Pipeline] = weakref.WeakSet()
+
+
+def _close_all_at_exit() -> None:
+    for pipeline in list(_live_pipelines):
+        try:
+            pipeline.close()
+        except Exception:  # noqa: BLE001 - exit must go on for the other pipelines
+            _log.exception("logsluice: closing a pipeline at exit failed")
+    _core._mark_interpreter_exit()
+
+
+# Registered at import (no thread is started): it runs before the interpreter tears down,
+# while the core may still take the GIL to report.
+atexit.register(_close_all_at_exit)
+
+__all__ = ["Pipeline", "LoggingHandler"]

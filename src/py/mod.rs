@@ -1,0 +1,326 @@
+//! The Python-facing objects: `Core` (one per `logsluice.Pipeline`) and the Loguru sink.
+//! They hold the GIL only to read fields; waiting happens with the GIL released.
+
+mod convert;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use parking_lot::Mutex;
+use pyo3::exceptions::{PyTimeoutError, PyValueError};
+use pyo3::intern;
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+
+use crate::config::{parse_specs, DestinationSpec, PipelineOptions};
+use crate::metrics::DropReason;
+use crate::pipeline::{fork_generation, reporting, Core, Reporter};
+use crate::record::{Kind, Record};
+use convert::Ctx;
+
+/// Set at interpreter exit: from then on the core reports to stderr, never into Python.
+static PYTHON_EXITING: AtomicBool = AtomicBool::new(false);
+
+#[pyfunction]
+fn _mark_interpreter_exit() {
+    PYTHON_EXITING.store(true, Ordering::SeqCst);
+}
+
+fn reporter(report: Py<PyAny>) -> Reporter {
+    Arc::new(move |level: u16, message: &str| {
+        if PYTHON_EXITING.load(Ordering::SeqCst) {
+            eprintln!("{message}");
+            return;
+        }
+        Python::attach(|py| {
+            if let Err(e) = report.bind(py).call1((level, message)) {
+                eprintln!("{message} (reporting failed: {e})");
+            }
+        });
+    })
+}
+
+fn pending_text(pending: &[(String, u64)]) -> String {
+    pending
+        .iter()
+        .map(|(name, n)| format!("{name}: {n} records"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+#[pyclass(frozen, module = "logsluice._core", name = "Core")]
+pub struct PyCore {
+    specs: Vec<DestinationSpec>,
+    options: PipelineOptions,
+    slot: ArcSwapOption<Core>,
+    starting: Mutex<()>,
+    closed: AtomicBool,
+    reporter: Reporter,
+    ctx: Ctx,
+}
+
+impl PyCore {
+    /// The core of this process, started on first use and started afresh in a forked
+    /// child (whose copy of the parent's threads does not exist).
+    fn core(&self) -> Arc<Core> {
+        let generation = fork_generation();
+        if let Some(core) = self.slot.load_full() {
+            if core.generation == generation {
+                return core;
+            }
+        }
+        let _guard = self.starting.lock();
+        if let Some(core) = self.slot.load_full() {
+            if core.generation == generation {
+                return core;
+            }
+            // The parent's core, copied by fork: its threads are gone and its locks may be
+            // held forever. Never touch it again; leaking it is the safe choice.
+            std::mem::forget(core);
+        }
+        let core = Core::start(
+            self.specs.clone(),
+            self.options.clone(),
+            self.reporter.clone(),
+        );
+        if self.closed.load(Ordering::SeqCst) {
+            let _ = core.close(Duration::ZERO);
+        }
+        if let Some(old) = self.slot.swap(Some(core.clone())) {
+            std::mem::forget(old);
+        }
+        core
+    }
+
+    fn submit(&self, py: Python<'_>, core: &Core, record: Record) {
+        let blocked = core.submit(record);
+        if !blocked.is_empty() {
+            py.detach(|| Core::wait_for_room(blocked));
+        }
+    }
+
+    fn submit_loguru(&self, py: Python<'_>, message: &Bound<'_, PyAny>) {
+        if reporting() {
+            return;
+        }
+        let core = self.core();
+        let record = match message
+            .getattr(intern!(py, "record"))
+            .and_then(|r| r.cast_into::<PyDict>().map_err(Into::into))
+        {
+            Ok(dict) => {
+                let level = convert::loguru_level(&dict);
+                if !core.wants(level.1, Kind::App) {
+                    return;
+                }
+                convert::from_loguru(&self.ctx, &dict, level)
+            }
+            // Not a Loguru message (someone called write() by hand): keep the text.
+            Err(_) => Record::new(
+                convert::now_micros(),
+                "INFO",
+                20,
+                Kind::App,
+                convert::text(message),
+            )
+            .finish(self.options.max_message_bytes),
+        };
+        self.submit(py, &core, record);
+    }
+}
+
+#[pymethods]
+impl PyCore {
+    #[new]
+    fn new(
+        py: Python<'_>,
+        specs_json: &str,
+        options_json: &str,
+        report: Py<PyAny>,
+        request_id_var: Py<PyAny>,
+    ) -> PyResult<Self> {
+        let specs = parse_specs(specs_json).map_err(PyValueError::new_err)?;
+        let options: PipelineOptions = serde_json::from_str(options_json)
+            .map_err(|e| PyValueError::new_err(format!("invalid pipeline options: {e}")))?;
+        let format_exception = py
+            .import("traceback")?
+            .getattr("format_exception")?
+            .unbind();
+        let ctx = Ctx {
+            format_exception,
+            request_id_var,
+            max_message_bytes: options.max_message_bytes,
+            max_field_bytes: options.max_field_bytes,
+        };
+        Ok(PyCore {
+            specs,
+            options,
+            slot: ArcSwapOption::empty(),
+            starting: Mutex::new(()),
+            closed: AtomicBool::new(false),
+            reporter: reporter(report),
+            ctx,
+        })
+    }
+
+    /// Hands one Loguru message to the core. Never raises.
+    fn write_loguru(&self, py: Python<'_>, message: &Bound<'_, PyAny>) {
+        self.submit_loguru(py, message);
+    }
+
+    /// Hands one `logging.LogRecord` to the core. Never raises.
+    fn write_logging(&self, py: Python<'_>, record: &Bound<'_, PyAny>) {
+        if reporting() {
+            return;
+        }
+        let core = self.core();
+        let level_no: u16 = record
+            .getattr(intern!(py, "levelno"))
+            .and_then(|v| v.extract())
+            .unwrap_or(0);
+        if !core.wants(level_no, Kind::App) {
+            return;
+        }
+        let rec = convert::from_logging(&self.ctx, record);
+        self.submit(py, &core, rec);
+    }
+
+    /// Counters per destination (see the README for every field).
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let out = PyDict::new(py);
+        let Some(core) = self
+            .slot
+            .load_full()
+            .filter(|c| c.generation == fork_generation())
+        else {
+            for spec in &self.specs {
+                out.set_item(&spec.common.name, empty_stats(py)?)?;
+            }
+            return Ok(out);
+        };
+        for (name, s) in py.detach(|| core.stats()) {
+            let d = PyDict::new(py);
+            let c = &s.counters;
+            d.set_item("accepted", c.accepted)?;
+            d.set_item("written", c.written)?;
+            let dropped = PyDict::new(py);
+            for reason in DropReason::ALL {
+                dropped.set_item(reason.as_str(), c.dropped[reason as usize])?;
+            }
+            d.set_item("dropped", dropped)?;
+            d.set_item("dropped_total", c.dropped_total())?;
+            d.set_item("in_flight", s.in_flight)?;
+            d.set_item("retries", c.retries)?;
+            d.set_item("batches", c.batches)?;
+            d.set_item("queue_records", s.queue_records)?;
+            d.set_item("queue_bytes", s.queue_bytes)?;
+            d.set_item("breaker", s.breaker)?;
+            d.set_item("last_error", c.last_error.as_deref())?;
+            let lat = PyDict::new(py);
+            for (k, v) in c.latency_percentiles() {
+                lat.set_item(k, v)?;
+            }
+            d.set_item("flush_latency_ms", lat)?;
+            out.set_item(name, d)?;
+        }
+        Ok(out)
+    }
+
+    #[pyo3(signature = (timeout=5.0))]
+    fn flush(&self, py: Python<'_>, timeout: f64) -> PyResult<()> {
+        let Some(core) = self
+            .slot
+            .load_full()
+            .filter(|c| c.generation == fork_generation())
+        else {
+            return Ok(());
+        };
+        let timeout = Duration::from_secs_f64(timeout.max(0.0));
+        py.detach(|| core.flush(timeout)).map_err(|pending| {
+            PyTimeoutError::new_err(format!(
+                "flush timed out; still pending: {}",
+                pending_text(&pending)
+            ))
+        })
+    }
+
+    /// Flushes and stops. Returns the records that could not be written in time (they are
+    /// counted as dropped with reason "closed").
+    #[pyo3(signature = (timeout=10.0))]
+    fn close(&self, py: Python<'_>, timeout: f64) -> Option<String> {
+        self.closed.store(true, Ordering::SeqCst);
+        let core = self
+            .slot
+            .load_full()
+            .filter(|c| c.generation == fork_generation())?;
+        let timeout = Duration::from_secs_f64(timeout.max(0.0));
+        py.detach(|| core.close(timeout))
+            .err()
+            .map(|p| pending_text(&p))
+    }
+
+    #[getter]
+    fn closed(&self) -> bool {
+        self.closed.load(Ordering::SeqCst)
+    }
+
+    fn loguru_sink(slf: Py<Self>) -> LoguruSink {
+        LoguruSink { core: slf }
+    }
+}
+
+fn empty_stats(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
+    let d = PyDict::new(py);
+    for key in [
+        "accepted",
+        "written",
+        "dropped_total",
+        "in_flight",
+        "retries",
+        "batches",
+        "queue_records",
+        "queue_bytes",
+    ] {
+        d.set_item(key, 0)?;
+    }
+    let dropped = PyDict::new(py);
+    for reason in DropReason::ALL {
+        dropped.set_item(reason.as_str(), 0)?;
+    }
+    d.set_item("dropped", dropped)?;
+    d.set_item("breaker", "closed")?;
+    d.set_item("last_error", py.None())?;
+    d.set_item("flush_latency_ms", PyDict::new(py))?;
+    Ok(d)
+}
+
+/// What `logger.add()` receives. Loguru treats an object with `write` as a stream and calls
+/// `flush` after every message if there is one, so there is none: `write` only enqueues.
+#[pyclass(frozen, module = "logsluice._core")]
+pub struct LoguruSink {
+    core: Py<PyCore>,
+}
+
+#[pymethods]
+impl LoguruSink {
+    fn write(&self, py: Python<'_>, message: &Bound<'_, PyAny>) {
+        self.core.get().submit_loguru(py, message);
+    }
+
+    /// Loguru calls this when the handler is removed; the pipeline outlives its handlers.
+    fn stop(&self) {}
+
+    fn __repr__(&self) -> &'static str {
+        "<logsluice loguru sink>"
+    }
+}
+
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<PyCore>()?;
+    m.add_class::<LoguruSink>()?;
+    m.add_function(wrap_pyfunction!(_mark_interpreter_exit, m)?)?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    Ok(())
+}
