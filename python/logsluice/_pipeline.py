@@ -7,14 +7,13 @@ import asyncio
 import atexit
 import json
 import logging
-import os
 import weakref
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any, Optional
+from typing import Any
 
 from . import _context, _core
-from .destinations import Destination, LocalFiles, level_number
+from .destinations import ENV_BUILDERS, Destination, LocalFiles, level_number
 
 _log = logging.getLogger("logsluice")
 
@@ -72,16 +71,10 @@ class Pipeline:
 
     @classmethod
     def from_env(cls, **options: Any) -> Pipeline:
-        """Builds a pipeline from environment variables (see the README):
-
-        ``LOGSLUICE_DIR`` (LocalFiles directory; the default when nothing else is set),
-        ``LOGSLUICE_MIN_LEVEL`` (LocalFiles' minimum level).
-        """
-        destinations: list[Destination] = []
-        directory = os.environ.get("LOGSLUICE_DIR")
-        min_level = os.environ.get("LOGSLUICE_MIN_LEVEL") or 0
-        if directory or not destinations:
-            destinations.append(LocalFiles(directory or "./logs", min_level=min_level))
+        """Builds a pipeline from environment variables (see the README for the full list):
+        ``LOGSLUICE_DIR`` for LocalFiles, and each store's own variables. With none set,
+        records go to ``LocalFiles("./logs")``."""
+        destinations = [d for build in ENV_BUILDERS if (d := build()) is not None]
         return cls(*destinations, **options)
 
     @property

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterable
-from typing import Any, ClassVar, Optional, Union
+from typing import Any, Callable, ClassVar, Optional, Union
 
 LEVELS = {"TRACE": 5, "DEBUG": 10, "INFO": 20, "SUCCESS": 25, "WARNING": 30, "ERROR": 40, "CRITICAL": 50}
 _ALIASES = {"WARN": "WARNING", "FATAL": "CRITICAL"}
@@ -67,6 +67,11 @@ def _check_number(name: str, value: Any) -> Union[int, float]:
             f"{name} must be {'zero or more' if name in _MAY_BE_ZERO else 'positive'}, got {value!r}"
         )
     return value
+
+
+# Functions that build a destination from environment variables (or return None); each
+# destination module appends its own. `Pipeline.from_env()` calls them in order.
+ENV_BUILDERS: list[Callable[[], Optional[Destination]]] = []
 
 
 class Destination:
@@ -200,3 +205,13 @@ class _Controlled(Destination):
 
     def _target(self) -> dict[str, Any]:
         return {"control_file": self.control_file, "output_file": self.output_file}
+
+
+def _local_files_from_env() -> Optional[Destination]:
+    directory = os.environ.get("LOGSLUICE_DIR")
+    if not directory:
+        return None
+    return LocalFiles(directory, min_level=os.environ.get("LOGSLUICE_DIR_MIN_LEVEL") or 0)
+
+
+ENV_BUILDERS.append(_local_files_from_env)
