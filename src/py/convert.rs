@@ -25,7 +25,7 @@ pub fn text(obj: &Bound<'_, PyAny>) -> String {
     let mut s = match obj.cast::<PyString>() {
         Ok(s) => match s.to_cow() {
             Ok(c) => c.into_owned(),
-            Err(_) => s.to_string_lossy().into_owned(),
+            Err(_) => without_surrogates(s),
         },
         Err(_) => match obj.str() {
             Ok(s) => s.to_string_lossy().into_owned(),
@@ -34,6 +34,25 @@ pub fn text(obj: &Bound<'_, PyAny>) -> String {
     };
     strip_nul(&mut s);
     s
+}
+
+/// Lone surrogates (from `surrogateescape` file names, broken JSON) become one U+FFFD each.
+fn without_surrogates(s: &Bound<'_, PyString>) -> String {
+    let utf16 = s
+        .call_method1(intern!(s.py(), "encode"), ("utf-16-le", "surrogatepass"))
+        .ok()
+        .and_then(|b| b.cast_into::<PyBytes>().ok());
+    match utf16 {
+        Some(b) => {
+            let units: Vec<u16> = b
+                .as_bytes()
+                .chunks_exact(2)
+                .map(|c| u16::from_le_bytes([c[0], c[1]]))
+                .collect();
+            String::from_utf16_lossy(&units)
+        }
+        None => s.to_string_lossy().into_owned(),
+    }
 }
 
 fn type_name(obj: &Bound<'_, PyAny>) -> String {
