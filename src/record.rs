@@ -120,7 +120,10 @@ impl Record {
         if let Some(exc) = self.exception.as_mut() {
             truncate_in_place(exc, max_message_bytes);
         }
-        let mut size = 160
+        // Struct, Arc header and allocator rounding, then the heap parts; a non-empty field
+        // map costs at least one B-tree node however few entries it has.
+        let mut size = std::mem::size_of::<Record>()
+            + 64
             + self.level.len()
             + self.logger.len()
             + self.message.len()
