@@ -71,15 +71,6 @@ fn main() {
             "drop: {:.0} ns/record",
             t.elapsed().as_nanos() as f64 / n as f64
         );
-        let t = Instant::now();
-        for r in recs {
-            q.push(Arc::new(r));
-        }
-        eprintln!(
-            "push: {:.0} ns/record; size_of Record {}",
-            t.elapsed().as_nanos() as f64 / n as f64,
-            std::mem::size_of::<Record>()
-        );
     }
     let core = Core::start(vec![spec], PipelineOptions::default(), Arc::new(|_, _| {}));
     let started = Instant::now();
