@@ -29,7 +29,7 @@ fn record(i: i64) -> Record {
     let mut f = Map::new();
     f.insert("user".into(), Value::from(format!("user-{}", i % 5000)));
     f.insert("cart_items".into(), Value::from(i % 9));
-    r.fields = f;
+    r.set_fields(&f);
     r.finish(64 << 10)
 }
 

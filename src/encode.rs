@@ -137,8 +137,7 @@ fn write_ndjson_cached(out: &mut Vec<u8>, r: &Record, ts: &mut TsCache) {
     o.num("thread", r.thread);
     o.opt_str("exception", r.exception.as_deref());
     o.opt_str("request_id", r.request_id.as_deref());
-    o.key("fields");
-    let _ = serde_json::to_writer(&mut *o.out, &r.fields);
+    o.raw("fields", r.fields_json.as_bytes());
     if let Some(h) = r.http.as_deref() {
         o.str("method", &h.method);
         o.str("scheme", &h.scheme);
@@ -197,7 +196,12 @@ mod tests {
             Kind::App,
             "hi \"there\"\n".into(),
         );
-        r.fields.insert("user".into(), Value::from("ada"));
+        r.set_fields(
+            &serde_json::json!({"user": "ada"})
+                .as_object()
+                .unwrap()
+                .clone(),
+        );
         let r = r.finish(1024);
         let mut out = Vec::new();
         write_ndjson(&mut out, &r);

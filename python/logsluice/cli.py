@@ -19,8 +19,10 @@ def _print_stats(stats: dict[str, dict[str, Any]]) -> None:
     for name, s in stats.items():
         dropped = ", ".join(f"{k}={v}" for k, v in s["dropped"].items() if v) or "none"
         lat = s["flush_latency_ms"]
-        print(f"  {name}: accepted={s['accepted']} written={s['written']} dropped={dropped} "
-              f"in_flight={s['in_flight']} batches={s['batches']} retries={s['retries']} breaker={s['breaker']}")
+        print(
+            f"  {name}: accepted={s['accepted']} written={s['written']} dropped={dropped} "
+            f"in_flight={s['in_flight']} batches={s['batches']} retries={s['retries']} breaker={s['breaker']}"
+        )
         if lat:
             print(f"    batch write latency: p50={lat['p50']} ms  p95={lat['p95']} ms  p99={lat['p99']} ms")
         if s["last_error"]:
@@ -68,8 +70,11 @@ def demo(args: argparse.Namespace) -> int:
     pipeline.flush(timeout=60)
     delivered = time.perf_counter() - started
 
-    print(f"\ncaller side: {total / produced:,.0f} records/s ({produced * 1e6 / total * args.threads:.1f} µs per call "
-          f"per thread, Loguru included)")
+    per_call = produced * 1e6 / per_thread
+    print(
+        f"\ncaller side: {total / produced:,.0f} records/s "
+        f"({per_call:.1f} µs per call per thread, Loguru included)"
+    )
     print(f"end to end:  {total / delivered:,.0f} records/s (first call until flush() returned)")
     print("\nstats():")
     stats = pipeline.stats()
@@ -92,7 +97,9 @@ def demo(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="logsluice", description="Ship logs to PostgreSQL, Azure Blob and files.")
+    parser = argparse.ArgumentParser(
+        prog="logsluice", description="Ship logs to PostgreSQL, Azure Blob and files."
+    )
     parser.add_argument("--version", action="version", version=f"logsluice {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("demo", help="write a burst of realistic records through the pipeline and report")
