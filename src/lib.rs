@@ -12,6 +12,8 @@ pub mod pipeline;
 pub mod queue;
 pub mod record;
 pub mod retry;
+#[doc(hidden)]
+pub mod scratch;
 
 #[cfg(feature = "python")]
 mod py;

@@ -257,7 +257,7 @@ mod tests {
 
     #[test]
     fn writes_lines_and_rotates_by_size_with_gzip_and_keep() {
-        let tmp = tempfile::tempdir().unwrap();
+        let tmp = crate::scratch::ScratchDir::new().unwrap();
         let mut w = LocalFiles::open(LocalFilesConfig {
             max_file_bytes: 2000,
             compress: true,
@@ -285,7 +285,7 @@ mod tests {
 
     #[test]
     fn time_rotation_starts_a_new_file() {
-        let tmp = tempfile::tempdir().unwrap();
+        let tmp = crate::scratch::ScratchDir::new().unwrap();
         let mut w = LocalFiles::open(cfg(tmp.path())).unwrap();
         w.write_batch(&batch(1), Duration::from_secs(1)).unwrap();
         w.current.as_mut().unwrap().period = 0;
