@@ -921,8 +921,14 @@ impl Writer for Postgres {
         let _guard = rt.enter();
         let result = rt.block_on(async {
             let r = tokio::time::timeout(timeout, inner.write(batch)).await;
-            if r.as_ref().is_ok_and(Result::is_ok) {
-                let _ = tokio::time::timeout(timeout, inner.maintain()).await;
+            if r.as_ref().is_ok_and(Result::is_ok)
+                && tokio::time::timeout(timeout, inner.maintain())
+                    .await
+                    .is_err()
+            {
+                // Maintenance cut off mid-statement: start the next batch on a fresh connection.
+                inner.conn = None;
+                inner.layout = None;
             }
             r
         });
