@@ -7,9 +7,12 @@ import itertools
 import json
 import logging
 import multiprocessing
+import os
+import subprocess
 import threading
 import time
 import uuid
+from pathlib import Path
 
 import logsluice
 import pytest
@@ -500,3 +503,25 @@ def test_from_env(monkeypatch, postgres):
     assert (d.table, d.min_level, d.retention) == ("env_logs", 30, {"app": 7 * 86400.0, "http": 86400.0})
     assert SECRET not in repr(pipeline)
     pipeline.close()
+
+
+def test_http_records_fill_the_http_columns(postgres, table):
+    # http records come from the ASGI middleware; the Rust side writes two through the real
+    # writer (src/destinations/postgres/mod.rs, real_server_http_records), read back here.
+    env = {**os.environ, "LOGSLUICE_TEST_PG_DSN": postgres.dsn, "LOGSLUICE_TEST_PG_TABLE": table}
+    cmd = ["cargo", "test", "--release", "--lib", "--quiet", "real_server_http_records"]
+    subprocess.run(cmd, cwd=Path(__file__).parent.parent, env=env, check=True, capture_output=True)
+    rows = postgres.psql(
+        f"select kind, level_no, request_id, method, scheme, http_version, path, query, route, status,"
+        f" duration_ms, ttfb_ms, client_addr, user_agent, trace_id, span_id, request_headers,"
+        f" response_headers, request_body, response_body, request_size, response_size, sample_rate,"
+        f" error from {table} order by id"
+    )
+    assert rows[0] == (
+        "http", 20, "req-http-1", "GET", "https", "1.1", "/items/7", "q=1", "/items/{id}", 200, 12.5, 3.25,
+        "127.0.0.1:5555", "curl/8", "t1", "s1", {"accept": "*/*"}, {"content-type": "application/json"},
+        '{"a": 1}', "ok", 8, 2, 0.5, False,
+    )  # fmt: skip
+    assert rows[1][:4] == ("http", 40, None, "POST") and rows[1][9] == 500 and rows[1][-1] is True
+    assert rows[1][11] is None and rows[1][16] is None and rows[1][18] is None
+    assert count(postgres, f"{table}_http") == 2 and count(postgres, f"{table}_app") == 0

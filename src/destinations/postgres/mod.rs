@@ -978,6 +978,65 @@ impl Writer for Postgres {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::record::HttpFields;
+
+    /// Writes http records (the middleware's) to the server tests/test_postgres.py names in
+    /// LOGSLUICE_TEST_PG_DSN; that test then reads the columns back. Without it, nothing runs.
+    #[test]
+    fn real_server_http_records() {
+        let Ok(dsn) = std::env::var("LOGSLUICE_TEST_PG_DSN") else {
+            return;
+        };
+        let table = std::env::var("LOGSLUICE_TEST_PG_TABLE").unwrap();
+        let mut w = Postgres::open(PostgresConfig {
+            dsn,
+            table,
+            ..Default::default()
+        })
+        .unwrap();
+        let now = Utc::now().timestamp_micros();
+        let mut full = Record::new(now, "INFO", 20, Kind::Http, "GET /items/7 200".into());
+        full.request_id = Some("req-http-1".into());
+        full.http = Some(Box::new(HttpFields {
+            method: "GET".into(),
+            scheme: "https".into(),
+            http_version: "1.1".into(),
+            path: "/items/7".into(),
+            query: Some("q=1".into()),
+            route: Some("/items/{id}".into()),
+            status: 200,
+            duration_ms: 12.5,
+            ttfb_ms: Some(3.25),
+            client_addr: Some("127.0.0.1:5555".into()),
+            user_agent: Some("curl/8".into()),
+            trace_id: Some("t1".into()),
+            span_id: Some("s1".into()),
+            request_headers: serde_json::json!({"accept": "*/*"}),
+            response_headers: serde_json::json!({"content-type": "application/json"}),
+            request_body: Some("{\"a\": 1}".into()),
+            response_body: Some("ok".into()),
+            request_size: Some(8),
+            response_size: Some(2),
+            sample_rate: 0.5,
+            error: false,
+        }));
+        let mut minimal = Record::new(now + 1, "ERROR", 40, Kind::Http, "POST /x 500".into());
+        minimal.http = Some(Box::new(HttpFields {
+            method: "POST".into(),
+            path: "/x".into(),
+            status: 500,
+            sample_rate: 1.0,
+            error: true,
+            ..Default::default()
+        }));
+        let batch: Vec<Arc<Record>> = [full, minimal]
+            .into_iter()
+            .map(|r| Arc::new(r.finish(1 << 16)))
+            .collect();
+        let outcome = w.write_batch(&batch, Duration::from_secs(30)).unwrap();
+        assert_eq!(outcome.invalid, 0);
+        w.close().unwrap();
+    }
 
     #[test]
     fn dsn_password_is_masked_everywhere() {
