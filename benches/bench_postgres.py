@@ -86,13 +86,21 @@ def make_table(pg: PostgresServer, name: str) -> None:
     pg.psql(f"truncate {name}")
 
 
+REPEATS = 1 if QUICK else 3
+
+
 def timed(pg: PostgresServer, table: str, n: int, fn) -> float:
-    start = time.perf_counter()
-    fn()
-    seconds = time.perf_counter() - start
-    got = pg.psql(f"select count(*) from {table}")[0][0]
-    assert got == n, f"{table}: {got} rows, expected {n}"
-    return n / seconds
+    """Best of REPEATS runs into the emptied table (the machine is shared: noise only slows)."""
+    best = 0.0
+    for _ in range(REPEATS):
+        pg.psql(f"truncate {table}")
+        start = time.perf_counter()
+        fn()
+        seconds = time.perf_counter() - start
+        got = pg.psql(f"select count(*) from {table}")[0][0]
+        assert got == n, f"{table}: {got} rows, expected {n}"
+        best = max(best, n / seconds)
+    return best
 
 
 def one_insert_per_row(conn, table, data):
@@ -127,6 +135,11 @@ def psycopg_copy(conn, table, data, per=1000):
 
 
 def core_rate(pg: PostgresServer, table: str, n: int, batch: int, t0_us: int) -> float:
+    return max(core_once(pg, table, n, batch, t0_us) for _ in range(REPEATS))
+
+
+def core_once(pg: PostgresServer, table: str, n: int, batch: int, t0_us: int) -> float:
+    pg.psql(f"truncate {table}")
     env = {
         **os.environ,
         "LOGSLUICE_BENCH_DSN": pg.dsn,

@@ -351,7 +351,9 @@ impl Inner {
         }
         let conn = self.conn.as_mut().expect("connected");
         let result = schema_check(conn, &self.names, &self.cfg).await;
-        let _ = exec(conn, "ROLLBACK".into()).await.ok();
+        if result.is_err() {
+            let _ = exec(conn, "ROLLBACK".into()).await;
+        }
         match result {
             Ok((layout, notes)) => {
                 self.notices.extend(notes);
