@@ -525,3 +525,13 @@ def test_http_records_fill_the_http_columns(postgres, table):
     assert rows[1][:4] == ("http", 40, None, "POST") and rows[1][9] == 500 and rows[1][-1] is True
     assert rows[1][11] is None and rows[1][16] is None and rows[1][18] is None
     assert count(postgres, f"{table}_http") == 2 and count(postgres, f"{table}_app") == 0
+
+
+def test_own_schema_and_mixed_case_table(postgres, log):
+    name = f"Audit_{uuid.uuid4().hex[:6]}"
+    pipeline = logsluice.Pipeline(logsluice.Postgres(postgres.dsn, schema="audit", table=name))
+    pipeline.attach(log)
+    log.info("in its own schema")
+    pipeline.flush(30)
+    pipeline.close()
+    assert postgres.psql(f'select message from audit."{name}"') == [("in its own schema",)]
