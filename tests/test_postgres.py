@@ -535,3 +535,30 @@ def test_own_schema_and_mixed_case_table(postgres, log):
     pipeline.flush(30)
     pipeline.close()
     assert postgres.psql(f'select message from audit."{name}"') == [("in its own schema",)]
+
+
+def test_statement_timeout_cuts_a_stuck_copy(postgres, table, log):
+    destination = logsluice.Postgres(
+        postgres.dsn, table=table, statement_timeout=0.5, max_retries=0, batch_max_delay=0.05
+    )
+    pipeline = logsluice.Pipeline(destination)
+    pipeline.attach(log)
+    log.info("first")
+    pipeline.flush(30)
+    postgres.psql(
+        "create function slow() returns trigger language plpgsql as $$"
+        " begin perform pg_sleep(3); return new; end $$"
+    )
+    postgres.psql(f"create trigger slow before insert on {table} for each row execute function slow()")
+    log.info("stuck")
+    pipeline.flush(30)
+    stats = pipeline.stats()["postgres"]
+    assert "statement timeout" in stats["last_error"] and "57014" in stats["last_error"]
+    assert stats["dropped"]["failed"] == 1
+    postgres.psql(f"drop trigger slow on {table}; drop function slow()")
+    log.info("after")
+    pipeline.flush(30)
+    stats = pipeline.stats()["postgres"]
+    pipeline.close()
+    assert stats["written"] == 2 and accounted(stats)
+    assert sorted(r[0] for r in postgres.psql(f"select message from {table}")) == ["after", "first"]
