@@ -286,6 +286,11 @@ fn run(dest: Arc<Destination>, target: Target) {
                     .resolve(batch.len(), written, &dropped, started.elapsed());
             }
         }
+        if let Some(w) = writer.as_mut() {
+            for (level, message) in w.notices() {
+                dest.report(level, &message);
+            }
+        }
     }
     if let Some(mut w) = writer {
         if let Err(e) = w.close() {
