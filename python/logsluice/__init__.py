@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from ._core import __version__
 from ._pipeline import LoggingHandler, Pipeline
+from .azure_blob import AzureBlob
 from .destinations import Destination, LocalFiles
 
-__all__ = ["Destination", "LocalFiles", "LoggingHandler", "Pipeline", "__version__"]
+__all__ = ["AzureBlob", "Destination", "LocalFiles", "LoggingHandler", "Pipeline", "__version__"]

@@ -343,7 +343,7 @@ pub fn resolve(cfg: &AzureBlobConfig) -> Result<Endpoint, String> {
     container_url.set_fragment(None);
     let container = container_url
         .path_segments()
-        .and_then(|s| s.filter(|p| !p.is_empty()).last())
+        .and_then(|mut s| s.rfind(|p| !p.is_empty()))
         .unwrap_or_default()
         .to_owned();
     check_container(&container)

@@ -27,16 +27,20 @@ pub(crate) struct Redactor {
 impl Redactor {
     pub(crate) fn new(cfg: &AzureBlobConfig, endpoint: &Endpoint) -> Self {
         let mut secrets = Vec::new();
-        for s in [&cfg.connection_string, &cfg.credential, &cfg.container_url]
-            .into_iter()
-            .flatten()
-        {
-            secrets.push(s.clone());
-            // Connection string values (AccountKey=..., SharedAccessSignature=...) one by one.
-            for part in s.split(';') {
-                if let Some((_, v)) = part.split_once('=') {
-                    secrets.push(v.to_owned());
+        if let Some(cs) = &cfg.connection_string {
+            // Only the secret values: endpoints and account names are useful in messages.
+            for part in cs.split(';') {
+                if let Some((k, v)) = part.split_once('=') {
+                    let k = k.trim().to_ascii_lowercase();
+                    if k == "accountkey" || k == "sharedaccesssignature" {
+                        secrets.push(v.trim().to_owned());
+                    }
                 }
+            }
+        }
+        if let Some(c) = &cfg.credential {
+            if super::conn::Entra::parse(c.trim()).is_none() {
+                secrets.push(c.trim().to_owned());
             }
         }
         if let Some(q) = endpoint.container_url.query() {

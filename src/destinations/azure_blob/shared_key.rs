@@ -126,6 +126,17 @@ impl Policy for SharedKeyPolicy {
         next: &[Arc<dyn Policy>],
     ) -> PolicyResult {
         request.insert_header("x-ms-date", http_date(chrono::Utc::now()));
+        // Some operations (Put Block List) leave Content-Length to the transport, which
+        // adds it after this policy: sign what will be sent.
+        let has_length = request
+            .headers()
+            .iter()
+            .any(|(k, _)| k.as_str().eq_ignore_ascii_case("content-length"));
+        if !has_length {
+            if let Some(len) = request.body().len().filter(|n| *n > 0) {
+                request.insert_header("content-length", len.to_string());
+            }
+        }
         let to_sign = string_to_sign(
             request.method().as_str(),
             request.url(),
