@@ -181,7 +181,7 @@ impl Default for AzureBlobConfig {
             container: "logs".into(),
             prefix: String::new(),
             compression: BlobCompression::Gzip,
-            compression_level: 6,
+            compression_level: 4,
             name_template: crate::destinations::azure_blob::naming::DEFAULT_TEMPLATE.into(),
             create_container: true,
             block_size: 4 << 20,

@@ -76,7 +76,7 @@ class AzureBlob(Destination):
         container: Optional[str] = None,
         prefix: str = "",
         compression: Optional[str] = "gzip",
-        compression_level: int = 6,
+        compression_level: int = 4,
         name_template: str = DEFAULT_NAME_TEMPLATE,
         create_container: bool = True,
         block_size: int = 4 * 1024 * 1024,

@@ -29,7 +29,7 @@ use flate2::write::GzEncoder;
 
 use super::{Outcome, WriteError, Writer};
 use crate::config::{AzureBlobConfig, BlobCompression};
-use crate::encode::{encode_batch, ts_string};
+use crate::encode::{encode_batch, ts_string, write_ndjson};
 use crate::record::{Kind, Record};
 use conn::{Auth, Endpoint};
 use errors::Redactor;
@@ -140,7 +140,7 @@ impl AzureBlob {
             concurrency: NonZero::new(cfg.max_concurrency).unwrap_or(NonZero::<usize>::MIN),
             seq: 0,
             pending: None,
-            raw: Vec::with_capacity(1 << 20),
+            raw: Vec::with_capacity(512 << 10),
             redactor,
         })
     }
@@ -169,22 +169,7 @@ impl AzureBlob {
                 lo = lo.min(batch[i].ts_us);
                 hi = hi.max(batch[i].ts_us);
             }
-            self.raw.clear();
-            encode_batch(idx.iter().map(|&i| &*batch[i]), &mut self.raw);
-            let body = match self.compression {
-                BlobCompression::Gzip => {
-                    let out = Vec::with_capacity(self.raw.len() / 6 + 64);
-                    let mut enc = GzEncoder::new(out, flate2::Compression::new(self.level));
-                    enc.write_all(&self.raw)
-                        .and_then(|_| enc.finish())
-                        .map(Bytes::from)
-                        .map_err(|e| WriteError::transient(format!("gzip failed: {e}")))?
-                }
-                BlobCompression::None => Bytes::copy_from_slice(&self.raw),
-            };
-            if self.raw.capacity() > 64 << 20 {
-                self.raw = Vec::with_capacity(1 << 20);
-            }
+            let body = self.encode(batch, &idx)?;
             self.seq += 1;
             let name = self
                 .template
@@ -208,6 +193,38 @@ impl AzureBlob {
             len: batch.len(),
             parts,
         })
+    }
+}
+
+impl AzureBlob {
+    /// NDJSON of the records at `idx`, gzip-compressed unless turned off. Gzip is fed in
+    /// chunks of a few hundred KiB, so the uncompressed batch never sits in memory whole
+    /// and the chunk is still in cache when it is compressed.
+    fn encode(&mut self, batch: &[Arc<Record>], idx: &[usize]) -> Result<Bytes, WriteError> {
+        const CHUNK: usize = 256 << 10;
+        self.raw.clear();
+        if self.compression == BlobCompression::None {
+            let estimate: usize = idx.iter().map(|&i| batch[i].size).sum();
+            let mut out = Vec::with_capacity(estimate);
+            encode_batch(idx.iter().map(|&i| &*batch[i]), &mut out);
+            return Ok(Bytes::from(out));
+        }
+        let estimate: usize = idx.iter().map(|&i| batch[i].size).sum::<usize>() / 8;
+        let mut enc = GzEncoder::new(
+            Vec::with_capacity(estimate + 1024),
+            flate2::Compression::new(self.level),
+        );
+        let gzip_error = |e: std::io::Error| WriteError::transient(format!("gzip failed: {e}"));
+        for &i in idx {
+            write_ndjson(&mut self.raw, &batch[i]);
+            if self.raw.len() >= CHUNK {
+                enc.write_all(&self.raw).map_err(gzip_error)?;
+                self.raw.clear();
+            }
+        }
+        enc.write_all(&self.raw).map_err(gzip_error)?;
+        self.raw.clear();
+        enc.finish().map(Bytes::from).map_err(gzip_error)
     }
 }
 
