@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import re
+import socket
 import subprocess
 import sys
 import textwrap
@@ -238,6 +239,99 @@ def test_outage_opens_the_breaker_then_it_closes_and_nothing_is_stored_twice(azu
     messages = [r["message"] for _, _, _, records in read_blobs(azurite, container) for r in records]
     assert len(messages) == len(set(messages)) == s["written"]
     assert s["written"] >= 31 and s["dropped"]["failed"] == 10 and s["dropped"]["breaker_open"] >= 5
+
+
+class FaultyProxy:
+    """A loopback TCP proxy in front of Azurite that spoils the first request: ``"slow"``
+    forwards it but holds the response back (the upload lands, the client times out);
+    ``"busy"`` answers it with 503 and ``Retry-After`` without forwarding it."""
+
+    def __init__(self, upstream: int, fault: str):
+        self.upstream, self.fault, self.faults_left = upstream, fault, 1
+        self.lock = threading.Lock()
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._handle, args=(client,), daemon=True).start()
+
+    @staticmethod
+    def _pump(src, dst, delay=0.0):
+        try:
+            while data := src.recv(65536):
+                if delay:
+                    time.sleep(delay)
+                    delay = 0.0
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def _handle(self, client):
+        with self.lock:
+            fire = self.faults_left > 0
+            self.faults_left -= fire
+        if fire and self.fault == "busy":
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += client.recv(65536)
+            head, body = head.split(b"\r\n\r\n", 1)
+            length = int(re.search(rb"(?i)content-length:\s*(\d+)", head).group(1))
+            while len(body) < length:
+                body += client.recv(65536)
+            client.sendall(
+                b"HTTP/1.1 503 The server is busy.\r\nx-ms-error-code: ServerBusy\r\n"
+                b"Retry-After: 1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            )
+            client.close()
+            return
+        upstream = socket.create_connection(("127.0.0.1", self.upstream))
+        threading.Thread(target=self._pump, args=(client, upstream), daemon=True).start()
+        self._pump(upstream, client, delay=3.0 if fire and self.fault == "slow" else 0.0)
+
+    def close(self):
+        self.server.close()
+
+
+@pytest.mark.parametrize("fault", ["slow", "busy"])
+def test_a_retried_upload_is_stored_once(azurite, fault):
+    # "slow": the first upload lands but its response comes too late; the retry overwrites
+    # the same blob name. "busy": a 503 with Retry-After is retried.
+    container = unique_container()
+    container_client(azurite, container).create_container()
+    proxy = FaultyProxy(azurite.port, fault)
+    try:
+        cs = azurite.connection_string.replace(
+            azurite.blob_endpoint, f"http://127.0.0.1:{proxy.port}/{ACCOUNT}"
+        )
+        pipeline = logsluice.Pipeline(
+            logsluice.AzureBlob(cs, container=container, **fast(attempt_timeout=1.0, max_retries=3))
+        )
+        log = app_logger(pipeline, fault)
+        for i in range(50):
+            log.info("once %d", i)
+        pipeline.flush(timeout=30)
+        stats = pipeline.stats()["azure_blob"]
+        pipeline.close()
+    finally:
+        proxy.close()
+    assert stats["written"] == 50 and stats["retries"] >= 1, stats
+    expected = "timed out" if fault == "slow" else "HTTP 503 ServerBusy"
+    assert expected in stats["last_error"], stats["last_error"]
+    blobs = read_blobs(azurite, container)
+    assert len(blobs) == 1
+    assert [r["message"] for r in blobs[0][3]] == [f"once {i}" for i in range(50)]
 
 
 def test_two_processes_writing_at_once_never_collide(azurite, tmp_path):

@@ -261,6 +261,53 @@ mod tests {
         assert!(transient_status(409, Some("ContainerBeingDeleted")));
     }
 
+    fn http_error(status: u16, code: &str, headers: &[(&'static str, &'static str)]) -> Failure {
+        let mut h = azure_core::http::headers::Headers::new();
+        for (k, v) in headers {
+            h.insert(*k, *v);
+        }
+        let raw = azure_core::http::RawResponse::from_bytes(StatusCode::from(status), h, "");
+        Failure {
+            during: Step::Upload,
+            error: azure_core::Error::new(
+                ErrorKind::HttpResponse {
+                    status: StatusCode::from(status),
+                    error_code: Some(code.into()),
+                    raw_response: Some(Box::new(raw)),
+                },
+                std::io::Error::other("x"),
+            ),
+        }
+    }
+
+    #[test]
+    fn throttling_honours_retry_after_and_auth_is_permanent() {
+        let r = redactor();
+        let url = "https://acct.blob.core.windows.net/logs";
+        let w = to_write_error(
+            http_error(503, "ServerBusy", &[("retry-after", "2")]),
+            url,
+            &r,
+        );
+        assert_eq!(
+            (w.kind, w.retry_after),
+            (Kind::Transient, Some(Duration::from_secs(2)))
+        );
+        assert!(w.message.contains("HTTP 503 ServerBusy"), "{}", w.message);
+        let w = to_write_error(
+            http_error(429, "TooManyRequests", &[("x-ms-retry-after-ms", "250")]),
+            url,
+            &r,
+        );
+        assert_eq!(w.retry_after, Some(Duration::from_millis(250)));
+        let w = to_write_error(http_error(403, "AuthenticationFailed", &[]), url, &r);
+        assert_eq!((w.kind, w.retry_after), (Kind::Permanent, None));
+        assert!(w.message.contains("account key"), "{}", w.message);
+        let w = to_write_error(http_error(404, "ContainerNotFound", &[]), url, &r);
+        assert_eq!(w.kind, Kind::Permanent);
+        assert!(w.message.contains("create_container=False"));
+    }
+
     #[test]
     fn connection_errors_are_transient_and_clean() {
         let r = redactor();
