@@ -194,9 +194,7 @@ impl AzureBlob {
             parts,
         })
     }
-}
 
-impl AzureBlob {
     /// NDJSON of the records at `idx`, gzip-compressed unless turned off. Gzip is fed in
     /// chunks of a few hundred KiB, so the uncompressed batch never sits in memory whole
     /// and the chunk is still in cache when it is compressed.
