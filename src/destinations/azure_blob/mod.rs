@@ -443,6 +443,34 @@ mod tests {
     }
 
     #[test]
+    fn entra_id_clients_build_without_io() {
+        let open = |credential: &str| {
+            AzureBlob::open(AzureBlobConfig {
+                account_url: Some("https://acct.blob.core.windows.net".into()),
+                credential: Some(credential.into()),
+                ..Default::default()
+            })
+        };
+        for mode in ["default", "managed_identity", "azure_cli"] {
+            let w = open(mode).unwrap_or_else(|e| panic!("{mode}: {}", e.message));
+            assert_eq!(w.endpoint, "https://acct.blob.core.windows.net/logs");
+        }
+        if std::env::var_os("AZURE_CLIENT_SECRET").is_none() {
+            let err = open("environment").err().unwrap();
+            assert!(err.message.contains("AZURE_CLIENT_SECRET"), "{}", err.message);
+        }
+        // Entra ID tokens only travel over https.
+        let err = AzureBlob::open(AzureBlobConfig {
+            account_url: Some("http://127.0.0.1:10000/devstoreaccount1".into()),
+            credential: Some("default".into()),
+            ..Default::default()
+        })
+        .err()
+        .unwrap();
+        assert!(err.message.contains("https"), "{}", err.message);
+    }
+
+    #[test]
     fn validate_rejects_bad_options() {
         let base = AzureBlobConfig {
             connection_string: Some("UseDevelopmentStorage=true".into()),
