@@ -457,7 +457,11 @@ mod tests {
         }
         if std::env::var_os("AZURE_CLIENT_SECRET").is_none() {
             let err = open("environment").err().unwrap();
-            assert!(err.message.contains("AZURE_CLIENT_SECRET"), "{}", err.message);
+            assert!(
+                err.message.contains("AZURE_CLIENT_SECRET"),
+                "{}",
+                err.message
+            );
         }
         // Entra ID tokens only travel over https.
         let err = AzureBlob::open(AzureBlobConfig {
