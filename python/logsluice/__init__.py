@@ -13,5 +13,6 @@ from __future__ import annotations
 from ._core import __version__
 from ._pipeline import LoggingHandler, Pipeline
 from .destinations import Destination, LocalFiles
+from .middleware import LoggingMiddleware
 
-__all__ = ["Destination", "LocalFiles", "LoggingHandler", "Pipeline", "__version__"]
+__all__ = ["Destination", "LocalFiles", "LoggingHandler", "LoggingMiddleware", "Pipeline", "__version__"]

@@ -2,6 +2,7 @@
 //! They hold the GIL only to read fields; waiting happens with the GIL released.
 
 mod convert;
+mod http;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -187,6 +188,13 @@ impl PyCore {
         self.submit(py, &core, rec);
     }
 
+    /// Hands one finished HTTP exchange (from the ASGI middleware) to the core; the
+    /// arguments are listed in `py/http.rs`. Raises only on arguments of the wrong type.
+    #[pyo3(signature = (*args))]
+    fn write_http(&self, py: Python<'_>, args: &Bound<'_, pyo3::types::PyTuple>) -> PyResult<()> {
+        http::write_http(self, py, args)
+    }
+
     /// Counters per destination (see the README for every field).
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let out = PyDict::new(py);
@@ -321,6 +329,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyCore>()?;
     m.add_class::<LoguruSink>()?;
     m.add_function(wrap_pyfunction!(_mark_interpreter_exit, m)?)?;
+    http::register(m)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }
