@@ -1,9 +1,19 @@
-//! The ASGI middleware's hand-off: `Core.write_http(...)` reads the exchange (bytes and
-//! small scalars, plus the ASGI scope) with the GIL held, then redacts, builds and queues
-//! the record with the GIL released. `Redactor` holds the redaction settings of one
-//! middleware, parsed once.
+//! The ASGI middleware's hand-off: `Core.write_http(...)` copies the exchange (bytes and
+//! small scalars, plus the ASGI scope) out of Python and puts it on this pipeline's HTTP
+//! lane; the lane's thread redacts it, builds the record and routes it to the
+//! destinations' queues, without the GIL and off the event loop. `Redactor` holds the
+//! redaction settings of one middleware, parsed once.
+//!
+//! The lane is bounded (jobs and bytes); a full lane drops the exchange and counts it
+//! (`Core.http_lane_stats()`). Raw exchanges never leave the process: only the redacted
+//! record reaches a destination queue. `flush` and `close` drain the lane first.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwapOption;
+use parking_lot::{Condvar, Mutex};
 
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::intern;
@@ -15,7 +25,7 @@ use super::convert;
 use super::PyCore;
 use crate::http::redact::{Redactor, Rules, DEFAULT_HEADERS, DEFAULT_KEYS};
 use crate::http::{self, Exchange, Headers};
-use crate::pipeline::{reporting, Core};
+use crate::pipeline::{fork_generation, reporting, Core};
 use crate::record::Kind;
 
 #[derive(Deserialize)]
@@ -218,12 +228,184 @@ pub(super) fn write_http(
     ex.ttfb_ms = arg(13)?.extract().ok();
     ex.request_id = convert::text(&arg(14)?);
     ex.sample_rate = arg(16)?.extract().unwrap_or(1.0);
-    let max_message_bytes = pycore.options.max_message_bytes;
-    let blocked = py.detach(|| core.submit(http::build_record(&redactor, ex, max_message_bytes)));
-    if !blocked.is_empty() {
-        py.detach(|| Core::wait_for_room(blocked));
-    }
+    pycore.http_lane.push(Job {
+        core,
+        redactor,
+        ex,
+        max_message_bytes: pycore.options.max_message_bytes,
+    });
     Ok(())
+}
+
+struct Job {
+    core: Arc<Core>,
+    redactor: Arc<Redactor>,
+    ex: Exchange,
+    max_message_bytes: usize,
+}
+
+impl Job {
+    fn bytes(&self) -> usize {
+        256 + self.ex.request_body.as_ref().map_or(0, Vec::len)
+            + self.ex.response_body.as_ref().map_or(0, Vec::len)
+            + self
+                .ex
+                .request_headers
+                .iter()
+                .chain(&self.ex.response_headers)
+                .map(|(k, v)| 32 + k.len() + v.len())
+                .sum::<usize>()
+    }
+
+    fn run(self) {
+        let record = http::build_record(&self.redactor, self.ex, self.max_message_bytes);
+        let blocked = self.core.submit(record);
+        if !blocked.is_empty() {
+            Core::wait_for_room(blocked);
+        }
+    }
+}
+
+/// Jobs waiting at most this long before the lane's thread looks (it is not woken per
+/// job: a wake-up is a system call on the event loop's thread).
+const LANE_POLL: Duration = Duration::from_millis(20);
+/// Woken early when this many jobs wait.
+const LANE_WAKE_AT: usize = 256;
+const LANE_MAX_JOBS: usize = 20_000;
+const LANE_MAX_BYTES: usize = 64 << 20;
+
+#[derive(Default)]
+struct LaneQueue {
+    jobs: Vec<Job>,
+    bytes: usize,
+    submitted: u64,
+    done: u64,
+}
+
+struct LaneInner {
+    generation: u64,
+    queue: Mutex<LaneQueue>,
+    work: Condvar,
+    finished: Condvar,
+}
+
+/// One per pipeline; its thread starts on the first exchange (again in a forked child).
+#[derive(Default)]
+pub struct Lane {
+    slot: ArcSwapOption<LaneInner>,
+    starting: Mutex<()>,
+    dropped: AtomicU64,
+}
+
+impl Lane {
+    fn inner(&self) -> Arc<LaneInner> {
+        let generation = fork_generation();
+        if let Some(inner) = self.slot.load_full().filter(|i| i.generation == generation) {
+            return inner;
+        }
+        let _guard = self.starting.lock();
+        if let Some(inner) = self.slot.load_full() {
+            if inner.generation == generation {
+                return inner;
+            }
+            // The parent's lane, copied by fork: its thread is gone, its lock may be held.
+            std::mem::forget(inner);
+        }
+        let inner = Arc::new(LaneInner {
+            generation,
+            queue: Mutex::new(LaneQueue::default()),
+            work: Condvar::new(),
+            finished: Condvar::new(),
+        });
+        let worker = inner.clone();
+        std::thread::Builder::new()
+            .name("logsluice-http".into())
+            .spawn(move || worker.run())
+            .expect("spawning a thread");
+        if let Some(old) = self.slot.swap(Some(inner.clone())) {
+            std::mem::forget(old);
+        }
+        inner
+    }
+
+    fn push(&self, job: Job) {
+        let bytes = job.bytes();
+        let inner = self.inner();
+        let mut q = inner.queue.lock();
+        if q.jobs.len() >= LANE_MAX_JOBS || q.bytes + bytes > LANE_MAX_BYTES {
+            drop(q);
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        q.jobs.push(job);
+        q.bytes += bytes;
+        q.submitted += 1;
+        let wake = q.jobs.len() == LANE_WAKE_AT;
+        drop(q);
+        if wake {
+            inner.work.notify_one();
+        }
+    }
+
+    /// Waits (GIL released) until every job pushed before the call is on a destination
+    /// queue, for at most `timeout` seconds; returns the seconds left.
+    pub fn drain(&self, py: Python<'_>, timeout: f64) -> f64 {
+        let Some(inner) = self
+            .slot
+            .load_full()
+            .filter(|i| i.generation == fork_generation())
+        else {
+            return timeout;
+        };
+        let start = Instant::now();
+        let limit = Duration::from_secs_f64(timeout.max(0.0));
+        py.detach(|| {
+            let deadline = start + limit;
+            let mut q = inner.queue.lock();
+            let target = q.submitted;
+            inner.work.notify_one();
+            while q.done < target {
+                if inner.finished.wait_until(&mut q, deadline).timed_out() {
+                    break;
+                }
+            }
+        });
+        (timeout - start.elapsed().as_secs_f64()).max(0.0)
+    }
+
+    /// `(waiting, dropped)`.
+    pub fn stats(&self) -> (u64, u64) {
+        let waiting = self
+            .slot
+            .load_full()
+            .filter(|i| i.generation == fork_generation())
+            .map_or(0, |i| {
+                let q = i.queue.lock();
+                q.submitted - q.done
+            });
+        (waiting, self.dropped.load(Ordering::Relaxed))
+    }
+}
+
+impl LaneInner {
+    fn run(self: Arc<Self>) {
+        loop {
+            let jobs = {
+                let mut q = self.queue.lock();
+                while q.jobs.is_empty() {
+                    self.work.wait_for(&mut q, LANE_POLL);
+                }
+                q.bytes = 0;
+                std::mem::take(&mut q.jobs)
+            };
+            let n = jobs.len() as u64;
+            for job in jobs {
+                job.run();
+            }
+            self.queue.lock().done += n;
+            self.finished.notify_all();
+        }
+    }
 }
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {

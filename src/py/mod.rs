@@ -60,6 +60,8 @@ pub struct PyCore {
     closed: AtomicBool,
     reporter: Reporter,
     ctx: Ctx,
+    /// HTTP exchanges on their way to redaction (see `py/http.rs`).
+    http_lane: http::Lane,
 }
 
 impl PyCore {
@@ -163,6 +165,7 @@ impl PyCore {
             closed: AtomicBool::new(false),
             reporter: reporter(report),
             ctx,
+            http_lane: http::Lane::default(),
         })
     }
 
@@ -193,6 +196,11 @@ impl PyCore {
     #[pyo3(signature = (*args))]
     fn write_http(&self, py: Python<'_>, args: &Bound<'_, pyo3::types::PyTuple>) -> PyResult<()> {
         http::write_http(self, py, args)
+    }
+
+    /// `(waiting, dropped)`: HTTP exchanges not yet redacted, and those a full lane dropped.
+    fn http_lane_stats(&self) -> (u64, u64) {
+        self.http_lane.stats()
     }
 
     /// Counters per destination (see the README for every field).
@@ -238,6 +246,7 @@ impl PyCore {
 
     #[pyo3(signature = (timeout=5.0))]
     fn flush(&self, py: Python<'_>, timeout: f64) -> PyResult<()> {
+        let timeout = self.http_lane.drain(py, timeout);
         let Some(core) = self
             .slot
             .load_full()
@@ -258,6 +267,7 @@ impl PyCore {
     /// counted as dropped with reason "closed").
     #[pyo3(signature = (timeout=10.0))]
     fn close(&self, py: Python<'_>, timeout: f64) -> Option<String> {
+        let timeout = self.http_lane.drain(py, timeout);
         self.closed.store(true, Ordering::SeqCst);
         let core = self
             .slot
