@@ -23,11 +23,10 @@ import tempfile
 import time
 from typing import Any
 
+import logsluice
 from fastapi import FastAPI, Request
 from starlette.middleware.base import BaseHTTPMiddleware
 from starlette.responses import Response
-
-import logsluice
 
 PAYLOAD = {"name": "widget", "tags": ["a", "b", "c"], "description": "x" * 960}
 BODY = json.dumps(PAYLOAD).encode()
@@ -154,7 +153,9 @@ async def drive(app: Any, n: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--requests", type=int, default=3000, help="requests per variant per round")
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
@@ -178,7 +179,9 @@ def main() -> None:
 
     us = {v: statistics.median(per_request[v]) for v in variants}
     base = us["none"]
-    print(f"POST /items/{{id}}, {len(BODY)} B JSON in and out; median of {args.rounds} rounds x {args.requests}")
+    print(
+        f"POST /items/{{id}}, {len(BODY)} B JSON in and out; median of {args.rounds} rounds x {args.requests}"
+    )
     print(f"{'variant':<10} {'us/request':>11} {'requests/s':>11} {'overhead us':>12}")
     for v in variants:
         print(f"{v:<10} {us[v]:>11.1f} {1e6 / us[v]:>11.0f} {us[v] - base:>12.1f}")

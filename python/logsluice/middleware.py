@@ -90,8 +90,9 @@ class _Bucket:
         self.stamp = time.monotonic()
 
     def take(self, now: float) -> bool:
-        self.tokens = min(max(self.rate, 1.0), self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
+        if now > self.stamp:
+            self.tokens = min(max(self.rate, 1.0), self.tokens + (now - self.stamp) * self.rate)
+            self.stamp = now
         if self.tokens >= 1.0:
             self.tokens -= 1.0
             return True
@@ -196,7 +197,7 @@ class LoggingMiddleware:
         }
         self._redactor = _core.Redactor(json.dumps(config))
         self._rate_cache: dict[Optional[str], tuple[float, bool]] = {}
-        self._template_cache: dict[tuple[Any, ...], Optional[str]] = {}
+        self._template_cache: dict[str, str] = {}
         self.seen = self.kept = self.sampled_out = self.excluded = 0
         self.rate_limited = self.internal_errors = 0
         self.last_internal_error: Optional[str] = None
@@ -265,23 +266,38 @@ class LoggingMiddleware:
         return result
 
     def _route_of(self, scope: Scope, ex: _Exchange) -> str:
-        """The route template; never raises."""
+        """The route template; never raises. FastAPI's own route context first (recent
+        versions nest included routers), then ``scope["route"]``, then a walk of the
+        app's routes; mount prefixes are prepended as templates."""
         try:
-            route = scope.get("route")
-            if route is not None and scope.get("root_path", "") == ex.root_path:
-                template = getattr(route, "path", None)
-                if isinstance(template, str):
-                    return template
-            elif route is None and "endpoint" not in scope:
+            inner = None
+            fastapi_scope = scope.get("fastapi")
+            if fastapi_scope is not None:
+                ctx = fastapi_scope.get("effective_route_context")
+                if ctx is not None:
+                    inner = getattr(getattr(ctx, "starlette_route", None), "path_format", None) or getattr(
+                        ctx, "path_format", None
+                    )
+            if inner is None:
+                route = scope.get("route")
+                if route is not None:
+                    inner = route.path
+                elif "endpoint" in scope:
+                    return _walk_routes(ex.app or self.app, scope, ex) or UNMATCHED_ROUTE
+                else:
+                    return UNMATCHED_ROUTE
+            if not isinstance(inner, str):
                 return UNMATCHED_ROUTE
-            key = (scope.get("root_path"), id(route), id(scope.get("endpoint")))
-            if key in self._template_cache:
-                return self._template_cache[key] or UNMATCHED_ROUTE
-            template = _walk_routes(ex.app, scope, ex)
-            if len(self._template_cache) > 1024:
-                self._template_cache.clear()
-            self._template_cache[key] = template
-            return template or UNMATCHED_ROUTE
+            root_path = scope.get("root_path", "")
+            if root_path == ex.root_path:
+                return inner
+            prefix = self._template_cache.get(root_path)
+            if prefix is None:
+                prefix = _mount_prefix(ex.app or self.app, scope, ex)
+                if len(self._template_cache) > 1024:
+                    self._template_cache.clear()
+                self._template_cache[root_path] = prefix
+            return prefix + inner
         except Exception as e:  # noqa: BLE001
             self._internal_error(e)
             return UNMATCHED_ROUTE
@@ -307,9 +323,7 @@ def _walk_routes(app: Any, scope: Scope, ex: _Exchange) -> Optional[str]:
     ``scope["route"]``): the app's routes matched again, mount prefixes joined."""
     from starlette.routing import Match, Mount
 
-    routes = getattr(app, "routes", None)
-    if routes is None:
-        routes = getattr(getattr(app, "router", None), "routes", None)
+    routes = _routes_of(app)
     probe = {**scope, "root_path": ex.root_path, "path": ex.entry_path}
     probe.pop("app_root_path", None)
     prefix = ""
@@ -334,6 +348,43 @@ def _walk_routes(app: Any, scope: Scope, ex: _Exchange) -> Optional[str]:
             continue
         return prefix + route.path
     return None
+
+
+def _routes_of(app: Any) -> Any:
+    routes = getattr(app, "routes", None)
+    if routes is None:
+        routes = getattr(getattr(app, "router", None), "routes", None)
+    return routes
+
+
+def _mount_prefix(app: Any, scope: Scope, ex: _Exchange) -> str:
+    """The template of the mounts a request went through (``/tenants/{tenant}``); the
+    concrete prefix when the mounts cannot be matched again."""
+    final_root = scope.get("root_path", "")
+    concrete = final_root[len(ex.root_path) :] if final_root.startswith(ex.root_path) else final_root
+    try:
+        from starlette.routing import Match, Mount
+    except ImportError:
+        return concrete
+    probe = {**scope, "root_path": ex.root_path, "path": ex.entry_path}
+    probe.pop("app_root_path", None)
+    prefix = ""
+    routes = _routes_of(app)
+    for _ in range(16):
+        if probe.get("root_path", "") == final_root:
+            return prefix
+        for route in routes or ():
+            if not isinstance(route, Mount):
+                continue
+            match, child = route.matches(probe)
+            if match is Match.FULL:
+                prefix += route.path
+                probe.update(child)
+                routes = route.routes
+                break
+        else:
+            return concrete
+    return concrete
 
 
 class _Exchange:
