@@ -419,7 +419,7 @@ pub fn luhn(digits: &str) -> bool {
             d
         };
     }
-    n > 0 && sum % 10 == 0
+    n > 0 && sum.is_multiple_of(10)
 }
 
 /// 13 to 19 digits, optionally grouped by single spaces or dashes, passing the Luhn check.
