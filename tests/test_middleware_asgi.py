@@ -447,12 +447,12 @@ def test_traceparent_is_parsed(pipeline, tmp_logs):
 
 def test_internal_failure_of_the_hand_off_never_reaches_the_app(pipeline, tmp_logs):
     class Broken:
-        def write_http(self, *args):
+        def write(self, *args):
             raise RuntimeError("core gone")
 
     received: list = []
     mw = LoggingMiddleware(echo_app(received), pipeline=pipeline)
-    mw._core = Broken()
+    mw._sink = Broken()
     client = call(mw, scope("/", "POST"), [b"abc"])
     assert client.status == 200 and client.body == b"abc"
     assert mw.stats()["internal_errors"] == 1

@@ -40,8 +40,8 @@ _SAMPLED_OUT = 8
 _REQUEST_BODY_TIMEOUT = 16
 _RESPONSE_BODY_TIMEOUT = 32
 
-_NO_RESPONSE_BODY = (204, 304)
-_AUTH_FAILURES = (401, 403)
+# No response body is stored for these (none exists, or authentication failed).
+_NO_RESPONSE_CAPTURE = frozenset((204, 304, 401, 403))
 _COUNTERS = ("seen", "kept", "sampled_out", "excluded", "rate_limited", "internal_errors")
 
 Scope = dict[str, Any]
@@ -157,10 +157,9 @@ class LoggingMiddleware:
         max_user_agent_bytes: int = 512,
     ) -> None:
         core = getattr(pipeline, "_core", None)
-        if core is None or not hasattr(core, "write_http"):
+        if not isinstance(core, _core.Core):
             raise ValueError(f"LoggingMiddleware needs pipeline=logsluice.Pipeline(...), got {pipeline!r}")
         self.app = app
-        self._core = core
         sample = dict(sample or {})
         self._rules = [(_Pattern(p), _rate(f"sample[{p!r}]", r)) for p, r in sample.items()]
         self._default_rate = _rate("default_sample_rate", default_sample_rate)
@@ -195,7 +194,8 @@ class LoggingMiddleware:
             "max_user_agent_bytes": int(_positive("max_user_agent_bytes", max_user_agent_bytes)),
             "trusted_proxies": _names("trusted_proxies", trusted_proxies),
         }
-        self._redactor = _core.Redactor(json.dumps(config))
+        self._sink = _core.HttpSink(core, json.dumps(config))
+        self._limited = bool(self._rate_limit or self._route_rate_limit or error_rate_limit)
         self._rate_cache: dict[Optional[str], tuple[float, bool]] = {}
         self._template_cache: dict[str, str] = {}
         self.seen = self.kept = self.sampled_out = self.excluded = 0
@@ -432,7 +432,7 @@ class _Exchange:
         inbound = None
         name = mw._rid_header
         if name is not None:
-            for k, v in scope.get("headers") or ():
+            for k, v in scope["headers"]:
                 if k == name:
                     inbound = v
                     break
@@ -440,30 +440,21 @@ class _Exchange:
         # Routers rewrite these on the shared scope; the entry values are the request's.
         self.app = scope.get("app")
         self.root_path = scope.get("root_path", "")
-        self.entry_path = scope.get("path", "")
+        self.entry_path = scope["path"]
         self.start = time.time()
         self.t0 = time.perf_counter()
         self.t_start: Optional[float] = None
-        self.decided = False
-        self.sampled_in = False
-        self.excluded = False
+        self.decided = self.sampled_in = self.excluded = self.trailers = self.done = False
+        self.capture_req = self.capture_resp = False
         self.rate = 1.0
         self.route: Optional[str] = None
-        self.capture_req = False
-        self.capture_resp = False
         self.req_chunks: list[bytes] = []
-        self.req_size = 0
-        self.req_left = mw._max_body
-        self.req_first: Optional[float] = None
         self.resp_chunks: list[bytes] = []
-        self.resp_size = 0
-        self.resp_left = mw._max_body
+        self.req_size = self.resp_size = self.status = self.flags = 0
+        self.req_left = self.resp_left = mw._max_body
+        self.req_first: Optional[float] = None
         self.resp_first: Optional[float] = None
-        self.status = 0
         self.resp_headers: Any = None
-        self.trailers = False
-        self.flags = 0
-        self.done = False
         mw.seen += 1
 
     def full_path(self) -> str:
@@ -487,7 +478,7 @@ class _Exchange:
             sampled = zlib.crc32(self.rid.encode()) / 4294967296.0 < rate
         self.sampled_in = sampled
         self.capture_req = sampled and mw._capture_req
-        self.capture_resp = sampled and mw._capture_resp
+        self.capture_resp = sampled and mw._capture_resp and self.scope.get("method") != "HEAD"
 
     async def receive(self) -> Message:
         message = await self._receive()
@@ -544,13 +535,14 @@ class _Exchange:
         self.trailers = bool(message.get("trailers", False))
         if not self.decided:
             self.decide()
-        if status in _NO_RESPONSE_BODY or status in _AUTH_FAILURES or self.scope.get("method") == "HEAD":
+        if status in _NO_RESPONSE_CAPTURE:
             self.capture_resp = False
         mw = self.mw
         if mw._echo:
             name = mw._rid_header
+            size = len(name)
             for k, _ in headers:
-                if k.lower() == name:
+                if len(k) == size and k.lower() == name:
                     return message
             # A copy: what the app passed is never mutated.
             headers = self.resp_headers = [*headers, (name, self.rid.encode("latin-1"))]
@@ -626,14 +618,13 @@ class _Exchange:
             else:
                 mw.sampled_out += 1
                 return
-            if not mw._allow(route or UNMATCHED_ROUTE, bool(tail)):
+            if mw._limited and not mw._allow(route or UNMATCHED_ROUTE, bool(tail)):
                 mw.rate_limited += 1
                 return
             if not self.sampled_in:
                 flags |= _SAMPLED_OUT
             t_start = self.t_start
-            mw._core.write_http(
-                mw._redactor,
+            mw._sink.write(
                 self.scope,
                 self.full_path(),
                 route,

@@ -1,8 +1,8 @@
-//! The ASGI middleware's hand-off: `Core.write_http(...)` copies the exchange (bytes and
+//! The ASGI middleware's hand-off: `HttpSink.write(...)` copies the exchange (bytes and
 //! small scalars, plus the ASGI scope) out of Python and puts it on this pipeline's HTTP
 //! lane; the lane's thread redacts it, builds the record and routes it to the
-//! destinations' queues, without the GIL and off the event loop. `Redactor` holds the
-//! redaction settings of one middleware, parsed once.
+//! destinations' queues, without the GIL and off the event loop. One `HttpSink` per
+//! middleware holds its redaction settings, parsed once.
 //!
 //! The lane is bounded (jobs and bytes); a full lane drops the exchange and counts it
 //! (`Core.http_lane_stats()`). Raw exchanges never leave the process: only the redacted
@@ -15,10 +15,10 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwapOption;
 use parking_lot::{Condvar, Mutex};
 
-use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::exceptions::PyValueError;
 use pyo3::intern;
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
+use pyo3::types::{PyBytes, PyDict, PyList, PyString};
 use serde::Deserialize;
 
 use super::convert;
@@ -41,18 +41,22 @@ struct RedactorConfig {
     trusted_proxies: Vec<String>,
 }
 
-#[pyclass(frozen, module = "logsluice._core", name = "Redactor")]
-pub struct PyRedactor {
+/// One middleware's hand-off into one pipeline's core, with its redaction settings
+/// parsed once.
+#[pyclass(frozen, module = "logsluice._core", name = "HttpSink")]
+pub struct HttpSink {
+    core: Py<PyCore>,
     inner: Arc<Redactor>,
 }
 
 #[pymethods]
-impl PyRedactor {
+impl HttpSink {
     #[new]
-    fn new(config_json: &str) -> PyResult<Self> {
+    fn new(core: Py<PyCore>, config_json: &str) -> PyResult<Self> {
         let c: RedactorConfig = serde_json::from_str(config_json)
             .map_err(|e| PyValueError::new_err(format!("invalid redaction settings: {e}")))?;
-        Ok(PyRedactor {
+        Ok(HttpSink {
+            core,
             inner: Arc::new(Redactor {
                 headers: Rules::new(&c.headers),
                 query: Rules::new(&c.query),
@@ -73,8 +77,58 @@ impl PyRedactor {
         self.inner.scrub(text).into_owned()
     }
 
+    /// Hands one finished exchange to the core (see `write` below). Raises only on
+    /// arguments of the wrong type.
+    #[allow(clippy::too_many_arguments)]
+    #[pyo3(signature = (scope, path, route, status, response_headers, request_chunks,
+        request_size, response_chunks, response_size, flags, start, duration_ms, ttfb_ms,
+        request_id, exception, sample_rate))]
+    fn write<'py>(
+        &self,
+        py: Python<'py>,
+        scope: &Bound<'py, PyDict>,
+        path: &Bound<'py, PyAny>,
+        route: &Bound<'py, PyAny>,
+        status: u16,
+        response_headers: &Bound<'py, PyAny>,
+        request_chunks: &Bound<'py, PyAny>,
+        request_size: u64,
+        response_chunks: &Bound<'py, PyAny>,
+        response_size: u64,
+        flags: u32,
+        start: f64,
+        duration_ms: f64,
+        ttfb_ms: Option<f64>,
+        request_id: &Bound<'py, PyAny>,
+        exception: &Bound<'py, PyAny>,
+        sample_rate: f64,
+    ) {
+        let args = Args {
+            scope,
+            path,
+            route,
+            response_headers,
+            request_chunks,
+            response_chunks,
+            request_id,
+            exception,
+        };
+        let ex = Exchange {
+            status,
+            flags,
+            ts_us: (start * 1e6).round() as i64,
+            request_size,
+            response_size,
+            duration_ms,
+            ttfb_ms,
+            sample_rate,
+            ..Exchange::default()
+        };
+        write(self, py, args, ex);
+    }
+
     fn __repr__(&self) -> &'static str {
-        "<logsluice redactor>"
+        "<logsluice http sink>"
     }
 }
 
@@ -102,163 +156,242 @@ fn request_id(inbound: Option<&Bound<'_, PyAny>>) -> String {
     http::new_request_id()
 }
 
-fn bytes_of(obj: &Bound<'_, PyAny>) -> Vec<u8> {
-    match obj.cast::<PyBytes>() {
-        Ok(b) => b.as_bytes().to_vec(),
-        Err(_) => convert::text(obj).into_bytes(),
-    }
+/// The exchange as the event loop copied it: every string, header and body in one buffer
+/// (length-prefixed), so the event loop's thread makes one allocation per request and the
+/// lane's thread does the rest (allocating and freeing on one thread is also what keeps
+/// malloc cheap).
+#[derive(Default)]
+struct Packed {
+    buf: Vec<u8>,
 }
 
-fn headers_of(obj: &Bound<'_, PyAny>) -> Headers {
-    let Ok(iter) = obj.try_iter() else {
-        return Vec::new();
-    };
-    let mut out = Vec::new();
-    for item in iter.flatten().take(200) {
-        if let (Ok(k), Ok(v)) = (item.get_item(0), item.get_item(1)) {
-            out.push((bytes_of(&k), bytes_of(&v)));
+const NONE: u32 = u32::MAX;
+
+impl Packed {
+    fn put(&mut self, b: &[u8]) {
+        self.buf.extend_from_slice(&(b.len() as u32).to_le_bytes());
+        self.buf.extend_from_slice(b);
+    }
+
+    fn none(&mut self) {
+        self.buf.extend_from_slice(&NONE.to_le_bytes());
+    }
+
+    /// A `str` as UTF-8 (lone surrogates replaced), `bytes` as they are, else `str()`.
+    fn put_obj(&mut self, obj: &Bound<'_, PyAny>) {
+        if let Ok(b) = obj.cast::<PyBytes>() {
+            self.put(b.as_bytes());
+        } else if let Some(utf8) = obj
+            .cast::<PyString>()
+            .ok()
+            .and_then(|s| s.encode_utf8().ok())
+        {
+            self.put(utf8.as_bytes());
+        } else {
+            self.put(convert::text(obj).as_bytes());
         }
     }
-    out
-}
 
-/// `None` stays `None` (not captured); a list of byte chunks is joined.
-fn body_of(obj: &Bound<'_, PyAny>) -> Option<Vec<u8>> {
-    if obj.is_none() {
-        return None;
-    }
-    if let Ok(b) = obj.cast::<PyBytes>() {
-        return Some(b.as_bytes().to_vec());
-    }
-    let mut out = Vec::new();
-    for chunk in obj.try_iter().ok()?.flatten() {
-        if let Ok(b) = chunk.cast::<PyBytes>() {
-            out.extend_from_slice(b.as_bytes());
+    fn put_opt(&mut self, obj: Option<Bound<'_, PyAny>>) {
+        match obj.filter(|o| !o.is_none()) {
+            Some(o) => self.put_obj(&o),
+            None => self.none(),
         }
     }
-    Some(out)
-}
 
-fn scope_text(scope: &Bound<'_, PyDict>, key: &Bound<'_, PyString>, default: &str) -> String {
-    match scope.get_item(key) {
-        Ok(Some(v)) if !v.is_none() => convert::text(&v),
-        _ => default.to_owned(),
+    /// At most 200 `(name, value)` pairs.
+    fn put_headers(&mut self, obj: Option<Bound<'_, PyAny>>) {
+        let at = self.buf.len();
+        self.buf.extend_from_slice(&0u32.to_le_bytes());
+        let Some(iter) = obj.filter(|o| !o.is_none()).and_then(|o| o.try_iter().ok()) else {
+            return;
+        };
+        let mut n = 0u32;
+        for item in iter.flatten().take(200) {
+            if let (Ok(k), Ok(v)) = (item.get_item(0), item.get_item(1)) {
+                self.put_obj(&k);
+                self.put_obj(&v);
+                n += 1;
+            }
+        }
+        self.buf[at..at + 4].copy_from_slice(&n.to_le_bytes());
+    }
+
+    /// `None` stays `None` (not captured); a list of byte chunks is joined.
+    fn put_body(&mut self, obj: &Bound<'_, PyAny>) {
+        if obj.is_none() {
+            return self.none();
+        }
+        if let Ok(b) = obj.cast::<PyBytes>() {
+            return self.put(b.as_bytes());
+        }
+        let at = self.buf.len();
+        self.buf.extend_from_slice(&0u32.to_le_bytes());
+        if let Ok(iter) = obj.try_iter() {
+            for chunk in iter.flatten() {
+                if let Ok(b) = chunk.cast::<PyBytes>() {
+                    self.buf.extend_from_slice(b.as_bytes());
+                }
+            }
+        }
+        let n = (self.buf.len() - at - 4) as u32;
+        self.buf[at..at + 4].copy_from_slice(&n.to_le_bytes());
     }
 }
 
-/// Arguments, in order: redactor, scope, path, route, status, response_headers,
-/// request_chunks, request_size, response_chunks, response_size, flags, start (epoch
-/// seconds), duration_ms, ttfb_ms, request_id, exception, sample_rate.
-pub(super) fn write_http(
-    pycore: &PyCore,
-    py: Python<'_>,
-    args: &Bound<'_, PyTuple>,
-) -> PyResult<()> {
+struct Unpack<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Unpack<'a> {
+    fn opt(&mut self) -> Option<&'a [u8]> {
+        let len = u32::from_le_bytes(self.buf.get(self.pos..self.pos + 4)?.try_into().ok()?);
+        self.pos += 4;
+        if len == NONE {
+            return None;
+        }
+        let out = self.buf.get(self.pos..self.pos + len as usize)?;
+        self.pos += len as usize;
+        Some(out)
+    }
+
+    fn bytes(&mut self) -> &'a [u8] {
+        self.opt().unwrap_or_default()
+    }
+
+    fn text(&mut self) -> String {
+        crate::record::clean_bytes(self.bytes())
+    }
+
+    fn headers(&mut self) -> Headers {
+        let Some(n) = self
+            .buf
+            .get(self.pos..self.pos + 4)
+            .and_then(|b| b.try_into().ok())
+            .map(u32::from_le_bytes)
+        else {
+            return Vec::new();
+        };
+        self.pos += 4;
+        (0..n)
+            .map(|_| (self.bytes().to_vec(), self.bytes().to_vec()))
+            .collect()
+    }
+}
+
+struct Args<'a, 'py> {
+    scope: &'a Bound<'py, PyDict>,
+    path: &'a Bound<'py, PyAny>,
+    route: &'a Bound<'py, PyAny>,
+    response_headers: &'a Bound<'py, PyAny>,
+    request_chunks: &'a Bound<'py, PyAny>,
+    response_chunks: &'a Bound<'py, PyAny>,
+    request_id: &'a Bound<'py, PyAny>,
+    exception: &'a Bound<'py, PyAny>,
+}
+
+fn body_len(o: &Bound<'_, PyAny>) -> usize {
+    if let Ok(list) = o.cast::<PyList>() {
+        return list
+            .iter()
+            .map(|c| c.cast::<PyBytes>().map_or(0, |b| b.as_bytes().len()))
+            .sum();
+    }
+    o.cast::<PyBytes>().map_or(0, |b| b.as_bytes().len())
+}
+
+fn write<'py>(sink: &HttpSink, py: Python<'py>, a: Args<'_, 'py>, mut ex: Exchange) {
     if reporting() {
-        return Ok(());
+        return;
     }
-    if args.len() != 17 {
-        return Err(PyTypeError::new_err("write_http takes 17 arguments"));
-    }
-    let arg = |i: usize| args.get_item(i);
-    let redactor = arg(0)?
-        .cast::<PyRedactor>()
-        .map_err(|_| PyTypeError::new_err("write_http: first argument must be a Redactor"))?
-        .get()
-        .inner
-        .clone();
-    let scope = arg(1)?
-        .cast_into::<PyDict>()
-        .map_err(|_| PyTypeError::new_err("write_http: scope must be a dict"))?;
-    let exc = arg(15)?;
-    let exception = if exc.is_none() {
-        None
-    } else {
-        Some(
+    let pycore = sink.core.get();
+    if !a.exception.is_none() {
+        let exc = a.exception;
+        ex.exception = Some(
             convert::format_exception(
                 &pycore.ctx,
                 py,
                 exc.get_type().as_any(),
-                &exc,
+                exc,
                 &exc.getattr(intern!(py, "__traceback__"))
                     .unwrap_or_else(|_| py.None().into_bound(py)),
             )
-            .unwrap_or_else(|| convert::text(&exc)),
-        )
-    };
-    let mut ex = Exchange {
-        status: arg(4)?.extract().unwrap_or(0),
-        flags: arg(10)?.extract()?,
-        exception,
-        ..Exchange::default()
-    };
+            .unwrap_or_else(|| convert::text(exc)),
+        );
+    }
     let core = pycore.core();
     if !core.wants(ex.level().1, Kind::Http) {
-        return Ok(());
+        return;
     }
-    let start: f64 = arg(11)?.extract()?;
-    ex.ts_us = (start * 1e6).round() as i64;
-    ex.method = scope_text(&scope, intern!(py, "method"), "GET");
-    ex.scheme = scope_text(&scope, intern!(py, "scheme"), "http");
-    ex.http_version = scope_text(&scope, intern!(py, "http_version"), "1.1");
-    ex.path = convert::text(&arg(2)?);
-    ex.query = scope
-        .get_item(intern!(py, "query_string"))?
-        .map(|q| bytes_of(&q))
-        .unwrap_or_default();
-    let route = arg(3)?;
-    ex.route = (!route.is_none()).then(|| convert::text(&route));
-    ex.client = scope
-        .get_item(intern!(py, "client"))?
-        .filter(|c| !c.is_none())
-        .and_then(|c| c.get_item(0).ok())
-        .map(|h| convert::text(&h));
-    if let Some(h) = scope.get_item(intern!(py, "headers"))? {
-        ex.request_headers = headers_of(&h);
-    }
-    let response_headers = arg(5)?;
-    if !response_headers.is_none() {
-        ex.response_headers = headers_of(&response_headers);
-    }
-    ex.request_body = body_of(&arg(6)?);
-    ex.request_size = arg(7)?.extract().unwrap_or(0);
-    ex.response_body = body_of(&arg(8)?);
-    ex.response_size = arg(9)?.extract().unwrap_or(0);
-    ex.duration_ms = arg(12)?.extract().unwrap_or(0.0);
-    ex.ttfb_ms = arg(13)?.extract().ok();
-    ex.request_id = convert::text(&arg(14)?);
-    ex.sample_rate = arg(16)?.extract().unwrap_or(1.0);
+    let mut p = Packed {
+        buf: Vec::with_capacity(1024 + body_len(a.request_chunks) + body_len(a.response_chunks)),
+    };
+    let get = |key: &Bound<'py, PyString>| a.scope.get_item(key).ok().flatten();
+    p.put_opt(get(intern!(py, "method")));
+    p.put_opt(get(intern!(py, "scheme")));
+    p.put_opt(get(intern!(py, "http_version")));
+    p.put_obj(a.path);
+    p.put_opt(get(intern!(py, "query_string")));
+    p.put_opt(Some(a.route.clone()));
+    p.put_opt(
+        get(intern!(py, "client"))
+            .filter(|c| !c.is_none())
+            .and_then(|c| c.get_item(0).ok()),
+    );
+    p.put_obj(a.request_id);
+    p.put_headers(get(intern!(py, "headers")));
+    p.put_headers(Some(a.response_headers.clone()));
+    p.put_body(a.request_chunks);
+    p.put_body(a.response_chunks);
     pycore.http_lane.push(Job {
         core,
-        redactor,
+        redactor: sink.inner.clone(),
         ex,
+        packed: p,
         max_message_bytes: pycore.options.max_message_bytes,
     });
-    Ok(())
 }
 
 struct Job {
     core: Arc<Core>,
     redactor: Arc<Redactor>,
+    /// The scalars; strings, headers and bodies are in `packed`.
     ex: Exchange,
+    packed: Packed,
     max_message_bytes: usize,
 }
 
 impl Job {
     fn bytes(&self) -> usize {
-        256 + self.ex.request_body.as_ref().map_or(0, Vec::len)
-            + self.ex.response_body.as_ref().map_or(0, Vec::len)
-            + self
-                .ex
-                .request_headers
-                .iter()
-                .chain(&self.ex.response_headers)
-                .map(|(k, v)| 32 + k.len() + v.len())
-                .sum::<usize>()
+        256 + self.packed.buf.capacity()
     }
 
     fn run(self) {
-        let record = http::build_record(&self.redactor, self.ex, self.max_message_bytes);
+        let mut ex = self.ex;
+        let mut u = Unpack {
+            buf: &self.packed.buf,
+            pos: 0,
+        };
+        ex.method = u
+            .opt()
+            .map_or_else(|| "GET".into(), crate::record::clean_bytes);
+        ex.scheme = u
+            .opt()
+            .map_or_else(|| "http".into(), crate::record::clean_bytes);
+        ex.http_version = u
+            .opt()
+            .map_or_else(|| "1.1".into(), crate::record::clean_bytes);
+        ex.path = u.text();
+        ex.query = u.bytes().to_vec();
+        ex.route = u.opt().map(crate::record::clean_bytes);
+        ex.client = u.opt().map(crate::record::clean_bytes);
+        ex.request_id = u.text();
+        ex.request_headers = u.headers();
+        ex.response_headers = u.headers();
+        ex.request_body = u.opt().map(<[u8]>::to_vec);
+        ex.response_body = u.opt().map(<[u8]>::to_vec);
+        let record = http::build_record(&self.redactor, ex, self.max_message_bytes);
         let blocked = self.core.submit(record);
         if !blocked.is_empty() {
             Core::wait_for_room(blocked);
@@ -409,7 +542,7 @@ impl LaneInner {
 }
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    m.add_class::<PyRedactor>()?;
+    m.add_class::<HttpSink>()?;
     m.add_function(wrap_pyfunction!(redaction_defaults, m)?)?;
     m.add_function(wrap_pyfunction!(request_id, m)?)?;
     Ok(())

@@ -191,13 +191,6 @@ impl PyCore {
         self.submit(py, &core, rec);
     }
 
-    /// Hands one finished HTTP exchange (from the ASGI middleware) to the core; the
-    /// arguments are listed in `py/http.rs`. Raises only on arguments of the wrong type.
-    #[pyo3(signature = (*args))]
-    fn write_http(&self, py: Python<'_>, args: &Bound<'_, pyo3::types::PyTuple>) -> PyResult<()> {
-        http::write_http(self, py, args)
-    }
-
     /// `(waiting, dropped)`: HTTP exchanges not yet redacted, and those a full lane dropped.
     fn http_lane_stats(&self) -> (u64, u64) {
         self.http_lane.stats()
