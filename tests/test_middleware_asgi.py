@@ -438,6 +438,12 @@ def test_unsafe_inbound_request_ids_are_replaced(pipeline, tmp_logs, inbound):
     assert only(pipeline, tmp_logs)["request_id"] == rid.decode()
 
 
+def test_tokens_in_paths_are_scrubbed(pipeline, tmp_logs):
+    call(LoggingMiddleware(echo_app([]), pipeline=pipeline), scope(f"/reset/{JWT}"))
+    rec = only(pipeline, tmp_logs)
+    assert rec["path"] == "/reset/[REDACTED:jwt]" and JWT not in rec["message"]
+
+
 def test_traceparent_is_parsed(pipeline, tmp_logs):
     tp = b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
     call(LoggingMiddleware(echo_app([]), pipeline=pipeline), scope("/", headers=[(b"traceparent", tp)]))
@@ -483,6 +489,7 @@ def test_sampling_exclusions_tail_rules_and_stats(pipeline, tmp_logs):
     assert stats["kept"] == 1 + len(expected)
     assert stats["sampled_out"] == 1 + 40 - len(expected)
     assert stats["seen"] == stats["kept"] + stats["sampled_out"] + stats["excluded"] + stats["rate_limited"]
+    assert stats["handoff_waiting"] == 0 and stats["handoff_dropped"] == 0
 
 
 def test_tail_rules_keep_errors_of_sampled_out_routes_without_bodies(pipeline, tmp_logs):

@@ -125,7 +125,9 @@ class Pipeline:
 
     def stats(self) -> dict[str, dict[str, Any]]:
         """Counters per destination; ``accepted == written + dropped_total + in_flight`` always holds.
-        With a ``LoggingMiddleware`` attached, its request counters are under ``"http"``."""
+        With a ``LoggingMiddleware`` attached, its request counters are under ``"http"``, with
+        ``handoff_waiting`` (kept exchanges not yet redacted and queued) and ``handoff_dropped``
+        (exchanges a full hand-off lane dropped)."""
         stats = self._core.stats()
         middlewares = list(self._http_middlewares)
         if middlewares:
@@ -133,6 +135,7 @@ class Pipeline:
             for mw in middlewares:
                 for key, value in mw.stats().items():
                     http[key] = http.get(key, 0) + value
+            http["handoff_waiting"], http["handoff_dropped"] = self._core.http_lane_stats()
             stats["http"] = http
         return stats
 

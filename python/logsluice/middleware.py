@@ -195,6 +195,8 @@ class LoggingMiddleware:
             "trusted_proxies": _names("trusted_proxies", trusted_proxies),
         }
         self._sink = _core.HttpSink(core, json.dumps(config))
+        # Every request kept, bodies copied, no route needed until the record is built.
+        self._keep_all = not self._rules and not self._exclude and self._default_rate >= 1.0
         self._limited = bool(self._rate_limit or self._route_rate_limit or error_rate_limit)
         self._rate_cache: dict[Optional[str], tuple[float, bool]] = {}
         self._template_cache: dict[str, str] = {}
@@ -466,6 +468,11 @@ class _Exchange:
         possible (first body read or response start), when routing has happened."""
         self.decided = True
         mw = self.mw
+        if mw._keep_all:
+            self.sampled_in = True
+            self.capture_req = mw._capture_req
+            self.capture_resp = mw._capture_resp and self.scope.get("method") != "HEAD"
+            return
         self.route = mw._route_of(self.scope, self)
         rate, excluded = mw._rate_for(self.route, self.full_path())
         self.rate = rate
@@ -489,9 +496,15 @@ class _Exchange:
                 if not self.decided:
                     self.decide()
                 if body:
-                    self.req_size += len(body)
+                    n = len(body)
+                    self.req_size += n
                     if self.capture_req:
-                        self.copy_request(body)
+                        if self.req_first is None and n <= self.req_left and not message.get("more_body"):
+                            # The whole body in one message: no time limit to watch.
+                            self.req_chunks.append(body)
+                            self.req_left -= n
+                        else:
+                            self.copy_request(body)
             elif kind == "http.disconnect":
                 self.flags |= _DISCONNECTED
         except Exception as e:  # noqa: BLE001
@@ -556,11 +569,17 @@ class _Exchange:
             kind = message["type"]
             if kind == "http.response.body":
                 body = message.get("body", b"")
+                more = message.get("more_body", False)
                 if body:
-                    self.resp_size += len(body)
+                    n = len(body)
+                    self.resp_size += n
                     if self.capture_resp:
-                        self.copy_response(body)
-                last = not message.get("more_body", False) and not self.trailers
+                        if self.resp_first is None and n <= self.resp_left and not more:
+                            self.resp_chunks.append(body)
+                            self.resp_left -= n
+                        else:
+                            self.copy_response(body)
+                last = not more and not self.trailers
             elif kind == "http.response.start":
                 out = self.on_start(message)
             elif kind == "http.response.trailers":
@@ -601,7 +620,7 @@ class _Exchange:
                 mw.excluded += 1
                 return
             route = self.route
-            if route == UNMATCHED_ROUTE:
+            if route is None or route == UNMATCHED_ROUTE:
                 route = self.route = mw._route_of(self.scope, self)
             flags = self.flags
             complete = flags & _COMPLETE

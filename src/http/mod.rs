@@ -200,18 +200,23 @@ pub fn new_request_id() -> String {
         & 0xFFFF_FFFF_FFFF;
     // The pid is mixed in: a forked worker starts with its parent's generator state.
     let rand_b = fastrand::u64(..) ^ u64::from(std::process::id()).rotate_left(29);
-    let rand_a = fastrand::u16(..) & 0x0FFF;
-    let mut s = String::with_capacity(36);
-    let _ = write!(
-        s,
-        "{:08x}-{:04x}-7{:03x}-{:04x}-{:012x}",
-        ms >> 16,
-        ms & 0xFFFF,
-        rand_a,
-        0x8000 | ((rand_b >> 48) as u16 & 0x3FFF),
-        rand_b & 0xFFFF_FFFF_FFFF
-    );
-    s
+    let rand_a = u64::from(fastrand::u16(..) & 0x0FFF);
+    let hi = (ms << 16) | 0x7000 | rand_a;
+    let lo = (rand_b & 0x3FFF_FFFF_FFFF_FFFF) | 0x8000_0000_0000_0000;
+    let value = (u128::from(hi) << 64) | u128::from(lo);
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut out = [0u8; 36];
+    let mut nibble = 0;
+    for (i, slot) in out.iter_mut().enumerate() {
+        if matches!(i, 8 | 13 | 18 | 23) {
+            *slot = b'-';
+            continue;
+        }
+        *slot = HEX[((value >> (124 - 4 * nibble)) & 0xF) as usize];
+        nibble += 1;
+    }
+    // Only ASCII hex digits and dashes were written.
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn content_headers(headers: &Headers) -> (String, String) {
@@ -230,7 +235,8 @@ pub fn build_record(r: &Redactor, ex: Exchange, max_message_bytes: usize) -> Rec
     let status = ex.final_status();
     let (level, level_no) = ex.level();
     let complete = ex.has(flags::COMPLETE);
-    let mut path = redact::escape_controls(&ex.path).into_owned();
+    // Tokens in paths (`/reset/<jwt>`) are scrubbed like any captured text.
+    let mut path = r.scrub(&ex.path).into_owned();
     truncate_in_place(&mut path, MAX_PATH_BYTES);
     let mut message = String::with_capacity(path.len() + 32);
     let _ = write!(
@@ -492,6 +498,8 @@ mod tests {
         let id = new_request_id();
         assert_eq!(id.len(), 36);
         assert_eq!(&id[14..15], "7");
+        assert!(matches!(&id[19..20], "8" | "9" | "a" | "b"));
+        assert_eq!([8, 13, 18, 23].map(|i| &id[i..i + 1]), ["-", "-", "-", "-"]);
         assert_ne!(id, new_request_id());
     }
 }
