@@ -51,6 +51,8 @@ FILTER_NAMES = (
     "fields",
 )
 
+_NO_BLOB = "Reader: reading Azure Blob containers is not supported yet; read PostgreSQL or files"
+
 TimeLike = Union[str, int, float, _dt.datetime, _dt.date, _dt.timedelta, None]
 
 
@@ -399,7 +401,7 @@ class Reader:
             spec = {"type": "files", "directory": source.directory}
             self.description = f"files {source.directory}"
         elif type_name == "AzureBlob":
-            raise ValueError("Reader: reading Azure Blob containers is not supported yet; read PostgreSQL or files")
+            raise ValueError(_NO_BLOB)
         elif isinstance(source, (str, os.PathLike)):
             text = os.fspath(source)
             if text.startswith(("postgresql://", "postgres://")):
@@ -408,9 +410,7 @@ class Reader:
                 spec = {"type": "postgres", "dsn": text, "schema": schema, "table": table}
                 self.description = f"postgres {redact_dsn(text)} {schema}.{table}"
             elif "AccountKey=" in text or "BlobEndpoint=" in text or text.startswith("https://"):
-                raise ValueError(
-                    "Reader: reading Azure Blob containers is not supported yet; read PostgreSQL or files"
-                )
+                raise ValueError(_NO_BLOB)
             else:
                 directory = os.path.abspath(text)
                 spec = {"type": "files", "directory": directory}
@@ -418,7 +418,8 @@ class Reader:
         else:
             raise ValueError(f"Reader: source must be a DSN, a directory or a destination, got {type_name}")
         if spec["type"] == "postgres":
-            for what, value in (("statement_timeout", statement_timeout), ("connect_timeout", connect_timeout)):
+            timeouts = (("statement_timeout", statement_timeout), ("connect_timeout", connect_timeout))
+            for what, value in timeouts:
                 if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 25:
                     raise ValueError(f"Reader: {what} must be seconds in (0, 25], got {value!r}")
             spec["statement_timeout"] = float(statement_timeout)
