@@ -93,8 +93,33 @@ def demo(args: argparse.Namespace) -> int:
                     last = fh.readlines()[-1]
                 print("\nlast record:")
                 print("  " + json.dumps(json.loads(last), ensure_ascii=False)[:400])
+    _print_read_commands(args)
     lost = sum(s["accepted"] - s["written"] for s in stats.values())
     return 0 if lost == 0 else 1
+
+
+def _print_read_commands(args: argparse.Namespace) -> None:
+    """What to type next to see what the demo wrote (same source as Pipeline.from_env())."""
+    from .reader import Reader
+
+    try:
+        reader = Reader.from_env()
+        newest_error = reader.query(min_level="ERROR", limit=1).records
+        newest_http = reader.query(kind="http", limit=1).records
+    except (ValueError, RuntimeError):
+        return
+    source = f" --source {args.dir}" if args.dir else ""
+    print("\nread it back:")
+    print(f"  logsluice query{source} --since 1h --min-level error")
+    print(f"  logsluice query{source} --since 1h --json | head -3")
+    print(f"  logsluice summary{source} --since 1h --by level")
+    print(f"  logsluice tail{source}")
+    if newest_error:
+        print(f"  logsluice context{source} {newest_error[0]['id']}")
+    if newest_http:
+        print(f"  logsluice request{source} {newest_http[0]['request_id']}")
+    else:
+        print(f"  logsluice request{source} latest --status 5xx")
 
 
 # -- reading ---------------------------------------------------------------------------
