@@ -597,3 +597,35 @@ def test_async_twins(world):
 
     page, view, summary, ctx = asyncio.run(main())
     assert len(page.records) == 3 and view.access and summary["groups"] and ctx["record"]
+
+
+def test_tail_survives_a_postgresql_restart(postgres):
+    table = f"s_{uuid.uuid4().hex[:10]}"
+    p = logsluice.Pipeline(logsluice.Postgres(postgres.dsn, table=table, batch_max_delay=0.05))
+    logger.remove()
+    p.attach(logger)
+    logger.info("first")
+    p.flush(timeout=30)
+    reader = logsluice.Reader(postgres.dsn, table=table, connect_timeout=2)
+    got = []
+
+    def until(n):
+        def check():
+            got.extend(r["message"] for r in sub.get(timeout=0.2))
+            return len(got) >= n
+
+        return check
+
+    with reader.subscribe(poll_interval=0.1) as sub:
+        logger.info("before restart")
+        p.flush(timeout=30)
+        wait_for(until(1), what="record before the restart")
+        postgres.stop()
+        time.sleep(0.5)  # a few polls fail meanwhile
+        postgres.start()
+        logger.info("after restart")
+        p.flush(timeout=60)
+        wait_for(until(2), what="record after the restart")
+    p.close()
+    logger.remove()
+    assert got == ["before restart", "after restart"]
