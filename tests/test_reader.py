@@ -629,3 +629,24 @@ def test_tail_survives_a_postgresql_restart(postgres):
     p.close()
     logger.remove()
     assert got == ["before restart", "after restart"]
+
+
+def test_demo_ends_with_read_commands_that_work(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LOGSLUICE_", "AZURE_STORAGE"))}
+    out = run_cli("demo", "--records", "1000", "--requests", "5", "--dir", str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    commands = [line.strip() for line in out.stdout.split("read it back:")[1].splitlines() if line.strip()]
+    assert any(c.startswith("logsluice request") for c in commands)
+    for command in commands:
+        argv = command.split()[1:]
+        if argv[0] == "tail" or "|" in argv:
+            continue
+        r = subprocess.run(
+            [sys.executable, "-m", "logsluice.cli", *argv],
+            capture_output=True,
+            text=True,
+            env=env,
+            check=False,
+            timeout=120,
+        )
+        assert r.returncode == 0 and r.stdout.strip(), (command, r.stderr)
