@@ -650,3 +650,29 @@ def test_demo_ends_with_read_commands_that_work(tmp_path):
             timeout=120,
         )
         assert r.returncode == 0 and r.stdout.strip(), (command, r.stderr)
+
+
+def test_time_bounds_prune_day_partitions(postgres):
+    """Each keyset comparison comes with a bare time bound: EXPLAIN shows old days pruned."""
+    table = f"p_{uuid.uuid4().hex[:10]}"
+    pipeline = logsluice.Pipeline(logsluice.Postgres(postgres.dsn, table=table))
+    logger.remove()
+    pipeline.attach(logger)
+    old = dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=3)
+    logger.patch(lambda r: r.update(time=old)).info("three days ago")
+    logger.info("today")
+    pipeline.flush(timeout=30)
+    pipeline.close()
+    logger.remove()
+    reader = logsluice.Reader(postgres.dsn, table=table)
+    old_day = f"{table}_app_{old:%Y%m%d}"
+    today = f"{table}_app_{dt.datetime.now(dt.timezone.utc):%Y%m%d}"
+    recent = reader.explain(since="1h")
+    assert today in recent and old_day not in recent
+    page = reader.query(limit=1)
+    assert page.records[0]["message"] == "today"
+    assert [r["message"] for r in reader.query(limit=1, cursor=page.next).records] == ["three days ago"]
+    last = page.records[0]
+    ts_us = int(dt.datetime.fromisoformat(last["ts"].replace("Z", "+00:00")).timestamp()) * 1_000_000
+    before_today = reader.explain(_after={"ts": ts_us - 86_400_000_000, "id": "0"})
+    assert old_day in before_today and today not in before_today
