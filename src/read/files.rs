@@ -126,6 +126,40 @@ fn raw_needle(text: &str) -> Option<Vec<u8>> {
         .then(|| text.as_bytes().to_vec())
 }
 
+/// The offset of a line start at or before the first line with `ts >= at` (bisection on a
+/// file appended in about time order); None when it cannot tell.
+fn seek_time(path: &PathBuf, at: i64) -> Option<u64> {
+    let mut f = File::open(path).ok()?;
+    let len = f.metadata().ok()?.len();
+    // The line starting at or after byte `pos`: (its offset, its ts).
+    let mut probe = |pos: u64| -> Option<(u64, i64)> {
+        f.seek(SeekFrom::Start(pos)).ok()?;
+        let mut r = BufReader::with_capacity(16 << 10, &mut f);
+        let mut skipped = 0u64;
+        let mut buf = Vec::new();
+        if pos > 0 {
+            skipped = r.read_until(b'\n', &mut buf).ok()? as u64;
+            buf.clear();
+        }
+        r.read_until(b'\n', &mut buf).ok()?;
+        Some((pos + skipped, line_ts(&buf)?))
+    };
+    let (mut lo, mut hi) = (0u64, len);
+    let mut best = 0u64;
+    while hi - lo > 64 << 10 {
+        let mid = lo + (hi - lo) / 2;
+        match probe(mid) {
+            Some((line_at, ts)) if ts < at => {
+                best = line_at;
+                lo = mid;
+            }
+            Some(_) => hi = mid,
+            None => return Some(best),
+        }
+    }
+    Some(best)
+}
+
 struct Budget {
     bytes: u64,
     files: usize,
@@ -218,17 +252,31 @@ impl FilesStore {
             return Ok(false);
         }
         budget.files -= 1;
+        // A plain file is appended in time order (up to the queue's delay, covered by
+        // `slack`): a recent range starts by bisection instead of reading from the top.
+        let start = if !f.gz && lo > f.lo.saturating_add(self.cfg.slack_us) {
+            seek_time(&f.path, lo.saturating_sub(self.cfg.slack_us)).unwrap_or(0)
+        } else {
+            0
+        };
         let mut reader = match open_reader(&f.path, f.gz) {
             Ok(r) => r,
             // Rotated (renamed to .gz) or pruned since the listing: nothing to read here.
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(true),
             Err(e) => return Err(failed(e, &format!("cannot open {}", f.name))),
         };
+        if start > 0 {
+            // Plain files only (checked above): skip to the line found by bisection.
+            let mut skip = (&mut reader).take(start);
+            if io::copy(&mut skip, &mut io::sink()).ok() != Some(start) {
+                return Ok(true);
+            }
+        }
         let needle = filter.text.as_deref().and_then(raw_needle);
         let finder = needle.as_ref().map(|n| memmem::Finder::new(n.as_slice()));
         let mut lower = Vec::new();
         let mut line = Vec::with_capacity(4096);
-        let mut offset: u64 = 0;
+        let mut offset: u64 = start;
         let mut since_check: u64 = 0;
         loop {
             line.clear();
@@ -446,6 +494,28 @@ impl FilesStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bisection_lands_before_the_first_line_in_range() {
+        let tmp = crate::scratch::ScratchDir::new().unwrap();
+        let path = tmp.path().join("x-20231114T221320.000001Z-1-0001.ndjson");
+        let mut text = String::new();
+        let mut starts = Vec::new();
+        for i in 0..20_000i64 {
+            starts.push((text.len() as u64, i));
+            let ts = crate::encode::ts_string(1_700_000_000_000_000 + i * 1_000_000);
+            text.push_str(&format!(
+                "{{\"ts\":\"{ts}\",\"message\":\"line {i} padding padding\"}}\n"
+            ));
+        }
+        std::fs::write(&path, &text).unwrap();
+        let at = 1_700_000_000_000_000 + 15_000 * 1_000_000;
+        let off = seek_time(&path, at).unwrap();
+        let first = starts.iter().find(|(_, i)| *i == 15_000).unwrap().0;
+        assert!(off <= first && first - off < 200 << 10, "{off} {first}");
+        assert!(starts.iter().any(|(o, _)| *o == off));
+        assert_eq!(seek_time(&path, 0), Some(0));
+    }
 
     #[test]
     fn timestamps_and_names() {
