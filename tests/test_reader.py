@@ -676,3 +676,40 @@ def test_time_bounds_prune_day_partitions(postgres):
     ts_us = int(dt.datetime.fromisoformat(last["ts"].replace("Z", "+00:00")).timestamp()) * 1_000_000
     before_today = reader.explain(_after={"ts": ts_us - 86_400_000_000, "id": "0"})
     assert old_day in before_today and today not in before_today
+
+
+def test_cli_tail_follows_new_records(tmp_logs):
+    pipeline = logsluice.Pipeline(logsluice.LocalFiles(tmp_logs, batch_max_delay=0.05))
+    logger.remove()
+    pipeline.attach(logger)
+    logger.info("old news")
+    pipeline.flush()
+    argv = ["tail", "--source", str(tmp_logs), "--json", "--interval", "0.1"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "logsluice.cli", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    stop = threading.Event()
+
+    def write():
+        # Until the tail has shown something: it follows from whenever it started.
+        i = 0
+        while not stop.is_set():
+            logger.info("fresh {}", i)
+            pipeline.flush()
+            i += 1
+            stop.wait(0.1)
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    try:
+        lines = [json.loads(proc.stdout.readline()) for _ in range(5)]
+    finally:
+        stop.set()
+        writer.join()
+        proc.terminate()
+        proc.wait(timeout=30)
+        pipeline.close()
+        logger.remove()
+    numbers = [int(r["message"].split()[1]) for r in lines]
+    assert all(r["message"].startswith("fresh ") for r in lines)
+    assert numbers == list(range(numbers[0], numbers[0] + 5))
