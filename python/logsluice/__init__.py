@@ -14,5 +14,14 @@ from ._core import __version__
 from ._pipeline import LoggingHandler, Pipeline
 from .destinations import Destination, LocalFiles
 from .middleware import LoggingMiddleware
+from .postgres import Postgres
 
-__all__ = ["Destination", "LocalFiles", "LoggingHandler", "LoggingMiddleware", "Pipeline", "__version__"]
+__all__ = [
+    "Destination",
+    "LocalFiles",
+    "LoggingHandler",
+    "LoggingMiddleware",
+    "Pipeline",
+    "Postgres",
+    "__version__",
+]

@@ -321,7 +321,9 @@ pub fn build_record(r: &Redactor, ex: Exchange, max_message_bytes: usize) -> Rec
     if ex.status == 0 && ex.exception.is_none() && !ex.has(flags::DISCONNECTED) {
         fields.insert("no_response".into(), Value::Bool(true));
     }
-    rec.fields = fields;
+    if !fields.is_empty() {
+        rec.set_fields(&fields);
+    }
     let error = ex.has(flags::ERROR) || ex.exception.is_some() || !complete;
     rec.http = Some(Box::new(HttpFields {
         method: redact::escape_controls(&ex.method).into_owned(),
@@ -445,14 +447,14 @@ mod tests {
         let rec = build_record(&r, ex, 1 << 16);
         assert_eq!(rec.http.as_ref().unwrap().status, 499);
         assert_eq!(rec.level_no, 30);
-        assert_eq!(rec.fields["disconnected"], true);
+        assert_eq!(rec.fields()["disconnected"], true);
 
         let mut ex = exchange();
         ex.status = 0;
         ex.flags = 0;
         let rec = build_record(&r, ex, 1 << 16);
         assert_eq!(rec.http.as_ref().unwrap().status, 500);
-        assert_eq!(rec.fields["no_response"], true);
+        assert_eq!(rec.fields()["no_response"], true);
 
         let mut ex = exchange();
         ex.status = 401;
