@@ -609,7 +609,9 @@ class _Exchange:
         try:
             duration_ms = (time.perf_counter() - self.t0) * 1000.0
             if exc is not None:
-                if _is_cancellation(exc):
+                # A cancelled request, or a send that failed because the client left, is a
+                # disconnect (499), not an application error.
+                if _is_cancellation(exc) or (self.flags & _DISCONNECTED and isinstance(exc, OSError)):
                     self.flags |= _DISCONNECTED
                     exc = None
                 else:
