@@ -431,14 +431,7 @@ class _Exchange:
         self.scope = scope
         self._receive = receive
         self._send = send
-        inbound = None
-        name = mw._rid_header
-        if name is not None:
-            for k, v in scope["headers"]:
-                if k == name:
-                    inbound = v
-                    break
-        self.rid: str = _core.request_id(inbound)
+        self.rid: str = _core.request_id_for(scope["headers"], mw._rid_header)
         # Routers rewrite these on the shared scope; the entry values are the request's.
         self.app = scope.get("app")
         self.root_path = scope.get("root_path", "")
