@@ -12,11 +12,13 @@ from __future__ import annotations
 
 from ._core import __version__
 from ._pipeline import LoggingHandler, Pipeline
+from .azure_blob import AzureBlob
 from .destinations import Destination, LocalFiles
 from .middleware import LoggingMiddleware
 from .postgres import Postgres
 
 __all__ = [
+    "AzureBlob",
     "Destination",
     "LocalFiles",
     "LoggingHandler",

@@ -324,9 +324,7 @@ pub fn build_record(r: &Redactor, ex: Exchange, max_message_bytes: usize) -> Rec
     if ex.status == 0 && ex.exception.is_none() && !ex.has(flags::DISCONNECTED) {
         fields.insert("no_response".into(), Value::Bool(true));
     }
-    if !fields.is_empty() {
-        rec.set_fields(&fields);
-    }
+    rec.set_fields(&fields);
     let error = ex.has(flags::ERROR) || ex.exception.is_some() || !complete;
     rec.http = Some(Box::new(HttpFields {
         method: redact::escape_controls(&ex.method).into_owned(),
