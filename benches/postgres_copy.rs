@@ -39,7 +39,7 @@ fn record(i: u64, t0_us: i64) -> Record {
     fields.insert("user_id".into(), Value::from(i));
     fields.insert("path".into(), json!("/api/items"));
     fields.insert("ok".into(), json!(true));
-    r.fields = fields;
+    r.set_fields(&fields);
     r.finish(64 << 10)
 }
 

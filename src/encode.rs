@@ -10,21 +10,45 @@ use crate::record::Record;
 
 /// Formats microseconds since the epoch as RFC 3339 UTC with microseconds.
 pub fn format_ts(ts_us: i64, out: &mut Vec<u8>) {
-    match DateTime::from_timestamp_micros(ts_us) {
-        Some(dt) => {
+    TsCache::default().write(ts_us, out);
+}
+
+/// Remembers the formatted date and time of the last second seen: records of one batch
+/// mostly share it, so only the microseconds are formatted per record.
+#[derive(Default)]
+pub struct TsCache {
+    second: Option<i64>,
+    prefix: Vec<u8>,
+}
+
+impl TsCache {
+    pub fn write(&mut self, ts_us: i64, out: &mut Vec<u8>) {
+        let second = ts_us.div_euclid(1_000_000);
+        let micros = ts_us.rem_euclid(1_000_000) as u32;
+        if self.second != Some(second) {
+            self.prefix.clear();
+            let dt = DateTime::from_timestamp(second, 0).unwrap_or_default();
             let _ = write!(
-                out,
-                "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}Z",
+                self.prefix,
+                "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.",
                 dt.year(),
                 dt.month(),
                 dt.day(),
                 dt.hour(),
                 dt.minute(),
-                dt.second(),
-                dt.timestamp_subsec_micros()
+                dt.second()
             );
+            self.second = Some(second);
         }
-        None => out.extend_from_slice(b"1970-01-01T00:00:00.000000Z"),
+        out.extend_from_slice(&self.prefix);
+        let mut digits = [b'0'; 6];
+        let mut m = micros;
+        for d in digits.iter_mut().rev() {
+            *d = b'0' + (m % 10) as u8;
+            m /= 10;
+        }
+        out.extend_from_slice(&digits);
+        out.push(b'Z');
     }
 }
 
@@ -68,9 +92,10 @@ impl<'a> Obj<'a> {
         self.key(k);
         self.out.extend_from_slice(v);
     }
-    fn num<N: std::fmt::Display>(&mut self, k: &str, v: N) {
+    fn num<N: itoa::Integer>(&mut self, k: &str, v: N) {
         self.key(k);
-        let _ = write!(self.out, "{v}");
+        self.out
+            .extend_from_slice(itoa::Buffer::new().format(v).as_bytes());
     }
     fn float(&mut self, k: &str, v: f64) {
         self.key(k);
@@ -91,10 +116,14 @@ impl<'a> Obj<'a> {
 
 /// Appends one record as a JSON object followed by `\n`.
 pub fn write_ndjson(out: &mut Vec<u8>, r: &Record) {
+    write_ndjson_cached(out, r, &mut TsCache::default());
+}
+
+fn write_ndjson_cached(out: &mut Vec<u8>, r: &Record, ts: &mut TsCache) {
     let mut o = Obj::new(out);
     o.key("ts");
     o.out.push(b'"');
-    format_ts(r.ts_us, o.out);
+    ts.write(r.ts_us, o.out);
     o.out.push(b'"');
     o.str("level", &r.level);
     o.num("level_no", r.level_no);
@@ -108,8 +137,7 @@ pub fn write_ndjson(out: &mut Vec<u8>, r: &Record) {
     o.num("thread", r.thread);
     o.opt_str("exception", r.exception.as_deref());
     o.opt_str("request_id", r.request_id.as_deref());
-    o.key("fields");
-    let _ = serde_json::to_writer(&mut *o.out, &r.fields);
+    o.raw("fields", r.fields_json.as_bytes());
     if let Some(h) = r.http.as_deref() {
         o.str("method", &h.method);
         o.str("scheme", &h.scheme);
@@ -148,8 +176,9 @@ pub fn write_ndjson(out: &mut Vec<u8>, r: &Record) {
 
 /// Encodes a whole batch into one buffer.
 pub fn encode_batch<'a, I: IntoIterator<Item = &'a Record>>(records: I, out: &mut Vec<u8>) {
+    let mut ts = TsCache::default();
     for r in records {
-        write_ndjson(out, r);
+        write_ndjson_cached(out, r, &mut ts);
     }
 }
 
@@ -167,7 +196,12 @@ mod tests {
             Kind::App,
             "hi \"there\"\n".into(),
         );
-        r.fields.insert("user".into(), Value::from("ada"));
+        r.set_fields(
+            &serde_json::json!({"user": "ada"})
+                .as_object()
+                .unwrap()
+                .clone(),
+        );
         let r = r.finish(1024);
         let mut out = Vec::new();
         write_ndjson(&mut out, &r);
@@ -178,5 +212,15 @@ mod tests {
         assert_eq!(v["fields"]["user"], "ada");
         assert_eq!(v["exception"], Value::Null);
         assert_eq!(v["kind"], "app");
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        let mut cache = TsCache::default();
+        for ts in [0, 999_999, 1_000_000, -1, 1_700_000_000_000_001] {
+            a.clear();
+            b.clear();
+            cache.write(ts, &mut a);
+            let dt = DateTime::from_timestamp_micros(ts).unwrap();
+            b.extend_from_slice(dt.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string().as_bytes());
+            assert_eq!(a, b, "{ts}");
+        }
     }
 }

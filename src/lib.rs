@@ -1,5 +1,8 @@
 //! logsluice: the Rust core and, behind the `python` feature, its PyO3 binding.
 
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 pub mod breaker;
 pub mod config;
 pub mod destinations;
@@ -9,6 +12,8 @@ pub mod pipeline;
 pub mod queue;
 pub mod record;
 pub mod retry;
+#[doc(hidden)]
+pub mod scratch;
 
 #[cfg(feature = "python")]
 mod py;

@@ -405,7 +405,7 @@ mod tests {
 
     #[test]
     fn routes_by_level_and_kind_and_flushes_to_files() {
-        let tmp = tempfile::tempdir().unwrap();
+        let tmp = crate::scratch::ScratchDir::new().unwrap();
         let files = Target::LocalFiles(LocalFilesConfig {
             directory: tmp.path().to_string_lossy().into(),
             ..Default::default()
@@ -453,7 +453,7 @@ mod tests {
 
     #[test]
     fn breaker_opens_then_recovers() {
-        let tmp = tempfile::tempdir().unwrap();
+        let tmp = crate::scratch::ScratchDir::new().unwrap();
         let ctl = tmp.path().join("ctl");
         std::fs::write(&ctl, "fail").unwrap();
         let common = Common {

@@ -83,7 +83,9 @@ pub struct Record {
     pub thread: u64,
     pub exception: Option<String>,
     pub request_id: Option<String>,
-    pub fields: Map<String, Value>,
+    /// Extra fields as one JSON object, serialised once at conversion: compact in the queue
+    /// and copied as-is into NDJSON and jsonb. Always a valid JSON object (`{}` when empty).
+    pub fields_json: Box<str>,
     pub http: Option<Box<HttpFields>>,
     /// Approximate heap size, computed once: the queue's byte bound counts this.
     pub size: usize,
@@ -107,10 +109,22 @@ impl Record {
             thread: 0,
             exception: None,
             request_id: None,
-            fields: Map::new(),
+            fields_json: "{}".into(),
             http: None,
             size: 0,
         }
+    }
+
+    /// Replaces the extra fields (used by tests and by callers holding a JSON map).
+    pub fn set_fields(&mut self, fields: &Map<String, Value>) {
+        self.fields_json = serde_json::to_string(fields)
+            .unwrap_or_else(|_| "{}".into())
+            .into_boxed_str();
+    }
+
+    /// The extra fields parsed back into a map.
+    pub fn fields(&self) -> Map<String, Value> {
+        serde_json::from_str(&self.fields_json).unwrap_or_default()
     }
 
     /// Applies the size cap to the free-text parts and computes `size`. Every constructor
@@ -120,21 +134,22 @@ impl Record {
         if let Some(exc) = self.exception.as_mut() {
             truncate_in_place(exc, max_message_bytes);
         }
-        let mut size = 160
-            + self.level.len()
-            + self.logger.len()
-            + self.message.len()
-            + self.module.len()
-            + self.function.len()
-            + self.exception.as_ref().map_or(0, String::len)
-            + self.request_id.as_ref().map_or(0, String::len);
-        size += self
-            .fields
-            .iter()
-            .map(|(k, v)| 24 + k.len() + json_size(v))
-            .sum::<usize>();
+        // What the record really holds on the heap: the struct behind its Arc, plus each
+        // string rounded up to the allocator's 16-byte size classes. Keeping this honest is
+        // what keeps the queue's byte bound a bound on memory.
+        let heap = |len: usize| if len == 0 { 0 } else { (len + 15) & !15 };
+        let mut size = std::mem::size_of::<Record>()
+            + 16
+            + heap(self.level.len())
+            + heap(self.logger.len())
+            + heap(self.message.len())
+            + heap(self.module.len())
+            + heap(self.function.len())
+            + heap(self.exception.as_ref().map_or(0, String::len))
+            + heap(self.request_id.as_ref().map_or(0, String::len))
+            + heap(self.fields_json.len());
         if let Some(http) = self.http.as_ref() {
-            size += 200
+            size += std::mem::size_of::<HttpFields>()
                 + http.path.len()
                 + http.query.as_ref().map_or(0, String::len)
                 + http.route.as_ref().map_or(0, String::len)

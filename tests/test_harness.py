@@ -10,9 +10,7 @@ def test_postgres_accepts_app_role_and_rejects_wrong_password(postgres):
         assert conn.execute("select 1").fetchone() == (1,)
     assert postgres.psql("select current_user") == [("postgres",)]
 
-    with pytest.raises(
-        psycopg.OperationalError, match="password authentication failed"
-    ):
+    with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
         psycopg.connect(postgres.dsn_with(password="wrong"), connect_timeout=5).close()
 
 

@@ -48,6 +48,13 @@ def wait_for(check, timeout=60.0, what="condition"):
         time.sleep(0.05)
 
 
+def log_at(pipeline, when, message):
+    """A stdlib record stamped `when` (its `created`), as a late or replayed record would be."""
+    record = logging.LogRecord("test.pg.at", logging.INFO, __file__, 1, message, None, None)
+    record.created = when.timestamp()
+    pipeline.logging_handler().handle(record)
+
+
 def relnames(postgres, prefix):
     rows = postgres.psql("select relname::text from pg_class where relname like %s", (prefix + "%",))
     return {r[0] for r in rows}
@@ -380,9 +387,6 @@ def test_retention_drops_old_partitions_and_keeps_today(postgres, table, log):
     now = dt.datetime.now(dt.timezone.utc)
     days_ago = {d: (now - dt.timedelta(days=d)) for d in (0, 3, 10)}
 
-    def at(when):
-        return lambda record: record.update(time=when)
-
     # Create the table (and today's partitions), then plant an old http partition by hand.
     setup = logsluice.Pipeline(logsluice.Postgres(postgres.dsn, table=table))
     setup.attach(log)
@@ -401,7 +405,7 @@ def test_retention_drops_old_partitions_and_keeps_today(postgres, table, log):
     )
     pipeline.attach(log)
     for d, when in days_ago.items():
-        log.patch(at(when)).info("app {} days ago", d)
+        log_at(pipeline, when, f"app {d} days ago")
     pipeline.flush(30)
     stats = pipeline.stats()["postgres"]
     pipeline.close()
@@ -465,7 +469,7 @@ def test_plain_table_without_partitions(postgres, table, log):
     destination = logsluice.Postgres(postgres.dsn, table=table, partition=None, retention="1d")
     pipeline = logsluice.Pipeline(destination)
     pipeline.attach(log)
-    log.patch(lambda r: r.update(time=dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=2))).info("old")
+    log_at(pipeline, dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=2), "old")
     pipeline.flush(30)
     log.info("new")
     pipeline.flush(30)

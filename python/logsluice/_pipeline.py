@@ -138,7 +138,12 @@ class Pipeline:
             return
         pending = self._core.close(timeout)
         if pending:
-            _log.warning("logsluice: close timed out after %.1fs; dropped %s", timeout, pending)
+            _log.warning(
+                "logsluice: close timed out after %.1fs; not yet written (dropped as 'closed' unless a write"
+                " is already under way): %s",
+                timeout,
+                pending,
+            )
 
     @property
     def closed(self) -> bool:

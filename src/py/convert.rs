@@ -2,10 +2,12 @@
 //! core's `Record`, sanitising on the way. Every function here degrades instead of failing:
 //! log data is never rejected.
 
+use std::borrow::Cow;
+
+use pyo3::ffi;
 use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyBytes, PyDict, PyFloat, PyInt, PyList, PyString, PyTuple};
-use serde_json::{Map, Number, Value};
 
 use crate::record::{strip_nul, truncate_in_place, Kind, Record};
 
@@ -20,20 +22,76 @@ pub struct Ctx {
 const MAX_DEPTH: usize = 16;
 const MAX_ITEMS: usize = 1000;
 
-/// A Python `str` as Rust text: lone surrogates replaced, NULs removed.
+extern "C" {
+    // Exported by every CPython this package supports (3.9+), though part of the limited
+    // API only from 3.10. It hands out the string's cached UTF-8 form without a copy, where
+    // the 3.9 limited API would build a new bytes object for every field of every record.
+    fn PyUnicode_AsUTF8AndSize(
+        unicode: *mut ffi::PyObject,
+        size: *mut ffi::Py_ssize_t,
+    ) -> *const std::ffi::c_char;
+}
+
+/// The UTF-8 of a Python `str`, borrowed; `None` for strings holding lone surrogates.
+fn utf8<'a>(s: &'a Bound<'_, PyString>) -> Option<&'a str> {
+    let mut size: ffi::Py_ssize_t = 0;
+    // SAFETY: `s` is a live str; the returned buffer lives as long as the object, which
+    // outlives the borrow `'a`. CPython guarantees valid UTF-8 on success.
+    unsafe {
+        let data = PyUnicode_AsUTF8AndSize(s.as_ptr(), &mut size);
+        if data.is_null() {
+            ffi::PyErr_Clear();
+            return None;
+        }
+        Some(std::str::from_utf8_unchecked(std::slice::from_raw_parts(
+            data.cast::<u8>(),
+            size as usize,
+        )))
+    }
+}
+
+/// Lone surrogates (from `surrogateescape` file names, broken JSON) become one U+FFFD each.
+fn without_surrogates(s: &Bound<'_, PyString>) -> String {
+    let utf16 = s
+        .call_method1(intern!(s.py(), "encode"), ("utf-16-le", "surrogatepass"))
+        .ok()
+        .and_then(|b| b.cast_into::<PyBytes>().ok());
+    match utf16 {
+        Some(b) => {
+            let units: Vec<u16> = b
+                .as_bytes()
+                .chunks_exact(2)
+                .map(|c| u16::from_le_bytes([c[0], c[1]]))
+                .collect();
+            String::from_utf16_lossy(&units)
+        }
+        None => s.to_string_lossy().into_owned(),
+    }
+}
+
+fn str_text<'a>(s: &'a Bound<'_, PyString>) -> Cow<'a, str> {
+    let text = match utf8(s) {
+        Some(t) => Cow::Borrowed(t),
+        None => Cow::Owned(without_surrogates(s)),
+    };
+    if text.contains('\0') {
+        let mut owned = text.into_owned();
+        strip_nul(&mut owned);
+        Cow::Owned(owned)
+    } else {
+        text
+    }
+}
+
+/// Any Python object as text (`str()` for non-strings), sanitised.
 pub fn text(obj: &Bound<'_, PyAny>) -> String {
-    let mut s = match obj.cast::<PyString>() {
-        Ok(s) => match s.to_cow() {
-            Ok(c) => c.into_owned(),
-            Err(_) => s.to_string_lossy().into_owned(),
-        },
+    match obj.cast::<PyString>() {
+        Ok(s) => str_text(s).into_owned(),
         Err(_) => match obj.str() {
-            Ok(s) => s.to_string_lossy().into_owned(),
+            Ok(s) => str_text(&s).into_owned(),
             Err(_) => format!("<unprintable {}>", type_name(obj)),
         },
-    };
-    strip_nul(&mut s);
-    s
+    }
 }
 
 fn type_name(obj: &Bound<'_, PyAny>) -> String {
@@ -48,72 +106,114 @@ fn capped(mut s: String, max: usize) -> String {
     s
 }
 
-/// `repr()` for values JSON cannot hold, capped; a failing `__repr__` is itself recorded.
-fn repr_of(obj: &Bound<'_, PyAny>, max: usize) -> Value {
-    let s = match obj.repr() {
-        Ok(r) => text(r.as_any()),
-        Err(_) => format!("<unrepresentable {}>", type_name(obj)),
-    };
-    Value::String(capped(s, max))
+fn push_json_str(out: &mut Vec<u8>, s: &str, max: usize) {
+    // Writing a str into a Vec cannot fail.
+    if s.len() > max {
+        let _ = serde_json::to_writer(out, &capped(s.to_owned(), max));
+    } else {
+        let _ = serde_json::to_writer(out, s);
+    }
 }
 
-pub fn to_json(obj: &Bound<'_, PyAny>, max: usize, depth: usize) -> Value {
+/// The JSON text built by the `push_*` functions (valid UTF-8 by construction).
+fn into_json(buf: Vec<u8>) -> Box<str> {
+    String::from_utf8(buf)
+        .unwrap_or_else(|_| "{}".into())
+        .into_boxed_str()
+}
+
+/// `repr()` for values JSON cannot hold; a failing `__repr__` is itself recorded.
+fn push_repr(out: &mut Vec<u8>, obj: &Bound<'_, PyAny>, max: usize) {
+    let s = match obj.repr() {
+        Ok(r) => str_text(&r).into_owned(),
+        Err(_) => format!("<unrepresentable {}>", type_name(obj)),
+    };
+    push_json_str(out, &s, max);
+}
+
+/// Writes a Python value as JSON: containers recursively (bounded in depth and items),
+/// everything JSON cannot hold as its capped `repr`.
+pub fn push_json(out: &mut Vec<u8>, obj: &Bound<'_, PyAny>, max: usize, depth: usize) {
     if obj.is_none() {
-        return Value::Null;
-    }
-    if let Ok(s) = obj.cast::<PyString>() {
-        return Value::String(capped(text(s.as_any()), max));
-    }
-    if let Ok(b) = obj.cast::<PyBool>() {
-        return Value::Bool(b.is_true());
-    }
-    if obj.cast::<PyInt>().is_ok() {
+        out.extend_from_slice(b"null");
+    } else if let Ok(s) = obj.cast::<PyString>() {
+        push_json_str(out, &str_text(s), max);
+    } else if let Ok(b) = obj.cast::<PyBool>() {
+        out.extend_from_slice(if b.is_true() { b"true" } else { b"false" });
+    } else if obj.cast::<PyInt>().is_ok() {
         if let Ok(i) = obj.extract::<i64>() {
-            return Value::from(i);
+            out.extend_from_slice(itoa::Buffer::new().format(i).as_bytes());
+        } else if let Ok(u) = obj.extract::<u64>() {
+            out.extend_from_slice(itoa::Buffer::new().format(u).as_bytes());
+        } else {
+            // Beyond 64 bits: JSON readers would lose precision, so keep the digits as text.
+            push_json_str(out, &text(obj), max);
         }
-        if let Ok(u) = obj.extract::<u64>() {
-            return Value::from(u);
+    } else if let Ok(f) = obj.cast::<PyFloat>() {
+        match serde_json::Number::from_f64(f.value()) {
+            Some(n) => out.extend_from_slice(n.to_string().as_bytes()),
+            None => push_json_str(out, &f.value().to_string(), max),
         }
-        return Value::String(text(obj));
-    }
-    if let Ok(f) = obj.cast::<PyFloat>() {
-        return Number::from_f64(f.value())
-            .map_or_else(|| Value::String(f.value().to_string()), Value::Number);
-    }
-    if depth >= MAX_DEPTH {
-        return repr_of(obj, max);
-    }
-    if let Ok(d) = obj.cast::<PyDict>() {
-        let mut map = Map::new();
-        for (k, v) in d.iter().take(MAX_ITEMS) {
-            map.insert(capped(text(&k), 256), to_json(&v, max, depth + 1));
-        }
-        return Value::Object(map);
-    }
-    if let Ok(l) = obj.cast::<PyList>() {
-        return Value::Array(
-            l.iter()
-                .take(MAX_ITEMS)
-                .map(|v| to_json(&v, max, depth + 1))
-                .collect(),
-        );
-    }
-    if let Ok(t) = obj.cast::<PyTuple>() {
-        return Value::Array(
-            t.iter()
-                .take(MAX_ITEMS)
-                .map(|v| to_json(&v, max, depth + 1))
-                .collect(),
-        );
-    }
-    if let Ok(b) = obj.cast::<PyBytes>() {
+    } else if depth >= MAX_DEPTH {
+        push_repr(out, obj, max);
+    } else if let Ok(d) = obj.cast::<PyDict>() {
+        push_object(out, d, max, depth, None);
+    } else if let Ok(l) = obj.cast::<PyList>() {
+        push_array(out, l.iter(), max, depth);
+    } else if let Ok(t) = obj.cast::<PyTuple>() {
+        push_array(out, t.iter(), max, depth);
+    } else if let Ok(b) = obj.cast::<PyBytes>() {
         let bytes = b.as_bytes();
-        return Value::String(capped(
-            crate::record::clean_bytes(&bytes[..bytes.len().min(max + 4)]),
-            max,
-        ));
+        let s = crate::record::clean_bytes(&bytes[..bytes.len().min(max + 4)]);
+        push_json_str(out, &s, max);
+    } else {
+        push_repr(out, obj, max);
     }
-    repr_of(obj, max)
+}
+
+fn push_array<'py>(
+    out: &mut Vec<u8>,
+    items: impl Iterator<Item = Bound<'py, PyAny>>,
+    max: usize,
+    depth: usize,
+) {
+    out.push(b'[');
+    for (i, v) in items.take(MAX_ITEMS).enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        push_json(out, &v, max, depth + 1);
+    }
+    out.push(b']');
+}
+
+/// Writes a dict as a JSON object, leaving out `skip` (a key that has its own column).
+fn push_object(
+    out: &mut Vec<u8>,
+    d: &Bound<'_, PyDict>,
+    max: usize,
+    depth: usize,
+    skip: Option<&str>,
+) {
+    out.push(b'{');
+    let mut first = true;
+    for (k, v) in d.iter().take(MAX_ITEMS) {
+        let key = match k.cast::<PyString>() {
+            Ok(s) => str_text(s).into_owned(),
+            Err(_) => text(&k),
+        };
+        if skip == Some(key.as_str()) {
+            continue;
+        }
+        if !first {
+            out.push(b',');
+        }
+        first = false;
+        push_json_str(out, &key, 256);
+        out.push(b':');
+        push_json(out, &v, max, depth + 1);
+    }
+    out.push(b'}');
 }
 
 fn get<'py>(d: &Bound<'py, PyDict>, key: &Bound<'py, PyString>) -> Option<Bound<'py, PyAny>> {
@@ -156,22 +256,17 @@ fn format_exception(
     Some(out.trim_end().to_owned())
 }
 
-fn context_request_id(ctx: &Ctx, py: Python<'_>) -> Option<String> {
-    let v = ctx
-        .request_id_var
-        .bind(py)
-        .call_method0(intern!(py, "get"))
-        .ok()?;
+/// The request id: an explicit `request_id` extra wins, else the middleware's context.
+fn request_id(ctx: &Ctx, py: Python<'_>, explicit: Option<Bound<'_, PyAny>>) -> Option<String> {
+    let v = match explicit.filter(|v| !v.is_none()) {
+        Some(v) => v,
+        None => ctx
+            .request_id_var
+            .bind(py)
+            .call_method0(intern!(py, "get"))
+            .ok()?,
+    };
     (!v.is_none()).then(|| capped(text(&v), 256))
-}
-
-/// Moves `request_id` out of the extra fields into its column, else takes the context's.
-fn take_request_id(ctx: &Ctx, py: Python<'_>, fields: &mut Map<String, Value>) -> Option<String> {
-    match fields.remove("request_id") {
-        Some(Value::String(s)) => Some(capped(s, 256)),
-        Some(Value::Null) | None => context_request_id(ctx, py),
-        Some(other) => Some(capped(other.to_string(), 256)),
-    }
 }
 
 fn micros(seconds: f64) -> i64 {
@@ -193,15 +288,19 @@ pub fn loguru_level(record: &Bound<'_, PyDict>) -> (String, u16) {
     }
 }
 
+fn exception_of(ctx: &Ctx, py: Python<'_>, exc: &Bound<'_, PyAny>) -> Option<String> {
+    let part = |i: usize| exc.get_item(i).unwrap_or_else(|_| py.None().into_bound(py));
+    format_exception(ctx, py, &part(0), &part(1), &part(2))
+}
+
 /// Builds a record from Loguru's record dict (`message.record`).
 pub fn from_loguru(ctx: &Ctx, record: &Bound<'_, PyDict>, level: (String, u16)) -> Record {
     let py = record.py();
-    let ts = get(record, intern!(py, "time"))
-        .and_then(|t| t.call_method0(intern!(py, "timestamp")).ok())
-        .and_then(|t| t.extract::<f64>().ok())
-        .map_or_else(now_micros, micros);
+    // Loguru's `time` is an aware datetime whose `.timestamp()` costs a third of this whole
+    // conversion; the sink runs synchronously inside the log call, so the clock read here is
+    // the call's time to within microseconds.
     let mut r = Record::new(
-        ts,
+        now_micros(),
         &level.0,
         level.1,
         Kind::App,
@@ -220,19 +319,20 @@ pub fn from_loguru(ctx: &Ctx, record: &Bound<'_, PyDict>, level: (String, u16)) 
         r.thread = int_attr(&t, intern!(py, "id"));
     }
     if let Some(exc) = get(record, intern!(py, "exception")).filter(|e| !e.is_none()) {
-        let part = |i: usize| exc.get_item(i).unwrap_or_else(|_| py.None().into_bound(py));
-        r.exception = format_exception(ctx, py, &part(0), &part(1), &part(2));
+        r.exception = exception_of(ctx, py, &exc);
     }
+    let mut explicit_id = None;
     if let Some(extra) = get(record, intern!(py, "extra")) {
         if let Ok(d) = extra.cast::<PyDict>() {
             if !d.is_empty() {
-                if let Value::Object(map) = to_json(d.as_any(), ctx.max_field_bytes, 0) {
-                    r.fields = map;
-                }
+                explicit_id = get(d, intern!(py, "request_id"));
+                let mut json = Vec::with_capacity(64);
+                push_object(&mut json, d, ctx.max_field_bytes, 0, Some("request_id"));
+                r.fields_json = into_json(json);
             }
         }
     }
-    r.request_id = take_request_id(ctx, py, &mut r.fields);
+    r.request_id = request_id(ctx, py, explicit_id);
     r.finish(ctx.max_message_bytes)
 }
 
@@ -261,10 +361,15 @@ const LOGRECORD_ATTRS: &[&str] = &[
     "taskName",
     "message",
     "asctime",
+    "request_id",
 ];
 
 fn attr_of<'py>(obj: &Bound<'py, PyAny>, name: &Bound<'py, PyString>) -> Option<Bound<'py, PyAny>> {
     obj.getattr(name).ok().filter(|v| !v.is_none())
+}
+
+fn attr_text<'py>(obj: &Bound<'py, PyAny>, name: &Bound<'py, PyString>) -> String {
+    attr_of(obj, name).map(|v| text(&v)).unwrap_or_default()
 }
 
 /// Builds a record from a stdlib `logging.LogRecord`.
@@ -275,9 +380,7 @@ pub fn from_logging(ctx: &Ctx, rec: &Bound<'_, PyAny>) -> Record {
         // A format string that does not match its args is still a log line worth keeping.
         Err(e) => format!(
             "{} (logsluice: message formatting failed: {e})",
-            attr_of(rec, intern!(py, "msg"))
-                .map(|v| text(&v))
-                .unwrap_or_default()
+            attr_text(rec, intern!(py, "msg"))
         ),
     };
     let level_no = attr_of(rec, intern!(py, "levelno"))
@@ -288,22 +391,14 @@ pub fn from_logging(ctx: &Ctx, rec: &Bound<'_, PyAny>) -> Record {
         .map_or_else(now_micros, micros);
     let mut r = Record::new(
         ts,
-        &attr_of(rec, intern!(py, "levelname"))
-            .map(|v| text(&v))
-            .unwrap_or_default(),
+        &attr_text(rec, intern!(py, "levelname")),
         level_no,
         Kind::App,
         message,
     );
-    r.logger = attr_of(rec, intern!(py, "name"))
-        .map(|v| text(&v))
-        .unwrap_or_default();
-    r.module = attr_of(rec, intern!(py, "module"))
-        .map(|v| text(&v))
-        .unwrap_or_default();
-    r.function = attr_of(rec, intern!(py, "funcName"))
-        .map(|v| text(&v))
-        .unwrap_or_default();
+    r.logger = attr_text(rec, intern!(py, "name"));
+    r.module = attr_text(rec, intern!(py, "module"));
+    r.function = attr_text(rec, intern!(py, "funcName"));
     r.line = attr_of(rec, intern!(py, "lineno"))
         .and_then(|v| v.extract().ok())
         .unwrap_or_default();
@@ -317,11 +412,7 @@ pub fn from_logging(ctx: &Ctx, rec: &Bound<'_, PyAny>) -> Record {
         attr_of(rec, intern!(py, "exc_info")).and_then(|v| v.cast_into::<PyTuple>().ok())
     {
         if info.len() == 3 {
-            let part = |i: usize| {
-                info.get_item(i)
-                    .unwrap_or_else(|_| py.None().into_bound(py))
-            };
-            r.exception = format_exception(ctx, py, &part(0), &part(1), &part(2));
+            r.exception = exception_of(ctx, py, info.as_any());
         }
     }
     if r.exception.is_none() {
@@ -334,19 +425,29 @@ pub fn from_logging(ctx: &Ctx, rec: &Bound<'_, PyAny>) -> Record {
             None => stack,
         });
     }
+    let mut explicit_id = None;
     if let Ok(dict) = rec
         .getattr(intern!(py, "__dict__"))
         .and_then(|d| d.cast_into::<PyDict>().map_err(Into::into))
     {
+        explicit_id = get(&dict, intern!(py, "request_id"));
+        let mut json = vec![b'{'];
         for (k, v) in dict.iter() {
             let key = text(&k);
-            if !LOGRECORD_ATTRS.contains(&key.as_str()) {
-                r.fields
-                    .insert(capped(key, 256), to_json(&v, ctx.max_field_bytes, 0));
+            if LOGRECORD_ATTRS.contains(&key.as_str()) {
+                continue;
             }
+            if json.len() > 1 {
+                json.push(b',');
+            }
+            push_json_str(&mut json, &key, 256);
+            json.push(b':');
+            push_json(&mut json, &v, ctx.max_field_bytes, 1);
         }
+        json.push(b'}');
+        r.fields_json = into_json(json);
     }
-    r.request_id = take_request_id(ctx, py, &mut r.fields);
+    r.request_id = request_id(ctx, py, explicit_id);
     r.finish(ctx.max_message_bytes)
 }
 

@@ -29,7 +29,5 @@ def wait_until(check, timeout: float, what: str, on_fail=lambda: "") -> None:
     deadline = time.monotonic() + timeout
     while not check():
         if time.monotonic() > deadline:
-            raise RuntimeError(
-                f"timed out after {timeout}s waiting for {what}\n{on_fail()}"
-            )
+            raise RuntimeError(f"timed out after {timeout}s waiting for {what}\n{on_fail()}")
         time.sleep(0.1)

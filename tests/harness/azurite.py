@@ -72,9 +72,7 @@ class AzuriteServer:
 
         def ready() -> bool:
             if self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"azurite exited ({self.proc.returncode}):\n{tail(self.log)}"
-                )
+                raise RuntimeError(f"azurite exited ({self.proc.returncode}):\n{tail(self.log)}")
             return port_open(self.port)
 
         wait_until(ready, 30, f"azurite on port {self.port}", lambda: tail(self.log))

@@ -74,9 +74,7 @@ class PostgresServer:
             self.close()
             raise
 
-    def dsn_with(
-        self, user: str = APP_USER, password: str = APP_PASSWORD, db: str = APP_DB
-    ) -> str:
+    def dsn_with(self, user: str = APP_USER, password: str = APP_PASSWORD, db: str = APP_DB) -> str:
         return f"postgresql://{user}:{password}@127.0.0.1:{self.port}/{db}"
 
     def _pg_ctl(self, *argv: str) -> None:
@@ -87,9 +85,7 @@ class PostgresServer:
         if self.as_root:
             cmd = ["runuser", "-u", PG_USER, "--", *cmd]
         # cwd: the server user may not be allowed into the caller's directory.
-        r = subprocess.run(
-            cmd, check=False, cwd=self.dir, capture_output=True, text=True
-        )
+        r = subprocess.run(cmd, check=False, cwd=self.dir, capture_output=True, text=True)
         if r.returncode:
             raise RuntimeError(
                 f"{' '.join(argv)} failed ({r.returncode}):\n{r.stdout}{r.stderr}\n"
@@ -110,9 +106,7 @@ class PostgresServer:
             )
 
     def _create_app_role(self) -> None:
-        self.psql(
-            f"CREATE ROLE {APP_USER} LOGIN PASSWORD '{APP_PASSWORD}'", dbname="postgres"
-        )
+        self.psql(f"CREATE ROLE {APP_USER} LOGIN PASSWORD '{APP_PASSWORD}'", dbname="postgres")
         self.psql(f"CREATE DATABASE {APP_DB} OWNER {APP_USER}", dbname="postgres")
 
     def start(self) -> None:

@@ -127,6 +127,13 @@ fn jsonb<T: serde::Serialize + ?Sized>(out: &mut Vec<u8>, v: &T) {
     out[len_at..len_at + 4].copy_from_slice(&len.to_be_bytes());
 }
 
+/// `jsonb` from text that already is valid JSON (the record's serialised fields).
+fn jsonb_text(out: &mut Vec<u8>, json: &str) {
+    out.extend_from_slice(&(json.len() as i32 + 1).to_be_bytes());
+    out.push(1);
+    out.extend_from_slice(json.as_bytes());
+}
+
 fn opt_jsonb(out: &mut Vec<u8>, v: &Value) {
     if v.is_null() {
         null(out)
@@ -152,7 +159,7 @@ pub fn row(out: &mut Vec<u8>, r: &Record) {
     i64v(out, r.thread as i64);
     opt_text(out, r.exception.as_deref());
     opt_text(out, r.request_id.as_deref());
-    jsonb(out, &r.fields);
+    jsonb_text(out, &r.fields_json);
     match r.http.as_deref() {
         Some(h) => {
             text(out, &h.method);
@@ -245,7 +252,9 @@ mod tests {
         r.line = 42;
         r.thread = u64::MAX;
         r.request_id = Some("req-1".into());
-        r.fields.insert("user".into(), Value::from("ada"));
+        let mut fields = serde_json::Map::new();
+        fields.insert("user".into(), Value::from("ada"));
+        r.set_fields(&fields);
         let r = r.finish(1024);
         let mut out = Vec::new();
         encode([&r, &r], &mut out);

@@ -1,0 +1,454 @@
+"""The foundation through the public API: real threads, real files, real forks."""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import logsluice
+import pytest
+from logfiles import assert_accounted, log_files, read_records
+from logsluice.destinations import _Controlled
+from loguru import logger
+
+
+@pytest.fixture
+def loguru():
+    logger.remove()
+    yield logger
+    logger.remove()
+
+
+def controlled(tmp_path: Path, mode: str = "ok", **options) -> _Controlled:
+    control = tmp_path / "control"
+    control.write_text(mode)
+    return _Controlled(str(control), str(tmp_path / "out.ndjson"), **options)
+
+
+def set_mode(tmp_path: Path, mode: str) -> None:
+    (tmp_path / "control").write_text(mode)
+
+
+def test_100k_records_from_4_threads_land_exactly_once_in_order(tmp_logs, loguru):
+    pipeline = logsluice.Pipeline(logsluice.LocalFiles(tmp_logs))
+    pipeline.attach(loguru, level="INFO")
+    per_thread = 25_000
+
+    def produce(t: int) -> None:
+        log = loguru.bind(t=t)
+        for n in range(per_thread):
+            log.info("record {}", n, n=n)
+
+    threads = [threading.Thread(target=produce, args=(t,)) for t in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    pipeline.flush(timeout=30)
+    stats = pipeline.stats()["local_files"]
+    pipeline.close()
+
+    records = read_records(tmp_logs)
+    assert len(records) == 4 * per_thread == stats["written"] == stats["accepted"]
+    for t in range(4):
+        seq = [r["fields"]["n"] for r in records if r["fields"]["t"] == t]
+        assert seq == list(range(per_thread)), f"thread {t} out of order or duplicated"
+    assert {r["message"] for r in records[:3]} <= {f"record {n}" for n in range(per_thread)}
+
+
+def test_record_shape(tmp_logs, loguru):
+    pipeline = logsluice.Pipeline(logsluice.LocalFiles(tmp_logs))
+    pipeline.attach(loguru, level="DEBUG")
+    loguru.bind(user="ada").info("signed in from {}", "10.0.0.1")
+    pipeline.close()
+    (r,) = read_records(tmp_logs)
+    assert r["message"] == "signed in from 10.0.0.1"
+    assert r["fields"] == {"user": "ada"}
+    assert (r["level"], r["level_no"], r["kind"]) == ("INFO", 20, "app")
+    assert r["logger"] == __name__ and r["function"] == "test_record_shape" and r["line"] > 0
+    assert r["process"] == os.getpid() and r["thread"] == threading.get_ident()
+    assert r["ts"].endswith("Z") and len(r["ts"]) == len("2026-01-01T00:00:00.000000Z")
+    assert r["exception"] is None and r["request_id"] is None
+
+
+def test_nasty_input_is_stored_sanitised(tmp_logs, loguru):
+    class BadRepr:
+        def __repr__(self):
+            raise RuntimeError("no repr")
+
+    pipeline = logsluice.Pipeline(logsluice.LocalFiles(tmp_logs), max_message_bytes=64 * 1024)
+    pipeline.attach(loguru, level="INFO")
+    loguru.info("nul\x00byte")
+    loguru.info("lone \ud800 surrogate")
+    loguru.info("emoji 😀 ünïcödé")
+    loguru.info("x" * 10_000_000)
+    loguru.bind(raw=b"\xff\xfebytes", obj=object(), bad=BadRepr(), nested={"s": {1, 2}}, big=2**80).info(
+        "extras"
+    )
+    secret = "hunter2"  # noqa: F841 - must not appear: attach() turns diagnose off
+    try:
+        {}["missing"]
+    except KeyError:
+        loguru.exception("failed")
+    pipeline.close()
+
+    by_msg = {r["message"][:20]: r for r in read_records(tmp_logs)}
+    assert "nulbyte" in by_msg
+    assert "lone \ufffd surrogate" in by_msg
+    assert "emoji 😀 ünïcödé" in by_msg
+    big = next(r for r in by_msg.values() if r["message"].startswith("xxx"))
+    assert big["message"].endswith("…[truncated, 10000000 bytes]")
+    assert len(big["message"].encode()) < 64 * 1024 + 100
+    extras = by_msg["extras"]["fields"]
+    assert extras["raw"] == "\ufffd\ufffdbytes"
+    assert extras["obj"].startswith("<object object at")
+    assert extras["bad"] == "<unrepresentable BadRepr>"
+    assert extras["nested"]["s"] in ("{1, 2}", "{2, 1}")
+    assert extras["big"] == str(2**80)
+    exc = by_msg["failed"]["exception"]
+    assert exc.startswith("Traceback (most recent call last):") and "KeyError: 'missing'" in exc
+    assert "hunter2" not in exc
+
+
+def test_stdlib_logging_handler_and_request_id_context(tmp_logs):
+    pipeline = logsluice.Pipeline(logsluice.LocalFiles(tmp_logs))
+    log = logging.getLogger("test.stdlib")
+    log.propagate = False
+    log.setLevel(logging.DEBUG)
+    log.addHandler(pipeline.logging_handler())
+    token = logsluice._context.request_id.set("req-42")
+    try:
+        log.warning("hello %s", "world", extra={"order": {"id": 7}})
+    finally:
+        logsluice._context.request_id.reset(token)
+    log.info("bad format %d", "not a number")
+    logging.getLogger("logsluice").addHandler(pipeline.logging_handler())
+    logging.getLogger("logsluice").warning("the core's own messages never loop back")
+    pipeline.close()
+    records = read_records(tmp_logs)
+    assert [r["message"] for r in records][0] == "hello world"
+    assert records[0]["request_id"] == "req-42" and records[0]["fields"] == {"order": {"id": 7}}
+    assert records[0]["logger"] == "test.stdlib" and records[0]["level"] == "WARNING"
+    assert records[1]["message"].startswith("bad format %d (logsluice: message formatting failed")
+    assert len(records) == 2
+
+
+def test_queue_full_drops_are_counted_under_a_stalled_destination(tmp_path, loguru):
+    dest = controlled(tmp_path, "stall", queue_max_records=100, batch_max_records=10, attempt_timeout=60)
+    pipeline = logsluice.Pipeline(dest)
+    pipeline.attach(loguru, level="INFO")
+    started = time.perf_counter()
+    for i in range(1000):
+        loguru.info("r{}", i)
+    elapsed = time.perf_counter() - started
+    s = pipeline.stats()["controlled"]
+    assert_accounted({"controlled": s})
+    assert s["dropped"]["queue_full"] >= 1000 - 100 - 10
+    assert s["queue_records"] <= 100
+    assert elapsed < 30  # the caller never waited for the stalled writer's 60 s attempt
+    set_mode(tmp_path, "ok")
+    pipeline.flush(timeout=10)
+    s = pipeline.stats()["controlled"]
+    assert_accounted({"controlled": s})
+    assert s["in_flight"] == 0 and s["accepted"] == 1000
+    lines = (tmp_path / "out.ndjson").read_text().splitlines()
+    assert len(lines) == s["written"] == 1000 - s["dropped"]["queue_full"]
+    pipeline.close()
+
+
+def test_on_full_block_waits_for_room_instead_of_dropping(tmp_path, loguru):
+    dest = controlled(
+        tmp_path, "stall", queue_max_records=10, batch_max_records=5, on_full="block", block_timeout=5.0
+    )
+    pipeline = logsluice.Pipeline(dest)
+    pipeline.attach(loguru, level="INFO")
+    threading.Timer(0.5, set_mode, (tmp_path, "ok")).start()
+    for i in range(100):
+        loguru.info("r{}", i)
+    pipeline.flush(timeout=10)
+    s = pipeline.stats()["controlled"]
+    assert s["written"] == 100 and s["dropped"]["queue_full"] == 0
+    pipeline.close()
+
+
+def test_breaker_opens_half_opens_and_closes(tmp_path, loguru):
+    dest = controlled(
+        tmp_path, "fail", max_retries=0, breaker_threshold=3, breaker_cooldown=0.5, batch_max_records=1
+    )
+    pipeline = logsluice.Pipeline(dest)
+    pipeline.attach(loguru, level="INFO")
+
+    def one() -> dict:
+        loguru.info("x")
+        pipeline.flush(timeout=5)
+        return pipeline.stats()["controlled"]
+
+    states = [one()["breaker"] for _ in range(3)]
+    assert states == ["closed", "closed", "open"]
+    s = one()
+    assert s["dropped"]["breaker_open"] == 1 and s["dropped"]["failed"] == 3
+    assert "controlled transient failure" in s["last_error"]
+    attempts_before = (tmp_path / "out.ndjson.attempts").read_text().count("\n")
+    assert attempts_before == 3  # while open, nothing reached the destination
+    time.sleep(0.6)
+    s = one()  # the half-open probe fails: open again
+    assert s["breaker"] == "open" and s["dropped"]["failed"] == 4
+    set_mode(tmp_path, "ok")
+    time.sleep(0.6)
+    s = one()
+    assert s["breaker"] == "closed" and s["written"] == 1
+    assert_accounted({"controlled": s})
+    pipeline.close()
+
+
+def test_transient_failures_are_retried_with_backoff(tmp_path, loguru):
+    dest = controlled(tmp_path, "fail", max_retries=20, retry_initial=0.02, retry_max=0.1)
+    pipeline = logsluice.Pipeline(dest)
+    pipeline.attach(loguru, level="INFO")
+    loguru.info("eventually")
+    threading.Timer(0.3, set_mode, (tmp_path, "ok")).start()
+    pipeline.flush(timeout=10)
+    s = pipeline.stats()["controlled"]
+    assert s["written"] == 1 and s["retries"] >= 1 and s["dropped_total"] == 0
+    attempts = (tmp_path / "out.ndjson.attempts").read_text().split("\n")
+    assert attempts[0] == "1 fail" and "1 ok" in attempts
+    pipeline.close()
+
+
+def test_permanent_failure_is_not_retried(tmp_path, loguru):
+    pipeline = logsluice.Pipeline(controlled(tmp_path, "fail_permanent", max_retries=5))
+    pipeline.attach(loguru, level="INFO")
+    loguru.info("x")
+    pipeline.flush(timeout=5)
+    s = pipeline.stats()["controlled"]
+    assert s["retries"] == 0 and s["dropped"]["failed"] == 1
+    pipeline.close()
+
+
+def test_flush_and_close_time_out_and_account_for_everything(tmp_path, loguru):
+    pipeline = logsluice.Pipeline(controlled(tmp_path, "stall", attempt_timeout=60))
+    pipeline.attach(loguru, level="INFO")
+    for i in range(5):
+        loguru.info("r{}", i)
+    with pytest.raises(TimeoutError, match="controlled: 5 records"):
+        pipeline.flush(timeout=0.2)  # the writer now holds these 5, stalled
+    for i in range(3):
+        loguru.info("queued {}", i)
+    pipeline.close(timeout=0.2)
+    pipeline.close(timeout=0.2)  # idempotent
+    assert pipeline.closed
+    set_mode(tmp_path, "ok")  # the stalled attempt completes; what waited behind it is dropped
+    deadline = time.monotonic() + 10
+    while pipeline.stats()["controlled"]["in_flight"] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    s = pipeline.stats()["controlled"]
+    assert_accounted({"controlled": s})
+    assert (s["written"], s["dropped"]["closed"], s["in_flight"]) == (5, 3, 0)
+    loguru.info("after close")
+    assert pipeline.stats()["controlled"]["dropped"]["closed"] == 4
+
+
+def test_stats_invariant_holds_at_every_moment(tmp_path, loguru):
+    pipeline = logsluice.Pipeline(controlled(tmp_path, "ok", queue_max_records=500, batch_max_records=50))
+    pipeline.attach(loguru, level="INFO")
+    stop = threading.Event()
+    snapshots = []
+
+    def sample():
+        while not stop.is_set():
+            snapshots.append(pipeline.stats())
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    for i in range(20_000):
+        loguru.info("r{}", i)
+        if i == 5000:
+            set_mode(tmp_path, "stall")
+        if i == 10_000:
+            set_mode(tmp_path, "ok")
+    pipeline.flush(timeout=10)
+    stop.set()
+    sampler.join()
+    assert len(snapshots) > 10
+    for snap in snapshots:
+        assert_accounted(snap)
+    pipeline.close()
+
+
+def test_rotation_by_size_with_gzip_and_keep(tmp_logs, loguru):
+    dest = logsluice.LocalFiles(tmp_logs, max_file_bytes=20_000, compress=True, keep=3, batch_max_records=50)
+    pipeline = logsluice.Pipeline(dest)
+    pipeline.attach(loguru, level="INFO")
+    for i in range(2000):
+        loguru.info("rotating record number {}", i)
+        if i % 50 == 49:
+            pipeline.flush()
+    pipeline.close()
+    files = log_files(tmp_logs)
+    assert len(files) == 4
+    assert [f.name.endswith(".gz") for f in files] == [True, True, True, False]
+    assert files == sorted(files)
+    numbers = [int(r["message"].rsplit(" ", 1)[1]) for r in read_records(tmp_logs)]
+    assert numbers == sorted(numbers) and numbers[-1] == 1999  # the newest kept, in order
+
+
+def test_bad_configuration_raises_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="queue_max_records must be positive"):
+        logsluice.LocalFiles(tmp_path, queue_max_records=-1)
+    with pytest.raises(ValueError, match="unknown option.*batch_size"):
+        logsluice.LocalFiles(tmp_path, batch_size=10)
+    with pytest.raises(ValueError, match="unknown option.*queue_max_records"):
+        logsluice.Pipeline(logsluice.LocalFiles(tmp_path), queue_max_records=5)
+    with pytest.raises(ValueError, match="cannot create directory"):
+        logsluice.LocalFiles("/etc/passwd/logs")
+    with pytest.raises(ValueError, match="min_level='LOUD' is not a level"):
+        logsluice.LocalFiles(tmp_path, min_level="LOUD")
+    with pytest.raises(ValueError, match="on_full must be"):
+        logsluice.LocalFiles(tmp_path, on_full="wait")
+    with pytest.raises(ValueError, match="two destinations are named"):
+        logsluice.Pipeline(logsluice.LocalFiles(tmp_path / "a"), logsluice.LocalFiles(tmp_path / "b"))
+    with pytest.raises(ValueError, match="kinds"):
+        logsluice.LocalFiles(tmp_path, kinds=["audit"])
+
+
+def test_routing_by_level_and_kind(tmp_path, loguru):
+    everything = logsluice.LocalFiles(tmp_path / "all", name="all")
+    errors = logsluice.LocalFiles(tmp_path / "errors", name="errors", min_level="ERROR")
+    http_only = logsluice.LocalFiles(tmp_path / "http", name="http", kinds=["http"])
+    pipeline = logsluice.Pipeline(everything, errors, http_only)
+    pipeline.attach(loguru, level="DEBUG")
+    loguru.debug("d")
+    loguru.warning("w")
+    loguru.error("e")
+    pipeline.close()
+    assert [r["message"] for r in read_records(tmp_path / "all")] == ["d", "w", "e"]
+    assert [r["message"] for r in read_records(tmp_path / "errors")] == ["e"]
+    assert read_records(tmp_path / "http") == []
+    assert pipeline.stats()["http"]["accepted"] == 0
+
+
+def _child_logs(directory: str, tag: str, n: int) -> int:
+    logger.remove()
+    pipeline = _FORK_PIPELINE
+    pipeline.attach(logger, level="INFO")
+    for i in range(n):
+        logger.info("{} {}", tag, i)
+    pipeline.flush(timeout=10)
+    return pipeline.stats()["local_files"]["written"]
+
+
+_FORK_PIPELINE: logsluice.Pipeline
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_fork_child_starts_a_fresh_core(tmp_logs, loguru):
+    global _FORK_PIPELINE
+    pipeline = _FORK_PIPELINE = logsluice.Pipeline(logsluice.LocalFiles(tmp_logs))
+    pipeline.attach(loguru, level="INFO")
+    for i in range(100):
+        loguru.info("parent {}", i)  # queued in the parent when the fork happens
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        code = 1
+        try:
+            fresh = pipeline.stats()["local_files"]["accepted"] == 0
+            written = _child_logs(str(tmp_logs), "child", 50)
+            code = 0 if fresh and written == 50 else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(3) as pool:
+        written = pool.starmap(_child_logs, [(str(tmp_logs), f"pool{k}", 200) for k in range(3)])
+    assert written == [200, 200, 200]
+    pipeline.flush(timeout=10)
+    pipeline.close()
+
+    records = read_records(tmp_logs)
+    parent = [r for r in records if r["message"].startswith("parent")]
+    assert len(parent) == 100 and {r["process"] for r in parent} == {os.getpid()}
+    assert len([r for r in records if r["message"].startswith("child")]) == 50
+    assert len([r for r in records if r["message"].startswith("pool")]) == 600
+
+
+def test_import_starts_no_thread_and_exit_flushes(tmp_path):
+    script = f"""
+import os, threading
+import logsluice
+assert threading.active_count() == 1
+assert len(os.listdir('/proc/self/task')) == 1, os.listdir('/proc/self/task')
+from loguru import logger
+logger.remove()
+p = logsluice.Pipeline(logsluice.LocalFiles({str(tmp_path)!r}))
+assert len(os.listdir('/proc/self/task')) == 1  # still lazy
+p.attach(logger)
+for i in range(1000):
+    logger.info("bye {{}}", i)
+# no flush, no close: the interpreter's exit must deliver them
+"""
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=60)
+    assert len(read_records(tmp_path)) == 1000
+
+
+def test_lifespan_closes_the_pipeline(tmp_logs, loguru):
+    import asyncio
+
+    pipeline = logsluice.Pipeline(logsluice.LocalFiles(tmp_logs))
+    pipeline.attach(loguru)
+
+    async def run():
+        async with pipeline.lifespan(None):
+            loguru.info("during")
+        return pipeline.closed
+
+    assert asyncio.run(run()) is True
+    assert [r["message"] for r in read_records(tmp_logs)] == ["during"]
+
+
+def test_attach_refuses_unsafe_overrides(tmp_logs, loguru):
+    pipeline = logsluice.Pipeline(logsluice.LocalFiles(tmp_logs))
+    with pytest.raises(ValueError, match="diagnose"):
+        pipeline.attach(loguru, diagnose=True)
+    handler_id = pipeline.attach(loguru, level="WARNING", filter=lambda r: "keep" in r["message"])
+    loguru.warning("keep me")
+    loguru.warning("drop me")
+    loguru.info("keep but too low")
+    loguru.remove(handler_id)
+    pipeline.close()
+    assert [r["message"] for r in read_records(tmp_logs)] == ["keep me"]
+
+
+def test_disk_errors_go_through_retries_breaker_and_counters(tmp_path, loguru, caplog):
+    directory = tmp_path / "logs"
+    pipeline = logsluice.Pipeline(logsluice.LocalFiles(directory, max_retries=1, retry_initial=0.01))
+    pipeline.attach(loguru)
+    loguru.info("before")
+    pipeline.flush()
+    # Something replaces the log directory with a file: every write now fails.
+    for f in directory.iterdir():
+        f.unlink()
+    directory.rmdir()
+    directory.write_text("not a directory")
+    pipeline._core.stats()  # nothing raised into the app
+    with caplog.at_level(logging.WARNING, logger="logsluice"):
+        loguru.info("lost")
+        pipeline.flush(timeout=10)
+    s = pipeline.stats()["local_files"]
+    assert s["dropped"]["failed"] == 1 and s["retries"] == 1
+    assert "cannot create directory" in s["last_error"]
+    assert any(
+        "dropped a batch of 1 records" in r.getMessage() for r in caplog.records if r.name == "logsluice"
+    )
+    directory.unlink()  # the operator fixes it; the next batch recreates the directory
+    loguru.info("after")
+    pipeline.close()
+    assert [r["message"] for r in read_records(directory)] == ["after"]
+    assert_accounted(pipeline.stats())
