@@ -108,6 +108,10 @@ fn dsn_secrets(dsn: &str) -> Vec<String> {
             }
         }
     }
+    // A DSN without a password falls back to PGPASSWORD, as libpq does.
+    if let Ok(pw) = std::env::var("PGPASSWORD") {
+        out.push(pw);
+    }
     let decoded: Vec<String> = out.iter().map(|p| percent_decode(p)).collect();
     out.extend(decoded);
     out.retain(|p| p.len() >= 3);
