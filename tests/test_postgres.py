@@ -566,3 +566,24 @@ def test_statement_timeout_cuts_a_stuck_copy(postgres, table, log):
     pipeline.close()
     assert stats["written"] == 2 and accounted(stats)
     assert sorted(r[0] for r in postgres.psql(f"select message from {table}")) == ["after", "first"]
+
+
+def test_maintenance_runs_on_its_schedule_while_idle(postgres, table, log):
+    destination = logsluice.Postgres(
+        postgres.dsn, table=table, retention={"http": "1d"}, maintenance_interval=0.2
+    )
+    pipeline = logsluice.Pipeline(destination)
+    pipeline.attach(log)
+    log.info("one")
+    pipeline.flush(30)
+    old = (dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=5)).date()
+    name = f"{table}_http_{old:%Y%m%d}"
+    postgres.psql(
+        f"create table {name} partition of {table}_http for values from ('{old}') to"
+        f" ('{old + dt.timedelta(days=1)}')"
+    )
+    # No record is logged: the idle writer's scheduled maintenance drops the partition.
+    wait_for(lambda: name not in relnames(postgres, table), what="retention while idle")
+    stats = pipeline.stats()["postgres"]
+    pipeline.close()
+    assert stats["written"] == 1 and stats["batches"] == 1
