@@ -587,3 +587,26 @@ def test_maintenance_runs_on_its_schedule_while_idle(postgres, table, log):
     stats = pipeline.stats()["postgres"]
     pipeline.close()
     assert stats["written"] == 1 and stats["batches"] == 1
+
+
+def test_too_many_connections_is_retried_then_recovers(postgres, table, log):
+    destination = logsluice.Postgres(
+        postgres.dsn, table=table, max_retries=2, retry_initial=0.01, retry_max=0.05
+    )
+    pipeline = logsluice.Pipeline(destination)
+    pipeline.attach(log)
+    postgres.psql("alter role app connection limit 0")
+    try:
+        log.info("refused")
+        pipeline.flush(30)
+        stats = pipeline.stats()["postgres"]
+    finally:
+        postgres.psql("alter role app connection limit -1")
+    assert "53300" in stats["last_error"] and "too many connections" in stats["last_error"]
+    assert stats["retries"] == 2 and stats["dropped"]["failed"] == 1, "transient: retried, then dropped"
+    log.info("accepted")
+    pipeline.flush(30)
+    stats = pipeline.stats()["postgres"]
+    pipeline.close()
+    assert stats["written"] == 1 and accounted(stats)
+    assert postgres.psql(f"select message from {table}") == [("accepted",)]
