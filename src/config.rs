@@ -196,12 +196,91 @@ impl std::fmt::Debug for PostgresConfig {
     }
 }
 
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum BlobCompression {
+    None,
+    Gzip,
+}
+
+/// Azure Blob Storage: one block blob of NDJSON per batch (and per kind and time partition).
+/// Exactly one of `connection_string`, `account_url` or `container_url` says where.
+/// `Debug` is written by hand: connection strings, keys and SAS tokens are secrets.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AzureBlobConfig {
+    pub connection_string: Option<String>,
+    pub account_url: Option<String>,
+    /// With `account_url`: "default", "managed_identity", "workload_identity",
+    /// "azure_cli", "environment", a SAS token or an account key.
+    pub credential: Option<String>,
+    /// A container URL, usually with a SAS token in its query.
+    pub container_url: Option<String>,
+    pub container: String,
+    pub prefix: String,
+    pub compression: BlobCompression,
+    pub compression_level: u32,
+    pub name_template: String,
+    pub create_container: bool,
+    /// Blobs larger than this are uploaded as blocks of this size.
+    pub block_size: u64,
+    pub max_concurrency: usize,
+}
+
+impl Default for AzureBlobConfig {
+    fn default() -> Self {
+        AzureBlobConfig {
+            connection_string: None,
+            account_url: None,
+            credential: None,
+            container_url: None,
+            container: "logs".into(),
+            prefix: String::new(),
+            compression: BlobCompression::Gzip,
+            compression_level: 4,
+            name_template: crate::destinations::azure_blob::naming::DEFAULT_TEMPLATE.into(),
+            create_container: true,
+            block_size: 4 << 20,
+            max_concurrency: 4,
+        }
+    }
+}
+
+impl std::fmt::Debug for AzureBlobConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let hidden = |v: &Option<String>| v.as_ref().map(|_| "<hidden>");
+        f.debug_struct("AzureBlobConfig")
+            .field("connection_string", &hidden(&self.connection_string))
+            .field("account_url", &self.account_url)
+            .field("credential", &hidden(&self.credential))
+            .field("container_url", &hidden(&self.container_url))
+            .field("container", &self.container)
+            .field("prefix", &self.prefix)
+            .field("compression", &self.compression)
+            .field("name_template", &self.name_template)
+            .field("create_container", &self.create_container)
+            .field("block_size", &self.block_size)
+            .finish_non_exhaustive()
+    }
+}
+
 #[derive(Clone, Debug, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Target {
     LocalFiles(LocalFilesConfig),
     Controlled(ControlledConfig),
     Postgres(PostgresConfig),
+    AzureBlob(AzureBlobConfig),
+}
+
+impl Target {
+    /// Checks what can be checked without I/O, so a bad option fails at construction.
+    pub fn validate(&self) -> Result<(), String> {
+        match self {
+            Target::AzureBlob(cfg) => crate::destinations::azure_blob::validate(cfg),
+            _ => Ok(()),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -234,6 +313,9 @@ pub fn parse_specs(json: &str) -> Result<Vec<DestinationSpec>, String> {
     let mut names = std::collections::HashSet::new();
     for s in &specs {
         s.common
+            .validate()
+            .map_err(|e| format!("destination {:?}: {e}", s.common.name))?;
+        s.target
             .validate()
             .map_err(|e| format!("destination {:?}: {e}", s.common.name))?;
         if !names.insert(s.common.name.clone()) {

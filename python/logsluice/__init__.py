@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from ._core import __version__
 from ._pipeline import LoggingHandler, Pipeline
+from .azure_blob import AzureBlob
 from .destinations import Destination, LocalFiles
 from .postgres import Postgres
 
-__all__ = ["Destination", "LocalFiles", "LoggingHandler", "Pipeline", "Postgres", "__version__"]
+__all__ = ["AzureBlob", "Destination", "LocalFiles", "LoggingHandler", "Pipeline", "Postgres", "__version__"]

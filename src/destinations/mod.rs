@@ -6,6 +6,7 @@ use std::time::Duration;
 use crate::config::Target;
 use crate::record::Record;
 
+pub mod azure_blob;
 pub mod controlled;
 pub mod local_files;
 pub mod postgres;
@@ -80,5 +81,6 @@ pub fn open(target: &Target) -> Result<Box<dyn Writer>, WriteError> {
         Target::LocalFiles(cfg) => Box::new(local_files::LocalFiles::open(cfg.clone())?),
         Target::Controlled(cfg) => Box::new(controlled::Controlled::new(cfg.clone())),
         Target::Postgres(cfg) => Box::new(postgres::Postgres::open(cfg.clone())?),
+        Target::AzureBlob(cfg) => Box::new(azure_blob::AzureBlob::open(cfg.clone())?),
     })
 }

@@ -127,9 +127,9 @@ fn jsonb<T: serde::Serialize + ?Sized>(out: &mut Vec<u8>, v: &T) {
     out[len_at..len_at + 4].copy_from_slice(&len.to_be_bytes());
 }
 
-/// `jsonb` from text that already is valid JSON (the record's serialised fields).
+/// jsonb from JSON text the record already holds (version byte 1, then the text).
 fn jsonb_text(out: &mut Vec<u8>, json: &str) {
-    out.extend_from_slice(&(json.len() as i32 + 1).to_be_bytes());
+    out.extend_from_slice(&((json.len() + 1) as i32).to_be_bytes());
     out.push(1);
     out.extend_from_slice(json.as_bytes());
 }
@@ -252,9 +252,12 @@ mod tests {
         r.line = 42;
         r.thread = u64::MAX;
         r.request_id = Some("req-1".into());
-        let mut fields = serde_json::Map::new();
-        fields.insert("user".into(), Value::from("ada"));
-        r.set_fields(&fields);
+        r.set_fields(
+            &serde_json::json!({"user": "ada"})
+                .as_object()
+                .unwrap()
+                .clone(),
+        );
         let r = r.finish(1024);
         let mut out = Vec::new();
         encode([&r, &r], &mut out);
