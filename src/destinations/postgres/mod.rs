@@ -32,6 +32,8 @@ const US_PER_DAY: i64 = 86_400_000_000;
 /// Line-number hints used per batch before isolation falls back to halving, which bounds
 /// the work for a batch made entirely of bad records to O(n log n).
 const MAX_LINE_HINTS: usize = 16;
+/// COPY data is sent whenever this much is encoded.
+const SEND_SLICE_BYTES: usize = 256 << 10;
 /// Rows removed per DELETE when a plain (unpartitioned) table applies retention.
 const DELETE_CHUNK: i64 = 10_000;
 
@@ -279,12 +281,28 @@ async fn copy_rows(
     buf: &mut Vec<u8>,
     rows: &[&Record],
 ) -> Result<u64, sqlx::Error> {
-    buf.clear();
-    copy::encode(rows.iter().copied(), buf);
     let mut copy_in = conn.copy_in_raw(sql).await?;
-    if let Err(e) = copy_in.send(&buf[..]).await {
-        let _ = copy_in.abort("logsluice: sending failed").await;
-        return Err(e);
+    // Encoded and sent in slices, so the server parses and inserts the first rows while the
+    // rest are still being encoded.
+    buf.clear();
+    copy::header(buf);
+    let last = rows.len().saturating_sub(1);
+    for (i, r) in rows.iter().enumerate() {
+        copy::row(buf, r);
+        if i == last {
+            copy::trailer(buf);
+        }
+        if buf.len() >= SEND_SLICE_BYTES || i == last {
+            if let Err(e) = copy_in.send(&buf[..]).await {
+                let _ = copy_in.abort("logsluice: sending failed").await;
+                return Err(e);
+            }
+            buf.clear();
+        }
+    }
+    if rows.is_empty() {
+        copy::trailer(buf);
+        copy_in.send(&buf[..]).await?;
     }
     copy_in.finish().await
 }
