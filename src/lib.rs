@@ -7,6 +7,7 @@ pub mod breaker;
 pub mod config;
 pub mod destinations;
 pub mod encode;
+pub mod http;
 pub mod metrics;
 pub mod pipeline;
 pub mod queue;

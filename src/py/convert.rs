@@ -238,7 +238,7 @@ fn int_attr<T: for<'a, 'py> FromPyObject<'a, 'py> + Default>(
 }
 
 /// Formats `(type, value, traceback)` as the standard multi-line traceback.
-fn format_exception(
+pub fn format_exception(
     ctx: &Ctx,
     py: Python<'_>,
     ty: &Bound<'_, PyAny>,
