@@ -211,7 +211,8 @@ struct Inner {
     layout: Option<Layout>,
     /// (kind, day number since the epoch) of day partitions known to exist.
     days: HashSet<(Kind, i64)>,
-    copy_sql: String,
+    /// COPY statements: app columns only, and all columns.
+    copy_sql: [String; 2],
     buf: Vec<u8>,
     next_maintenance: Instant,
     maintenance_breaker: Breaker,
@@ -241,7 +242,10 @@ impl Postgres {
         Ok(Postgres {
             rt,
             inner: Inner {
-                copy_sql: names.copy_statement(),
+                copy_sql: [
+                    names.copy_statement(copy::APP_COLUMNS),
+                    names.copy_statement(copy::COLUMNS.len()),
+                ],
                 names,
                 opts,
                 target,
@@ -277,18 +281,19 @@ async fn exec(conn: &mut PgConnection, sql: String) -> Result<(), sqlx::Error> {
 
 async fn copy_rows(
     conn: &mut PgConnection,
-    sql: &str,
+    sql: &[String; 2],
     buf: &mut Vec<u8>,
     rows: &[&Record],
 ) -> Result<u64, sqlx::Error> {
-    let mut copy_in = conn.copy_in_raw(sql).await?;
+    let all_columns = rows.iter().any(|r| r.http.is_some());
+    let mut copy_in = conn.copy_in_raw(&sql[all_columns as usize]).await?;
     // Encoded and sent in slices, so the server parses and inserts the first rows while the
     // rest are still being encoded.
     buf.clear();
     copy::header(buf);
     let last = rows.len().saturating_sub(1);
     for (i, r) in rows.iter().enumerate() {
-        copy::row(buf, r);
+        copy::row(buf, r, all_columns);
         if i == last {
             copy::trailer(buf);
         }

@@ -101,8 +101,9 @@ impl Names {
         format!("logsluice:{}.{}", self.schema, self.table)
     }
 
-    pub fn copy_statement(&self) -> String {
-        let cols: Vec<String> = COLUMNS.iter().map(|(c, _)| quote(c)).collect();
+    /// `COPY` of the first `columns` of [`COLUMNS`].
+    pub fn copy_statement(&self, columns: usize) -> String {
+        let cols: Vec<String> = COLUMNS[..columns].iter().map(|(c, _)| quote(c)).collect();
         format!(
             "COPY {} ({}) FROM STDIN (FORMAT binary)",
             self.qualified(),
@@ -339,7 +340,7 @@ mod tests {
         assert_eq!(n.parse_day_partition(Kind::Http, "logs_app_20261231"), None);
         assert_eq!(n.parse_day_partition(Kind::App, "logs_app_2026123x"), None);
         assert!(n
-            .copy_statement()
+            .copy_statement(COLUMNS.len())
             .starts_with("COPY \"app\".\"logs\" (\"ts\", \"level\""));
         assert!(!n.create_sql(Layout::Plain).contains("PARTITION"));
     }
