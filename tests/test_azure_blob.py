@@ -238,7 +238,8 @@ def test_outage_opens_the_breaker_then_it_closes_and_nothing_is_stored_twice(azu
 
     messages = [r["message"] for _, _, _, records in read_blobs(azurite, container) for r in records]
     assert len(messages) == len(set(messages)) == s["written"]
-    assert s["written"] >= 31 and s["dropped"]["failed"] == 10 and s["dropped"]["breaker_open"] >= 5
+    # (A probe that met Azurite still starting would add a failed batch and reopen the breaker.)
+    assert s["written"] >= 31 and s["dropped"]["failed"] >= 10 and s["dropped"]["breaker_open"] >= 5
 
 
 class FaultyProxy:
