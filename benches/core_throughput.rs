@@ -38,7 +38,7 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(1_000_000);
-    let dir = tempfile::tempdir().expect("temp dir");
+    let dir = logsluice::scratch::ScratchDir::new().expect("temp dir");
     let spec = DestinationSpec {
         // Back-pressure instead of drops, so the figure is the sustained write rate.
         common: Common {

@@ -140,6 +140,62 @@ pub struct ControlledConfig {
     pub output_file: String,
 }
 
+/// PostgreSQL: binary COPY into a self-managed, day-partitioned table (README "PostgreSQL").
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PostgresConfig {
+    /// `postgresql://user:password@host:port/db?...`; the password never leaves this struct.
+    pub dsn: String,
+    pub schema: String,
+    pub table: String,
+    /// `"day"` (range partitions per UTC day, per kind) or `None` for a plain table.
+    pub partition: Option<String>,
+    pub create_table: bool,
+    /// Seconds to keep, per kind; a kind not listed is kept forever.
+    pub retention: std::collections::HashMap<Kind, f64>,
+    /// Day partitions created ahead of today.
+    pub premake_days: u32,
+    /// Seconds between maintenance runs (partitions ahead, retention).
+    pub maintenance_interval: f64,
+    pub connect_timeout: f64,
+    pub statement_timeout: f64,
+    pub dead_letter_dir: Option<String>,
+    pub application_name: String,
+}
+
+impl Default for PostgresConfig {
+    fn default() -> Self {
+        PostgresConfig {
+            dsn: String::new(),
+            schema: "public".into(),
+            table: "logs".into(),
+            partition: Some("day".into()),
+            create_table: true,
+            retention: Default::default(),
+            premake_days: 2,
+            maintenance_interval: 3600.0,
+            connect_timeout: 10.0,
+            statement_timeout: 30.0,
+            dead_letter_dir: None,
+            application_name: "logsluice".into(),
+        }
+    }
+}
+
+impl std::fmt::Debug for PostgresConfig {
+    // Hand-written so the DSN's password can never reach a debug print.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresConfig")
+            .field("dsn", &crate::destinations::postgres::redact_dsn(&self.dsn))
+            .field("schema", &self.schema)
+            .field("table", &self.table)
+            .field("partition", &self.partition)
+            .field("create_table", &self.create_table)
+            .field("retention", &self.retention)
+            .finish_non_exhaustive()
+    }
+}
+
 #[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum BlobCompression {
@@ -213,6 +269,7 @@ impl std::fmt::Debug for AzureBlobConfig {
 pub enum Target {
     LocalFiles(LocalFilesConfig),
     Controlled(ControlledConfig),
+    Postgres(PostgresConfig),
     AzureBlob(AzureBlobConfig),
 }
 

@@ -7,11 +7,14 @@ pub mod breaker;
 pub mod config;
 pub mod destinations;
 pub mod encode;
+pub mod http;
 pub mod metrics;
 pub mod pipeline;
 pub mod queue;
 pub mod record;
 pub mod retry;
+#[doc(hidden)]
+pub mod scratch;
 
 #[cfg(feature = "python")]
 mod py;

@@ -276,14 +276,23 @@ fn run(dest: Arc<Destination>, target: Target) {
                     w.idle();
                 }
             }
-            Next::Batch(batch) => {
-                let started = Instant::now();
-                let (written, dropped) =
-                    deliver(&dest, &target, &mut writer, &mut breaker, &backoff, &batch);
-                let state = breaker.name();
-                dest.queue.with_state(|s| s.breaker = state);
-                dest.queue
-                    .resolve(batch.len(), written, &dropped, started.elapsed());
+            Next::Batch(mut taken) => {
+                while !taken.is_empty() {
+                    let (batch, bytes) = dest.queue.split_batch(&mut taken);
+                    let started = Instant::now();
+                    let (written, dropped) =
+                        deliver(&dest, &target, &mut writer, &mut breaker, &backoff, &batch);
+                    let state = breaker.name();
+                    dest.queue.with_state(|s| s.breaker = state);
+                    dest.queue
+                        .resolve(batch.len(), bytes, written, &dropped, started.elapsed());
+                }
+                dest.queue.recycle(taken);
+            }
+        }
+        if let Some(w) = writer.as_mut() {
+            for (level, message) in w.notices() {
+                dest.report(level, &message);
             }
         }
     }
@@ -400,7 +409,7 @@ mod tests {
 
     #[test]
     fn routes_by_level_and_kind_and_flushes_to_files() {
-        let tmp = tempfile::tempdir().unwrap();
+        let tmp = crate::scratch::ScratchDir::new().unwrap();
         let files = Target::LocalFiles(LocalFilesConfig {
             directory: tmp.path().to_string_lossy().into(),
             ..Default::default()
@@ -448,7 +457,7 @@ mod tests {
 
     #[test]
     fn breaker_opens_then_recovers() {
-        let tmp = tempfile::tempdir().unwrap();
+        let tmp = crate::scratch::ScratchDir::new().unwrap();
         let ctl = tmp.path().join("ctl");
         std::fs::write(&ctl, "fail").unwrap();
         let common = Common {

@@ -424,3 +424,31 @@ def test_attach_refuses_unsafe_overrides(tmp_logs, loguru):
     loguru.remove(handler_id)
     pipeline.close()
     assert [r["message"] for r in read_records(tmp_logs)] == ["keep me"]
+
+
+def test_disk_errors_go_through_retries_breaker_and_counters(tmp_path, loguru, caplog):
+    directory = tmp_path / "logs"
+    pipeline = logsluice.Pipeline(logsluice.LocalFiles(directory, max_retries=1, retry_initial=0.01))
+    pipeline.attach(loguru)
+    loguru.info("before")
+    pipeline.flush()
+    # Something replaces the log directory with a file: every write now fails.
+    for f in directory.iterdir():
+        f.unlink()
+    directory.rmdir()
+    directory.write_text("not a directory")
+    pipeline._core.stats()  # nothing raised into the app
+    with caplog.at_level(logging.WARNING, logger="logsluice"):
+        loguru.info("lost")
+        pipeline.flush(timeout=10)
+    s = pipeline.stats()["local_files"]
+    assert s["dropped"]["failed"] == 1 and s["retries"] == 1
+    assert "cannot create directory" in s["last_error"]
+    assert any(
+        "dropped a batch of 1 records" in r.getMessage() for r in caplog.records if r.name == "logsluice"
+    )
+    directory.unlink()  # the operator fixes it; the next batch recreates the directory
+    loguru.info("after")
+    pipeline.close()
+    assert [r["message"] for r in read_records(directory)] == ["after"]
+    assert_accounted(pipeline.stats())

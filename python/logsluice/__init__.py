@@ -14,5 +14,16 @@ from ._core import __version__
 from ._pipeline import LoggingHandler, Pipeline
 from .azure_blob import AzureBlob
 from .destinations import Destination, LocalFiles
+from .middleware import LoggingMiddleware
+from .postgres import Postgres
 
-__all__ = ["AzureBlob", "Destination", "LocalFiles", "LoggingHandler", "Pipeline", "__version__"]
+__all__ = [
+    "AzureBlob",
+    "Destination",
+    "LocalFiles",
+    "LoggingHandler",
+    "LoggingMiddleware",
+    "Pipeline",
+    "Postgres",
+    "__version__",
+]

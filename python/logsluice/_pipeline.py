@@ -67,6 +67,7 @@ class Pipeline:
         specs = json.dumps([d._spec() for d in self.destinations])
         self._core = _core.Core(specs, json.dumps(opts), _report, _context.request_id)
         self._handler_ids: list[int] = []
+        self._http_middlewares: weakref.WeakSet[Any] = weakref.WeakSet()
         _live_pipelines.add(self)
 
     @classmethod
@@ -123,8 +124,23 @@ class Pipeline:
         return LoggingHandler(self, level_number(level, "level") if isinstance(level, str) else level)
 
     def stats(self) -> dict[str, dict[str, Any]]:
-        """Counters per destination; ``accepted == written + dropped_total + in_flight`` always holds."""
-        return self._core.stats()
+        """Counters per destination; ``accepted == written + dropped_total + in_flight`` always holds.
+        With a ``LoggingMiddleware`` attached, its request counters are under ``"http"``, with
+        ``handoff_waiting`` (kept exchanges not yet redacted and queued) and ``handoff_dropped``
+        (exchanges a full hand-off lane dropped)."""
+        stats = self._core.stats()
+        middlewares = list(self._http_middlewares)
+        if middlewares:
+            http: dict[str, Any] = {}
+            for mw in middlewares:
+                for key, value in mw.stats().items():
+                    http[key] = http.get(key, 0) + value
+            http["handoff_waiting"], http["handoff_dropped"] = self._core.http_lane_stats()
+            stats["http"] = http
+        return stats
+
+    def _register_http(self, middleware: Any) -> None:
+        self._http_middlewares.add(middleware)
 
     def flush(self, timeout: float = 5.0) -> None:
         """Returns once everything accepted before the call is written or counted as dropped;

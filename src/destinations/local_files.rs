@@ -4,6 +4,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufReader, BufWriter, Write};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,6 +23,15 @@ struct Current {
     path: PathBuf,
     bytes: u64,
     period: u64,
+    inode: u64,
+}
+
+impl Current {
+    /// False once someone removed or replaced our file: writes to the open handle would
+    /// land in an unlinked inode and be lost without an error.
+    fn still_ours(&self) -> bool {
+        fs::metadata(&self.path).is_ok_and(|m| m.ino() == self.inode)
+    }
 }
 
 pub struct LocalFiles {
@@ -57,6 +67,9 @@ impl LocalFiles {
     }
 
     fn new_file(&mut self) -> Result<Current, WriteError> {
+        // The directory may have been removed under us (log cleanup jobs do that).
+        fs::create_dir_all(&self.dir)
+            .map_err(|e| io_error("cannot create directory", &self.dir, e))?;
         let stamp = Utc::now().format("%Y%m%dT%H%M%S%.6fZ");
         self.seq = self.seq.wrapping_add(1);
         let name = format!(
@@ -71,11 +84,16 @@ impl LocalFiles {
             .append(true)
             .open(&path)
             .map_err(|e| io_error("cannot create", &path, e))?;
+        let inode = file
+            .metadata()
+            .map_err(|e| io_error("cannot stat", &path, e))?
+            .ino();
         Ok(Current {
             file,
             path,
             bytes: 0,
             period: self.period_now(),
+            inode,
         })
     }
 
@@ -124,6 +142,9 @@ impl LocalFiles {
     }
 
     fn ensure_file(&mut self, incoming: u64) -> Result<(), WriteError> {
+        if self.current.as_ref().is_some_and(|c| !c.still_ours()) {
+            self.current = None;
+        }
         let period = self.period_now();
         let needs_rotation = self.current.as_ref().is_some_and(|c| {
             c.period != period || (c.bytes > 0 && c.bytes + incoming > self.cfg.max_file_bytes)
@@ -236,7 +257,7 @@ mod tests {
 
     #[test]
     fn writes_lines_and_rotates_by_size_with_gzip_and_keep() {
-        let tmp = tempfile::tempdir().unwrap();
+        let tmp = crate::scratch::ScratchDir::new().unwrap();
         let mut w = LocalFiles::open(LocalFilesConfig {
             max_file_bytes: 2000,
             compress: true,
@@ -264,7 +285,7 @@ mod tests {
 
     #[test]
     fn time_rotation_starts_a_new_file() {
-        let tmp = tempfile::tempdir().unwrap();
+        let tmp = crate::scratch::ScratchDir::new().unwrap();
         let mut w = LocalFiles::open(cfg(tmp.path())).unwrap();
         w.write_batch(&batch(1), Duration::from_secs(1)).unwrap();
         w.current.as_mut().unwrap().period = 0;

@@ -9,6 +9,7 @@ use crate::record::Record;
 pub mod azure_blob;
 pub mod controlled;
 pub mod local_files;
+pub mod postgres;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ErrorKind {
@@ -63,6 +64,12 @@ pub trait Writer: Send {
     /// Called when the queue has been idle for a while: time-based rotation, maintenance.
     fn idle(&mut self) {}
 
+    /// Messages for the "logsluice" logger gathered since the last call (level, text):
+    /// what a writer noticed outside a batch's result, such as failed maintenance.
+    fn notices(&mut self) -> Vec<(u16, String)> {
+        Vec::new()
+    }
+
     /// Flushes and releases resources at shutdown.
     fn close(&mut self) -> Result<(), WriteError> {
         Ok(())
@@ -73,6 +80,7 @@ pub fn open(target: &Target) -> Result<Box<dyn Writer>, WriteError> {
     Ok(match target {
         Target::LocalFiles(cfg) => Box::new(local_files::LocalFiles::open(cfg.clone())?),
         Target::Controlled(cfg) => Box::new(controlled::Controlled::new(cfg.clone())),
+        Target::Postgres(cfg) => Box::new(postgres::Postgres::open(cfg.clone())?),
         Target::AzureBlob(cfg) => Box::new(azure_blob::AzureBlob::open(cfg.clone())?),
     })
 }

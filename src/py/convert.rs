@@ -238,7 +238,7 @@ fn int_attr<T: for<'a, 'py> FromPyObject<'a, 'py> + Default>(
 }
 
 /// Formats `(type, value, traceback)` as the standard multi-line traceback.
-fn format_exception(
+pub fn format_exception(
     ctx: &Ctx,
     py: Python<'_>,
     ty: &Bound<'_, PyAny>,
@@ -296,11 +296,13 @@ fn exception_of(ctx: &Ctx, py: Python<'_>, exc: &Bound<'_, PyAny>) -> Option<Str
 /// Builds a record from Loguru's record dict (`message.record`).
 pub fn from_loguru(ctx: &Ctx, record: &Bound<'_, PyDict>, level: (String, u16)) -> Record {
     let py = record.py();
-    // Loguru's `time` is an aware datetime whose `.timestamp()` costs a third of this whole
-    // conversion; the sink runs synchronously inside the log call, so the clock read here is
-    // the call's time to within microseconds.
+    // Loguru's own time, not our clock: `logger.patch()` may have set it (replays, imports).
+    let ts = get(record, intern!(py, "time"))
+        .and_then(|t| t.call_method0(intern!(py, "timestamp")).ok())
+        .and_then(|t| t.extract::<f64>().ok())
+        .map_or_else(now_micros, micros);
     let mut r = Record::new(
-        now_micros(),
+        ts,
         &level.0,
         level.1,
         Kind::App,

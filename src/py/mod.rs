@@ -2,6 +2,7 @@
 //! They hold the GIL only to read fields; waiting happens with the GIL released.
 
 mod convert;
+mod http;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -59,6 +60,8 @@ pub struct PyCore {
     closed: AtomicBool,
     reporter: Reporter,
     ctx: Ctx,
+    /// HTTP exchanges on their way to redaction (see `py/http.rs`).
+    http_lane: http::Lane,
 }
 
 impl PyCore {
@@ -162,6 +165,7 @@ impl PyCore {
             closed: AtomicBool::new(false),
             reporter: reporter(report),
             ctx,
+            http_lane: http::Lane::default(),
         })
     }
 
@@ -185,6 +189,11 @@ impl PyCore {
         }
         let rec = convert::from_logging(&self.ctx, record);
         self.submit(py, &core, rec);
+    }
+
+    /// `(waiting, dropped)`: HTTP exchanges not yet redacted, and those a full lane dropped.
+    fn http_lane_stats(&self) -> (u64, u64) {
+        self.http_lane.stats()
     }
 
     /// Counters per destination (see the README for every field).
@@ -230,6 +239,7 @@ impl PyCore {
 
     #[pyo3(signature = (timeout=5.0))]
     fn flush(&self, py: Python<'_>, timeout: f64) -> PyResult<()> {
+        let timeout = self.http_lane.drain(py, timeout);
         let Some(core) = self
             .slot
             .load_full()
@@ -250,6 +260,7 @@ impl PyCore {
     /// counted as dropped with reason "closed").
     #[pyo3(signature = (timeout=10.0))]
     fn close(&self, py: Python<'_>, timeout: f64) -> Option<String> {
+        let timeout = self.http_lane.drain(py, timeout);
         self.closed.store(true, Ordering::SeqCst);
         let core = self
             .slot
@@ -321,6 +332,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyCore>()?;
     m.add_class::<LoguruSink>()?;
     m.add_function(wrap_pyfunction!(_mark_interpreter_exit, m)?)?;
+    http::register(m)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

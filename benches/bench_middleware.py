@@ -1,0 +1,213 @@
+"""Per-request cost of HTTP logging middlewares, in process (the ASGI app driven directly,
+no server, no sockets): POST /items/{item_id} with 1 KB of JSON in and out.
+
+Side by side, in one run, interleaved in rounds so drift hits every variant alike:
+  none      no middleware
+  naive     a BaseHTTPMiddleware logger: awaits request.body() and the whole response
+  floor     a minimal pure-ASGI middleware that copies bodies up to 64 KB and calls a no-op
+            (the floor for any body-capturing middleware written in Python)
+  logsluice LoggingMiddleware, records handed to a running pipeline (LocalFiles)
+
+Targets (issue 5): logsluice's overhead <= 2x the floor's; >= 20x smaller than naive's.
+
+    .venv/bin/python benches/bench_middleware.py [--requests 3000] [--rounds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import tempfile
+import time
+from typing import Any
+
+import logsluice
+from fastapi import FastAPI, Request
+from starlette.middleware.base import BaseHTTPMiddleware
+from starlette.responses import Response
+
+PAYLOAD = {"name": "widget", "tags": ["a", "b", "c"], "description": "x" * 960}
+BODY = json.dumps(PAYLOAD).encode()
+assert 1000 <= len(BODY) <= 1100, len(BODY)
+
+
+def noop(*args: Any) -> None:
+    pass
+
+
+class NaiveLogger(BaseHTTPMiddleware):
+    async def dispatch(self, request: Request, call_next: Any) -> Response:
+        body = await request.body()
+        response = await call_next(request)
+        chunks = [chunk async for chunk in response.body_iterator]
+        noop(
+            {
+                "method": request.method,
+                "path": request.url.path,
+                "status": response.status_code,
+                "request_body": body.decode(errors="replace"),
+                "response_body": b"".join(chunks).decode(errors="replace"),
+                "headers": dict(request.headers),
+            }
+        )
+        return Response(
+            content=b"".join(chunks),
+            status_code=response.status_code,
+            headers=dict(response.headers),
+            media_type=response.media_type,
+        )
+
+
+class FloorMiddleware:
+    """Copies request and response bodies up to 64 KB, then calls a no-op."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        req: list[bytes] = []
+        resp: list[bytes] = []
+        left = [65536, 65536]
+
+        async def receive_copy() -> dict:
+            message = await receive()
+            body = message.get("body", b"")
+            if body and left[0] > 0:
+                req.append(body[: left[0]])
+                left[0] -= len(body)
+            return message
+
+        async def send_copy(message: dict) -> None:
+            if message["type"] == "http.response.body":
+                body = message.get("body", b"")
+                if body and left[1] > 0:
+                    resp.append(body[: left[1]])
+                    left[1] -= len(body)
+            await send(message)
+
+        await self.app(scope, receive_copy, send_copy)
+        noop(scope, req, resp)
+
+
+def make_app(variant: str, pipeline: Any = None) -> Any:
+    app = FastAPI()
+
+    @app.post("/items/{item_id}")
+    async def items(item_id: int, request: Request) -> Response:
+        data = await request.json()
+        data["id"] = item_id
+        return Response(json.dumps(data).encode(), media_type="application/json")
+
+    if variant == "naive":
+        app.add_middleware(NaiveLogger)
+    elif variant == "floor":
+        app.add_middleware(FloorMiddleware)
+    elif variant == "logsluice":
+        app.add_middleware(logsluice.LoggingMiddleware, pipeline=pipeline)
+    return app
+
+
+async def drive(app: Any, n: int) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this thread) for `n` sequential requests."""
+    headers = [
+        (b"host", b"bench"),
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(BODY)).encode()),
+        (b"user-agent", b"bench/1.0"),
+    ]
+    status = 0
+
+    async def receive() -> dict:
+        return {"type": "http.request", "body": BODY, "more_body": False}
+
+    async def send(message: dict) -> None:
+        nonlocal status
+        if message["type"] == "http.response.start":
+            status = message["status"]
+
+    start = time.perf_counter()
+    cpu = time.thread_time()
+    for i in range(n):
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": "POST",
+            "scheme": "http",
+            "path": f"/items/{i}",
+            "raw_path": f"/items/{i}".encode(),
+            "root_path": "",
+            "query_string": b"",
+            "headers": headers,
+            "client": ("127.0.0.1", 5000),
+            "server": ("127.0.0.1", 8000),
+        }
+        await app(scope, receive, send)
+    elapsed = time.perf_counter() - start, time.thread_time() - cpu
+    assert status == 200, status
+    return elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--requests", type=int, default=3000, help="requests per variant per round")
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        pipeline = logsluice.Pipeline(logsluice.LocalFiles(tmp))
+        variants = ["none", "naive", "floor", "logsluice"]
+        apps = {v: make_app(v, pipeline) for v in variants}
+        loop = asyncio.new_event_loop()
+        for v in variants:  # warm-up: imports, route compilation, the core's threads
+            loop.run_until_complete(drive(apps[v], 300))
+        wall: dict[str, list[float]] = {v: [] for v in variants}
+        cpu: dict[str, list[float]] = {v: [] for v in variants}
+        for _ in range(args.rounds):
+            for v in variants:
+                seconds, cpu_seconds = loop.run_until_complete(drive(apps[v], args.requests))
+                wall[v].append(seconds / args.requests * 1e6)
+                cpu[v].append(cpu_seconds / args.requests * 1e6)
+        loop.close()
+        pipeline.flush(timeout=60)
+        stats = pipeline.stats()
+        pipeline.close()
+
+    print(
+        f"POST /items/{{id}}, {len(BODY)} B JSON in and out; "
+        f"medians of {args.rounds} rounds x {args.requests}"
+    )
+    print("wall: requests/s of the event loop; cpu: CPU time of the event loop's thread per request")
+    print("(the pipeline's own threads, which redact, encode and write, run beside it)")
+    print(f"{'variant':<10} {'requests/s':>11} {'wall us':>8} {'+wall us':>9} {'cpu us':>8} {'+cpu us':>8}")
+    w = {v: statistics.median(wall[v]) for v in variants}
+    c = {v: statistics.median(cpu[v]) for v in variants}
+    for v in variants:
+        print(
+            f"{v:<10} {1e6 / w[v]:>11.0f} {w[v]:>8.1f} {w[v] - w['none']:>9.1f} "
+            f"{c[v]:>8.1f} {c[v] - c['none']:>8.1f}"
+        )
+    for label, m in (("wall", w), ("cpu", c)):
+        floor = m["floor"] - m["none"]
+        ours = m["logsluice"] - m["none"]
+        naive = m["naive"] - m["none"]
+        print(
+            f"{label}: logsluice overhead / floor overhead = {ours / floor:.2f}x (target <= 2x); "
+            f"naive overhead / logsluice overhead = {naive / ours:.1f}x (target >= 20x)"
+        )
+    local = stats["local_files"]
+    print(
+        f"records written by the pipeline: {local['written']} "
+        f"(dropped {local['dropped_total']}); middleware: {stats['http']}"
+    )
+
+
+if __name__ == "__main__":
+    main()

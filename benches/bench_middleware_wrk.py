@@ -1,0 +1,114 @@
+"""p99 latency under uvicorn, driven by `wrk` on loopback: POST /items/{id} with 1 KB of JSON
+in and out, without and with LoggingMiddleware, alternating runs in one session.
+
+Target (issue 5): logsluice's p99 within 10% of no middleware.
+
+    .venv/bin/python benches/bench_middleware_wrk.py [--seconds 10] [--rounds 3] [--connections 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+BODY = json.dumps({"name": "widget", "tags": ["a", "b", "c"], "description": "x" * 960})
+LUA = f"""
+wrk.method = "POST"
+wrk.body = {json.dumps(BODY)}
+wrk.headers["Content-Type"] = "application/json"
+"""
+UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(port: int) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError("uvicorn did not start")
+
+
+def run(variant: str, seconds: int, connections: int, logs: str) -> tuple[float, float]:
+    """(p99 ms, requests/s) of one wrk run against a fresh uvicorn process."""
+    port = free_port()
+    env = {**os.environ, "LOGSLUICE_DIR": logs}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", f"_wrk_app:app_{variant}", "--app-dir", HERE, "--port", str(port)]
+        + ["--host", "127.0.0.1", "--log-level", "warning", "--no-access-log"],
+        env=env,
+    )
+    try:
+        wait_for(port)
+        with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
+            f.write(LUA)
+        url = f"http://127.0.0.1:{port}/items/7"
+        # Warm-up, then the measured run.
+        subprocess.run(
+            ["wrk", "-t1", f"-c{connections}", "-d2s", "-s", f.name, url], capture_output=True, check=True
+        )
+        out = subprocess.run(
+            ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", f.name, url],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        os.unlink(f.name)
+    finally:
+        server.terminate()
+        server.wait(30)
+    p99 = re.search(r"^\s+99%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
+    rps = re.search(r"^Requests/sec:\s+([\d.]+)", out, re.M)
+    if not p99 or not rps or "Non-2xx" in out:
+        raise RuntimeError(f"unexpected wrk output:\n{out}")
+    return float(p99.group(1)) * UNITS[p99.group(2)], float(rps.group(1))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--connections", type=int, default=16)
+    args = parser.parse_args()
+    if not shutil.which("wrk"):
+        sys.exit("wrk is not installed (apt-get install wrk)")
+    results: dict[str, list[tuple[float, float]]] = {"none": [], "logsluice": []}
+    with tempfile.TemporaryDirectory() as logs:
+        for _ in range(args.rounds):
+            for variant in results:
+                results[variant].append(run(variant, args.seconds, args.connections, logs))
+    print(
+        f"uvicorn + wrk, 1 thread, {args.connections} connections, "
+        f"{args.rounds} x {args.seconds}s per variant"
+    )
+    print(f"{'variant':<10} {'p99 ms (median)':>16} {'requests/s (median)':>20}  runs (p99 ms)")
+    p99 = {}
+    for variant, runs in results.items():
+        p99[variant] = statistics.median(r[0] for r in runs)
+        rps = statistics.median(r[1] for r in runs)
+        print(f"{variant:<10} {p99[variant]:>16.2f} {rps:>20.0f}  {[round(r[0], 2) for r in runs]}")
+    print(f"p99 logsluice / none = {p99['logsluice'] / p99['none']:.2f} (target <= 1.10)")
+
+
+if __name__ == "__main__":
+    main()

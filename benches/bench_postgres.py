@@ -1,0 +1,252 @@
+"""Rows per second into the logsluice `logs` table (its real definition, indexes included),
+side by side in one run against a local PostgreSQL 15, every figure checked by count(*):
+
+  (a) one INSERT per row                        (b) multi-row INSERT, 100 rows per statement
+  (c) INSERT ... SELECT FROM jsonb_populate_recordset, 1000 rows (Vector's postgres sink)
+  (d) psycopg3 binary cursor.copy(), 1000 rows per COPY (the best a Python app does by hand)
+  (e) server-side COPY ... FROM a file, binary (the limit)
+  core: the logsluice core, records pre-built (benches/postgres_copy.rs), per batch size
+  loguru: end to end from loguru calls, against Loguru's own per-call cost (a no-op sink)
+
+Run: .venv/bin/python benches/bench_postgres.py [--quick]
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psycopg
+from psycopg.types.json import Jsonb
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+import logsluice  # noqa: E402
+from harness import PostgresServer  # noqa: E402
+from loguru import logger  # noqa: E402
+
+QUICK = "--quick" in sys.argv
+SCALE = 0.25 if QUICK else 1.0
+COLS = [
+    "ts",
+    "level",
+    "level_no",
+    "kind",
+    "logger",
+    "message",
+    "module",
+    "function",
+    "line",
+    "process",
+    "thread",
+    "request_id",
+    "fields",
+]
+TYPES = ["timestamptz", "text", "int2"] + ["text"] * 5 + ["int4", "int4", "int8", "text", "jsonb"]
+COL_LIST = ", ".join(COLS)
+
+
+def rows(n: int, t0: dt.datetime) -> list[tuple]:
+    """The rows benches/postgres_copy.rs builds, identical field by field."""
+    return [
+        (
+            t0 + dt.timedelta(microseconds=i),
+            "INFO",
+            20,
+            "app",
+            "app.bench",
+            f"request handled {i}",
+            "bench",
+            "handler",
+            42,
+            1234,
+            5678,
+            f"req-{i % 1000}",
+            {"user_id": i, "path": "/api/items", "ok": True},
+        )
+        for i in range(n)
+    ]
+
+
+def make_table(pg: PostgresServer, name: str) -> None:
+    """A table created by logsluice itself (partitions, indexes), then emptied."""
+    pipeline = logsluice.Pipeline(logsluice.Postgres(pg.dsn, table=name))
+    std = logging.getLogger(f"bench.setup.{name}")
+    std.propagate = False
+    std.addHandler(pipeline.logging_handler())
+    std.warning("setup")
+    pipeline.flush(60)
+    pipeline.close()
+    pg.psql(f"truncate {name}")
+
+
+REPEATS = 1 if QUICK else 3
+
+
+def timed(pg: PostgresServer, table: str, n: int, fn) -> float:
+    """Best of REPEATS runs into the emptied table (the machine is shared: noise only slows)."""
+    best = 0.0
+    for _ in range(REPEATS):
+        pg.psql(f"truncate {table}")
+        start = time.perf_counter()
+        fn()
+        seconds = time.perf_counter() - start
+        got = pg.psql(f"select count(*) from {table}")[0][0]
+        assert got == n, f"{table}: {got} rows, expected {n}"
+        best = max(best, n / seconds)
+    return best
+
+
+def one_insert_per_row(conn, table, data):
+    sql = f"insert into {table} ({COL_LIST}) values ({', '.join(['%s'] * len(COLS))})"
+    for r in data:
+        conn.execute(sql, (*r[:-1], Jsonb(r[-1])))
+
+
+def multi_row_insert(conn, table, data, per=100):
+    one = "(" + ", ".join(["%s"] * len(COLS)) + ")"
+    for i in range(0, len(data), per):
+        chunk = data[i : i + per]
+        sql = f"insert into {table} ({COL_LIST}) values " + ", ".join([one] * len(chunk))
+        conn.execute(sql, [v for r in chunk for v in (*r[:-1], Jsonb(r[-1]))])
+
+
+def populate_recordset(conn, table, data, per=1000):
+    source = f"jsonb_populate_recordset(null::{table}, %s)"
+    sql = f"insert into {table} ({COL_LIST}) select {COL_LIST} from {source}"
+    for i in range(0, len(data), per):
+        docs = [dict(zip(COLS, (r[0].isoformat(), *r[1:]))) for r in data[i : i + per]]
+        conn.execute(sql, (Jsonb(docs),))
+
+
+def psycopg_copy(conn, table, data, per=1000):
+    for i in range(0, len(data), per):
+        with conn.cursor() as cur:
+            with cur.copy(f"copy {table} ({COL_LIST}) from stdin (format binary)") as copy:
+                copy.set_types(TYPES)
+                for r in data[i : i + per]:
+                    copy.write_row((*r[:-1], Jsonb(r[-1])))
+
+
+def core_rate(pg: PostgresServer, table: str, n: int, batch: int, t0_us: int) -> float:
+    return max(core_once(pg, table, n, batch, t0_us) for _ in range(REPEATS))
+
+
+def core_once(pg: PostgresServer, table: str, n: int, batch: int, t0_us: int) -> float:
+    pg.psql(f"truncate {table}")
+    env = {
+        **os.environ,
+        "LOGSLUICE_BENCH_DSN": pg.dsn,
+        "LOGSLUICE_BENCH_TABLE": table,
+        "LOGSLUICE_BENCH_ROWS": str(n),
+        "LOGSLUICE_BENCH_BATCH": str(batch),
+        "LOGSLUICE_BENCH_T0_US": str(t0_us),
+    }
+    out = subprocess.run(
+        ["cargo", "bench", "--quiet", "--bench", "postgres_copy"],
+        cwd=ROOT,
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    fields = dict(kv.split("=") for kv in out.split())
+    got = pg.psql(f"select count(*) from {table}")[0][0]
+    assert got == n + 1 == int(fields["written"]) + 1, f"core: {got} rows, expected {n + 1}"
+    return float(fields["rows_per_sec"])
+
+
+def loguru_rates(pg: PostgresServer, n: int) -> tuple[float, float, float]:
+    logger.remove()
+    opts = dict(format="{message}", diagnose=False, backtrace=False, enqueue=False, colorize=False)
+
+    class Null:
+        def write(self, message):
+            pass
+
+    hid = logger.add(Null(), level="INFO", catch=True, **opts)
+    start = time.perf_counter()
+    for i in range(n):
+        logger.info("request handled {}", i)
+    noop = n / (time.perf_counter() - start)
+    logger.remove(hid)
+
+    table = "bench_loguru"
+    pipeline = logsluice.Pipeline(logsluice.Postgres(pg.dsn, table=table, queue_max_records=n + 10))
+    pipeline.attach(logger)
+    logger.info("warm-up")
+    pipeline.flush(60)
+    start = time.perf_counter()
+    for i in range(n):
+        logger.info("request handled {}", i)
+    calls_done = time.perf_counter()
+    pipeline.flush(600)
+    end = time.perf_counter()
+    pipeline.close()
+    logger.remove()
+    got = pg.psql(f"select count(*) from {table}")[0][0]
+    assert got == n + 1, f"loguru: {got} rows, expected {n + 1}"
+    return noop, n / (calls_done - start), n / (end - start)
+
+
+def main() -> None:
+    build = ["cargo", "bench", "--quiet", "--bench", "postgres_copy", "--no-run"]
+    subprocess.run(build, cwd=ROOT, check=True)
+    n = int(200_000 * SCALE)
+    with PostgresServer() as pg:
+        t0 = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
+        data = rows(n, t0)
+        plan = [
+            ("a", "one INSERT per row", one_insert_per_row, int(10_000 * SCALE)),
+            ("b", "multi-row INSERT x100", multi_row_insert, int(100_000 * SCALE)),
+            ("c", "jsonb_populate_recordset x1000", populate_recordset, int(100_000 * SCALE)),
+            ("d", "psycopg binary copy() x1000", psycopg_copy, n),
+        ]
+        rate: dict[str, float] = {}
+        with psycopg.connect(pg.dsn, autocommit=True) as conn:
+            for key, label, fn, count in plan:
+                table = f"bench_{key}"
+                make_table(pg, table)
+                rate[key] = timed(pg, table, count, lambda fn=fn, t=table, c=count: fn(conn, t, data[:c]))
+                print(f"({key}) {label:<34} {rate[key]:>10,.0f} rows/s  ({count} rows)", flush=True)
+        # (e) the server reads a binary file of the same rows.
+        path = pg.dir / "rows.bin"
+        pg.psql(f"copy (select {COL_LIST} from bench_d) to '{path}' (format binary)")
+        make_table(pg, "bench_e")
+        rate["e"] = timed(
+            pg, "bench_e", n, lambda: pg.psql(f"copy bench_e ({COL_LIST}) from '{path}' (format binary)")
+        )
+        label = "server-side COPY FROM file, binary"
+        print(f"(e) {label:<34} {rate['e']:>10,.0f} rows/s  ({n} rows)", flush=True)
+
+        t0_us = int(t0.timestamp() * 1e6)
+        core: dict[int, float] = {}
+        for batch in (1_000, 5_000, 10_000, 20_000):
+            table = f"bench_core_{batch}"
+            make_table(pg, table)
+            core[batch] = core_rate(pg, table, n, batch, t0_us)
+            print(f"core, batch_max_records={batch:<6} {core[batch]:>19,.0f} rows/s  ({n} rows)", flush=True)
+        best = core[10_000]
+
+        noop, caller, e2e = loguru_rates(pg, int(200_000 * SCALE))
+        print(f"loguru calls, no-op sink                {noop:>10,.0f} calls/s")
+        print(f"loguru calls, logsluice sink (caller)   {caller:>10,.0f} calls/s")
+        print(f"loguru -> logsluice -> PostgreSQL       {e2e:>10,.0f} rows/s  (until flushed, counted)")
+
+        print("\nratios (same run, same table definition; core at the default batch of 10000):")
+        print(f"  core / (b) multi-row INSERT   = {best / rate['b']:5.2f}x   (target >= 3x)")
+        print(f"  core / (d) psycopg copy       = {best / rate['d']:5.2f}x   (target >= 1.3x)")
+        print(f"  core / (e) server-side COPY   = {best / rate['e']:5.2f}x   (target >= 0.6x)")
+        print(f"  loguru end-to-end / caller    = {e2e / caller:5.2f}x   (target >= 0.9x)")
+        print(f"  loguru end-to-end / no-op     = {e2e / noop:5.2f}x   (Loguru's own per-call cost)")
+        print("  " + "  ".join(f"({k}) {v:,.0f}" for k, v in sorted(rate.items())))
+
+
+if __name__ == "__main__":
+    main()

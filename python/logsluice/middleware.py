@@ -1,0 +1,675 @@
+"""`LoggingMiddleware`: one record per HTTP exchange, from a pure ASGI middleware.
+
+    app.add_middleware(logsluice.LoggingMiddleware, pipeline=pipeline, sample={"/health": 0.0})
+
+Every message passes through unmodified and undelayed (the only change: the request id is
+echoed in a response header, on a copy of the start message). Bodies are copied as the app
+reads and sends them, up to a cap and a time limit; the middleware never calls
+``receive()`` itself. The finished exchange goes to the core in one non-blocking call;
+redaction and serialisation happen there, in Rust, without the GIL.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import math
+import re
+import time
+import zlib
+from collections.abc import Iterable, Mapping
+from typing import Any, Callable, Optional
+
+from . import _context, _core
+
+UNMATCHED_ROUTE = "<unmatched>"
+"""The ``route`` of requests no route matched (404s, for example)."""
+
+_DEFAULTS = _core.redaction_defaults()
+DEFAULT_REDACT_HEADERS: tuple[str, ...] = tuple(_DEFAULTS["headers"])
+"""Header names redacted by default (matched case- and separator-insensitively, by substring)."""
+DEFAULT_REDACT_KEYS: tuple[str, ...] = tuple(_DEFAULTS["keys"])
+"""Query, form and JSON keys redacted by default (same matching; rules of 3 characters or
+fewer match whole keys only)."""
+
+# Bit flags shared with the core (src/http/mod.rs).
+_COMPLETE = 1
+_ERROR = 2
+_DISCONNECTED = 4
+_SAMPLED_OUT = 8
+_REQUEST_BODY_TIMEOUT = 16
+_RESPONSE_BODY_TIMEOUT = 32
+
+# No response body is stored for these (none exists, or authentication failed).
+_NO_RESPONSE_CAPTURE = frozenset((204, 304, 401, 403))
+_COUNTERS = ("seen", "kept", "sampled_out", "excluded", "rate_limited", "internal_errors")
+
+Scope = dict[str, Any]
+Message = dict[str, Any]
+Receive = Callable[[], Any]
+Send = Callable[[Message], Any]
+
+
+class _Pattern:
+    """A route template (``/items/{item_id}``), a glob (``/static/*``) or a plain path.
+    Matches a request's route template exactly, or its concrete path."""
+
+    __slots__ = ("text", "regex")
+
+    def __init__(self, text: str) -> None:
+        if not isinstance(text, str) or not text:
+            raise ValueError(f"route patterns must be non-empty strings, got {text!r}")
+        self.text = text
+        if "{" in text:
+            parts = re.split(r"(\{[^{}]*\})", text)
+            rx = "".join(
+                (".*" if p.endswith(":path}") else "[^/]+") if p.startswith("{") else _glob(p) for p in parts
+            )
+        else:
+            rx = _glob(text)
+        self.regex = re.compile(rx + r"\Z")
+
+    def matches(self, route: Optional[str], path: str) -> bool:
+        if route is not None and (route == self.text or self.regex.match(route)):
+            return True
+        return self.regex.match(path) is not None
+
+
+def _glob(text: str) -> str:
+    return fnmatch.translate(text)[4:-3] if any(c in text for c in "*?[") else re.escape(text)
+
+
+class _Bucket:
+    """A token bucket: ``rate`` records per second, bursts up to one second's worth."""
+
+    __slots__ = ("rate", "tokens", "stamp")
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self.tokens = max(rate, 1.0)
+        self.stamp = time.monotonic()
+
+    def take(self, now: float) -> bool:
+        if now > self.stamp:
+            self.tokens = min(max(self.rate, 1.0), self.tokens + (now - self.stamp) * self.rate)
+            self.stamp = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        return False
+
+
+def _rate(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be a number from 0.0 to 1.0, got {value!r}")
+    return float(value)
+
+
+def _positive(name: str, value: Any, optional: bool = False) -> Any:
+    if optional and value is None:
+        return None
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value <= 0:
+        raise ValueError(f"{name} must be a positive number{' or None' if optional else ''}, got {value!r}")
+    return value
+
+
+def _names(name: str, value: Any) -> list[str]:
+    if isinstance(value, str) or not isinstance(value, Iterable):
+        raise ValueError(f"{name} must be a list of strings, got {value!r}")
+    out = list(value)
+    if not all(isinstance(v, str) and v for v in out):
+        raise ValueError(f"{name} must be a list of non-empty strings, got {value!r}")
+    return out
+
+
+class LoggingMiddleware:
+    """Pure ASGI middleware: one ``kind="http"`` record per request (see the README for
+    every option and field). ``stats()`` counts every request seen, kept, sampled out,
+    excluded, rate limited, and internal errors (which never reach the app)."""
+
+    def __init__(
+        self,
+        app: Any,
+        *,
+        pipeline: Any,
+        sample: Optional[Mapping[str, float]] = None,
+        default_sample_rate: float = 1.0,
+        exclude: Iterable[str] = (),
+        slow_request_ms: float = 1000.0,
+        rate_limit: Optional[float] = None,
+        route_rate_limit: Optional[float] = None,
+        error_rate_limit: Optional[float] = None,
+        max_body_bytes: int = 64 * 1024,
+        request_body_timeout: float = 2.0,
+        response_body_timeout: float = 3.0,
+        capture_request_body: bool = True,
+        capture_response_body: bool = True,
+        capture_auth_failure_bodies: bool = False,
+        redact_headers: Iterable[str] = (),
+        redact_query: Iterable[str] = (),
+        redact_body_keys: Iterable[str] = (),
+        redact_defaults: bool = True,
+        scrub_values: bool = True,
+        request_id_header: Optional[str] = "X-Request-ID",
+        echo_request_id: bool = True,
+        trusted_proxies: Iterable[str] = (),
+        max_user_agent_bytes: int = 512,
+    ) -> None:
+        core = getattr(pipeline, "_core", None)
+        if not isinstance(core, _core.Core):
+            raise ValueError(f"LoggingMiddleware needs pipeline=logsluice.Pipeline(...), got {pipeline!r}")
+        self.app = app
+        sample = dict(sample or {})
+        self._rules = [(_Pattern(p), _rate(f"sample[{p!r}]", r)) for p, r in sample.items()]
+        self._default_rate = _rate("default_sample_rate", default_sample_rate)
+        self._exclude = [_Pattern(p) for p in _names("exclude", exclude)]
+        self._slow_ms = float(_positive("slow_request_ms", slow_request_ms))
+        self._rate_limit = _positive("rate_limit", rate_limit, optional=True)
+        self._route_rate_limit = _positive("route_rate_limit", route_rate_limit, optional=True)
+        error_rate_limit = _positive("error_rate_limit", error_rate_limit, optional=True)
+        self._global_bucket = _Bucket(self._rate_limit) if self._rate_limit else None
+        self._error_bucket = _Bucket(error_rate_limit) if error_rate_limit else None
+        self._route_buckets: dict[str, _Bucket] = {}
+        if isinstance(max_body_bytes, bool) or not isinstance(max_body_bytes, int) or max_body_bytes < 0:
+            raise ValueError(f"max_body_bytes must be a whole number >= 0, got {max_body_bytes!r}")
+        self._max_body = max_body_bytes
+        self._req_timeout = float(_positive("request_body_timeout", request_body_timeout))
+        self._resp_timeout = float(_positive("response_body_timeout", response_body_timeout))
+        self._capture_req = bool(capture_request_body) and max_body_bytes > 0
+        self._capture_resp = bool(capture_response_body) and max_body_bytes > 0
+        if request_id_header is not None and not (isinstance(request_id_header, str) and request_id_header):
+            raise ValueError(f"request_id_header must be a header name or None, got {request_id_header!r}")
+        self._rid_header = request_id_header.lower().encode("latin-1") if request_id_header else None
+        self._echo = bool(echo_request_id) and self._rid_header is not None
+        base_headers = list(DEFAULT_REDACT_HEADERS) if redact_defaults else []
+        base_keys = list(DEFAULT_REDACT_KEYS) if redact_defaults else []
+        config = {
+            "headers": base_headers + _names("redact_headers", redact_headers),
+            "query": base_keys + _names("redact_query", redact_query),
+            "body_keys": base_keys + _names("redact_body_keys", redact_body_keys),
+            "scrub_values": bool(scrub_values),
+            "capture_auth_failure_bodies": bool(capture_auth_failure_bodies),
+            "max_body_bytes": max(max_body_bytes, 1),
+            "max_user_agent_bytes": int(_positive("max_user_agent_bytes", max_user_agent_bytes)),
+            "trusted_proxies": _names("trusted_proxies", trusted_proxies),
+        }
+        self._sink = _core.HttpSink(core, json.dumps(config))
+        # Every request kept, bodies copied, no route needed until the record is built.
+        self._keep_all = not self._rules and not self._exclude and self._default_rate >= 1.0
+        self._limited = bool(self._rate_limit or self._route_rate_limit or error_rate_limit)
+        self._rate_cache: dict[Optional[str], tuple[float, bool]] = {}
+        self._template_cache: dict[str, str] = {}
+        self.seen = self.kept = self.sampled_out = self.excluded = 0
+        self.rate_limited = self.internal_errors = 0
+        self.last_internal_error: Optional[str] = None
+        register = getattr(pipeline, "_register_http", None)
+        if register is not None:
+            register(self)
+
+    # -- the ASGI callable ---------------------------------------------------------------
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        try:
+            ex = _Exchange(self, scope, receive, send)
+            token = _context.request_id.set(ex.rid)
+        except Exception as e:  # noqa: BLE001 - the app runs as if we were not here
+            self._internal_error(e)
+            await self.app(scope, receive, send)
+            return
+        try:
+            await self.app(scope, ex.receive, ex.send)
+        except BaseException as e:
+            if not ex.done:
+                ex.finish(e)
+            raise
+        else:
+            if not ex.done:
+                ex.finish(None)
+        finally:
+            try:
+                _context.request_id.reset(token)
+            except Exception as e:  # noqa: BLE001
+                self._internal_error(e)
+
+    # -- counters ------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, int]:
+        """``seen == kept + sampled_out + excluded + rate_limited`` once requests finish
+        (requests whose hand-off failed count only in ``seen`` and ``internal_errors``)."""
+        return {name: getattr(self, name) for name in _COUNTERS}
+
+    def _internal_error(self, e: BaseException) -> None:
+        self.internal_errors += 1
+        self.last_internal_error = type(e).__name__
+
+    # -- identity and sampling -----------------------------------------------------------
+
+    def _rate_for(self, route: Optional[str], path: str) -> tuple[float, bool]:
+        """(sample rate, excluded) for a request; cached per route template."""
+        cached = self._rate_cache.get(route) if route is not None and route != UNMATCHED_ROUTE else None
+        if cached is not None:
+            return cached
+        result = (self._default_rate, False)
+        if any(p.matches(route, path) for p in self._exclude):
+            result = (0.0, True)
+        else:
+            for pattern, rate in self._rules:
+                if pattern.matches(route, path):
+                    result = (rate, False)
+                    break
+        if route is not None and route != UNMATCHED_ROUTE:
+            if len(self._rate_cache) > 4096:
+                self._rate_cache.clear()
+            self._rate_cache[route] = result
+        return result
+
+    def _route_of(self, scope: Scope, ex: _Exchange) -> str:
+        """The route template; never raises. FastAPI's own route context first (recent
+        versions nest included routers), then ``scope["route"]``, then a walk of the
+        app's routes; mount prefixes are prepended as templates."""
+        try:
+            inner = None
+            fastapi_scope = scope.get("fastapi")
+            if fastapi_scope is not None:
+                ctx = fastapi_scope.get("effective_route_context")
+                if ctx is not None:
+                    inner = getattr(getattr(ctx, "starlette_route", None), "path_format", None) or getattr(
+                        ctx, "path_format", None
+                    )
+            if inner is None:
+                route = scope.get("route")
+                if route is not None:
+                    inner = route.path
+                elif "endpoint" in scope:
+                    return _walk_routes(ex.app or self.app, scope, ex) or UNMATCHED_ROUTE
+                else:
+                    return UNMATCHED_ROUTE
+            if not isinstance(inner, str):
+                return UNMATCHED_ROUTE
+            root_path = scope.get("root_path", "")
+            if root_path == ex.root_path:
+                return inner
+            prefix = self._template_cache.get(root_path)
+            if prefix is None:
+                prefix = _mount_prefix(ex.app or self.app, scope, ex)
+                if len(self._template_cache) > 1024:
+                    self._template_cache.clear()
+                self._template_cache[root_path] = prefix
+            return prefix + inner
+        except Exception as e:  # noqa: BLE001
+            self._internal_error(e)
+            return UNMATCHED_ROUTE
+
+    def _allow(self, route: str, tail: bool) -> bool:
+        now = time.monotonic()
+        if tail:
+            return self._error_bucket is None or self._error_bucket.take(now)
+        if self._global_bucket is not None and not self._global_bucket.take(now):
+            return False
+        if self._route_rate_limit is not None:
+            bucket = self._route_buckets.get(route)
+            if bucket is None:
+                if len(self._route_buckets) > 4096:
+                    self._route_buckets.clear()
+                bucket = self._route_buckets[route] = _Bucket(self._route_rate_limit)
+            return bucket.take(now)
+        return True
+
+
+def _walk_routes(app: Any, scope: Scope, ex: _Exchange) -> Optional[str]:
+    """The full template of a request that went through mounts (or a Starlette without
+    ``scope["route"]``): the app's routes matched again, mount prefixes joined."""
+    from starlette.routing import Match, Mount
+
+    routes = _routes_of(app)
+    probe = {**scope, "root_path": ex.root_path, "path": ex.entry_path}
+    probe.pop("app_root_path", None)
+    prefix = ""
+    for _ in range(16):
+        if not routes:
+            return None
+        partial = None
+        for route in routes:
+            match, child = route.matches(probe)
+            if match is Match.FULL:
+                break
+            if match is Match.PARTIAL and partial is None:
+                partial = route
+        else:
+            return prefix + partial.path if partial is not None else None
+        if isinstance(route, Mount):
+            prefix += route.path
+            probe.update(child)
+            routes = route.routes
+            if not routes:
+                return prefix + "/{path:path}"
+            continue
+        return prefix + route.path
+    return None
+
+
+def _routes_of(app: Any) -> Any:
+    routes = getattr(app, "routes", None)
+    if routes is None:
+        routes = getattr(getattr(app, "router", None), "routes", None)
+    return routes
+
+
+def _mount_prefix(app: Any, scope: Scope, ex: _Exchange) -> str:
+    """The template of the mounts a request went through (``/tenants/{tenant}``); the
+    concrete prefix when the mounts cannot be matched again."""
+    final_root = scope.get("root_path", "")
+    concrete = final_root[len(ex.root_path) :] if final_root.startswith(ex.root_path) else final_root
+    try:
+        from starlette.routing import Match, Mount
+    except ImportError:
+        return concrete
+    probe = {**scope, "root_path": ex.root_path, "path": ex.entry_path}
+    probe.pop("app_root_path", None)
+    prefix = ""
+    routes = _routes_of(app)
+    for _ in range(16):
+        if probe.get("root_path", "") == final_root:
+            return prefix
+        for route in routes or ():
+            if not isinstance(route, Mount):
+                continue
+            match, child = route.matches(probe)
+            if match is Match.FULL:
+                prefix += route.path
+                probe.update(child)
+                routes = route.routes
+                break
+        else:
+            return concrete
+    return concrete
+
+
+class _Exchange:
+    """One request in flight: wraps ``receive`` and ``send``, copies bodies, finishes once."""
+
+    __slots__ = (
+        "mw",
+        "scope",
+        "_receive",
+        "_send",
+        "rid",
+        "app",
+        "root_path",
+        "entry_path",
+        "start",
+        "t0",
+        "t_start",
+        "decided",
+        "sampled_in",
+        "excluded",
+        "rate",
+        "route",
+        "capture_req",
+        "capture_resp",
+        "req_chunks",
+        "req_size",
+        "req_left",
+        "req_first",
+        "resp_chunks",
+        "resp_size",
+        "resp_left",
+        "resp_first",
+        "status",
+        "resp_headers",
+        "trailers",
+        "flags",
+        "done",
+    )
+
+    def __init__(self, mw: LoggingMiddleware, scope: Scope, receive: Receive, send: Send) -> None:
+        self.mw = mw
+        self.scope = scope
+        self._receive = receive
+        self._send = send
+        inbound = None
+        name = mw._rid_header
+        if name is not None:
+            for k, v in scope["headers"]:
+                if k == name:
+                    inbound = v
+                    break
+        self.rid: str = _core.request_id(inbound)
+        # Routers rewrite these on the shared scope; the entry values are the request's.
+        self.app = scope.get("app")
+        self.root_path = scope.get("root_path", "")
+        self.entry_path = scope["path"]
+        self.start = time.time()
+        self.t0 = time.perf_counter()
+        self.t_start: Optional[float] = None
+        self.decided = self.sampled_in = self.excluded = self.trailers = self.done = False
+        self.capture_req = self.capture_resp = False
+        self.rate = 1.0
+        self.route: Optional[str] = None
+        self.req_chunks: list[bytes] = []
+        self.resp_chunks: list[bytes] = []
+        self.req_size = self.resp_size = self.status = self.flags = 0
+        self.req_left = self.resp_left = mw._max_body
+        self.req_first: Optional[float] = None
+        self.resp_first: Optional[float] = None
+        self.resp_headers: Any = None
+        mw.seen += 1
+
+    def full_path(self) -> str:
+        path, root = self.entry_path, self.root_path
+        return path if not root or path.startswith(root) else root + path
+
+    def decide(self) -> None:
+        """Route, sample rate and whether to copy bodies: decided once, as late as
+        possible (first body read or response start), when routing has happened."""
+        self.decided = True
+        mw = self.mw
+        if mw._keep_all:
+            self.sampled_in = True
+            self.capture_req = mw._capture_req
+            self.capture_resp = mw._capture_resp and self.scope.get("method") != "HEAD"
+            return
+        self.route = mw._route_of(self.scope, self)
+        rate, excluded = mw._rate_for(self.route, self.full_path())
+        self.rate = rate
+        self.excluded = excluded
+        if excluded or rate <= 0.0:
+            sampled = False
+        elif rate >= 1.0:
+            sampled = True
+        else:
+            sampled = zlib.crc32(self.rid.encode()) / 4294967296.0 < rate
+        self.sampled_in = sampled
+        self.capture_req = sampled and mw._capture_req
+        self.capture_resp = sampled and mw._capture_resp and self.scope.get("method") != "HEAD"
+
+    async def receive(self) -> Message:
+        message = await self._receive()
+        try:
+            kind = message["type"]
+            if kind == "http.request":
+                body = message.get("body", b"")
+                if not self.decided:
+                    self.decide()
+                if body:
+                    n = len(body)
+                    self.req_size += n
+                    if self.capture_req:
+                        if self.req_first is None and n <= self.req_left and not message.get("more_body"):
+                            # The whole body in one message: no time limit to watch.
+                            self.req_chunks.append(body)
+                            self.req_left -= n
+                        else:
+                            self.copy_request(body)
+            elif kind == "http.disconnect":
+                self.flags |= _DISCONNECTED
+        except Exception as e:  # noqa: BLE001
+            self.mw._internal_error(e)
+        return message
+
+    def copy_request(self, body: bytes) -> None:
+        now = time.perf_counter()
+        if self.req_first is None:
+            self.req_first = now
+        elif now - self.req_first > self.mw._req_timeout:
+            self.capture_req = False
+            self.flags |= _REQUEST_BODY_TIMEOUT
+            return
+        left = self.req_left
+        if left > 0:
+            self.req_chunks.append(body if len(body) <= left else body[:left])
+            self.req_left = left - len(body)
+
+    def copy_response(self, body: bytes) -> None:
+        now = time.perf_counter()
+        if self.resp_first is None:
+            self.resp_first = now
+        elif now - self.resp_first > self.mw._resp_timeout:
+            self.capture_resp = False
+            self.flags |= _RESPONSE_BODY_TIMEOUT
+            return
+        left = self.resp_left
+        if left > 0:
+            self.resp_chunks.append(body if len(body) <= left else body[:left])
+            self.resp_left = left - len(body)
+        else:
+            self.capture_resp = False
+
+    def on_start(self, message: Message) -> Message:
+        self.t_start = time.perf_counter()
+        status = message["status"]
+        self.status = status
+        headers = message.get("headers") or ()
+        self.resp_headers = headers
+        self.trailers = bool(message.get("trailers", False))
+        if not self.decided:
+            self.decide()
+        if status in _NO_RESPONSE_CAPTURE:
+            self.capture_resp = False
+        mw = self.mw
+        if mw._echo:
+            name = mw._rid_header
+            size = len(name)
+            for k, _ in headers:
+                if len(k) == size and k.lower() == name:
+                    return message
+            # A copy: what the app passed is never mutated.
+            headers = self.resp_headers = [*headers, (name, self.rid.encode("latin-1"))]
+            return {**message, "headers": headers}
+        return message
+
+    async def send(self, message: Message) -> None:
+        last = False
+        out = message
+        try:
+            kind = message["type"]
+            if kind == "http.response.body":
+                body = message.get("body", b"")
+                more = message.get("more_body", False)
+                if body:
+                    n = len(body)
+                    self.resp_size += n
+                    if self.capture_resp:
+                        if self.resp_first is None and n <= self.resp_left and not more:
+                            self.resp_chunks.append(body)
+                            self.resp_left -= n
+                        else:
+                            self.copy_response(body)
+                last = not more and not self.trailers
+            elif kind == "http.response.start":
+                out = self.on_start(message)
+            elif kind == "http.response.trailers":
+                last = not message.get("more_trailers", False)
+            elif kind == "http.response.zerocopysend":
+                self.resp_size += message.get("count") or 0
+                last = not message.get("more_body", False) and not self.trailers
+            elif kind == "http.response.pathsend":
+                last = not self.trailers
+        except Exception as e:  # noqa: BLE001
+            self.mw._internal_error(e)
+            out = message
+        try:
+            await self._send(out)
+        except OSError:
+            # The client went away (uvicorn's ClientDisconnected is an OSError).
+            self.flags |= _DISCONNECTED
+            raise
+        if last and not self.done:
+            self.flags |= _COMPLETE
+            self.finish(None)
+
+    def finish(self, exc: Optional[BaseException]) -> None:
+        """Decides whether to keep the record and hands it to the core. Never raises."""
+        self.done = True
+        mw = self.mw
+        try:
+            duration_ms = (time.perf_counter() - self.t0) * 1000.0
+            if exc is not None:
+                if _is_cancellation(exc):
+                    self.flags |= _DISCONNECTED
+                    exc = None
+                else:
+                    self.flags |= _ERROR
+            if not self.decided:
+                self.decide()
+            if self.excluded:
+                mw.excluded += 1
+                return
+            route = self.route
+            if route is None or route == UNMATCHED_ROUTE:
+                route = self.route = mw._route_of(self.scope, self)
+            flags = self.flags
+            complete = flags & _COMPLETE
+            tail = (
+                not complete
+                or flags & (_ERROR | _DISCONNECTED)
+                or self.status >= 500
+                or duration_ms >= mw._slow_ms
+            )
+            if tail:
+                rate = 1.0
+            elif self.sampled_in:
+                rate = self.rate
+            else:
+                mw.sampled_out += 1
+                return
+            if mw._limited and not mw._allow(route or UNMATCHED_ROUTE, bool(tail)):
+                mw.rate_limited += 1
+                return
+            if not self.sampled_in:
+                flags |= _SAMPLED_OUT
+            t_start = self.t_start
+            mw._sink.write(
+                self.scope,
+                self.full_path(),
+                route,
+                self.status,
+                self.resp_headers,
+                self.req_chunks if self.capture_req or self.req_chunks else None,
+                self.req_size,
+                self.resp_chunks if self.capture_resp or self.resp_chunks else None,
+                self.resp_size,
+                flags,
+                self.start,
+                duration_ms,
+                None if t_start is None else (t_start - self.t0) * 1000.0,
+                self.rid,
+                exc,
+                rate,
+            )
+            mw.kept += 1
+        except Exception as e:  # noqa: BLE001 - logging never breaks the request
+            mw._internal_error(e)
+
+
+def _is_cancellation(exc: BaseException) -> bool:
+    import asyncio
+
+    return isinstance(exc, asyncio.CancelledError)
+
+
+__all__ = ["DEFAULT_REDACT_HEADERS", "DEFAULT_REDACT_KEYS", "UNMATCHED_ROUTE", "LoggingMiddleware"]

@@ -1,0 +1,1099 @@
+//! PostgreSQL: batches go in with one binary `COPY ... FROM STDIN` each, into a table
+//! logsluice creates, migrates forward and partitions by kind and UTC day. The writer runs
+//! on its own OS thread; sqlx runs on a current-thread tokio runtime owned by the writer.
+//!
+//! One connection per writer: batches are written one after another, so a larger pool
+//! would sit idle. It is opened on first use and reopened after any connection-level
+//! failure (server restart, reset, timeout), so a restart costs one retried attempt.
+
+pub mod copy;
+pub mod schema;
+
+use std::collections::HashSet;
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::{TimeDelta, Utc};
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgDatabaseError};
+use sqlx::{AssertSqlSafe, Connection, Row};
+
+use super::{Outcome, WriteError, Writer};
+use crate::breaker::Breaker;
+use crate::config::PostgresConfig;
+use crate::encode::write_ndjson;
+use crate::record::{Kind, Record};
+use schema::{Layout, Names, KINDS};
+
+const US_PER_DAY: i64 = 86_400_000_000;
+/// Line-number hints used per batch before isolation falls back to halving, which bounds
+/// the work for a batch made entirely of bad records to O(n log n).
+const MAX_LINE_HINTS: usize = 16;
+/// Rows removed per DELETE when a plain (unpartitioned) table applies retention.
+const DELETE_CHUNK: i64 = 10_000;
+
+/// `postgresql://user:***@host:port/db?...`: the DSN with its password (in the user info
+/// or a `password=` parameter) masked. Safe for messages, reprs and debug output.
+pub fn redact_dsn(dsn: &str) -> String {
+    let (scheme, rest) = match dsn.find("://") {
+        Some(i) => (&dsn[..i + 3], &dsn[i + 3..]),
+        None => return "<unparseable DSN>".into(),
+    };
+    let auth_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(auth_end);
+    let authority = match authority.rfind('@') {
+        Some(at) => {
+            let (userinfo, host) = authority.split_at(at);
+            match userinfo.find(':') {
+                Some(colon) => format!("{}:***{host}", &userinfo[..colon]),
+                None => authority.to_owned(),
+            }
+        }
+        None => authority.to_owned(),
+    };
+    let tail = match tail.find('?') {
+        Some(q) => {
+            let params: Vec<String> = tail[q + 1..]
+                .split('&')
+                .map(|p| match p.split_once('=') {
+                    Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+                    _ => p.to_owned(),
+                })
+                .collect();
+            format!("{}?{}", &tail[..q], params.join("&"))
+        }
+        None => tail.to_owned(),
+    };
+    format!("{scheme}{authority}{tail}")
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            let hex = |c: u8| (c as char).to_digit(16);
+            if let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2])) {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The password spellings a DSN carries (raw and percent-decoded), to scrub from messages.
+fn dsn_secrets(dsn: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let rest = dsn.split_once("://").map_or(dsn, |(_, r)| r);
+    let authority = &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())];
+    if let Some((userinfo, _)) = authority.rsplit_once('@') {
+        if let Some((_, pw)) = userinfo.split_once(':') {
+            out.push(pw.to_owned());
+        }
+    }
+    if let Some((_, query)) = rest.split_once('?') {
+        for p in query.split('&') {
+            if let Some((k, v)) = p.split_once('=') {
+                if k.eq_ignore_ascii_case("password") {
+                    out.push(v.to_owned());
+                }
+            }
+        }
+    }
+    let decoded: Vec<String> = out.iter().map(|p| percent_decode(p)).collect();
+    out.extend(decoded);
+    out.retain(|p| p.len() >= 3);
+    out.sort_by_key(|p| std::cmp::Reverse(p.len()));
+    out.dedup();
+    out
+}
+
+/// What a failed operation means for the batch.
+#[derive(Debug)]
+enum Failure {
+    /// The data of some row was refused (SQLSTATE classes 22 and 23): isolate it.
+    Data {
+        code: String,
+        message: String,
+        line: Option<usize>,
+    },
+    /// The table or a column vanished: re-check the schema, then retry.
+    Schema(String),
+    Transient {
+        message: String,
+        drop_conn: bool,
+    },
+    Permanent(String),
+}
+
+/// `COPY logs, line 12, column message: "..."` -> 12.
+fn copy_line(context: &str) -> Option<usize> {
+    context.lines().find_map(|l| {
+        let rest = l.trim_start().strip_prefix("COPY ")?;
+        let at = rest.find(", line ")?;
+        let digits: String = rest[at + 7..]
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .collect();
+        digits.parse().ok()
+    })
+}
+
+fn classify(e: &sqlx::Error) -> Failure {
+    match e {
+        sqlx::Error::Database(db) => {
+            let code = db.code().map(|c| c.into_owned()).unwrap_or_default();
+            let message = format!("{} (SQLSTATE {code})", db.message());
+            let class = code.get(..2).unwrap_or("");
+            match (class, code.as_str()) {
+                ("22" | "23", _) => Failure::Data {
+                    line: db
+                        .try_downcast_ref::<PgDatabaseError>()
+                        .and_then(|pg| pg.r#where())
+                        .and_then(copy_line),
+                    code,
+                    message,
+                },
+                (_, "42P01" | "42703") => Failure::Schema(message),
+                ("28" | "3D", _) | (_, "42501" | "3F000") => Failure::Permanent(message),
+                (_, "40001" | "40P01" | "55P03" | "55006" | "57014") => Failure::Transient {
+                    message,
+                    drop_conn: false,
+                },
+                ("42", _) => Failure::Permanent(message),
+                _ => Failure::Transient {
+                    message,
+                    drop_conn: true,
+                },
+            }
+        }
+        sqlx::Error::Tls(e) => Failure::Permanent(format!("TLS: {e}")),
+        sqlx::Error::Configuration(e) => Failure::Permanent(format!("configuration: {e}")),
+        sqlx::Error::Io(e) => Failure::Transient {
+            message: format!("connection: {e}"),
+            drop_conn: true,
+        },
+        other => Failure::Transient {
+            message: other.to_string(),
+            drop_conn: true,
+        },
+    }
+}
+
+pub struct Postgres {
+    rt: tokio::runtime::Runtime,
+    inner: Inner,
+}
+
+struct Inner {
+    cfg: PostgresConfig,
+    names: Names,
+    opts: PgConnectOptions,
+    /// The DSN without its password, for messages.
+    target: String,
+    secrets: Vec<String>,
+    conn: Option<PgConnection>,
+    /// Known once the schema has been checked (and created or migrated) on this connection.
+    layout: Option<Layout>,
+    /// (kind, day number since the epoch) of day partitions known to exist.
+    days: HashSet<(Kind, i64)>,
+    copy_sql: String,
+    buf: Vec<u8>,
+    next_maintenance: Instant,
+    maintenance_breaker: Breaker,
+    notices: Vec<(u16, String)>,
+}
+
+fn secs(v: f64) -> Duration {
+    Duration::from_secs_f64(v.max(0.001))
+}
+
+impl Postgres {
+    /// Validates the configuration; connecting waits for the first batch.
+    pub fn open(cfg: PostgresConfig) -> Result<Self, WriteError> {
+        let names = Names::new(&cfg.schema, &cfg.table).map_err(WriteError::permanent)?;
+        let secrets = dsn_secrets(&cfg.dsn);
+        let target = redact_dsn(&cfg.dsn);
+        let scrub = |m: String| scrub(&secrets, m);
+        let statement_ms = (cfg.statement_timeout * 1000.0).round().max(1.0) as u64;
+        let opts = PgConnectOptions::from_str(&cfg.dsn)
+            .map_err(|e| WriteError::permanent(scrub(format!("invalid DSN {target}: {e}"))))?
+            .application_name(&cfg.application_name)
+            .options([("statement_timeout", format!("{statement_ms}"))]);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| WriteError::transient(format!("cannot start runtime: {e}")))?;
+        Ok(Postgres {
+            rt,
+            inner: Inner {
+                copy_sql: names.copy_statement(),
+                names,
+                opts,
+                target,
+                secrets,
+                conn: None,
+                layout: None,
+                days: HashSet::new(),
+                buf: Vec::with_capacity(1 << 20),
+                next_maintenance: Instant::now(),
+                maintenance_breaker: Breaker::new(3, Duration::from_secs(600)),
+                notices: Vec::new(),
+                cfg,
+            },
+        })
+    }
+}
+
+fn scrub(secrets: &[String], mut message: String) -> String {
+    for s in secrets {
+        if message.contains(s.as_str()) {
+            message = message.replace(s.as_str(), "***");
+        }
+    }
+    message
+}
+
+async fn exec(conn: &mut PgConnection, sql: String) -> Result<(), sqlx::Error> {
+    sqlx::raw_sql(AssertSqlSafe(sql))
+        .execute(conn)
+        .await
+        .map(|_| ())
+}
+
+async fn copy_rows(
+    conn: &mut PgConnection,
+    sql: &str,
+    buf: &mut Vec<u8>,
+    rows: &[&Record],
+) -> Result<u64, sqlx::Error> {
+    buf.clear();
+    copy::encode(rows.iter().copied(), buf);
+    let mut copy_in = conn.copy_in_raw(sql).await?;
+    if let Err(e) = copy_in.send(&buf[..]).await {
+        let _ = copy_in.abort("logsluice: sending failed").await;
+        return Err(e);
+    }
+    copy_in.finish().await
+}
+
+impl Inner {
+    fn fail(&mut self, f: Failure) -> WriteError {
+        match f {
+            Failure::Transient { message, drop_conn } => {
+                if drop_conn {
+                    self.conn = None;
+                    self.layout = None;
+                }
+                WriteError::transient(scrub(&self.secrets, message))
+            }
+            Failure::Permanent(message) => {
+                self.conn = None;
+                self.layout = None;
+                WriteError::permanent(scrub(&self.secrets, message))
+            }
+            Failure::Schema(message) => {
+                self.layout = None;
+                self.days.clear();
+                let m = format!("{} changed underneath: {message}", self.names.display());
+                WriteError::transient(scrub(&self.secrets, m))
+            }
+            Failure::Data { message, .. } => WriteError::transient(scrub(&self.secrets, message)),
+        }
+    }
+
+    async fn connect(&mut self) -> Result<(), WriteError> {
+        if self.conn.is_some() {
+            return Ok(());
+        }
+        let timeout = secs(self.cfg.connect_timeout);
+        let result = tokio::time::timeout(timeout, PgConnection::connect_with(&self.opts)).await;
+        let conn = match result {
+            Ok(Ok(conn)) => conn,
+            Ok(Err(e)) => {
+                let f = match classify(&e) {
+                    Failure::Permanent(m) => {
+                        Failure::Permanent(format!("cannot connect to {}: {m}", self.target))
+                    }
+                    Failure::Transient { message, .. }
+                    | Failure::Schema(message)
+                    | Failure::Data { message, .. } => Failure::Transient {
+                        message: format!("cannot connect to {}: {message}", self.target),
+                        drop_conn: true,
+                    },
+                };
+                return Err(self.fail(f));
+            }
+            Err(_) => {
+                return Err(WriteError::transient(format!(
+                    "cannot connect to {}: timed out after {:.1}s",
+                    self.target,
+                    timeout.as_secs_f64()
+                )))
+            }
+        };
+        self.conn = Some(conn);
+        self.layout = None;
+        Ok(())
+    }
+
+    async fn ensure_schema(&mut self) -> Result<Layout, WriteError> {
+        if let Some(layout) = self.layout {
+            return Ok(layout);
+        }
+        let conn = self.conn.as_mut().expect("connected");
+        let result = schema_check(conn, &self.names, &self.cfg).await;
+        if result.is_err() {
+            let _ = exec(conn, "ROLLBACK".into()).await;
+        }
+        match result {
+            Ok((layout, notes)) => {
+                self.notices.extend(notes);
+                self.layout = Some(layout);
+                self.days.clear();
+                Ok(layout)
+            }
+            Err(SchemaError::Db(e)) => Err(self.fail(classify(&e))),
+            Err(SchemaError::Refused(m)) => Err(WriteError::permanent(scrub(&self.secrets, m))),
+        }
+    }
+
+    /// Creates the day partitions the batch needs (under the DDL advisory lock).
+    async fn ensure_days(&mut self, batch: &[Arc<Record>]) -> Result<(), sqlx::Error> {
+        let mut needed: Vec<(Kind, i64)> = Vec::new();
+        for r in batch {
+            let key = (r.kind, r.ts_us.div_euclid(US_PER_DAY));
+            if !self.days.contains(&key) && !needed.contains(&key) {
+                needed.push(key);
+            }
+        }
+        if needed.is_empty() {
+            return Ok(());
+        }
+        let conn = self.conn.as_mut().expect("connected");
+        create_days(conn, &self.names, &needed).await?;
+        self.days.extend(needed);
+        Ok(())
+    }
+
+    async fn write(&mut self, batch: &[Arc<Record>]) -> Result<Outcome, WriteError> {
+        self.connect().await?;
+        let layout = self.ensure_schema().await?;
+        if layout == Layout::Daily {
+            if let Err(e) = self.ensure_days(batch).await {
+                return Err(self.fail(classify(&e)));
+            }
+        }
+        let rows: Vec<&Record> = batch.iter().map(|r| &**r).collect();
+        let conn = self.conn.as_mut().expect("connected");
+        let first = copy_rows(conn, &self.copy_sql, &mut self.buf, &rows).await;
+        let outcome = match first {
+            Ok(_) => Outcome::default(),
+            Err(e) => match classify(&e) {
+                // A partition dropped by another process's retention, or one this process
+                // believed existed: refresh and try once more before suspecting the data.
+                Failure::Data { code, .. } if code == "23514" && layout == Layout::Daily => {
+                    self.days.clear();
+                    if let Err(e) = self.ensure_days(batch).await {
+                        return Err(self.fail(classify(&e)));
+                    }
+                    let conn = self.conn.as_mut().expect("connected");
+                    match copy_rows(conn, &self.copy_sql, &mut self.buf, &rows).await {
+                        Ok(_) => Outcome::default(),
+                        Err(e) => match classify(&e) {
+                            Failure::Data { message, line, .. } => {
+                                self.isolate(&rows, message, line).await?
+                            }
+                            f => return Err(self.fail(f)),
+                        },
+                    }
+                }
+                Failure::Data { message, line, .. } => self.isolate(&rows, message, line).await?,
+                f => return Err(self.fail(f)),
+            },
+        };
+        if self.buf.capacity() > 32 << 20 {
+            self.buf = Vec::with_capacity(1 << 20);
+        }
+        Ok(outcome)
+    }
+
+    /// Writes every good record of a batch that failed with a data error, in one
+    /// transaction (so a retry after a connection failure never duplicates), one savepoint
+    /// per attempt. The failing line number, when the server names it, points straight at
+    /// an offender; otherwise sets are halved.
+    async fn isolate(
+        &mut self,
+        rows: &[&Record],
+        first_message: String,
+        first_line: Option<usize>,
+    ) -> Result<Outcome, WriteError> {
+        let mut bad: Vec<(usize, String)> = Vec::new();
+        let mut hints = 0;
+        let mut stack: Vec<Vec<usize>> = Vec::new();
+        let all: Vec<usize> = (0..rows.len()).collect();
+        split(
+            &mut stack,
+            &mut bad,
+            &mut hints,
+            all,
+            first_message,
+            first_line,
+        );
+        let conn = self.conn.as_mut().expect("connected");
+        let result: Result<(), sqlx::Error> = async {
+            exec(conn, "BEGIN".into()).await?;
+            while let Some(set) = stack.pop() {
+                if set.is_empty() {
+                    continue;
+                }
+                let subset: Vec<&Record> = set.iter().map(|&i| rows[i]).collect();
+                exec(conn, "SAVEPOINT logsluice_split".into()).await?;
+                match copy_rows(conn, &self.copy_sql, &mut self.buf, &subset).await {
+                    Ok(_) => exec(conn, "RELEASE SAVEPOINT logsluice_split".into()).await?,
+                    Err(e) => match classify(&e) {
+                        Failure::Data { message, line, .. } => {
+                            exec(conn, "ROLLBACK TO SAVEPOINT logsluice_split".into()).await?;
+                            exec(conn, "RELEASE SAVEPOINT logsluice_split".into()).await?;
+                            split(&mut stack, &mut bad, &mut hints, set, message, line);
+                        }
+                        _ => return Err(e),
+                    },
+                }
+            }
+            exec(conn, "COMMIT".into()).await
+        }
+        .await;
+        if let Err(e) = result {
+            // The transaction is gone with the error (or the connection): nothing written.
+            self.conn = None;
+            self.layout = None;
+            return Err(self.fail(classify(&e)));
+        }
+        if let Some(dir) = self.cfg.dead_letter_dir.clone() {
+            if let Err(e) = self.dead_letter(&dir, rows, &bad) {
+                self.notices
+                    .push((30, format!("cannot write dead letters to {dir}: {e}")));
+            }
+        }
+        Ok(Outcome {
+            invalid: bad.len() as u64,
+        })
+    }
+
+    fn dead_letter(
+        &self,
+        dir: &str,
+        rows: &[&Record],
+        bad: &[(usize, String)],
+    ) -> std::io::Result<()> {
+        std::fs::create_dir_all(dir)?;
+        let name = format!(
+            "{}-dead-letter-{}-{}.ndjson",
+            self.names.table,
+            Utc::now().format("%Y%m%d"),
+            std::process::id()
+        );
+        let mut out = Vec::new();
+        for (i, error) in bad {
+            write_ndjson(&mut out, rows[*i]);
+            // Splice the error in before the closing brace of the line.
+            out.truncate(out.len() - 2);
+            out.extend_from_slice(b",\"logsluice_error\":");
+            serde_json::to_writer(&mut out, &scrub(&self.secrets, error.clone()))?;
+            out.extend_from_slice(b"}\n");
+        }
+        let mut f = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(PathBuf::from(dir).join(name))?;
+        f.write_all(&out)
+    }
+
+    /// Partitions ahead and retention; failures never touch the batch path.
+    async fn maintain(&mut self) {
+        let now = Instant::now();
+        if now < self.next_maintenance || !self.maintenance_breaker.allow(now) {
+            return;
+        }
+        let Some(layout) = self.layout else { return };
+        let Some(conn) = self.conn.as_mut() else {
+            return;
+        };
+        match maintenance(conn, &self.names, &self.cfg, layout).await {
+            Ok((created, dropped)) => {
+                self.maintenance_breaker.success();
+                self.next_maintenance = now + secs(self.cfg.maintenance_interval);
+                self.days.extend(created);
+                for key in &dropped {
+                    self.days.remove(key);
+                }
+                if !dropped.is_empty() {
+                    self.notices.push((
+                        20,
+                        format!(
+                            "retention dropped {} partition(s) of {}",
+                            dropped.len(),
+                            self.names.display()
+                        ),
+                    ));
+                }
+            }
+            Err(e) => {
+                let _ = exec(conn, "ROLLBACK".into()).await;
+                self.maintenance_breaker.failure(now);
+                let f = classify(&e);
+                let message = match &f {
+                    Failure::Data { message, .. }
+                    | Failure::Schema(message)
+                    | Failure::Transient { message, .. }
+                    | Failure::Permanent(message) => message.clone(),
+                };
+                if matches!(
+                    f,
+                    Failure::Transient {
+                        drop_conn: true,
+                        ..
+                    }
+                ) {
+                    self.conn = None;
+                    self.layout = None;
+                }
+                self.next_maintenance = now + Duration::from_secs(60);
+                self.notices.push((
+                    30,
+                    format!("maintenance failed: {}", scrub(&self.secrets, message)),
+                ));
+            }
+        }
+    }
+}
+
+/// Pushes the parts of a failed `set` to try next; a set of one is an offender.
+fn split(
+    stack: &mut Vec<Vec<usize>>,
+    bad: &mut Vec<(usize, String)>,
+    hints: &mut usize,
+    set: Vec<usize>,
+    message: String,
+    line: Option<usize>,
+) {
+    if set.len() == 1 {
+        bad.push((set[0], message));
+        return;
+    }
+    match line.filter(|l| (1..=set.len()).contains(l)) {
+        Some(l) if *hints < MAX_LINE_HINTS => {
+            *hints += 1;
+            bad.push((set[l - 1], message));
+            stack.push(set[l..].to_vec());
+            stack.push(set[..l - 1].to_vec());
+        }
+        _ => {
+            let mid = set.len() / 2;
+            stack.push(set[mid..].to_vec());
+            stack.push(set[..mid].to_vec());
+        }
+    }
+}
+
+enum SchemaError {
+    Db(sqlx::Error),
+    Refused(String),
+}
+
+impl From<sqlx::Error> for SchemaError {
+    fn from(e: sqlx::Error) -> Self {
+        SchemaError::Db(e)
+    }
+}
+
+async fn lock_ddl(conn: &mut PgConnection, names: &Names) -> Result<(), sqlx::Error> {
+    exec(conn, "BEGIN".into()).await?;
+    exec(conn, "SET LOCAL lock_timeout = '10s'".into()).await?;
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
+        .bind(names.lock_key())
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
+async fn relation_exists(conn: &mut PgConnection, regclass: &str) -> Result<bool, sqlx::Error> {
+    let row = sqlx::query("SELECT to_regclass($1) IS NOT NULL")
+        .bind(regclass)
+        .fetch_one(&mut *conn)
+        .await?;
+    row.try_get(0)
+}
+
+/// Checks the table, creating or migrating it when `create_table`; returns its layout and
+/// notes for the "logsluice" logger. Creation holds an advisory lock, so many processes
+/// starting at once create everything exactly once.
+async fn schema_check(
+    conn: &mut PgConnection,
+    names: &Names,
+    cfg: &PostgresConfig,
+) -> Result<(Layout, Vec<(u16, String)>), SchemaError> {
+    let mut notes = Vec::new();
+    let wanted = if cfg.partition.is_some() {
+        Layout::Daily
+    } else {
+        Layout::Plain
+    };
+    if cfg.create_table {
+        lock_ddl(conn, names).await?;
+    } else {
+        exec(conn, "BEGIN".into()).await?;
+    }
+    let found = sqlx::query(
+        "SELECT c.relkind::text, COALESCE(pg_get_partkeydef(c.oid), '') \
+         FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+         WHERE n.nspname = $1 AND c.relname = $2",
+    )
+    .bind(&names.schema)
+    .bind(&names.table)
+    .fetch_optional(&mut *conn)
+    .await?;
+    let layout = match found {
+        None if !cfg.create_table => {
+            return Err(SchemaError::Refused(format!(
+                "table {} does not exist and create_table=False; create it (see the README for the DDL) or let logsluice create it",
+                names.display()
+            )))
+        }
+        None => {
+            let has_schema = sqlx::query("SELECT 1 FROM pg_namespace WHERE nspname = $1")
+                .bind(&names.schema)
+                .fetch_optional(&mut *conn)
+                .await?
+                .is_some();
+            if !has_schema {
+                exec(conn, format!("CREATE SCHEMA IF NOT EXISTS {}", schema::quote(&names.schema))).await?;
+            }
+            exec(conn, names.create_sql(wanted)).await?;
+            exec(conn, names.index_sql()).await?;
+            notes.push((20, format!("created table {}", names.display())));
+            wanted
+        }
+        Some(row) => {
+            let relkind: String = row.try_get(0)?;
+            let partkey: String = row.try_get(1)?;
+            match (relkind.as_str(), partkey.as_str()) {
+                ("r", _) => {
+                    if wanted == Layout::Daily && cfg.create_table {
+                        notes.push((30, format!(
+                            "{} is a plain table (created without partitions); it is kept as is and retention deletes rows in chunks",
+                            names.display()
+                        )));
+                    }
+                    Layout::Plain
+                }
+                ("p", "LIST (kind)") => Layout::Daily,
+                ("p", _) => Layout::Foreign,
+                (other, _) => {
+                    return Err(SchemaError::Refused(format!(
+                        "{} is not a table (relkind {other:?})",
+                        names.display()
+                    )))
+                }
+            }
+        }
+    };
+    let cols = sqlx::query(
+        "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod) FROM pg_attribute a \
+         WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped",
+    )
+    .bind(names.qualified())
+    .fetch_all(&mut *conn)
+    .await?;
+    let existing: Vec<(String, String)> = cols
+        .iter()
+        .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+        .collect::<Result<_, sqlx::Error>>()?;
+    let (missing, wrong) = schema::diff_columns(&existing);
+    if !wrong.is_empty() {
+        return Err(SchemaError::Refused(format!(
+            "table {} has columns of the wrong type: {}",
+            names.display(),
+            wrong.join("; ")
+        )));
+    }
+    if !missing.is_empty() {
+        if !cfg.create_table {
+            let list: Vec<String> = missing
+                .iter()
+                .map(|c| format!("{c} {}", schema::column_type(c)))
+                .collect();
+            return Err(SchemaError::Refused(format!(
+                "table {} (create_table=False) is missing columns: {}",
+                names.display(),
+                list.join(", ")
+            )));
+        }
+        exec(conn, names.add_columns_sql(&missing)).await?;
+        notes.push((
+            20,
+            format!(
+                "migrated {}: added columns {}",
+                names.display(),
+                missing.join(", ")
+            ),
+        ));
+    }
+    if cfg.create_table {
+        if layout == Layout::Daily {
+            for kind in KINDS {
+                if !relation_exists(conn, &names.kind_partition(kind)).await? {
+                    exec(
+                        conn,
+                        format!(
+                            "CREATE TABLE IF NOT EXISTS {} PARTITION OF {} FOR VALUES IN ('{}') PARTITION BY RANGE (\"ts\")",
+                            names.kind_partition(kind),
+                            names.qualified(),
+                            kind.as_str()
+                        ),
+                    )
+                    .await?;
+                }
+            }
+        }
+        let indexes =
+            sqlx::query("SELECT count(*) FROM pg_indexes WHERE schemaname = $1 AND tablename = $2")
+                .bind(&names.schema)
+                .bind(&names.table)
+                .fetch_one(&mut *conn)
+                .await?;
+        let count: i64 = indexes.try_get(0)?;
+        if count < 4 && layout != Layout::Foreign {
+            exec(conn, names.index_sql()).await?;
+        }
+    }
+    exec(conn, "COMMIT".into()).await?;
+    Ok((layout, notes))
+}
+
+/// Creates the day partitions in `needed` that do not exist yet.
+async fn create_days(
+    conn: &mut PgConnection,
+    names: &Names,
+    needed: &[(Kind, i64)],
+) -> Result<(), sqlx::Error> {
+    let day = |n: i64| schema::day_of(n.saturating_mul(US_PER_DAY));
+    let wanted: Vec<(Kind, chrono::NaiveDate)> = needed
+        .iter()
+        .filter_map(|&(k, n)| day(n).map(|d| (k, d)))
+        .collect();
+    let all_names: Vec<String> = wanted
+        .iter()
+        .map(|&(k, d)| names.day_partition_name(k, d))
+        .collect();
+    let existing: Vec<String> = sqlx::query(
+        "SELECT c.relname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+         WHERE n.nspname = $1 AND c.relname = ANY($2)",
+    )
+    .bind(&names.schema)
+    .bind(&all_names)
+    .fetch_all(&mut *conn)
+    .await?
+    .iter()
+    .map(|r| r.try_get(0))
+    .collect::<Result<_, _>>()?;
+    let missing: Vec<&(Kind, chrono::NaiveDate)> = wanted
+        .iter()
+        .zip(&all_names)
+        .filter(|(_, n)| !existing.contains(n))
+        .map(|(w, _)| w)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let result = async {
+        lock_ddl(conn, names).await?;
+        for (kind, day) in &missing {
+            exec(conn, names.create_day_sql(*kind, *day)).await?;
+        }
+        exec(conn, "COMMIT".into()).await
+    }
+    .await;
+    if result.is_err() {
+        let _ = exec(conn, "ROLLBACK".into()).await;
+    }
+    result
+}
+
+/// Creates partitions ahead and applies retention. Returns the partitions created and dropped.
+async fn maintenance(
+    conn: &mut PgConnection,
+    names: &Names,
+    cfg: &PostgresConfig,
+    layout: Layout,
+) -> Result<(Vec<(Kind, i64)>, Vec<(Kind, i64)>), sqlx::Error> {
+    let now = Utc::now();
+    let today = now.timestamp_micros().div_euclid(US_PER_DAY);
+    let mut created = Vec::new();
+    let mut dropped = Vec::new();
+    match layout {
+        Layout::Daily => {
+            for kind in KINDS {
+                for d in 0..=i64::from(cfg.premake_days) {
+                    created.push((kind, today + d));
+                }
+            }
+            create_days(conn, names, &created).await?;
+            for kind in KINDS {
+                let Some(&keep) = cfg.retention.get(&kind) else {
+                    continue;
+                };
+                let parts: Vec<String> = sqlx::query(
+                    "SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid \
+                     WHERE i.inhparent = to_regclass($1)",
+                )
+                .bind(names.kind_partition(kind))
+                .fetch_all(&mut *conn)
+                .await?
+                .iter()
+                .map(|r| r.try_get(0))
+                .collect::<Result<_, _>>()?;
+                let expired: Vec<chrono::NaiveDate> = parts
+                    .iter()
+                    .filter_map(|p| names.parse_day_partition(kind, p))
+                    .filter(|d| schema::expired(*d, now, keep))
+                    .collect();
+                if expired.is_empty() {
+                    continue;
+                }
+                lock_ddl(conn, names).await?;
+                for day in &expired {
+                    exec(conn, names.drop_day_sql(kind, *day)).await?;
+                }
+                exec(conn, "COMMIT".into()).await?;
+                for day in expired {
+                    let n = day
+                        .and_hms_opt(0, 0, 0)
+                        .map_or(0, |d| d.and_utc().timestamp_micros().div_euclid(US_PER_DAY));
+                    dropped.push((kind, n));
+                }
+            }
+        }
+        Layout::Plain => {
+            for kind in KINDS {
+                let Some(&keep) = cfg.retention.get(&kind) else {
+                    continue;
+                };
+                let cutoff = now - TimeDelta::milliseconds((keep * 1000.0) as i64);
+                let sql = format!(
+                    "DELETE FROM {t} WHERE ctid = ANY(ARRAY(SELECT ctid FROM {t} WHERE \"kind\" = $1 AND \"ts\" < to_timestamp($2) LIMIT $3))",
+                    t = names.qualified()
+                );
+                let started = Instant::now();
+                loop {
+                    let done = sqlx::query(AssertSqlSafe(sql.clone()))
+                        .bind(kind.as_str())
+                        .bind(cutoff.timestamp_micros() as f64 / 1e6)
+                        .bind(DELETE_CHUNK)
+                        .execute(&mut *conn)
+                        .await?
+                        .rows_affected();
+                    if done < DELETE_CHUNK as u64 || started.elapsed() > Duration::from_secs(30) {
+                        break;
+                    }
+                }
+            }
+        }
+        Layout::Foreign => {}
+    }
+    Ok((created, dropped))
+}
+
+impl Writer for Postgres {
+    fn write_batch(
+        &mut self,
+        batch: &[Arc<Record>],
+        timeout: Duration,
+    ) -> Result<Outcome, WriteError> {
+        let Postgres { rt, inner } = self;
+        let _guard = rt.enter();
+        let result = rt.block_on(async {
+            let r = tokio::time::timeout(timeout, inner.write(batch)).await;
+            if r.as_ref().is_ok_and(Result::is_ok)
+                && tokio::time::timeout(timeout, inner.maintain())
+                    .await
+                    .is_err()
+            {
+                // Maintenance cut off mid-statement: start the next batch on a fresh connection.
+                inner.conn = None;
+                inner.layout = None;
+            }
+            r
+        });
+        match result {
+            Ok(r) => r,
+            Err(_) => {
+                // Cut off mid-conversation: the connection's state is unknown.
+                inner.conn = None;
+                inner.layout = None;
+                Err(WriteError::transient(format!(
+                    "attempt timed out after {:.1}s",
+                    timeout.as_secs_f64()
+                )))
+            }
+        }
+    }
+
+    fn idle(&mut self) {
+        let Postgres { rt, inner } = self;
+        let _guard = rt.enter();
+        if inner.conn.is_some() && inner.layout.is_some() {
+            let timeout = secs(inner.cfg.statement_timeout);
+            if rt
+                .block_on(tokio::time::timeout(timeout, inner.maintain()))
+                .is_err()
+            {
+                inner.conn = None;
+                inner.layout = None;
+            }
+        }
+    }
+
+    fn notices(&mut self) -> Vec<(u16, String)> {
+        std::mem::take(&mut self.inner.notices)
+    }
+
+    fn close(&mut self) -> Result<(), WriteError> {
+        let Postgres { rt, inner } = self;
+        let _guard = rt.enter();
+        if let Some(conn) = inner.conn.take() {
+            let _ = rt.block_on(tokio::time::timeout(Duration::from_secs(2), conn.close()));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::HttpFields;
+
+    /// Writes http records (the middleware's) to the server tests/test_postgres.py names in
+    /// LOGSLUICE_TEST_PG_DSN; that test then reads the columns back. Without it, nothing runs.
+    #[test]
+    fn real_server_http_records() {
+        let Ok(dsn) = std::env::var("LOGSLUICE_TEST_PG_DSN") else {
+            return;
+        };
+        let table = std::env::var("LOGSLUICE_TEST_PG_TABLE").unwrap();
+        let mut w = Postgres::open(PostgresConfig {
+            dsn,
+            table,
+            ..Default::default()
+        })
+        .unwrap();
+        let now = Utc::now().timestamp_micros();
+        let mut full = Record::new(now, "INFO", 20, Kind::Http, "GET /items/7 200".into());
+        full.request_id = Some("req-http-1".into());
+        full.http = Some(Box::new(HttpFields {
+            method: "GET".into(),
+            scheme: "https".into(),
+            http_version: "1.1".into(),
+            path: "/items/7".into(),
+            query: Some("q=1".into()),
+            route: Some("/items/{id}".into()),
+            status: 200,
+            duration_ms: 12.5,
+            ttfb_ms: Some(3.25),
+            client_addr: Some("127.0.0.1:5555".into()),
+            user_agent: Some("curl/8".into()),
+            trace_id: Some("t1".into()),
+            span_id: Some("s1".into()),
+            request_headers: serde_json::json!({"accept": "*/*"}),
+            response_headers: serde_json::json!({"content-type": "application/json"}),
+            request_body: Some("{\"a\": 1}".into()),
+            response_body: Some("ok".into()),
+            request_size: Some(8),
+            response_size: Some(2),
+            sample_rate: 0.5,
+            error: false,
+        }));
+        let mut minimal = Record::new(now + 1, "ERROR", 40, Kind::Http, "POST /x 500".into());
+        minimal.http = Some(Box::new(HttpFields {
+            method: "POST".into(),
+            path: "/x".into(),
+            status: 500,
+            sample_rate: 1.0,
+            error: true,
+            ..Default::default()
+        }));
+        let batch: Vec<Arc<Record>> = [full, minimal]
+            .into_iter()
+            .map(|r| Arc::new(r.finish(1 << 16)))
+            .collect();
+        let outcome = w.write_batch(&batch, Duration::from_secs(30)).unwrap();
+        assert_eq!(outcome.invalid, 0);
+        w.close().unwrap();
+    }
+
+    #[test]
+    fn dsn_password_is_masked_everywhere() {
+        assert_eq!(
+            redact_dsn("postgresql://app:s3cr%40t@db:5432/app?sslmode=require&password=x1y2"),
+            "postgresql://app:***@db:5432/app?sslmode=require&password=***"
+        );
+        assert_eq!(redact_dsn("postgresql://db/app"), "postgresql://db/app");
+        assert_eq!(redact_dsn("postgres://u@h"), "postgres://u@h");
+        assert_eq!(redact_dsn("nonsense"), "<unparseable DSN>");
+        let secrets = dsn_secrets("postgresql://app:s3cr%40t@db/app");
+        assert!(
+            secrets.contains(&"s3cr@t".to_string()) && secrets.contains(&"s3cr%40t".to_string())
+        );
+        assert_eq!(scrub(&secrets, "bad s3cr@t here".into()), "bad *** here");
+    }
+
+    #[test]
+    fn copy_context_gives_the_line() {
+        assert_eq!(
+            copy_line("COPY logs, line 12, column message: \"x\""),
+            Some(12)
+        );
+        assert_eq!(copy_line("COPY logs, line 3"), Some(3));
+        assert_eq!(copy_line("SQL function \"f\"\nCOPY logs, line 7"), Some(7));
+        assert_eq!(copy_line("something else"), None);
+    }
+
+    #[test]
+    fn split_uses_hints_then_halves() {
+        let mut stack = Vec::new();
+        let mut bad = Vec::new();
+        let mut hints = 0;
+        split(
+            &mut stack,
+            &mut bad,
+            &mut hints,
+            (0..10).collect(),
+            "m".into(),
+            Some(4),
+        );
+        assert_eq!(bad, vec![(3, "m".to_string())]);
+        assert_eq!(stack, vec![vec![4, 5, 6, 7, 8, 9], vec![0, 1, 2]]);
+        hints = MAX_LINE_HINTS;
+        split(
+            &mut stack,
+            &mut bad,
+            &mut hints,
+            (0..4).collect(),
+            "m".into(),
+            Some(2),
+        );
+        assert_eq!(stack.pop(), Some(vec![0, 1]));
+        assert_eq!(stack.pop(), Some(vec![2, 3]));
+        split(&mut stack, &mut bad, &mut hints, vec![7], "x".into(), None);
+        assert_eq!(bad.last(), Some(&(7, "x".to_string())));
+    }
+}

@@ -1,0 +1,386 @@
+//! The content policy: what of a captured body is stored. Text, JSON and form bodies as
+//! (redacted) text; binary bodies as size and hash; multipart as part metadata, never file
+//! bytes; compressed bodies decoded within the cap or stored as a marked summary.
+
+use std::fmt::Write as _;
+use std::io::Read;
+
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+use super::redact::{Redactor, REDACTED};
+use crate::record::truncate_in_place;
+
+/// What the policy made of one body.
+#[derive(Debug, Default, PartialEq)]
+pub struct Stored {
+    pub text: Option<String>,
+    /// A note for the record's `fields` (e.g. `"gzip decoded"`, `"binary"`).
+    pub note: Option<&'static str>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Json,
+    Form,
+    Multipart,
+    Text,
+    Binary,
+    Unknown,
+}
+
+fn classify(content_type: &str) -> Kind {
+    let ct = content_type
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    if ct.is_empty() {
+        return Kind::Unknown;
+    }
+    if ct == "application/json" || ct.ends_with("+json") || ct.ends_with("/x-ndjson") {
+        Kind::Json
+    } else if ct == "application/x-www-form-urlencoded" {
+        Kind::Form
+    } else if ct.starts_with("multipart/") {
+        Kind::Multipart
+    } else if ct.starts_with("text/")
+        || ct.ends_with("+xml")
+        || ct.ends_with("/xml")
+        || ct == "application/javascript"
+        || ct == "application/graphql"
+        || ct == "application/yaml"
+    {
+        Kind::Text
+    } else {
+        Kind::Binary
+    }
+}
+
+fn looks_textual(b: &[u8]) -> bool {
+    // A cut in the middle of a multi-byte character at the cap is still text.
+    let valid = match std::str::from_utf8(b) {
+        Ok(_) => true,
+        Err(e) => e.error_len().is_none() && e.valid_up_to() + 4 > b.len(),
+    };
+    valid
+        && !b
+            .iter()
+            .any(|&c| c < 0x20 && !matches!(c, b'\t' | b'\n' | b'\r'))
+}
+
+pub fn sha256_hex(b: &[u8]) -> String {
+    let digest = Sha256::digest(b);
+    let mut s = String::with_capacity(64);
+    for byte in digest {
+        let _ = write!(s, "{byte:02x}");
+    }
+    s
+}
+
+fn binary_summary(b: &[u8], full_size: u64) -> String {
+    if b.len() as u64 >= full_size {
+        format!("[binary body: {full_size} bytes, sha256 {}]", sha256_hex(b))
+    } else {
+        format!(
+            "[binary body: {full_size} bytes, sha256 of the first {} bytes {}]",
+            b.len(),
+            sha256_hex(b)
+        )
+    }
+}
+
+/// Decodes gzip or deflate up to `cap` bytes of output; `None` when it cannot.
+fn decode(encoding: &str, b: &[u8], cap: usize) -> Option<Vec<u8>> {
+    let mut out = Vec::new();
+    let limit = cap as u64 + 1;
+    let read = |r: &mut dyn Read, out: &mut Vec<u8>| -> bool {
+        // A truncated stream yields what it has, then an error: keep what came.
+        let _ = r.take(limit).read_to_end(out);
+        !out.is_empty()
+    };
+    let ok = match encoding {
+        "gzip" | "x-gzip" => read(&mut flate2::read::GzDecoder::new(b), &mut out),
+        "deflate" => {
+            read(&mut flate2::read::ZlibDecoder::new(b), &mut out) || {
+                out.clear();
+                read(&mut flate2::read::DeflateDecoder::new(b), &mut out)
+            }
+        }
+        _ => false,
+    };
+    ok.then_some(out)
+}
+
+/// Applies the policy to one captured body. `full_size` is what went through (the
+/// captured bytes may be fewer: cap or time limit).
+pub fn store(
+    r: &Redactor,
+    content_type: &str,
+    content_encoding: &str,
+    captured: &[u8],
+    full_size: u64,
+) -> Stored {
+    if captured.is_empty() && full_size == 0 {
+        return Stored::default();
+    }
+    let cut = (captured.len() as u64) < full_size;
+    let encoding = content_encoding.trim().to_ascii_lowercase();
+    let mut note = None;
+    let decoded;
+    let body: &[u8] = if encoding.is_empty() || encoding == "identity" {
+        captured
+    } else {
+        match decode(&encoding, captured, r.max_body_bytes) {
+            Some(d) => {
+                note = Some("decoded");
+                decoded = d;
+                &decoded
+            }
+            None => {
+                return Stored {
+                    text: Some(format!(
+                        "[{} body: {full_size} bytes, not decoded]",
+                        super::clean_token(&encoding)
+                    )),
+                    note: Some("encoded"),
+                }
+            }
+        }
+    };
+    let over_cap = body.len() > r.max_body_bytes;
+    let body = &body[..body.len().min(r.max_body_bytes)];
+    let kind = match classify(content_type) {
+        Kind::Unknown if looks_textual(body) => {
+            let start = body.iter().find(|c| !c.is_ascii_whitespace());
+            if matches!(start, Some(b'{') | Some(b'[')) {
+                Kind::Json
+            } else {
+                Kind::Text
+            }
+        }
+        Kind::Unknown => Kind::Binary,
+        k => k,
+    };
+    let truncated = cut || over_cap;
+    let mut text = match kind {
+        Kind::Binary => {
+            return Stored {
+                text: Some(binary_summary(body, full_size)),
+                note: Some("binary"),
+            }
+        }
+        Kind::Multipart => {
+            return Stored {
+                text: Some(multipart_summary(r, content_type, body, truncated)),
+                note: Some("multipart"),
+            }
+        }
+        Kind::Json => r.redact_json(&String::from_utf8_lossy(body)),
+        Kind::Form => r.redact_urlencoded(&String::from_utf8_lossy(body), &r.body_keys),
+        Kind::Text => r.scrub(&String::from_utf8_lossy(body)).into_owned(),
+        Kind::Unknown => unreachable!(),
+    };
+    crate::record::strip_nul(&mut text);
+    if truncated {
+        // The marker says the body was cut and gives the full size.
+        let _ = write!(text, "…[truncated, {full_size} bytes]");
+    } else if text.len() > r.max_body_bytes + 1024 {
+        truncate_in_place(&mut text, r.max_body_bytes);
+    }
+    Stored {
+        text: Some(text),
+        note,
+    }
+}
+
+fn boundary_of(content_type: &str) -> Option<String> {
+    content_type.split(';').skip(1).find_map(|p| {
+        let (k, v) = p.split_once('=')?;
+        k.trim()
+            .eq_ignore_ascii_case("boundary")
+            .then(|| v.trim().trim_matches('"').to_owned())
+    })
+}
+
+fn find(hay: &[u8], needle: &[u8], from: usize) -> Option<usize> {
+    if needle.is_empty() || from >= hay.len() {
+        return None;
+    }
+    hay[from..]
+        .windows(needle.len())
+        .position(|w| w == needle)
+        .map(|p| p + from)
+}
+
+fn disposition_param(header: &str, name: &str) -> Option<String> {
+    header.split(';').skip(1).find_map(|p| {
+        let (k, v) = p.split_once('=')?;
+        k.trim()
+            .eq_ignore_ascii_case(name)
+            .then(|| v.trim().trim_matches('"').to_owned())
+    })
+}
+
+/// A JSON summary of a multipart body: name, file name, content type and size of each
+/// part; small non-file fields keep their (redacted) value; file bytes never.
+fn multipart_summary(r: &Redactor, content_type: &str, body: &[u8], truncated: bool) -> String {
+    let Some(boundary) = boundary_of(content_type) else {
+        return format!("[multipart body: {} bytes, no boundary]", body.len());
+    };
+    let delim = format!("--{boundary}").into_bytes();
+    let mut parts = Vec::new();
+    let mut pos = match find(body, &delim, 0) {
+        Some(p) => p + delim.len(),
+        None => body.len(),
+    };
+    while pos < body.len() && parts.len() < 100 {
+        if body[pos..].starts_with(b"--") {
+            break;
+        }
+        let head_start = pos
+            + if body[pos..].starts_with(b"\r\n") {
+                2
+            } else {
+                0
+            };
+        let Some(head_end) = find(body, b"\r\n\r\n", head_start) else {
+            break;
+        };
+        let head = String::from_utf8_lossy(&body[head_start..head_end]);
+        let content_start = head_end + 4;
+        let next = find(body, &[b"\r\n".as_slice(), &delim].concat(), content_start);
+        let content_end = next.unwrap_or(body.len());
+        let mut name = None;
+        let mut filename = None;
+        let mut ctype = None;
+        for line in head.split("\r\n") {
+            let Some((k, v)) = line.split_once(':') else {
+                continue;
+            };
+            if k.trim().eq_ignore_ascii_case("content-disposition") {
+                name = disposition_param(v, "name");
+                filename = disposition_param(v, "filename");
+            } else if k.trim().eq_ignore_ascii_case("content-type") {
+                ctype = Some(v.trim().to_owned());
+            }
+        }
+        let content = &body[content_start..content_end];
+        let mut part = json!({
+            "name": name.as_deref().map(|n| r.scrub(n).into_owned()),
+            "size": content.len(),
+        });
+        if let Some(f) = &filename {
+            part["filename"] = Value::from(r.scrub(f).into_owned());
+        }
+        if let Some(c) = &ctype {
+            part["content_type"] = Value::from(r.scrub(c).into_owned());
+        }
+        if next.is_none() {
+            part["truncated"] = Value::Bool(true);
+        }
+        if filename.is_none() && content.len() <= 1024 && looks_textual(content) {
+            let value = if name.as_deref().is_some_and(|n| r.body_keys.matches(n)) {
+                REDACTED.to_owned()
+            } else {
+                r.scrub(&String::from_utf8_lossy(content)).into_owned()
+            };
+            part["value"] = Value::from(value);
+        }
+        parts.push(part);
+        match next {
+            Some(n) => pos = n + 2 + delim.len(),
+            None => break,
+        }
+    }
+    json!({"multipart": parts, "truncated": truncated}).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn r() -> Redactor {
+        Redactor {
+            max_body_bytes: 64,
+            ..Redactor::default()
+        }
+    }
+
+    #[test]
+    fn json_is_redacted_and_truncation_marked() {
+        let body = br#"{"password":"x","a":"0123456789012345678901234567890123456789012345678901234567890"}"#;
+        let s = store(&r(), "application/json", "", &body[..64], body.len() as u64);
+        let text = s.text.unwrap();
+        assert!(text.contains("[REDACTED]"));
+        assert!(text.ends_with(&format!("…[truncated, {} bytes]", body.len())));
+    }
+
+    #[test]
+    fn binary_is_size_and_hash() {
+        let body = [0u8, 1, 2, 255, 254];
+        let s = store(&r(), "application/octet-stream", "", &body, 5);
+        assert_eq!(
+            s.text.unwrap(),
+            format!("[binary body: 5 bytes, sha256 {}]", sha256_hex(&body))
+        );
+        let s = store(&r(), "", "", &body, 5);
+        assert_eq!(s.note, Some("binary"));
+    }
+
+    #[test]
+    fn unknown_type_text_is_sniffed() {
+        let s = store(&r(), "", "", br#"{"token": "abc"}"#, 16);
+        assert_eq!(s.text.unwrap(), r#"{"token": "[REDACTED]"}"#);
+    }
+
+    #[test]
+    fn gzip_is_decoded_within_cap_or_summarised() {
+        let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        enc.write_all(br#"{"password":"hunter2","ok":1}"#).unwrap();
+        let gz = enc.finish().unwrap();
+        let s = store(&r(), "application/json", "gzip", &gz, gz.len() as u64);
+        assert_eq!(s.text.unwrap(), r#"{"password":"[REDACTED]","ok":1}"#);
+        assert_eq!(s.note, Some("decoded"));
+        let s = store(&r(), "application/json", "br", b"\x01\x02", 2);
+        assert_eq!(s.text.unwrap(), "[br body: 2 bytes, not decoded]");
+    }
+
+    #[test]
+    fn multipart_keeps_metadata_not_file_bytes() {
+        let body = b"--XyZ\r\nContent-Disposition: form-data; name=\"title\"\r\n\r\nhello\r\n--XyZ\r\nContent-Disposition: form-data; name=\"password\"\r\n\r\nhunter2\r\n--XyZ\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.png\"\r\nContent-Type: image/png\r\n\r\nPNGDATA-SECRET\r\n--XyZ--\r\n";
+        let r = Redactor::default();
+        let s = store(
+            &r,
+            "multipart/form-data; boundary=XyZ",
+            "",
+            body,
+            body.len() as u64,
+        );
+        let text = s.text.unwrap();
+        assert!(
+            !text.contains("PNGDATA") && !text.contains("hunter2"),
+            "{text}"
+        );
+        let v: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["multipart"][0]["value"], "hello");
+        assert_eq!(v["multipart"][1]["value"], REDACTED);
+        assert_eq!(v["multipart"][2]["filename"], "a.png");
+        assert_eq!(v["multipart"][2]["size"], 14);
+        assert_eq!(v["multipart"][2]["content_type"], "image/png");
+    }
+
+    #[test]
+    fn form_is_redacted() {
+        let s = store(
+            &r(),
+            "application/x-www-form-urlencoded",
+            "",
+            b"user=ada&password=x",
+            19,
+        );
+        assert_eq!(s.text.unwrap(), "user=ada&password=[REDACTED]");
+    }
+}

@@ -1,0 +1,505 @@
+//! HTTP access records: from what the ASGI middleware observed (bytes and small scalars)
+//! to a redacted, sanitised `Record` of kind `http`. Pure Rust, no Python: the binding in
+//! `py/http.rs` reads the arguments and calls [`build_record`] with the GIL released.
+
+pub mod body;
+pub mod redact;
+
+use std::borrow::Cow;
+use std::fmt::Write as _;
+
+use serde_json::{Map, Value};
+
+use crate::record::{truncate_in_place, HttpFields, Kind, Record};
+use redact::{Redactor, REDACTED};
+
+/// What the middleware saw happen, as bit flags.
+pub mod flags {
+    /// The last body message was sent.
+    pub const COMPLETE: u32 = 1;
+    /// The app raised (before or after the response started).
+    pub const ERROR: u32 = 2;
+    /// The client went away (`http.disconnect`, or `send` failed).
+    pub const DISCONNECTED: u32 = 4;
+    /// Sampled out at the start and kept by a tail rule: bodies were not copied.
+    pub const SAMPLED_OUT: u32 = 8;
+    pub const REQUEST_BODY_TIMEOUT: u32 = 16;
+    pub const RESPONSE_BODY_TIMEOUT: u32 = 32;
+}
+
+pub type Headers = Vec<(Vec<u8>, Vec<u8>)>;
+
+/// Status stored for a client that disconnected before the response was complete.
+pub const CLIENT_CLOSED: u16 = 499;
+const MAX_HEADERS: usize = 100;
+const MAX_PATH_BYTES: usize = 8192;
+
+#[derive(Debug, Default)]
+pub struct Exchange {
+    pub ts_us: i64,
+    pub method: String,
+    pub scheme: String,
+    pub http_version: String,
+    /// The full path, `root_path` included once.
+    pub path: String,
+    pub query: Vec<u8>,
+    pub route: Option<String>,
+    /// 0 when no response started.
+    pub status: u16,
+    pub client: Option<String>,
+    pub request_headers: Headers,
+    pub response_headers: Headers,
+    /// `None`: not captured (sampled out); bytes may be fewer than the size (cap, time).
+    pub request_body: Option<Vec<u8>>,
+    pub request_size: u64,
+    pub response_body: Option<Vec<u8>>,
+    pub response_size: u64,
+    pub flags: u32,
+    pub duration_ms: f64,
+    pub ttfb_ms: Option<f64>,
+    pub request_id: String,
+    pub exception: Option<String>,
+    pub sample_rate: f64,
+}
+
+impl Exchange {
+    pub fn has(&self, flag: u32) -> bool {
+        self.flags & flag != 0
+    }
+
+    /// 499 when the client left before the response completed, 500 when none started.
+    pub fn final_status(&self) -> u16 {
+        if !self.has(flags::COMPLETE) && self.has(flags::DISCONNECTED) {
+            CLIENT_CLOSED
+        } else if self.status == 0 {
+            500
+        } else {
+            self.status
+        }
+    }
+
+    /// 2xx/3xx INFO, 4xx WARNING, 5xx and exceptions ERROR.
+    pub fn level(&self) -> (&'static str, u16) {
+        let status = self.final_status();
+        if self.has(flags::ERROR) || self.exception.is_some() || status >= 500 {
+            ("ERROR", 40)
+        } else if status >= 400 {
+            ("WARNING", 30)
+        } else {
+            ("INFO", 20)
+        }
+    }
+}
+
+fn header<'a>(headers: &'a Headers, name: &str) -> Option<Cow<'a, str>> {
+    headers
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case(name.as_bytes()))
+        .map(|(_, v)| String::from_utf8_lossy(v))
+}
+
+/// Keeps `[a-z0-9-]` of a token (an encoding name), at most 32 characters.
+pub fn clean_token(s: &str) -> String {
+    s.chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
+        .take(32)
+        .collect()
+}
+
+fn header_map(r: &Redactor, headers: &Headers) -> Value {
+    let mut map = Map::new();
+    for (k, v) in headers.iter().take(MAX_HEADERS) {
+        let name = String::from_utf8_lossy(k).to_ascii_lowercase();
+        let name = redact::escape_controls(&name).into_owned();
+        let value = if r.headers.matches(&name) {
+            REDACTED.to_owned()
+        } else {
+            let mut v = r.scrub(&String::from_utf8_lossy(v)).into_owned();
+            truncate_in_place(&mut v, r.max_header_bytes);
+            v
+        };
+        // Repeated headers keep every value, in order.
+        match map.get_mut(&name) {
+            Some(Value::String(prev)) => {
+                prev.push_str(", ");
+                prev.push_str(&value);
+            }
+            _ => {
+                map.insert(name, Value::String(value));
+            }
+        }
+    }
+    Value::Object(map)
+}
+
+/// The client address: the socket peer, or, when the peer is a trusted proxy, the
+/// right-most `X-Forwarded-For` entry that is not itself a trusted proxy.
+fn client_addr(r: &Redactor, peer: Option<&str>, headers: &Headers) -> Option<String> {
+    let peer = peer?;
+    let trusted = |ip: &str| r.trusted_proxies.iter().any(|t| t == "*" || t == ip);
+    if !trusted(peer) {
+        return Some(peer.to_owned());
+    }
+    let Some(xff) = header(headers, "x-forwarded-for") else {
+        return Some(peer.to_owned());
+    };
+    let hops: Vec<&str> = xff
+        .split(',')
+        .map(str::trim)
+        .filter(|h| !h.is_empty())
+        .collect();
+    let pick = hops
+        .iter()
+        .rev()
+        .find(|h| !trusted(h))
+        .or(hops.first())
+        .map(|h| {
+            let mut h = redact::escape_controls(h).into_owned();
+            truncate_in_place(&mut h, 64);
+            h
+        });
+    pick.or_else(|| Some(peer.to_owned()))
+}
+
+/// W3C `traceparent`: `version-traceid-spanid-flags`, ids non-zero lower-case hex.
+pub fn parse_traceparent(value: &str) -> Option<(String, String)> {
+    let parts: Vec<&str> = value.trim().split('-').collect();
+    if parts.len() < 4 {
+        return None;
+    }
+    let hex = |s: &str, n: usize| {
+        s.len() == n
+            && s.bytes().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f'))
+            && s.bytes().any(|c| c != b'0')
+    };
+    let (version, trace, span, trace_flags) = (parts[0], parts[1], parts[2], parts[3]);
+    let version_ok = version.len() == 2
+        && version.bytes().all(|c| c.is_ascii_hexdigit())
+        && version != "ff"
+        && (version != "00" || parts.len() == 4);
+    let flags_ok = trace_flags.len() == 2 && trace_flags.bytes().all(|c| c.is_ascii_hexdigit());
+    (version_ok && flags_ok && hex(trace, 32) && hex(span, 16))
+        .then(|| (trace.to_owned(), span.to_owned()))
+}
+
+/// An inbound request id is kept when it is 1 to 128 characters of `[A-Za-z0-9._:-]`.
+pub fn valid_request_id(id: &[u8]) -> bool {
+    !id.is_empty()
+        && id.len() <= 128
+        && id
+            .iter()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.' | b':'))
+}
+
+/// A new request id: a UUIDv7 (time-ordered, so ids sort like the requests).
+pub fn new_request_id() -> String {
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or_default()
+        & 0xFFFF_FFFF_FFFF;
+    // The pid is mixed in: a forked worker starts with its parent's generator state.
+    let rand_b = fastrand::u64(..) ^ u64::from(std::process::id()).rotate_left(29);
+    let rand_a = u64::from(fastrand::u16(..) & 0x0FFF);
+    let hi = (ms << 16) | 0x7000 | rand_a;
+    let lo = (rand_b & 0x3FFF_FFFF_FFFF_FFFF) | 0x8000_0000_0000_0000;
+    let value = (u128::from(hi) << 64) | u128::from(lo);
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut out = [0u8; 36];
+    let mut nibble = 0;
+    for (i, slot) in out.iter_mut().enumerate() {
+        if matches!(i, 8 | 13 | 18 | 23) {
+            *slot = b'-';
+            continue;
+        }
+        *slot = HEX[((value >> (124 - 4 * nibble)) & 0xF) as usize];
+        nibble += 1;
+    }
+    // Only ASCII hex digits and dashes were written.
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn content_headers(headers: &Headers) -> (String, String) {
+    (
+        header(headers, "content-type")
+            .map(Cow::into_owned)
+            .unwrap_or_default(),
+        header(headers, "content-encoding")
+            .map(Cow::into_owned)
+            .unwrap_or_default(),
+    )
+}
+
+/// Turns one exchange into a finished record. Never fails: anything odd is sanitised.
+pub fn build_record(r: &Redactor, ex: Exchange, max_message_bytes: usize) -> Record {
+    let status = ex.final_status();
+    let (level, level_no) = ex.level();
+    let complete = ex.has(flags::COMPLETE);
+    // Tokens in paths (`/reset/<jwt>`) are scrubbed like any captured text.
+    let mut path = r.scrub(&ex.path).into_owned();
+    truncate_in_place(&mut path, MAX_PATH_BYTES);
+    let mut message = String::with_capacity(path.len() + 32);
+    let _ = write!(
+        message,
+        "{} {} {} {:.1}ms",
+        redact::escape_controls(&ex.method),
+        path,
+        status,
+        ex.duration_ms
+    );
+    let mut rec = Record::new(ex.ts_us, level, level_no, Kind::Http, message);
+    rec.logger = "logsluice.http".into();
+    rec.process = std::process::id();
+    rec.exception = ex.exception.clone();
+    rec.request_id = Some(ex.request_id.clone());
+    let mut fields = Map::new();
+
+    let query = (!ex.query.is_empty()).then(|| {
+        let mut q = r.redact_urlencoded(&String::from_utf8_lossy(&ex.query), &r.query);
+        truncate_in_place(&mut q, MAX_PATH_BYTES);
+        q
+    });
+    let user_agent = header(&ex.request_headers, "user-agent").map(|ua| {
+        let mut ua = r.scrub(&ua).into_owned();
+        truncate_in_place(&mut ua, r.max_user_agent_bytes);
+        ua
+    });
+    let (trace_id, span_id) = header(&ex.request_headers, "traceparent")
+        .and_then(|t| parse_traceparent(&t))
+        .unzip();
+
+    let auth_failure = matches!(status, 401 | 403) && !r.capture_auth_failure_bodies;
+    let no_response_body = ex.method.eq_ignore_ascii_case("HEAD") || matches!(status, 204 | 304);
+    if ex.has(flags::SAMPLED_OUT) {
+        fields.insert("bodies".into(), Value::from("not captured: sampled out"));
+    } else if auth_failure {
+        fields.insert(
+            "bodies".into(),
+            Value::from("not captured: authentication failure"),
+        );
+    }
+    let mut store_body = |which: &str, body: &Option<Vec<u8>>, size: u64, headers: &Headers| {
+        let captured = body.as_deref()?;
+        if auth_failure {
+            return None;
+        }
+        let (ct, ce) = content_headers(headers);
+        let stored = body::store(r, &ct, &ce, captured, size);
+        if (captured.len() as u64) < size {
+            fields.insert(format!("{which}_body_truncated"), Value::Bool(true));
+        }
+        if let Some(note) = stored.note {
+            fields.insert(format!("{which}_body_format"), Value::from(note));
+        }
+        stored.text
+    };
+    let request_body = store_body(
+        "request",
+        &ex.request_body,
+        ex.request_size,
+        &ex.request_headers,
+    );
+    let response_body = if no_response_body {
+        None
+    } else {
+        store_body(
+            "response",
+            &ex.response_body,
+            ex.response_size,
+            &ex.response_headers,
+        )
+    };
+    if ex.has(flags::REQUEST_BODY_TIMEOUT) {
+        fields.insert("request_body_timed_out".into(), Value::Bool(true));
+    }
+    if ex.has(flags::RESPONSE_BODY_TIMEOUT) {
+        fields.insert("response_body_timed_out".into(), Value::Bool(true));
+    }
+    if ex.has(flags::DISCONNECTED) {
+        fields.insert("disconnected".into(), Value::Bool(true));
+    }
+    if ex.status == 0 && ex.exception.is_none() && !ex.has(flags::DISCONNECTED) {
+        fields.insert("no_response".into(), Value::Bool(true));
+    }
+    rec.set_fields(&fields);
+    let error = ex.has(flags::ERROR) || ex.exception.is_some() || !complete;
+    rec.http = Some(Box::new(HttpFields {
+        method: redact::escape_controls(&ex.method).into_owned(),
+        scheme: redact::escape_controls(&ex.scheme).into_owned(),
+        http_version: redact::escape_controls(&ex.http_version).into_owned(),
+        path,
+        query,
+        route: ex.route.map(|r| redact::escape_controls(&r).into_owned()),
+        status,
+        duration_ms: ex.duration_ms,
+        ttfb_ms: ex.ttfb_ms,
+        client_addr: client_addr(r, ex.client.as_deref(), &ex.request_headers),
+        user_agent,
+        trace_id,
+        span_id,
+        request_headers: header_map(r, &ex.request_headers),
+        response_headers: header_map(r, &ex.response_headers),
+        request_body,
+        response_body,
+        request_size: Some(ex.request_size),
+        response_size: (ex.status != 0).then_some(ex.response_size),
+        sample_rate: ex.sample_rate,
+        error,
+    }));
+    rec.finish(max_message_bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn h(pairs: &[(&str, &str)]) -> Headers {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec()))
+            .collect()
+    }
+
+    fn exchange() -> Exchange {
+        Exchange {
+            ts_us: 1,
+            method: "POST".into(),
+            scheme: "http".into(),
+            http_version: "1.1".into(),
+            path: "/items/1".into(),
+            query: b"q=1&token=abc".to_vec(),
+            route: Some("/items/{item_id}".into()),
+            status: 201,
+            client: Some("127.0.0.1".into()),
+            request_headers: h(&[
+                ("content-type", "application/json"),
+                ("authorization", "Bearer abcdefgh12345"),
+                ("Cookie", "a=b"),
+                ("x-api-key", "k"),
+                ("user-agent", "curl/8"),
+                ("accept", "a"),
+                ("accept", "b"),
+                (
+                    "traceparent",
+                    "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+                ),
+            ]),
+            response_headers: h(&[("content-type", "application/json"), ("set-cookie", "s=1")]),
+            request_body: Some(br#"{"password":"p","name":"n"}"#.to_vec()),
+            request_size: 27,
+            response_body: Some(br#"{"id":1}"#.to_vec()),
+            response_size: 8,
+            flags: flags::COMPLETE,
+            duration_ms: 1.5,
+            ttfb_ms: Some(1.0),
+            request_id: "rid".into(),
+            exception: None,
+            sample_rate: 1.0,
+        }
+    }
+
+    #[test]
+    fn a_complete_exchange_becomes_a_redacted_record() {
+        let rec = build_record(&Redactor::default(), exchange(), 1 << 16);
+        let http = rec.http.as_deref().unwrap();
+        assert_eq!(rec.kind, Kind::Http);
+        assert_eq!((rec.level.as_str(), rec.level_no), ("INFO", 20));
+        assert_eq!(rec.request_id.as_deref(), Some("rid"));
+        assert_eq!(http.status, 201);
+        assert_eq!(http.query.as_deref(), Some("q=1&token=[REDACTED]"));
+        assert_eq!(http.request_headers["authorization"], REDACTED);
+        assert_eq!(http.request_headers["cookie"], REDACTED);
+        assert_eq!(http.request_headers["x-api-key"], REDACTED);
+        assert_eq!(http.request_headers["accept"], "a, b");
+        assert_eq!(http.response_headers["set-cookie"], REDACTED);
+        assert_eq!(
+            http.request_body.as_deref(),
+            Some(r#"{"password":"[REDACTED]","name":"n"}"#)
+        );
+        assert_eq!(http.response_body.as_deref(), Some(r#"{"id":1}"#));
+        assert_eq!(
+            http.trace_id.as_deref(),
+            Some("4bf92f3577b34da6a3ce929d0e0e4736")
+        );
+        assert_eq!(http.span_id.as_deref(), Some("00f067aa0ba902b7"));
+        assert_eq!(http.user_agent.as_deref(), Some("curl/8"));
+        assert!(!http.error);
+        assert_eq!(rec.message, "POST /items/1 201 1.5ms");
+    }
+
+    #[test]
+    fn statuses_levels_and_flags() {
+        let r = Redactor::default();
+        let mut ex = exchange();
+        ex.status = 0;
+        ex.flags = 0;
+        ex.exception = Some("Traceback...".into());
+        let rec = build_record(&r, ex, 1 << 16);
+        assert_eq!(rec.http.as_ref().unwrap().status, 500);
+        assert_eq!(rec.level_no, 40);
+        assert!(rec.http.as_ref().unwrap().error);
+
+        let mut ex = exchange();
+        ex.status = 200;
+        ex.flags = flags::DISCONNECTED;
+        let rec = build_record(&r, ex, 1 << 16);
+        assert_eq!(rec.http.as_ref().unwrap().status, 499);
+        assert_eq!(rec.level_no, 30);
+        assert_eq!(rec.fields()["disconnected"], true);
+
+        let mut ex = exchange();
+        ex.status = 0;
+        ex.flags = 0;
+        let rec = build_record(&r, ex, 1 << 16);
+        assert_eq!(rec.http.as_ref().unwrap().status, 500);
+        assert_eq!(rec.fields()["no_response"], true);
+
+        let mut ex = exchange();
+        ex.status = 401;
+        let rec = build_record(&r, ex, 1 << 16);
+        assert_eq!(rec.level_no, 30);
+        assert_eq!(rec.http.as_ref().unwrap().request_body, None);
+        assert_eq!(rec.http.as_ref().unwrap().response_body, None);
+
+        let mut ex = exchange();
+        ex.method = "HEAD".into();
+        let rec = build_record(&r, ex, 1 << 16);
+        assert_eq!(rec.http.as_ref().unwrap().response_body, None);
+    }
+
+    #[test]
+    fn trusted_proxies_only() {
+        let mut r = Redactor::default();
+        let headers = h(&[("x-forwarded-for", "1.2.3.4, 10.0.0.2")]);
+        assert_eq!(
+            client_addr(&r, Some("10.0.0.1"), &headers).as_deref(),
+            Some("10.0.0.1")
+        );
+        r.trusted_proxies = vec!["10.0.0.1".into(), "10.0.0.2".into()];
+        assert_eq!(
+            client_addr(&r, Some("10.0.0.1"), &headers).as_deref(),
+            Some("1.2.3.4")
+        );
+    }
+
+    #[test]
+    fn traceparent_and_request_ids() {
+        assert!(
+            parse_traceparent("00-00000000000000000000000000000000-00f067aa0ba902b7-01").is_none()
+        );
+        assert!(
+            parse_traceparent("00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01").is_none()
+        );
+        assert!(parse_traceparent("garbage").is_none());
+        assert!(valid_request_id(b"abc-123_X.y:z"));
+        assert!(!valid_request_id(b"a b"));
+        assert!(!valid_request_id(b"<script>"));
+        assert!(!valid_request_id(&[b'a'; 129]));
+        let id = new_request_id();
+        assert_eq!(id.len(), 36);
+        assert_eq!(&id[14..15], "7");
+        assert!(matches!(&id[19..20], "8" | "9" | "a" | "b"));
+        assert_eq!([8, 13, 18, 23].map(|i| &id[i..i + 1]), ["-", "-", "-", "-"]);
+        assert_ne!(id, new_request_id());
+    }
+}

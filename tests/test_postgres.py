@@ -1,0 +1,564 @@
+"""The PostgreSQL destination against a real PostgreSQL 15 (tests/harness/postgres.py)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import itertools
+import json
+import logging
+import multiprocessing
+import os
+import subprocess
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import logsluice
+import pytest
+from logsluice.postgres import parse_duration
+from loguru import logger
+
+SECRET = "s3cret-Hunter2"
+
+
+@pytest.fixture
+def table():
+    """A fresh table name per test: the PostgreSQL server is shared by the session."""
+    return f"t_{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def log():
+    """A Loguru logger with no handler but the ones a test attaches."""
+    logger.remove()
+    yield logger
+    logger.remove()
+
+
+def wait_for(check, timeout=60.0, what="condition"):
+    """Polls `check` (a wait, not a timed assertion: the timeout only bounds a hang)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"gave up waiting for {what}")
+        time.sleep(0.05)
+
+
+def relnames(postgres, prefix):
+    rows = postgres.psql("select relname::text from pg_class where relname like %s", (prefix + "%",))
+    return {r[0] for r in rows}
+
+
+def count(postgres, table, where="true"):
+    return postgres.psql(f"select count(*) from {table} where {where}")[0][0]
+
+
+def accounted(stats):
+    s = stats
+    return s["accepted"] == s["written"] + s["dropped_total"] + s["in_flight"]
+
+
+def test_rows_land_with_the_right_columns_and_types(postgres, table, log):
+    pipeline = logsluice.Pipeline(logsluice.Postgres(postgres.dsn, table=table))
+    pipeline.attach(log, level="DEBUG")
+    log.bind(user="ada", n=3, request_id="req-1").warning("hello {}", "world")
+    try:
+        _ = 1 / 0
+    except ZeroDivisionError:
+        log.exception("it broke")
+    std = logging.getLogger("test.pg.std")
+    std.propagate = False
+    std.addHandler(pipeline.logging_handler())
+    std.error("from %s", "stdlib", extra={"order": 7})
+    pipeline.flush(30)
+    pipeline.close()
+
+    rows = postgres.psql(
+        f"select level, level_no, kind, logger, message, module, function, line, process, thread,"
+        f" exception, request_id, fields, method, status from {table} order by id"
+    )
+    assert len(rows) == 3
+    level, level_no, kind, _, message, module, function, line, process, thread, exc, rid, fields, m, st = (
+        rows[0]
+    )
+    assert (level, level_no, kind, message, rid) == ("WARNING", 30, "app", "hello world", "req-1")
+    assert fields == {"user": "ada", "n": 3}
+    assert (module, function) == ("test_postgres", "test_rows_land_with_the_right_columns_and_types")
+    assert line > 0 and process > 0 and thread != 0 and exc is None and m is None and st is None
+    assert "ZeroDivisionError" in rows[1][10] and rows[1][0] == "ERROR"
+    assert rows[2][:5] == ("ERROR", 40, "app", "test.pg.std", "from stdlib")
+    assert rows[2][12] == {"order": 7}
+    types = dict(
+        postgres.psql(
+            "select attname::text, format_type(atttypid, atttypmod) from pg_attribute"
+            " where attrelid = %s::regclass and attnum > 0 and not attisdropped",
+            (table,),
+        )
+    )
+    assert types["id"] == "bigint" and types["ts"] == "timestamp with time zone"
+    assert types["level_no"] == "smallint" and types["fields"] == "jsonb"
+    assert types["request_headers"] == "jsonb" and types["duration_ms"] == "double precision"
+    assert {"method", "path", "route", "status", "client_addr", "user_agent", "request_body"} <= set(types)
+    # The timestamp is the record's own, to the microsecond.
+    ts = postgres.psql(f"select ts from {table} order by id limit 1")[0][0]
+    assert abs(ts - dt.datetime.now(dt.timezone.utc)) < dt.timedelta(minutes=5)
+    # Partitioned by kind, then by UTC day; indexes for the common questions.
+    parts = relnames(postgres, table)
+    today = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d")
+    assert {f"{table}_app", f"{table}_http", f"{table}_app_{today}", f"{table}_http_{today}"} <= parts
+    assert {f"{table}_ts_brin", f"{table}_request_id", f"{table}_level_ts", f"{table}_route_ts"} <= parts
+
+
+def test_200k_records_from_threads_arrive_exactly(postgres, table, log):
+    pipeline = logsluice.Pipeline(
+        logsluice.Postgres(
+            postgres.dsn, table=table, queue_max_records=400_000, on_full="block", block_timeout=30
+        )
+    )
+    pipeline.attach(log)
+    threads, per_thread = 4, 50_000
+
+    def work(t):
+        bound = log.bind(t=t)
+        for i in range(per_thread):
+            bound.info("record {}", i)
+
+    workers = [threading.Thread(target=work, args=(t,)) for t in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    pipeline.flush(120)
+    stats = pipeline.stats()["postgres"]
+    pipeline.close()
+    total = threads * per_thread
+    assert (stats["accepted"], stats["written"], stats["dropped_total"]) == (total, total, 0)
+    assert count(postgres, table) == total
+    rows = postgres.psql(
+        f"select count(distinct (fields->>'t', message)), count(*) filter (where message <> 'record '"
+        f" || split_part(message, ' ', 2)), min(fields->>'t'), max(fields->>'t') from {table}"
+    )
+    assert rows == [(total, 0, "0", str(threads - 1))]
+
+
+class Unprintable:
+    def __repr__(self):
+        raise RuntimeError("no repr")
+
+
+def test_every_nasty_input_reaches_the_table(postgres, table, log):
+    pipeline = logsluice.Pipeline(logsluice.Postgres(postgres.dsn, table=table), max_message_bytes=1000)
+    pipeline.attach(log)
+    nasty = [
+        ("nul", "a\x00b", {"k\x00ey": "v\x00al"}),
+        ("surrogate", "bad \udcff surrogate", {"s": "\ud800"}),
+        ("emoji", "😀 ünïcödé ✓ \u202e rtl", {"e": "😀"}),
+        ("huge", "x" * 5000, {}),
+        ("bytes", "bytes", {"b": b"\xff\xfe\x00binary"}),
+        ("object", "object", {"o": Unprintable(), "set": {1, 2}}),
+        ("numbers", "numbers", {"big": 2**80, "nan": float("nan"), "inf": float("-inf")}),
+        ("deep", "deep", {"d": functools_deep(40)}),
+        ("quotes", "'; drop table logs; -- \"\\", {"sql": "'\"\\"}),
+        ("control", "\r\n\t\x1b[31mred\x07", {"c": "\x01\x02"}),
+        ("empty", "", {}),
+    ]
+    for tag, message, extra in nasty:
+        log.bind(tag=tag, **extra).opt(raw=False).info("{}", message)
+    pipeline.flush(30)
+    stats = pipeline.stats()["postgres"]
+    pipeline.close()
+    assert stats["written"] == len(nasty) and stats["dropped_total"] == 0
+    rows = {r[0]: (r[1], r[2]) for r in postgres.psql(f"select fields->>'tag', message, fields from {table}")}
+    assert set(rows) == {t for t, _, _ in nasty}
+    assert rows["nul"][0] == "ab" and rows["nul"][1]["key"] == "val"
+    assert "\ufffd" in rows["surrogate"][0]
+    assert rows["emoji"][0] == "😀 ünïcödé ✓ \u202e rtl"
+    assert rows["huge"][0].startswith("x" * 1000) and "truncated, 5000 bytes" in rows["huge"][0]
+    assert rows["quotes"][0] == "'; drop table logs; -- \"\\"
+    assert rows["control"][0] == "\r\n\t\x1b[31mred\x07"
+    assert rows["numbers"][1]["big"] == str(2**80)
+    assert rows["object"][1]["o"].startswith("<unrepresentable") and rows["object"][1]["set"] == "{1, 2}"
+    assert count(postgres, table) == len(nasty)
+
+
+def functools_deep(n):
+    d = {}
+    for _ in range(n):
+        d = {"d": d}
+    return d
+
+
+def test_poisoned_batch_writes_all_its_good_rows(postgres, table, log, tmp_path):
+    dead = tmp_path / "dead"
+    pipeline = logsluice.Pipeline(
+        logsluice.Postgres(postgres.dsn, table=table, dead_letter_dir=dead, batch_max_delay=60)
+    )
+    pipeline.attach(log)
+    log.info("create the table first")
+    pipeline.flush(30)
+    # A constraint the data can violate: PostgreSQL refuses those rows (SQLSTATE 23514).
+    postgres.psql(f"alter table {table} add constraint no_poison check (message not like '%POISON%')")
+    bad = set(range(7, 2000, 61))  # 33 offenders: line hints first, then halving
+    for i in range(2000):
+        log.info("POISON {}" if i in bad else "good {}", i)
+    pipeline.flush(60)
+    stats = pipeline.stats()["postgres"]
+    pipeline.close()
+    assert stats["dropped"]["invalid"] == len(bad)
+    assert stats["written"] == 1 + 2000 - len(bad) and stats["dropped_total"] == len(bad)
+    assert count(postgres, table, "message like 'good %'") == 2000 - len(bad)
+    assert count(postgres, table, "message like 'POISON%'") == 0
+    lines = [json.loads(line) for f in dead.iterdir() for line in f.read_text().splitlines()]
+    assert sorted(int(r["message"].split()[1]) for r in lines) == sorted(bad)
+    assert all("no_poison" in r["logsluice_error"] and "23514" in r["logsluice_error"] for r in lines)
+
+
+def test_outage_longer_than_the_breaker_threshold(postgres, table, log):
+    destination = logsluice.Postgres(
+        postgres.dsn,
+        table=table,
+        batch_max_delay=0.05,
+        max_retries=1,
+        retry_initial=0.05,
+        retry_max=0.1,
+        breaker_threshold=3,
+        breaker_cooldown=1.0,
+        connect_timeout=2,
+    )
+    pipeline = logsluice.Pipeline(destination)
+    pipeline.attach(log)
+    marker = itertools.count()
+    log.info("before {}", next(marker))
+    pipeline.flush(30)
+    postgres.stop()
+    try:
+        # The app keeps logging; every call returns (no exception, nothing waits on the DB).
+        for _ in range(6):
+            for _ in range(10):
+                log.info("during {}", next(marker))
+            pipeline.flush(30)
+        stats = pipeline.stats()["postgres"]
+        assert stats["breaker"] == "open"
+        assert stats["dropped"]["failed"] + stats["dropped"]["breaker_open"] >= 10
+        assert stats["last_error"] and SECRET not in stats["last_error"]
+    finally:
+        postgres.start()
+
+    def delivered_again():
+        log.info("after {}", next(marker))
+        pipeline.flush(30)
+        s = pipeline.stats()["postgres"]
+        return s["breaker"] == "closed" and s["written"] > 1 and s
+
+    wait_for(delivered_again, what="breaker to close after restart")
+    pipeline.flush(30)
+    stats = pipeline.stats()["postgres"]
+    pipeline.close()
+    assert accounted(stats) and stats["in_flight"] == 0
+    rows = postgres.psql(f"select message from {table}")
+    assert len(rows) == stats["written"]
+    assert len({r[0] for r in rows}) == len(rows), "a record was written twice"
+    assert count(postgres, table, "message like 'before%'") == 1
+
+
+def test_server_restart_is_survived_without_loss(postgres, table, log):
+    pipeline = logsluice.Pipeline(logsluice.Postgres(postgres.dsn, table=table, batch_max_delay=0.05))
+    pipeline.attach(log)
+    log.info("one")
+    pipeline.flush(30)
+    postgres.stop(mode="immediate")
+    postgres.start()
+    # The old connection is dead; the first attempt fails, the retry reconnects.
+    log.info("two")
+    pipeline.flush(60)
+    stats = pipeline.stats()["postgres"]
+    pipeline.close()
+    assert stats["written"] == 2 and stats["dropped_total"] == 0
+    assert sorted(r[0] for r in postgres.psql(f"select message from {table}")) == ["one", "two"]
+
+
+def test_wrong_password_clear_error_no_secret_no_spin(postgres, table, log, caplog):
+    dsn = postgres.dsn_with(password=SECRET)
+    destination = logsluice.Postgres(dsn, table=table, batch_max_delay=0.05)
+    assert SECRET not in repr(destination) and SECRET not in destination.dsn
+    pipeline = logsluice.Pipeline(destination)
+    assert SECRET not in repr(pipeline)
+    pipeline.attach(log)
+    with caplog.at_level(logging.INFO, logger="logsluice"):
+        for i in range(3):
+            log.info("lost {}", i)
+            pipeline.flush(30)
+    stats = pipeline.stats()["postgres"]
+    pipeline.close()
+    assert "password authentication failed" in stats["last_error"]
+    assert "28P01" in stats["last_error"] and "app:***@127.0.0.1" in stats["last_error"]
+    assert SECRET not in str(stats)
+    assert stats["retries"] == 0, "a permanent error must not be retried"
+    assert stats["dropped"]["failed"] == 3 and accounted(stats)
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert "password authentication failed" in logged and SECRET not in logged
+
+
+def test_missing_database_is_permanent(postgres, table, log):
+    pipeline = logsluice.Pipeline(logsluice.Postgres(postgres.dsn_with(db="nope"), table=table))
+    pipeline.attach(log)
+    log.info("x")
+    pipeline.flush(30)
+    stats = pipeline.stats()["postgres"]
+    pipeline.close()
+    assert 'database "nope" does not exist' in stats["last_error"] and stats["retries"] == 0
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"table": 'logs"; drop table x; --'},
+        {"table": "lo'gs"},
+        {"table": "logs;"},
+        {"table": "1logs"},
+        {"table": "x" * 49},
+        {"schema": "pub lic"},
+        {"schema": 'a"b'},
+    ],
+)
+def test_bad_identifiers_are_refused_at_construction(kwargs):
+    with pytest.raises(ValueError, match="letters, digits and underscores|at most"):
+        logsluice.Postgres("postgresql://app:pw@127.0.0.1:5432/app", **kwargs)
+
+
+def test_construction_validates_and_masks():
+    with pytest.raises(ValueError) as e:
+        logsluice.Postgres(f"mysql://app:{SECRET}@h/db")
+    assert SECRET not in str(e.value)
+    with pytest.raises(ValueError, match="partition"):
+        logsluice.Postgres("postgresql://h/db", partition="month")
+    with pytest.raises(ValueError, match="retention"):
+        logsluice.Postgres("postgresql://h/db", retention={"jobs": "1d"})
+    with pytest.raises(ValueError, match="retention"):
+        logsluice.Postgres("postgresql://h/db", retention="soon")
+    assert parse_duration("7d") == 7 * 86400 and parse_duration("12h") == 43200
+    assert parse_duration(dt.timedelta(hours=1)) == 3600 and parse_duration(2) == 2 * 86400
+    d = logsluice.Postgres(f"postgresql://app:{SECRET}@h/db?password={SECRET}")
+    assert SECRET not in repr(d) and SECRET not in d.dsn
+    assert d._spec()["target"]["dsn"].count(SECRET) == 2
+
+
+def worker_creates_and_writes(dsn, table, barrier, n):
+    import logsluice as ls
+    from loguru import logger as lg
+
+    lg.remove()
+    pipeline = ls.Pipeline(ls.Postgres(dsn, table=table))
+    pipeline.attach(lg)
+    barrier.wait()
+    for i in range(n):
+        lg.info("p {}", i)
+    pipeline.flush(60)
+    stats = pipeline.stats()["postgres"]
+    pipeline.close()
+    raise SystemExit(0 if stats["written"] == n and stats["dropped_total"] == 0 else 1)
+
+
+def test_eight_processes_create_the_schema_at_once(postgres, table):
+    ctx = multiprocessing.get_context("spawn")
+    barrier = ctx.Barrier(8)
+    args = (postgres.dsn, table, barrier, 500)
+    procs = [ctx.Process(target=worker_creates_and_writes, args=args) for _ in range(8)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0] * 8
+    assert count(postgres, table) == 8 * 500
+
+
+def test_retention_drops_old_partitions_and_keeps_today(postgres, table, log):
+    now = dt.datetime.now(dt.timezone.utc)
+    days_ago = {d: (now - dt.timedelta(days=d)) for d in (0, 3, 10)}
+
+    def at(when):
+        return lambda record: record.update(time=when)
+
+    # Create the table (and today's partitions), then plant an old http partition by hand.
+    setup = logsluice.Pipeline(logsluice.Postgres(postgres.dsn, table=table))
+    setup.attach(log)
+    log.info("setup")
+    setup.flush(30)
+    setup.close()
+    log.remove()
+    old_http = (now - dt.timedelta(days=3)).date()
+    name = f"{table}_http_{old_http:%Y%m%d}"
+    postgres.psql(
+        f"create table {name} partition of {table}_http for values from ('{old_http}') to"
+        f" ('{old_http + dt.timedelta(days=1)}')"
+    )
+    pipeline = logsluice.Pipeline(
+        logsluice.Postgres(postgres.dsn, table=table, retention={"app": "7d", "http": "1d"})
+    )
+    pipeline.attach(log)
+    for d, when in days_ago.items():
+        log.patch(at(when)).info("app {} days ago", d)
+    pipeline.flush(30)
+    stats = pipeline.stats()["postgres"]
+    pipeline.close()
+    assert stats["written"] == 3
+    parts = relnames(postgres, table)
+    day = lambda d: f"{(now - dt.timedelta(days=d)).date():%Y%m%d}"  # noqa: E731
+    assert f"{table}_app_{day(0)}" in parts and f"{table}_http_{day(0)}" in parts
+    assert f"{table}_app_{day(3)}" in parts, "within the 7 days of app"
+    assert f"{table}_app_{day(10)}" not in parts, "older than 7 days: dropped"
+    assert name not in parts, "http keeps only 1 day"
+    messages = {r[0] for r in postgres.psql(f"select message from {table}")}
+    assert messages == {"setup", "app 0 days ago", "app 3 days ago"}
+
+
+def test_create_table_false_says_what_is_missing(postgres, table, log):
+    postgres.psql(f"create table {table} (id bigserial, ts timestamptz, message text)")
+    postgres.psql(f"grant all on {table} to app")
+    pipeline = logsluice.Pipeline(logsluice.Postgres(postgres.dsn, table=table, create_table=False))
+    pipeline.attach(log)
+    log.info("x")
+    pipeline.flush(30)
+    stats = pipeline.stats()["postgres"]
+    pipeline.close()
+    err = stats["last_error"]
+    assert f"public.{table} (create_table=False) is missing columns:" in err
+    assert "level text" in err and "level_no smallint" in err and "fields jsonb" in err
+    assert "message text" not in err and "ts timestamptz" not in err
+    assert stats["retries"] == 0 and count(postgres, table) == 0
+
+
+def test_create_table_false_missing_table(postgres, table, log):
+    pipeline = logsluice.Pipeline(logsluice.Postgres(postgres.dsn, table=table, create_table=False))
+    pipeline.attach(log)
+    log.info("x")
+    pipeline.flush(30)
+    err = pipeline.stats()["postgres"]["last_error"]
+    pipeline.close()
+    assert f"table public.{table} does not exist and create_table=False" in err
+
+
+def test_an_older_table_is_migrated_forward_never_dropped(postgres, table, log):
+    postgres.psql(
+        f"create table {table} (id bigserial, ts timestamptz not null, level text, level_no smallint,"
+        f" kind text, message text); alter table {table} owner to app"
+    )
+    postgres.psql(
+        f"insert into {table} (ts, level, level_no, kind, message) values (now(), 'INFO', 20, 'app', 'old')"
+    )
+    pipeline = logsluice.Pipeline(logsluice.Postgres(postgres.dsn, table=table))
+    pipeline.attach(log)
+    log.bind(k=1).warning("new")
+    pipeline.flush(30)
+    stats = pipeline.stats()["postgres"]
+    pipeline.close()
+    assert stats["written"] == 1
+    rows = postgres.psql(f"select message, fields, request_headers from {table} order by id")
+    assert rows == [("old", None, None), ("new", {"k": 1}, None)]
+
+
+def test_plain_table_without_partitions(postgres, table, log):
+    destination = logsluice.Postgres(postgres.dsn, table=table, partition=None, retention="1d")
+    pipeline = logsluice.Pipeline(destination)
+    pipeline.attach(log)
+    log.patch(lambda r: r.update(time=dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=2))).info("old")
+    pipeline.flush(30)
+    log.info("new")
+    pipeline.flush(30)
+    pipeline.close()
+    assert postgres.psql(f"select relkind::text from pg_class where relname = '{table}'") == [("r",)]
+    # Retention ran right after the first write (it deletes in chunks on a plain table).
+    assert {r[0] for r in postgres.psql(f"select message from {table}")} == {"new"}
+
+
+def test_routing_everything_to_files_warnings_to_postgres(postgres, table, log, tmp_logs):
+    pipeline = logsluice.Pipeline(
+        logsluice.LocalFiles(tmp_logs),
+        logsluice.Postgres(postgres.dsn, table=table, min_level="WARNING"),
+    )
+    pipeline.attach(log, level="DEBUG")
+    log.debug("d")
+    log.info("i")
+    log.warning("w")
+    log.error("e")
+    pipeline.flush(30)
+    stats = pipeline.stats()
+    pipeline.close()
+    assert stats["local_files"]["written"] == 4 and stats["postgres"]["written"] == 2
+    assert sorted(r[0] for r in postgres.psql(f"select message from {table}")) == ["e", "w"]
+
+
+def test_from_env(monkeypatch, postgres):
+    monkeypatch.setenv("LOGSLUICE_POSTGRES_DSN", postgres.dsn_with(password=SECRET))
+    monkeypatch.setenv("LOGSLUICE_POSTGRES_TABLE", "env_logs")
+    monkeypatch.setenv("LOGSLUICE_POSTGRES_MIN_LEVEL", "warning")
+    monkeypatch.setenv("LOGSLUICE_POSTGRES_RETENTION", "app=7d,http=1d")
+    monkeypatch.delenv("LOGSLUICE_DIR", raising=False)
+    pipeline = logsluice.Pipeline.from_env()
+    (d,) = [d for d in pipeline.destinations if isinstance(d, logsluice.Postgres)]
+    assert (d.table, d.min_level, d.retention) == ("env_logs", 30, {"app": 7 * 86400.0, "http": 86400.0})
+    assert SECRET not in repr(pipeline)
+    pipeline.close()
+
+
+def test_http_records_fill_the_http_columns(postgres, table):
+    # http records come from the ASGI middleware; the Rust side writes two through the real
+    # writer (src/destinations/postgres/mod.rs, real_server_http_records), read back here.
+    env = {**os.environ, "LOGSLUICE_TEST_PG_DSN": postgres.dsn, "LOGSLUICE_TEST_PG_TABLE": table}
+    cmd = ["cargo", "test", "--release", "--lib", "--quiet", "real_server_http_records"]
+    subprocess.run(cmd, cwd=Path(__file__).parent.parent, env=env, check=True, capture_output=True)
+    rows = postgres.psql(
+        f"select kind, level_no, request_id, method, scheme, http_version, path, query, route, status,"
+        f" duration_ms, ttfb_ms, client_addr, user_agent, trace_id, span_id, request_headers,"
+        f" response_headers, request_body, response_body, request_size, response_size, sample_rate,"
+        f" error from {table} order by id"
+    )
+    assert rows[0] == (
+        "http", 20, "req-http-1", "GET", "https", "1.1", "/items/7", "q=1", "/items/{id}", 200, 12.5, 3.25,
+        "127.0.0.1:5555", "curl/8", "t1", "s1", {"accept": "*/*"}, {"content-type": "application/json"},
+        '{"a": 1}', "ok", 8, 2, 0.5, False,
+    )  # fmt: skip
+    assert rows[1][:4] == ("http", 40, None, "POST") and rows[1][9] == 500 and rows[1][-1] is True
+    assert rows[1][11] is None and rows[1][16] is None and rows[1][18] is None
+    assert count(postgres, f"{table}_http") == 2 and count(postgres, f"{table}_app") == 0
+
+
+def test_own_schema_and_mixed_case_table(postgres, log):
+    name = f"Audit_{uuid.uuid4().hex[:6]}"
+    pipeline = logsluice.Pipeline(logsluice.Postgres(postgres.dsn, schema="audit", table=name))
+    pipeline.attach(log)
+    log.info("in its own schema")
+    pipeline.flush(30)
+    pipeline.close()
+    assert postgres.psql(f'select message from audit."{name}"') == [("in its own schema",)]
+
+
+def test_statement_timeout_cuts_a_stuck_copy(postgres, table, log):
+    destination = logsluice.Postgres(
+        postgres.dsn, table=table, statement_timeout=0.5, max_retries=0, batch_max_delay=0.05
+    )
+    pipeline = logsluice.Pipeline(destination)
+    pipeline.attach(log)
+    log.info("first")
+    pipeline.flush(30)
+    postgres.psql(
+        "create function slow() returns trigger language plpgsql as $$"
+        " begin perform pg_sleep(3); return new; end $$"
+    )
+    postgres.psql(f"create trigger slow before insert on {table} for each row execute function slow()")
+    log.info("stuck")
+    pipeline.flush(30)
+    stats = pipeline.stats()["postgres"]
+    assert "statement timeout" in stats["last_error"] and "57014" in stats["last_error"]
+    assert stats["dropped"]["failed"] == 1
+    postgres.psql(f"drop trigger slow on {table}; drop function slow()")
+    log.info("after")
+    pipeline.flush(30)
+    stats = pipeline.stats()["postgres"]
+    pipeline.close()
+    assert stats["written"] == 2 and accounted(stats)
+    assert sorted(r[0] for r in postgres.psql(f"select message from {table}")) == ["after", "first"]
