@@ -94,7 +94,33 @@ class FloorMiddleware:
         noop(scope, req, resp)
 
 
-def make_app(variant: str, pipeline: Any = None) -> Any:
+async def raw_app(scope: dict, receive: Any, send: Any) -> None:
+    """The same exchange without a framework: isolates the middlewares' own cost."""
+    body = b""
+    more = True
+    while more:
+        message = await receive()
+        body += message.get("body", b"")
+        more = message.get("more_body", False)
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+def make_app(variant: str, pipeline: Any = None, framework: str = "fastapi") -> Any:
+    if framework == "raw":
+        if variant == "naive":
+            return NaiveLogger(raw_app)
+        if variant == "floor":
+            return FloorMiddleware(raw_app)
+        if variant == "logsluice":
+            return logsluice.LoggingMiddleware(raw_app, pipeline=pipeline)
+        return raw_app
     app = FastAPI()
 
     @app.post("/items/{item_id}")
@@ -159,12 +185,18 @@ def main() -> None:
     )
     parser.add_argument("--requests", type=int, default=3000, help="requests per variant per round")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument(
+        "--app",
+        choices=("fastapi", "raw"),
+        default="fastapi",
+        help="fastapi (the issue's setup) or raw: a bare ASGI echo app, the middlewares' cost alone",
+    )
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
         pipeline = logsluice.Pipeline(logsluice.LocalFiles(tmp))
         variants = ["none", "naive", "floor", "logsluice"]
-        apps = {v: make_app(v, pipeline) for v in variants}
+        apps = {v: make_app(v, pipeline, args.app) for v in variants}
         loop = asyncio.new_event_loop()
         for v in variants:  # warm-up: imports, route compilation, the core's threads
             loop.run_until_complete(drive(apps[v], 300))
@@ -181,7 +213,7 @@ def main() -> None:
         pipeline.close()
 
     print(
-        f"POST /items/{{id}}, {len(BODY)} B JSON in and out; "
+        f"[{args.app}] POST /items/{{id}}, {len(BODY)} B JSON in and out; "
         f"medians of {args.rounds} rounds x {args.requests}"
     )
     print("wall: requests/s of the event loop; cpu: CPU time of the event loop's thread per request")

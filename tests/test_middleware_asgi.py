@@ -220,6 +220,24 @@ def test_client_disconnect_is_a_499_record(pipeline, tmp_logs):
     assert rec["status"] == 499 and rec["fields"]["disconnected"] is True and rec["level"] == "WARNING"
 
 
+def test_send_failing_because_the_client_left_is_a_499_not_an_error(pipeline, tmp_logs):
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"x", "more_body": True})
+
+    async def gone(message):
+        if message["type"] == "http.response.body":
+            raise ConnectionResetError("client went away")
+
+    async def receive():
+        return {"type": "http.request", "body": b""}
+
+    with pytest.raises(ConnectionResetError):
+        asyncio.run(LoggingMiddleware(app, pipeline=pipeline)(scope("/s"), receive, gone))
+    rec = only(pipeline, tmp_logs)
+    assert rec["status"] == 499 and rec["level"] == "WARNING" and rec["exception"] is None
+
+
 def test_app_returning_without_response_is_a_500_record(pipeline, tmp_logs):
     async def app(scope, receive, send):
         return None

@@ -48,6 +48,13 @@ def wait_for(check, timeout=60.0, what="condition"):
         time.sleep(0.05)
 
 
+def log_at(pipeline, when, message):
+    """A stdlib record stamped `when` (its `created`), as a late or replayed record would be."""
+    record = logging.LogRecord("test.pg.at", logging.INFO, __file__, 1, message, None, None)
+    record.created = when.timestamp()
+    pipeline.logging_handler().handle(record)
+
+
 def relnames(postgres, prefix):
     rows = postgres.psql("select relname::text from pg_class where relname like %s", (prefix + "%",))
     return {r[0] for r in rows}
@@ -381,9 +388,6 @@ def test_retention_drops_old_partitions_and_keeps_today(postgres, table, log):
     now = dt.datetime.now(dt.timezone.utc)
     days_ago = {d: (now - dt.timedelta(days=d)) for d in (0, 3, 10)}
 
-    def at(when):
-        return lambda record: record.update(time=when)
-
     # Create the table (and today's partitions), then plant an old http partition by hand.
     setup = logsluice.Pipeline(logsluice.Postgres(postgres.dsn, table=table))
     setup.attach(log)
@@ -402,7 +406,7 @@ def test_retention_drops_old_partitions_and_keeps_today(postgres, table, log):
     )
     pipeline.attach(log)
     for d, when in days_ago.items():
-        log.patch(at(when)).info("app {} days ago", d)
+        log_at(pipeline, when, f"app {d} days ago")
     pipeline.flush(30)
     stats = pipeline.stats()["postgres"]
     pipeline.close()
@@ -466,7 +470,7 @@ def test_plain_table_without_partitions(postgres, table, log):
     destination = logsluice.Postgres(postgres.dsn, table=table, partition=None, retention="1d")
     pipeline = logsluice.Pipeline(destination)
     pipeline.attach(log)
-    log.patch(lambda r: r.update(time=dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=2))).info("old")
+    log_at(pipeline, dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=2), "old")
     pipeline.flush(30)
     log.info("new")
     pipeline.flush(30)
@@ -563,3 +567,47 @@ def test_statement_timeout_cuts_a_stuck_copy(postgres, table, log):
     pipeline.close()
     assert stats["written"] == 2 and accounted(stats)
     assert sorted(r[0] for r in postgres.psql(f"select message from {table}")) == ["after", "first"]
+
+
+def test_maintenance_runs_on_its_schedule_while_idle(postgres, table, log):
+    destination = logsluice.Postgres(
+        postgres.dsn, table=table, retention={"http": "1d"}, maintenance_interval=0.2
+    )
+    pipeline = logsluice.Pipeline(destination)
+    pipeline.attach(log)
+    log.info("one")
+    pipeline.flush(30)
+    old = (dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=5)).date()
+    name = f"{table}_http_{old:%Y%m%d}"
+    postgres.psql(
+        f"create table {name} partition of {table}_http for values from ('{old}') to"
+        f" ('{old + dt.timedelta(days=1)}')"
+    )
+    # No record is logged: the idle writer's scheduled maintenance drops the partition.
+    wait_for(lambda: name not in relnames(postgres, table), what="retention while idle")
+    stats = pipeline.stats()["postgres"]
+    pipeline.close()
+    assert stats["written"] == 1 and stats["batches"] == 1
+
+
+def test_too_many_connections_is_retried_then_recovers(postgres, table, log):
+    destination = logsluice.Postgres(
+        postgres.dsn, table=table, max_retries=2, retry_initial=0.01, retry_max=0.05
+    )
+    pipeline = logsluice.Pipeline(destination)
+    pipeline.attach(log)
+    postgres.psql("alter role app connection limit 0")
+    try:
+        log.info("refused")
+        pipeline.flush(30)
+        stats = pipeline.stats()["postgres"]
+    finally:
+        postgres.psql("alter role app connection limit -1")
+    assert "53300" in stats["last_error"] and "too many connections" in stats["last_error"]
+    assert stats["retries"] == 2 and stats["dropped"]["failed"] == 1, "transient: retried, then dropped"
+    log.info("accepted")
+    pipeline.flush(30)
+    stats = pipeline.stats()["postgres"]
+    pipeline.close()
+    assert stats["written"] == 1 and accounted(stats)
+    assert postgres.psql(f"select message from {table}") == [("accepted",)]

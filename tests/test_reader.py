@@ -685,9 +685,8 @@ def test_cli_tail_follows_new_records(tmp_logs):
     logger.info("old news")
     pipeline.flush()
     argv = ["tail", "--source", str(tmp_logs), "--json", "--interval", "0.1"]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "logsluice.cli", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+    cmd = [sys.executable, "-m", "logsluice.cli", *argv]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     stop = threading.Event()
 
     def write():

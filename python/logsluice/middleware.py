@@ -431,14 +431,7 @@ class _Exchange:
         self.scope = scope
         self._receive = receive
         self._send = send
-        inbound = None
-        name = mw._rid_header
-        if name is not None:
-            for k, v in scope["headers"]:
-                if k == name:
-                    inbound = v
-                    break
-        self.rid: str = _core.request_id(inbound)
+        self.rid: str = _core.request_id_for(scope["headers"], mw._rid_header)
         # Routers rewrite these on the shared scope; the entry values are the request's.
         self.app = scope.get("app")
         self.root_path = scope.get("root_path", "")
@@ -609,7 +602,9 @@ class _Exchange:
         try:
             duration_ms = (time.perf_counter() - self.t0) * 1000.0
             if exc is not None:
-                if _is_cancellation(exc):
+                # A cancelled request, or a send that failed because the client left, is a
+                # disconnect (499), not an application error.
+                if _is_cancellation(exc) or (self.flags & _DISCONNECTED and isinstance(exc, OSError)):
                     self.flags |= _DISCONNECTED
                     exc = None
                 else:

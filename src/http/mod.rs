@@ -110,7 +110,10 @@ fn header_map(r: &Redactor, headers: &Headers) -> Value {
     let mut map = Map::new();
     for (k, v) in headers.iter().take(MAX_HEADERS) {
         let name = String::from_utf8_lossy(k).to_ascii_lowercase();
-        let name = redact::escape_controls(&name).into_owned();
+        let name = match redact::escape_controls(&name) {
+            Cow::Borrowed(_) => name,
+            Cow::Owned(escaped) => escaped,
+        };
         let value = if r.headers.matches(&name) {
             REDACTED.to_owned()
         } else {

@@ -63,7 +63,12 @@ pub fn normalise(key: &str) -> String {
 /// A list of sensitive names. A rule of four characters or more matches any name that
 /// contains it (after normalising); shorter rules (`pin`, `sig`) match whole names only.
 #[derive(Clone, Debug, Default)]
-pub struct Rules(Vec<String>);
+pub struct Rules {
+    /// Whole-name rules (three characters or fewer).
+    exact: Vec<String>,
+    /// Substring rules, each with its searcher built once.
+    within: Vec<memchr::memmem::Finder<'static>>,
+}
 
 impl Rules {
     pub fn new<S: AsRef<str>>(rules: impl IntoIterator<Item = S>) -> Self {
@@ -74,21 +79,41 @@ impl Rules {
             .collect();
         v.sort();
         v.dedup();
-        Rules(v)
+        let (exact, within): (Vec<String>, Vec<String>) = v.into_iter().partition(|r| r.len() <= 3);
+        Rules {
+            exact,
+            within: within
+                .iter()
+                .map(|r| memchr::memmem::Finder::new(r.as_bytes()).into_owned())
+                .collect(),
+        }
     }
 
     pub fn matches(&self, key: &str) -> bool {
-        if self.0.is_empty() {
+        if self.exact.is_empty() && self.within.is_empty() {
             return false;
         }
-        let n = normalise(key);
-        self.0.iter().any(|r| {
-            if r.len() <= 3 {
-                n == *r
-            } else {
-                n.contains(r.as_str())
+        // Short ASCII keys (nearly all) are normalised on the stack.
+        let mut stack = [0u8; 96];
+        let mut len = 0;
+        if key.len() <= stack.len() && key.is_ascii() {
+            for c in key.bytes().filter(u8::is_ascii_alphanumeric) {
+                stack[len] = c.to_ascii_lowercase();
+                len += 1;
             }
-        })
+            // Only ASCII letters and digits were written.
+            let n = std::str::from_utf8(&stack[..len]).unwrap_or_default();
+            return self.matches_normalised(n);
+        }
+        self.matches_normalised(&normalise(key))
+    }
+
+    fn matches_normalised(&self, n: &str) -> bool {
+        self.exact.iter().any(|r| r == n)
+            || self
+                .within
+                .iter()
+                .any(|f| f.needle().len() <= n.len() && f.find(n.as_bytes()).is_some())
     }
 }
 
@@ -127,11 +152,38 @@ impl Default for Redactor {
 impl Redactor {
     /// Card numbers, JWTs and bearer tokens replaced, control characters escaped.
     pub fn scrub<'a>(&self, text: &'a str) -> Cow<'a, str> {
+        // Cheap scans (vectorised or memchr-based) say which scanners could match at all.
+        let b = text.as_bytes();
+        // Branch-free folds, so the compiler vectorises them.
+        let controls = b.iter().fold(0u8, |acc, &c| {
+            acc | u8::from(c < 0x20 && c != b'\t' && c != b'\n' && c != b'\r') | u8::from(c == 0x7f)
+        }) != 0;
         let text = if self.scrub_values {
-            chain(text, &[scrub_jwt, scrub_bearer, scrub_cards])
+            // Counted in u8 lanes per chunk (wide lanes would not vectorise well).
+            let digits: usize = b
+                .chunks(255)
+                .map(|chunk| {
+                    usize::from(
+                        chunk
+                            .iter()
+                            .fold(0u8, |n, &c| n + u8::from(c.wrapping_sub(b'0') < 10)),
+                    )
+                })
+                .sum();
+            let bearer = b.len() >= 15 && (text.contains("earer") || text.contains("EARER"));
+            let passes: [Option<Scanner>; 3] = [
+                text.contains("eyJ")
+                    .then_some(scrub_jwt as fn(&str) -> Option<String>),
+                bearer.then_some(scrub_bearer as Scanner),
+                (digits >= 13).then_some(scrub_cards as Scanner),
+            ];
+            chain(text, &passes)
         } else {
             Cow::Borrowed(text)
         };
+        if !controls {
+            return text;
+        }
         match text {
             Cow::Borrowed(b) => escape_controls(b),
             Cow::Owned(o) => Cow::Owned(escape_controls(&o).into_owned()),
@@ -234,9 +286,12 @@ impl Redactor {
     }
 }
 
-fn chain<'a>(text: &'a str, passes: &[fn(&str) -> Option<String>]) -> Cow<'a, str> {
+/// A value scanner: the text with its matches replaced, or `None` when nothing matched.
+type Scanner = fn(&str) -> Option<String>;
+
+fn chain<'a>(text: &'a str, passes: &[Option<Scanner>]) -> Cow<'a, str> {
     let mut cur: Cow<'a, str> = Cow::Borrowed(text);
-    for pass in passes {
+    for pass in passes.iter().flatten() {
         if let Some(s) = pass(&cur) {
             cur = Cow::Owned(s);
         }
@@ -259,10 +314,10 @@ fn skip_ws(b: &[u8], mut i: usize) -> usize {
 fn string_end(b: &[u8], start: usize) -> usize {
     let mut i = start + 1;
     while i < b.len() {
-        match b[i] {
-            b'\\' => i += 2,
-            b'"' => return i + 1,
-            _ => i += 1,
+        match memchr::memchr2(b'"', b'\\', &b[i..]) {
+            Some(p) if b[i + p] == b'"' => return i + p + 1,
+            Some(p) => i += p + 2,
+            None => break,
         }
     }
     b.len()
@@ -383,7 +438,8 @@ fn percent_encode_into(s: &str, out: &mut String) {
 /// C0 controls (but tab, CR, LF) and DEL as `\u00XX`, so stored text is safe to print.
 pub fn escape_controls(s: &str) -> Cow<'_, str> {
     let bad = |c: char| (c < ' ' && !matches!(c, '\t' | '\n' | '\r')) || c == '\x7f';
-    if !s.contains(bad) {
+    let bad_byte = |c: u8| (c < 0x20 && !matches!(c, b'\t' | b'\n' | b'\r')) || c == 0x7f;
+    if !s.bytes().any(bad_byte) {
         return Cow::Borrowed(s);
     }
     let mut out = String::with_capacity(s.len() + 16);

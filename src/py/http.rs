@@ -18,7 +18,7 @@ use parking_lot::{Condvar, Mutex};
 use pyo3::exceptions::PyValueError;
 use pyo3::intern;
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyDict, PyList, PyString};
+use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
 use serde::Deserialize;
 
 use super::convert;
@@ -208,6 +208,17 @@ impl Packed {
         };
         let mut n = 0u32;
         for item in iter.flatten().take(200) {
+            // Servers send `(name, value)` tuples: read them without the generic protocol.
+            if let Ok(t) = item.cast::<PyTuple>() {
+                if t.len() == 2 {
+                    if let (Ok(k), Ok(v)) = (t.get_borrowed_item(0), t.get_borrowed_item(1)) {
+                        self.put_obj(&k);
+                        self.put_obj(&v);
+                        n += 1;
+                    }
+                    continue;
+                }
+            }
             if let (Ok(k), Ok(v)) = (item.get_item(0), item.get_item(1)) {
                 self.put_obj(&k);
                 self.put_obj(&v);
@@ -578,9 +589,32 @@ impl LaneInner {
     }
 }
 
+/// The request id of a request: the `name` header of `headers` (ASGI `(name, value)`
+/// pairs) when it is a safe inbound id, else a new UUIDv7. `name=None`: always new.
+#[pyfunction]
+#[pyo3(signature = (headers, name=None))]
+fn request_id_for(headers: &Bound<'_, PyAny>, name: Option<&[u8]>) -> String {
+    if let (Some(name), Ok(list)) = (name, headers.cast::<PyList>()) {
+        for item in list.iter() {
+            let Ok(t) = item.cast::<PyTuple>() else {
+                continue;
+            };
+            let Ok(k) = t.get_borrowed_item(0) else {
+                continue;
+            };
+            if k.cast::<PyBytes>().is_ok_and(|k| k.as_bytes() == name) {
+                let value = t.get_borrowed_item(1).ok();
+                return request_id(value.as_deref());
+            }
+        }
+    }
+    http::new_request_id()
+}
+
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<HttpSink>()?;
     m.add_function(wrap_pyfunction!(redaction_defaults, m)?)?;
     m.add_function(wrap_pyfunction!(request_id, m)?)?;
+    m.add_function(wrap_pyfunction!(request_id_for, m)?)?;
     Ok(())
 }

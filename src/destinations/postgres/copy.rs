@@ -51,6 +51,9 @@ pub const COLUMNS: &[(&str, &str)] = &[
     ("error", "boolean"),
 ];
 
+/// The columns every record fills (`ts` .. `fields`); the rest are http-only.
+pub const APP_COLUMNS: usize = 14;
+
 pub fn header(out: &mut Vec<u8>) {
     out.extend_from_slice(SIGNATURE);
     out.extend_from_slice(&0i32.to_be_bytes()); // flags: no OIDs
@@ -143,8 +146,16 @@ fn opt_jsonb(out: &mut Vec<u8>, v: &Value) {
 }
 
 /// Appends one tuple for `r`, in the order of [`COLUMNS`].
-pub fn row(out: &mut Vec<u8>, r: &Record) {
-    out.extend_from_slice(&(COLUMNS.len() as i16).to_be_bytes());
+///
+/// With `all_columns` false only the first [`APP_COLUMNS`] go in (a batch without http
+/// records): the server then fills the http columns with NULL without parsing 21 fields.
+pub fn row(out: &mut Vec<u8>, r: &Record, all_columns: bool) {
+    let count = if all_columns {
+        COLUMNS.len()
+    } else {
+        APP_COLUMNS
+    };
+    out.extend_from_slice(&(count as i16).to_be_bytes());
     i64v(out, r.ts_us.saturating_sub(PG_EPOCH_OFFSET_US));
     text(out, &r.level);
     i16v(out, i16::try_from(r.level_no).unwrap_or(i16::MAX));
@@ -160,6 +171,9 @@ pub fn row(out: &mut Vec<u8>, r: &Record) {
     opt_text(out, r.exception.as_deref());
     opt_text(out, r.request_id.as_deref());
     jsonb_text(out, &r.fields_json);
+    if !all_columns {
+        return;
+    }
     match r.http.as_deref() {
         Some(h) => {
             text(out, &h.method);
@@ -197,7 +211,7 @@ pub fn row(out: &mut Vec<u8>, r: &Record) {
 pub fn encode<'a, I: IntoIterator<Item = &'a Record>>(records: I, out: &mut Vec<u8>) {
     header(out);
     for r in records {
-        row(out, r);
+        row(out, r, true);
     }
     trailer(out);
 }
@@ -328,9 +342,22 @@ mod tests {
     }
 
     #[test]
+    fn app_only_rows_stop_after_fields() {
+        let r = Record::new(0, "INFO", 20, Kind::App, "m".into()).finish(100);
+        let mut out = Vec::new();
+        header(&mut out);
+        row(&mut out, &r, false);
+        trailer(&mut out);
+        let rows = parse(&out);
+        assert_eq!(rows[0].len(), APP_COLUMNS);
+        assert_eq!(rows[0][col("fields")].as_deref(), Some(&b"\x01{}"[..]));
+    }
+
+    #[test]
     fn column_order_matches_the_encoder() {
         // `row` hard-codes where the http part starts.
         assert_eq!(col("method"), 14);
+        assert_eq!(COLUMNS[APP_COLUMNS - 1].0, "fields");
         assert_eq!(COLUMNS.last().unwrap().0, "error");
     }
 }

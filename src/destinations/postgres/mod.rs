@@ -32,6 +32,8 @@ const US_PER_DAY: i64 = 86_400_000_000;
 /// Line-number hints used per batch before isolation falls back to halving, which bounds
 /// the work for a batch made entirely of bad records to O(n log n).
 const MAX_LINE_HINTS: usize = 16;
+/// COPY data is sent whenever this much is encoded.
+const SEND_SLICE_BYTES: usize = 256 << 10;
 /// Rows removed per DELETE when a plain (unpartitioned) table applies retention.
 const DELETE_CHUNK: i64 = 10_000;
 
@@ -107,6 +109,10 @@ pub(crate) fn dsn_secrets(dsn: &str) -> Vec<String> {
                 }
             }
         }
+    }
+    // A DSN without a password falls back to PGPASSWORD, as libpq does.
+    if let Ok(pw) = std::env::var("PGPASSWORD") {
+        out.push(pw);
     }
     let decoded: Vec<String> = out.iter().map(|p| percent_decode(p)).collect();
     out.extend(decoded);
@@ -205,7 +211,8 @@ struct Inner {
     layout: Option<Layout>,
     /// (kind, day number since the epoch) of day partitions known to exist.
     days: HashSet<(Kind, i64)>,
-    copy_sql: String,
+    /// COPY statements: app columns only, and all columns.
+    copy_sql: [String; 2],
     buf: Vec<u8>,
     next_maintenance: Instant,
     maintenance_breaker: Breaker,
@@ -235,7 +242,10 @@ impl Postgres {
         Ok(Postgres {
             rt,
             inner: Inner {
-                copy_sql: names.copy_statement(),
+                copy_sql: [
+                    names.copy_statement(copy::APP_COLUMNS),
+                    names.copy_statement(copy::COLUMNS.len()),
+                ],
                 names,
                 opts,
                 target,
@@ -271,16 +281,33 @@ async fn exec(conn: &mut PgConnection, sql: String) -> Result<(), sqlx::Error> {
 
 async fn copy_rows(
     conn: &mut PgConnection,
-    sql: &str,
+    sql: &[String; 2],
     buf: &mut Vec<u8>,
     rows: &[&Record],
 ) -> Result<u64, sqlx::Error> {
+    let all_columns = rows.iter().any(|r| r.http.is_some());
+    let mut copy_in = conn.copy_in_raw(&sql[all_columns as usize]).await?;
+    // Encoded and sent in slices, so the server parses and inserts the first rows while the
+    // rest are still being encoded.
     buf.clear();
-    copy::encode(rows.iter().copied(), buf);
-    let mut copy_in = conn.copy_in_raw(sql).await?;
-    if let Err(e) = copy_in.send(&buf[..]).await {
-        let _ = copy_in.abort("logsluice: sending failed").await;
-        return Err(e);
+    copy::header(buf);
+    let last = rows.len().saturating_sub(1);
+    for (i, r) in rows.iter().enumerate() {
+        copy::row(buf, r, all_columns);
+        if i == last {
+            copy::trailer(buf);
+        }
+        if buf.len() >= SEND_SLICE_BYTES || i == last {
+            if let Err(e) = copy_in.send(&buf[..]).await {
+                let _ = copy_in.abort("logsluice: sending failed").await;
+                return Err(e);
+            }
+            buf.clear();
+        }
+    }
+    if rows.is_empty() {
+        copy::trailer(buf);
+        copy_in.send(&buf[..]).await?;
     }
     copy_in.finish().await
 }
@@ -616,9 +643,19 @@ impl From<sqlx::Error> for SchemaError {
     }
 }
 
-async fn lock_ddl(conn: &mut PgConnection, names: &Names) -> Result<(), sqlx::Error> {
+/// Opens a transaction holding the table's DDL advisory lock. `lock_timeout` bounds how long
+/// a statement may wait for a table lock (and so how long it can hold up others queued
+/// behind it); a timeout is a transient error, tried again later.
+async fn lock_ddl(
+    conn: &mut PgConnection,
+    names: &Names,
+    lock_timeout: &'static str,
+) -> Result<(), sqlx::Error> {
     exec(conn, "BEGIN".into()).await?;
-    exec(conn, "SET LOCAL lock_timeout = '10s'".into()).await?;
+    sqlx::query("SELECT set_config('lock_timeout', $1, true)")
+        .bind(lock_timeout)
+        .execute(&mut *conn)
+        .await?;
     sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
         .bind(names.lock_key())
         .execute(&mut *conn)
@@ -649,7 +686,7 @@ async fn schema_check(
         Layout::Plain
     };
     if cfg.create_table {
-        lock_ddl(conn, names).await?;
+        lock_ddl(conn, names, "10s").await?;
     } else {
         exec(conn, "BEGIN".into()).await?;
     }
@@ -780,45 +817,48 @@ async fn schema_check(
     Ok((layout, notes))
 }
 
-/// Creates the day partitions in `needed` that do not exist yet.
+async fn existing_relations(
+    conn: &mut PgConnection,
+    schema: &str,
+    candidates: &[String],
+) -> Result<Vec<String>, sqlx::Error> {
+    sqlx::query(
+        "SELECT c.relname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+         WHERE n.nspname = $1 AND c.relname = ANY($2)",
+    )
+    .bind(schema)
+    .bind(candidates)
+    .fetch_all(&mut *conn)
+    .await?
+    .iter()
+    .map(|r| r.try_get(0))
+    .collect()
+}
+
+/// Creates the day partitions in `needed` that do not exist yet. Checked once without the
+/// lock (the common case: all there) and again under it (another process may have won).
 async fn create_days(
     conn: &mut PgConnection,
     names: &Names,
     needed: &[(Kind, i64)],
 ) -> Result<(), sqlx::Error> {
     let day = |n: i64| schema::day_of(n.saturating_mul(US_PER_DAY));
-    let wanted: Vec<(Kind, chrono::NaiveDate)> = needed
+    let wanted: Vec<(Kind, chrono::NaiveDate, String)> = needed
         .iter()
-        .filter_map(|&(k, n)| day(n).map(|d| (k, d)))
+        .filter_map(|&(k, n)| day(n).map(|d| (k, d, names.day_partition_name(k, d))))
         .collect();
-    let all_names: Vec<String> = wanted
-        .iter()
-        .map(|&(k, d)| names.day_partition_name(k, d))
-        .collect();
-    let existing: Vec<String> = sqlx::query(
-        "SELECT c.relname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
-         WHERE n.nspname = $1 AND c.relname = ANY($2)",
-    )
-    .bind(&names.schema)
-    .bind(&all_names)
-    .fetch_all(&mut *conn)
-    .await?
-    .iter()
-    .map(|r| r.try_get(0))
-    .collect::<Result<_, _>>()?;
-    let missing: Vec<&(Kind, chrono::NaiveDate)> = wanted
-        .iter()
-        .zip(&all_names)
-        .filter(|(_, n)| !existing.contains(n))
-        .map(|(w, _)| w)
-        .collect();
-    if missing.is_empty() {
+    let all_names: Vec<String> = wanted.iter().map(|w| w.2.clone()).collect();
+    let existing = existing_relations(conn, &names.schema, &all_names).await?;
+    if all_names.iter().all(|n| existing.contains(n)) {
         return Ok(());
     }
     let result = async {
-        lock_ddl(conn, names).await?;
-        for (kind, day) in &missing {
-            exec(conn, names.create_day_sql(*kind, *day)).await?;
+        lock_ddl(conn, names, "2s").await?;
+        let existing = existing_relations(conn, &names.schema, &all_names).await?;
+        for (kind, day, name) in &wanted {
+            if !existing.contains(name) {
+                exec(conn, names.create_day_sql(*kind, *day)).await?;
+            }
         }
         exec(conn, "COMMIT".into()).await
     }
@@ -870,7 +910,7 @@ async fn maintenance(
                 if expired.is_empty() {
                     continue;
                 }
-                lock_ddl(conn, names).await?;
+                lock_ddl(conn, names, "1s").await?;
                 for day in &expired {
                     exec(conn, names.drop_day_sql(kind, *day)).await?;
                 }

@@ -101,8 +101,9 @@ impl Names {
         format!("logsluice:{}.{}", self.schema, self.table)
     }
 
-    pub fn copy_statement(&self) -> String {
-        let cols: Vec<String> = COLUMNS.iter().map(|(c, _)| quote(c)).collect();
+    /// `COPY` of the first `columns` of [`COLUMNS`].
+    pub fn copy_statement(&self, columns: usize) -> String {
+        let cols: Vec<String> = COLUMNS[..columns].iter().map(|(c, _)| quote(c)).collect();
         format!(
             "COPY {} ({}) FROM STDIN (FORMAT binary)",
             self.qualified(),
@@ -223,13 +224,20 @@ impl Names {
         out.join(";\n")
     }
 
+    /// A day partition, made as a plain table and then attached: ATTACH takes only a SHARE
+    /// UPDATE EXCLUSIVE lock on the parent, where CREATE TABLE ... PARTITION OF would take an
+    /// ACCESS EXCLUSIVE one that stalls every writer and reader of the table meanwhile.
     pub fn create_day_sql(&self, kind: Kind, day: NaiveDate) -> String {
         let next = day + TimeDelta::days(1);
-        format!(
-            "CREATE TABLE IF NOT EXISTS {}.{} PARTITION OF {} FOR VALUES FROM ('{} 00:00:00+00') TO ('{} 00:00:00+00')",
+        let part = format!(
+            "{}.{}",
             quote(&self.schema),
-            quote(&self.day_partition_name(kind, day)),
-            self.kind_partition(kind),
+            quote(&self.day_partition_name(kind, day))
+        );
+        let parent = self.kind_partition(kind);
+        format!(
+            "CREATE TABLE {part} (LIKE {parent} INCLUDING DEFAULTS INCLUDING CONSTRAINTS);\n\
+             ALTER TABLE {parent} ATTACH PARTITION {part} FOR VALUES FROM ('{} 00:00:00+00') TO ('{} 00:00:00+00')",
             day.format("%Y-%m-%d"),
             next.format("%Y-%m-%d"),
         )
@@ -346,7 +354,8 @@ mod tests {
         let day = NaiveDate::from_ymd_opt(2026, 12, 31).unwrap();
         assert_eq!(
             n.create_day_sql(Kind::App, day),
-            "CREATE TABLE IF NOT EXISTS \"app\".\"logs_app_20261231\" PARTITION OF \"app\".\"logs_app\" \
+            "CREATE TABLE \"app\".\"logs_app_20261231\" (LIKE \"app\".\"logs_app\" INCLUDING DEFAULTS \
+             INCLUDING CONSTRAINTS);\nALTER TABLE \"app\".\"logs_app\" ATTACH PARTITION \"app\".\"logs_app_20261231\" \
              FOR VALUES FROM ('2026-12-31 00:00:00+00') TO ('2027-01-01 00:00:00+00')"
         );
         assert_eq!(
@@ -356,7 +365,7 @@ mod tests {
         assert_eq!(n.parse_day_partition(Kind::Http, "logs_app_20261231"), None);
         assert_eq!(n.parse_day_partition(Kind::App, "logs_app_2026123x"), None);
         assert!(n
-            .copy_statement()
+            .copy_statement(COLUMNS.len())
             .starts_with("COPY \"app\".\"logs\" (\"ts\", \"level\""));
         assert!(!n.create_sql(Layout::Plain).contains("PARTITION"));
     }
