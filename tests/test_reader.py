@@ -433,8 +433,10 @@ def test_tail_sees_interleaved_commits(postgres):
     p.close()
     logger.remove()
     reader = logsluice.Reader(postgres.dsn, table=table)
-    sub = reader.subscribe(poll_interval=0.1, lookback=10)
-    sub2 = reader.subscribe(poll_interval=0.1, lookback=10)
+    # A look-back far shorter than writer A's transaction: only reading below the oldest
+    # running writer finds its row.
+    sub = reader.subscribe(poll_interval=0.1, lookback=0.5)
+    sub2 = reader.subscribe(poll_interval=0.1, lookback=0.5)
     got = []
 
     def collect(n):
@@ -451,10 +453,10 @@ def test_tail_sees_interleaved_commits(postgres):
         # A takes its id and time first but commits last.
         _insert(a, table, "slow writer", now)
         time.sleep(0.5)
-        _insert(b, table, "fast writer", now + dt.timedelta(milliseconds=100))
+        _insert(b, table, "fast writer", now + dt.timedelta(seconds=1.5))
         wait_for(collect(1), what="fast writer")
         assert got == ["fast writer"]
-        time.sleep(0.5)  # several polls pass while A is still open
+        time.sleep(2.0)  # many polls pass while A is still open
         a.commit()
         wait_for(collect(2), what="slow writer")
         assert got == ["fast writer", "slow writer"]

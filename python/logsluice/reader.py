@@ -288,6 +288,7 @@ class _Poller:
         self.watermark = time.time()
         self.thread: Optional[threading.Thread] = None
         self.primed = False
+        self.floor: Optional[float] = None
 
     def start(self) -> None:
         self.thread = threading.Thread(target=self._run, name=f"logsluice-tail-{self.key[:24]}", daemon=True)
@@ -309,7 +310,20 @@ class _Poller:
         self.wake.set()
 
     def poll_once(self) -> list[dict[str, Any]]:
-        since = self.watermark - self.lookback
+        lookback = self.lookback
+        since = self.watermark - lookback
+        if self.reader.kind == "postgres":
+            # Read below the oldest running writer: its rows (older than its start, give or
+            # take the batch delay) become visible when it commits, however long it takes.
+            # The floor seen at the previous poll is kept for one more poll, so a writer
+            # that commits between two polls is still covered.
+            age = self.reader._core.oldest_write_age()
+            floor = None if age is None else time.time() - age - 2.0
+            for f in (floor, self.floor):
+                if f is not None:
+                    since = min(since, f)
+            self.floor = floor
+        lookback = self.watermark - since
         req = {**self.filters, "since": since, "order": "asc", "limit": 1000}
         new: list[dict[str, Any]] = []
         while True:
@@ -329,7 +343,7 @@ class _Poller:
                 break
             last = records[-1]
             req["_after"] = {"ts": _ts_micros(last["ts"], 0), "id": last["id"]}
-        horizon = self.watermark - self.lookback - 1.0
+        horizon = self.watermark - lookback - 1.0
         while self.seen:
             rid, ts = next(iter(self.seen.items()))
             if ts >= horizon:

@@ -156,6 +156,17 @@ impl PyReader {
         Ok(v.to_string())
     }
 
+    /// PostgreSQL: seconds since the oldest still-open writing transaction began (None
+    /// when there is none, or for files).
+    fn oldest_write_age(&self, py: Python<'_>) -> PyResult<Option<f64>> {
+        let inner = self.inner.clone();
+        py.detach(move || match &inner.store {
+            Store::Pg(s) => s.oldest_write_age(),
+            Store::Files(_) => Ok(None),
+        })
+        .map_err(err)
+    }
+
     /// PostgreSQL only: `EXPLAIN (ANALYZE, BUFFERS)` of the page query for these filters.
     fn explain(&self, py: Python<'_>, request_json: &str) -> PyResult<String> {
         let req = object(request_json)?;

@@ -337,6 +337,18 @@ impl PgStore {
         })
     }
 
+    /// Seconds since the oldest transaction that has written (holds an xid) in this
+    /// database began: rows it inserted are not visible yet, and will be once it commits.
+    pub fn oldest_write_age(&self) -> Result<Option<f64>, ReadError> {
+        let sql = "SELECT extract(epoch FROM now() - min(xact_start))::float8 FROM pg_stat_activity \
+                   WHERE datname = current_database() AND backend_xid IS NOT NULL AND pid <> pg_backend_pid()";
+        let row = self
+            .rt
+            .block_on(sqlx::query(sql).fetch_one(&self.pool))
+            .map_err(|e| self.fail(e))?;
+        row.try_get::<Option<f64>, _>(0).map_err(|e| self.fail(e))
+    }
+
     pub fn find(&self, scan: &Scan) -> Result<Found, ReadError> {
         let mut sql = Sql::default();
         scan_sql(scan, &mut sql);
