@@ -16,6 +16,7 @@ from .azure_blob import AzureBlob
 from .destinations import Destination, LocalFiles
 from .middleware import LoggingMiddleware
 from .postgres import Postgres
+from .reader import Page, Reader, RequestView
 
 __all__ = [
     "AzureBlob",
@@ -23,7 +24,10 @@ __all__ = [
     "LocalFiles",
     "LoggingHandler",
     "LoggingMiddleware",
+    "Page",
     "Pipeline",
     "Postgres",
+    "Reader",
+    "RequestView",
     "__version__",
 ]

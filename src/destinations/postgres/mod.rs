@@ -92,7 +92,7 @@ fn percent_decode(s: &str) -> String {
 }
 
 /// The password spellings a DSN carries (raw and percent-decoded), to scrub from messages.
-fn dsn_secrets(dsn: &str) -> Vec<String> {
+pub(crate) fn dsn_secrets(dsn: &str) -> Vec<String> {
     let mut out = Vec::new();
     let rest = dsn.split_once("://").map_or(dsn, |(_, r)| r);
     let authority = &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())];
@@ -263,7 +263,7 @@ impl Postgres {
     }
 }
 
-fn scrub(secrets: &[String], mut message: String) -> String {
+pub(crate) fn scrub(secrets: &[String], mut message: String) -> String {
     for s in secrets {
         if message.contains(s.as_str()) {
             message = message.replace(s.as_str(), "***");
@@ -809,7 +809,7 @@ async fn schema_check(
                 .fetch_one(&mut *conn)
                 .await?;
         let count: i64 = indexes.try_get(0)?;
-        if count < 4 && layout != Layout::Foreign {
+        if count < 5 && layout != Layout::Foreign {
             exec(conn, names.index_sql()).await?;
         }
     }
