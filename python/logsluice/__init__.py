@@ -16,6 +16,7 @@ from .azure_blob import AzureBlob
 from .destinations import Destination, LocalFiles
 from .middleware import LoggingMiddleware
 from .postgres import Postgres
+from .viewer import viewer
 
 __all__ = [
     "AzureBlob",
@@ -26,4 +27,5 @@ __all__ = [
     "Pipeline",
     "Postgres",
     "__version__",
+    "viewer",
 ]
