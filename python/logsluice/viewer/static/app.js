@@ -416,7 +416,7 @@
       const dt = el("dt", null, k);
       const dd = el("dd");
       const text = show(v);
-      if (k === "message" || k === "exception" || k.endsWith("_body")) richText(dd, text);
+      if (typeof v === "string") richText(dd, text);
       else dd.appendChild(document.createTextNode(text));
       const key = k.startsWith("fields.") ? k : CLICKABLE[k];
       if (key && (typeof v !== "object")) {
