@@ -105,3 +105,14 @@ def sse_events(lines: Any, until: Any = None):
             event["data"] = event.get("data", "") + value
         elif field in ("id", "event", "retry"):
             event[field] = value
+
+
+def sigterm_app() -> Any:
+    """``uvicorn --factory viewer_support:sigterm_app``: the host app over $VIEWER_TEST_DIR,
+    anonymous viewer (loopback only), for the SIGTERM test."""
+    import os
+
+    directory = os.environ["VIEWER_TEST_DIR"]
+    pipeline = logsluice.Pipeline(logsluice.LocalFiles(directory, batch_max_delay=0.05))
+    app, _ = host_app(pipeline, make_reader(directory), auth=None, allow_anonymous=True)
+    return app
