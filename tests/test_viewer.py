@@ -107,8 +107,11 @@ def test_request_and_context(site):
         anchor = body["records"][0]
         ctx = c.get(f"/logs/api/records/{anchor['id']}/context", params={"before": 3, "after": 3})
         assert ctx.status_code == 200, ctx.text
-        ids = [r["id"] for r in ctx.json()["records"]]
-        assert anchor["id"] in ids and 1 < len(ids) <= 7
+        around = ctx.json()
+        assert around["record"]["id"] == anchor["id"]
+        assert 0 < len(around["before"]) <= 3 and 0 < len(around["after"]) <= 3
+        before, after = around["before"][-1], around["after"][0]
+        assert before["ts"] <= anchor["ts"] <= after["ts"]
 
 
 def test_export_ndjson_and_csv(site):

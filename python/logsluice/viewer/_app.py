@@ -50,8 +50,8 @@ FILTERS = (
     "fields",
 )
 PAGING = ("order", "limit", "cursor")
-INTS = {"limit", "before", "after", "top", "slowest"}
-FLOATS = {"min_duration_ms", "grace"}
+INTS = {"limit", "before", "after", "slowest"}
+FLOATS = {"min_duration_ms"}
 
 CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
@@ -426,19 +426,22 @@ class Viewer:
             await _json(send, 200, _plain_data(result))
 
     async def _request(self, send: Any, request_id: str, params: dict[str, str]) -> None:
-        kwargs = _filters(params, ("grace", "status", "since", "until"))
+        kwargs = _filters(params, ("grace", "search"))
         result = await self._guard(send, lambda: self.reader.arequest(request_id, **kwargs))
         if result is not _FAILED:
             await _json(send, 200, _plain_data(result))
 
     async def _summary(self, send: Any, params: dict[str, str]) -> None:
-        kwargs = _filters(params, FILTERS + ("by", "bucket", "slowest", "top"))
+        kwargs = _filters(params, FILTERS + ("by", "bucket", "slowest"))
         result = await self._guard(send, lambda: self.reader.asummary(**kwargs))
         if result is not _FAILED:
             await _json(send, 200, _plain_data(result))
 
     async def _status(self, send: Any) -> None:
         body: dict[str, Any] = {"streams": self._hub.stats()}
+        count = getattr(self.reader, "subscribers", None)
+        if callable(count):
+            body["streams"]["reader_subscriptions"] = count()
         if self.pipeline is not None:
             try:
                 body["pipeline"] = self.pipeline.stats()
@@ -503,15 +506,15 @@ class Viewer:
 
     # -- streams ---------------------------------------------------------------------------------
 
-    def _open_stream(self, params: dict[str, str], last_event_id: Optional[str]) -> tuple[Any, int]:
+    async def _open_stream(self, params: dict[str, str], last_event_id: Optional[str]) -> tuple[Any, int]:
         filters = _filters(params, FILTERS)
-        return self._hub.open(filters, last_event_id)
+        return await asyncio.wait_for(self._hub.open(filters, last_event_id), self.request_timeout)
 
     async def _sse(self, scope: dict[str, Any], receive: Any, send: Any, params: dict[str, str]) -> None:
         if self._hub.closed:
             await _json(send, 503, {"error": "the viewer is shutting down"}, [(b"retry-after", b"5")])
             return
-        if self._hub.full():
+        if not self._hub.reserve():
             await _json(
                 send,
                 429,
@@ -524,10 +527,17 @@ class Viewer:
             return
         last = params.pop("last_event_id", None) or _headers(scope).get("last-event-id")
         try:
-            session, after = self._open_stream(params, last)
-        except (ValueError, TypeError) as e:
-            await _json(send, 400, {"error": _one_line(e)})
-            return
+            session, after = await self._open_stream(params, last)
+        except BaseException as e:
+            self._hub.release()
+            if isinstance(e, (ValueError, TypeError)):
+                await _json(send, 400, {"error": _one_line(e)})
+                return
+            if isinstance(e, Exception):
+                _log.warning("logsluice viewer: opening a stream failed: %s", type(e).__name__)
+                await _json(send, 503, {"error": "the log store is unavailable"})
+                return
+            raise
         await send(
             {
                 "type": "http.response.start",
@@ -575,14 +585,20 @@ class Viewer:
         if self._hub.closed:
             await send({"type": "websocket.close", "code": 1001, "reason": "the viewer is shutting down"})
             return
-        if self._hub.full():
+        if not self._hub.reserve():
             reason = f"too many live streams in this process (max {self._hub.max_subscribers})"
             await send({"type": "websocket.close", "code": 1013, "reason": reason})
             return
         last = params.pop("last_event_id", None)
         try:
-            session, after = self._open_stream(params, last)
-        except (ValueError, TypeError) as e:
+            session, after = await self._open_stream(params, last)
+        except BaseException as e:
+            self._hub.release()
+            if not isinstance(e, Exception):
+                raise
+            if not isinstance(e, (ValueError, TypeError)):
+                _log.warning("logsluice viewer: opening a stream failed: %s", type(e).__name__)
+                e = RuntimeError("the log store is unavailable")
             await send(
                 {
                     "type": "websocket.send",

@@ -18,6 +18,7 @@ import asyncio
 import base64
 import collections
 import datetime as _dt
+import functools
 import json
 import logging
 import secrets
@@ -130,6 +131,14 @@ class Session:
             skip_before, skip_ids = resume["t"], set(resume["i"])
         try:
             async for record in tail:
+                if not isinstance(record, dict):
+                    # The reader's own gap marker (its buffer for this tail overflowed).
+                    count = getattr(record, "count", None)
+                    if isinstance(count, int) and count > 0:
+                        self._lost(
+                            count, str(getattr(record, "since", "")), str(getattr(record, "until", ""))
+                        )
+                    continue
                 ts, rid = record_ts(record), record_id(record)
                 if skip_before:
                     if ts < skip_before or (ts == skip_before and rid in skip_ids):
@@ -151,13 +160,17 @@ class Session:
         while self.events and len(self.events) >= self.hub.buffer and self.events[0].seq <= self.sent:
             self.events.popleft()
         if self.gap is not None or len(self.events) >= self.hub.buffer:
-            if self.gap is None:
-                self.gap = {"count": 0, "from": ts, "until": ts}
-            self.gap["count"] += 1
-            self.gap["until"] = ts or self.gap["until"]
-            self.hub.gaps += 1
+            self._lost(1, ts, ts)
             return
         self._push("record", record, ts, rid)
+
+    def _lost(self, count: int, first: str, last: str) -> None:
+        if self.gap is None:
+            self.gap = {"count": 0, "from": first, "until": last}
+        self.gap["count"] += count
+        self.gap["until"] = last or self.gap["until"]
+        self.hub.gaps += count
+        self.wake.set()
 
     def _push(self, kind: str, data: Any, ts: str = "", rid: str = "") -> None:
         self.seq += 1
@@ -247,27 +260,42 @@ class Hub:
                 s.close()
                 del self.sessions[sid]
 
-    def full(self) -> bool:
-        return _attached >= self.max_subscribers
+    def reserve(self) -> bool:
+        """Takes a subscriber slot (False when the process is at its cap); :meth:`run` or
+        :meth:`release` gives it back."""
+        global _attached
+        if _attached >= self.max_subscribers:
+            return False
+        _attached += 1
+        return True
 
-    def open(self, filters: dict[str, Any], last_event_id: Optional[str]) -> tuple[Session, int]:
-        """The session to stream and the seq the client already has. ValueError for a bad id."""
+    def release(self) -> None:
+        global _attached
+        _attached -= 1
+
+    async def open(self, filters: dict[str, Any], last_event_id: Optional[str]) -> tuple[Session, int]:
+        """The session to stream and the seq the client already has. ValueError for bad input."""
         self._expire()
         if last_event_id:
             pos = decode_event_id(last_event_id)
             s = self.sessions.get(pos["s"])
             if s is not None and not s.attached and s.filters == filters and pos["n"] >= s.oldest() - 1:
                 return s, pos["n"]
-            return self._add(filters, pos), pos["n"]
-        return self._add(filters, None), 0
+            return await self._add(filters, pos), pos["n"]
+        return await self._add(filters, None), 0
 
-    def _add(self, filters: dict[str, Any], resume: Optional[dict[str, Any]]) -> Session:
+    async def _add(self, filters: dict[str, Any], resume: Optional[dict[str, Any]]) -> Session:
         wanted = dict(filters)
         if resume and resume["t"]:
             wanted["since"] = resume["t"]
-        # Called here, not in the session's task: a reader that checks its filters when the
-        # tail is created turns bad input into a 400 instead of an error event.
-        tail = self.reader.atail(**wanted)
+        # The tail starts here, not in the session's task, so bad filters are a 400.
+        subscribe = getattr(self.reader, "subscribe", None)
+        if callable(subscribe):
+            loop = asyncio.get_running_loop()
+            sub = await loop.run_in_executor(None, functools.partial(subscribe, **wanted))
+            tail: Any = _drain(sub)
+        else:
+            tail = self.reader.atail(**wanted)
         s = Session(self, filters, resume, tail)
         self.sessions[s.id] = s
         return s
@@ -275,10 +303,8 @@ class Hub:
     async def run(self, session: Session, after: int, emit: Callable[[Optional[Event], str], Any]) -> None:
         """Feeds one attached client until it leaves, the stream's lifetime ends or the viewer
         shuts down. ``emit(event, kind)``: kind "event", "heartbeat", "reconnect", "shutdown"."""
-        global _attached
         stopping = self._stop_event()
         session.attached = True
-        _attached += 1
         self.streams_served += 1
         deadline = time.monotonic() + self.max_stream_seconds
         try:
@@ -308,7 +334,7 @@ class Hub:
                 if not done:
                     await emit(None, "heartbeat")
         finally:
-            _attached -= 1
+            self.release()
             session.attached = False
             session.detached_at = time.monotonic()
             if stopping.is_set() or session.ended:
@@ -339,3 +365,16 @@ class Hub:
             if not s.attached:
                 s.close()
                 self.sessions.pop(s.id, None)
+
+
+async def _drain(sub: Any) -> Any:
+    """A reader ``Subscription`` as an async iterator; closing it ends the subscription."""
+    try:
+        while True:
+            items = await sub.aget(timeout=1.0)
+            if not items and getattr(sub, "closed", False):
+                return
+            for item in items:
+                yield item
+    finally:
+        sub.close()

@@ -509,7 +509,7 @@
       }
       body.appendChild(el("h3", null, "app records (" + records.length + ")"));
       body.appendChild(miniTable(records));
-      const related = res.trace_records || res.related || [];
+      const related = res.trace || [];
       if (related.length) {
         body.appendChild(el("h3", null, "same trace (" + related.length + ")"));
         body.appendChild(miniTable(related));
