@@ -48,6 +48,10 @@ def _burst(logger: Any, thread_no: int, count: int) -> None:
 
 
 def demo(args: argparse.Namespace) -> int:
+    if getattr(args, "serve", False):
+        from ._demo_serve import serve
+
+        return serve(args)
     from loguru import logger
 
     if args.dir:
@@ -106,6 +110,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--records", type=int, default=200_000, help="how many records (default 200000)")
     p.add_argument("--threads", type=int, default=4, help="producer threads (default 4)")
     p.add_argument("--dir", help="LocalFiles directory (default: $LOGSLUICE_DIR or ./logs)")
+    p.add_argument("--serve", action="store_true", help="keep the demo app running with the viewer at /logs")
+    p.add_argument("--port", type=int, default=8000, help="port for --serve (default 8000)")
     p.set_defaults(func=demo)
     args = parser.parse_args(argv)
     if getattr(args, "records", 1) < 1 or getattr(args, "threads", 1) < 1:
