@@ -4,6 +4,7 @@ one static page. Plain ASGI: no framework, so the package keeps no runtime depen
 from __future__ import annotations
 
 import asyncio
+import atexit
 import csv
 import hmac
 import inspect
@@ -164,6 +165,9 @@ _signals_lock = threading.Lock()
 def _shutdown_all() -> None:
     for v in list(_viewers):
         v._hub.shutdown()
+
+
+atexit.register(_shutdown_all)
 
 
 def _chain_signals() -> None:

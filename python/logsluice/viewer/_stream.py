@@ -340,6 +340,9 @@ class Hub:
             if stopping.is_set() or session.ended:
                 session.close()
                 self.sessions.pop(session.id, None)
+            elif self._loop is not None:
+                # Nobody may come back: the detached session's tail stops after the window.
+                self._loop.call_later(self.resume_window + 0.5, self._expire)
 
     def shutdown(self) -> None:
         """Ends every stream with a ``shutdown`` event (thread-safe, idempotent)."""
