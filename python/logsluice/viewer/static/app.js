@@ -144,6 +144,8 @@
     syncForm();
     writeUrl();
     renderHead();
+    state.serverHistogram = false;
+    loadHistogram();
     await loadMore(true);
     if (state.live) startLive(); else stopLive();
   }
@@ -344,30 +346,71 @@
 
   // -- histogram --------------------------------------------------------------------------------
 
+  const LEVEL_ORDER = ["TRACE", "DEBUG", "INFO", "SUCCESS", "OTHER", "WARNING", "ERROR", "CRITICAL"];
+  const levelOf = (l) => (LEVEL_ORDER.includes(l) && l !== "OTHER" ? l : "OTHER");
+
+  // Counts over time for the whole result (the reader's summary by level per bucket); the
+  // loaded records stand in when the store cannot summarise.
+  async function loadHistogram() {
+    const gen = state.generation;
+    const q = filterParams(true);
+    const since = state.filters.since || "1h";
+    const long = /^\d+(h|d|w)$/.test(since) && !/^1h$/.test(since);
+    q.set("by", "level");
+    q.set("bucket", long ? "1h" : "1m");
+    q.set("slowest", "0");
+    try {
+      const res = await api("summary", q);
+      if (gen !== state.generation) return;
+      const step = long ? 3600e3 : 60e3;
+      const bars = new Map();
+      for (const g of res.groups || []) {
+        const t = Date.parse(show(g.bucket));
+        if (isNaN(t)) throw new Error("no buckets");
+        const bar = bars.get(t) || { from: t, to: t + step, counts: {} };
+        const lvl = levelOf(show(g.key));
+        bar.counts[lvl] = (bar.counts[lvl] || 0) + (Number(g.count) || 0);
+        bars.set(t, bar);
+      }
+      state.serverHistogram = true;
+      drawHistogram([...bars.values()].sort((a, b) => a.from - b.from));
+    } catch (e) {
+      state.serverHistogram = false;
+      renderHistogram();
+    }
+  }
+
   function renderHistogram() {
-    const box = $("histogram");
-    box.replaceChildren();
+    if (state.serverHistogram) return;
     const times = state.records.map((r) => Date.parse(show(r.ts))).filter((t) => !isNaN(t));
-    if (times.length < 2) return;
+    if (times.length < 2) { drawHistogram([]); return; }
     const lo = Math.min(...times), hi = Math.max(...times) + 1;
     const n = 40, width = (hi - lo) / n;
-    const buckets = Array.from({ length: n }, () => ({}));
+    const bars = Array.from({ length: n }, (_, i) => ({ from: lo + i * width, to: lo + (i + 1) * width, counts: {} }));
     state.records.forEach((r) => {
       const t = Date.parse(show(r.ts));
       if (isNaN(t)) return;
-      const b = Math.min(n - 1, Math.floor((t - lo) / width));
-      const lvl = ["TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL"].includes(r.level) ? r.level : "OTHER";
-      buckets[b][lvl] = (buckets[b][lvl] || 0) + 1;
+      const b = bars[Math.min(n - 1, Math.floor((t - lo) / width))];
+      const lvl = levelOf(r.level);
+      b.counts[lvl] = (b.counts[lvl] || 0) + 1;
     });
-    const max = Math.max(...buckets.map((b) => Object.values(b).reduce((a, c) => a + c, 0)), 1);
+    drawHistogram(bars);
+  }
+
+  function drawHistogram(bars) {
+    const box = $("histogram");
+    box.replaceChildren();
+    if (!bars.length) return;
+    const n = bars.length;
+    const max = Math.max(...bars.map((b) => Object.values(b.counts).reduce((a, c) => a + c, 0)), 1);
     const NS = "http://www.w3.org/2000/svg";
     const svg = document.createElementNS(NS, "svg");
-    svg.setAttribute("viewBox", "0 0 " + n * 10 + " 60");
+    svg.setAttribute("viewBox", "0 0 " + Math.max(n, 40) * 10 + " 60");
     svg.setAttribute("preserveAspectRatio", "none");
-    buckets.forEach((b, i) => {
+    bars.forEach((b, i) => {
       let y = 60;
-      for (const lvl of ["TRACE", "DEBUG", "INFO", "SUCCESS", "OTHER", "WARNING", "ERROR", "CRITICAL"]) {
-        const c = b[lvl] || 0;
+      for (const lvl of LEVEL_ORDER) {
+        const c = b.counts[lvl] || 0;
         if (!c) continue;
         const h = (c / max) * 58;
         y -= h;
@@ -378,7 +421,7 @@
         rect.setAttribute("height", String(h));
         rect.setAttribute("class", "bar-" + lvl);
         const title = document.createElementNS(NS, "title");
-        const from = new Date(lo + i * width), to = new Date(lo + (i + 1) * width);
+        const from = new Date(b.from), to = new Date(b.to);
         title.textContent = lvl + ": " + c + " (" + from.toISOString() + " – " + to.toISOString() + ")";
         rect.appendChild(title);
         rect.addEventListener("click", () => {
