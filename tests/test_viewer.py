@@ -33,6 +33,7 @@ def site(tmp_path_factory):
         for text in XSS_CORPUS:
             logger.bind(payload=text, url="javascript:alert(9)").warning(text)
         logger.bind(user={"id": 42}).info("user 42 checked out")
+        logger.info('=HYPERLINK("https://evil.invalid","x")')
         pipeline.flush(timeout=30)
         server.pipeline, server.view, server.directory = pipeline, view, directory
         yield server
@@ -128,7 +129,20 @@ def test_export_ndjson_and_csv(site):
         assert rows[0][:3] == ["ts", "level", "kind"]
         messages = {row[4] for row in rows[1:]}
         assert "<img src=x onerror=alert(1)>" in messages
-        c.get("/logs/api/export", params={"format": "csv", "columns": "message,payload"})
+        # Spreadsheet formulas from log content arrive as text.
+        r = c.get(
+            "/logs/api/export", params={"format": "csv", "columns": "message,user.id", "text": "hyperlink"}
+        )
+        assert list(csv.reader(io.StringIO(r.text))) == [
+            ["message", "user.id"],
+            ['\'=HYPERLINK("https://evil.invalid","x")', ""],
+        ]
+        r = c.get(
+            "/logs/api/export", params={"format": "csv", "columns": "message,user.id", "text": "user 42"}
+        )
+        assert list(csv.reader(io.StringIO(r.text)))[1] == ["user 42 checked out", "42"]
+        assert c.get("/logs/api/export", params={"format": "xml"}).status_code == 400
+        assert c.get("/logs/api/export", params={"columns": "a b"}).status_code == 400
 
 
 def test_status_shows_pipeline_stats(site):

@@ -5,6 +5,7 @@ cap, 100 concurrent clients, and shutdown (viewer.aclose, pipeline close, SIGTER
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -182,7 +183,7 @@ def test_websocket_frames_origin_and_auth(tmp_logs):
                 sent = await asyncio.get_running_loop().run_in_executor(None, site.write, "ws", 3)
                 got = []
                 while len(got) < 3:
-                    frame = __import__("json").loads(await ws.recv())
+                    frame = json.loads(await ws.recv())
                     if frame["event"] == "record":
                         assert frame["id"]
                         got.append(frame["data"]["message"])
@@ -287,3 +288,31 @@ def test_sigterm_with_open_streams_exits(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_websocket_resume_by_last_event_id(tmp_logs):
+    with Site(tmp_logs) as site:
+        url = f"ws://127.0.0.1:{site.server.port}/logs/api/stream/ws"
+
+        async def read(ws, want: int) -> tuple[list[str], str]:
+            got, last = [], ""
+            while len(got) < want:
+                frame = json.loads(await ws.recv())
+                if frame["event"] == "record":
+                    got.append(frame["data"]["message"])
+                    last = frame["id"]
+            return got, last
+
+        async def main():
+            loop = asyncio.get_running_loop()
+            async with websockets.connect(url, additional_headers=AUTH) as ws:
+                await loop.run_in_executor(None, site.wait_subscribers, 1)
+                first = await loop.run_in_executor(None, site.write, "w", 20)
+                got1, last = await read(ws, 8)
+            await loop.run_in_executor(None, site.wait_subscribers, 0)
+            second = await loop.run_in_executor(None, site.write, "x", 5)
+            async with websockets.connect(f"{url}?last_event_id={last}", additional_headers=AUTH) as ws:
+                got2, _ = await read(ws, 17)
+            assert got1 + got2 == first + second
+
+        asyncio.run(main())
