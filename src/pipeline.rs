@@ -276,14 +276,18 @@ fn run(dest: Arc<Destination>, target: Target) {
                     w.idle();
                 }
             }
-            Next::Batch(batch) => {
-                let started = Instant::now();
-                let (written, dropped) =
-                    deliver(&dest, &target, &mut writer, &mut breaker, &backoff, &batch);
-                let state = breaker.name();
-                dest.queue.with_state(|s| s.breaker = state);
-                dest.queue
-                    .resolve(batch.len(), written, &dropped, started.elapsed());
+            Next::Batch(mut taken) => {
+                while !taken.is_empty() {
+                    let (batch, bytes) = dest.queue.split_batch(&mut taken);
+                    let started = Instant::now();
+                    let (written, dropped) =
+                        deliver(&dest, &target, &mut writer, &mut breaker, &backoff, &batch);
+                    let state = breaker.name();
+                    dest.queue.with_state(|s| s.breaker = state);
+                    dest.queue
+                        .resolve(batch.len(), bytes, written, &dropped, started.elapsed());
+                }
+                dest.queue.recycle(taken);
             }
         }
         if let Some(w) = writer.as_mut() {

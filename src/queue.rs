@@ -1,6 +1,9 @@
 //! The bounded queue of one destination, bounded by records and by bytes. Producers never
 //! wait for I/O: a push is a short critical section. The batcher side waits here for a
-//! batch to become due (size, bytes, age, a flush or close).
+//! batch to become due (size, bytes, age, a flush or close), then takes everything queued
+//! in one O(1) swap, so it never holds the lock while walking records (a writer thread
+//! preempted inside a long critical section would stall every producer behind it).
+//! Records the batcher holds still count against the bounds until they are resolved.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -23,6 +26,10 @@ pub struct Limits {
 pub struct State {
     items: VecDeque<Arc<Record>>,
     bytes: usize,
+    /// The batcher's emptied buffer, handed back for reuse so pushes do not regrow one.
+    spare: VecDeque<Arc<Record>>,
+    /// Bytes taken by the batcher and not yet resolved.
+    taken_bytes: usize,
     /// When the oldest queued record arrived: the batch-age clock.
     oldest_at: Option<Instant>,
     /// Records taken by the batcher and not yet resolved.
@@ -43,7 +50,8 @@ pub struct Queue {
 }
 
 pub enum Next {
-    Batch(Vec<Arc<Record>>),
+    /// Everything that was queued, oldest first; split it with [`Queue::split_batch`].
+    Batch(VecDeque<Arc<Record>>),
     Idle,
     Closed,
 }
@@ -54,6 +62,8 @@ impl Queue {
             state: Mutex::new(State {
                 items: VecDeque::new(),
                 bytes: 0,
+                spare: VecDeque::new(),
+                taken_bytes: 0,
                 oldest_at: None,
                 in_batch: 0,
                 counters: Counters::default(),
@@ -71,8 +81,9 @@ impl Queue {
     fn has_room(&self, s: &State, size: usize) -> bool {
         // An empty queue always takes one record, so a single record above the byte
         // bound is still delivered; memory stays within the bound plus one record.
-        s.items.is_empty()
-            || (s.items.len() < self.limits.max_records && s.bytes + size <= self.limits.max_bytes)
+        (s.items.is_empty() && s.in_batch == 0)
+            || (s.items.len() + (s.in_batch as usize) < self.limits.max_records
+                && s.bytes + s.taken_bytes + size <= self.limits.max_bytes)
     }
 
     fn enqueue(&self, s: &mut State, rec: Arc<Record>) -> bool {
@@ -183,10 +194,21 @@ impl Queue {
         }
     }
 
-    fn take(&self, s: &mut State) -> Vec<Arc<Record>> {
-        let mut batch = Vec::with_capacity(s.items.len().min(self.limits.batch_records));
+    fn take(&self, s: &mut State) -> VecDeque<Arc<Record>> {
+        let spare = std::mem::take(&mut s.spare);
+        let taken = std::mem::replace(&mut s.items, spare);
+        s.in_batch += taken.len() as u64;
+        s.taken_bytes += std::mem::take(&mut s.bytes);
+        s.oldest_at = None;
+        taken
+    }
+
+    /// Cuts the next batch off the front of what `next_batch` handed out, within the
+    /// batch limits (at least one record). Runs outside the lock.
+    pub fn split_batch(&self, taken: &mut VecDeque<Arc<Record>>) -> (Vec<Arc<Record>>, usize) {
+        let mut batch = Vec::with_capacity(taken.len().min(self.limits.batch_records));
         let mut bytes = 0;
-        while let Some(front) = s.items.front() {
+        while let Some(front) = taken.front() {
             if !batch.is_empty()
                 && (batch.len() >= self.limits.batch_records
                     || bytes + front.size > self.limits.batch_bytes)
@@ -194,15 +216,18 @@ impl Queue {
                 break;
             }
             bytes += front.size;
-            batch.push(s.items.pop_front().expect("front exists"));
+            batch.push(taken.pop_front().expect("front exists"));
         }
-        s.bytes -= bytes;
-        s.in_batch += batch.len() as u64;
-        if s.items.is_empty() {
-            s.oldest_at = None;
+        (batch, bytes)
+    }
+
+    /// Returns the batcher's emptied buffer for reuse.
+    pub fn recycle(&self, mut buffer: VecDeque<Arc<Record>>) {
+        buffer.clear();
+        let mut s = self.state.lock();
+        if buffer.capacity() > s.spare.capacity() {
+            s.spare = buffer;
         }
-        self.not_full.notify_all();
-        batch
     }
 
     /// Settles a batch taken by `next_batch`: `written` records written, the rest dropped
@@ -210,12 +235,14 @@ impl Queue {
     pub fn resolve(
         &self,
         taken: usize,
+        taken_bytes: usize,
         written: u64,
         dropped: &[(DropReason, u64)],
         latency: Duration,
     ) {
         let mut s = self.state.lock();
         s.in_batch -= taken as u64;
+        s.taken_bytes -= taken_bytes;
         s.counters.written += written;
         for &(reason, n) in dropped {
             s.counters.drop(reason, n);
@@ -224,6 +251,7 @@ impl Queue {
         s.counters.record_latency(latency.as_secs_f64());
         drop(s);
         self.resolved.notify_all();
+        self.not_full.notify_all();
     }
 
     pub fn with_state<T>(&self, f: impl FnOnce(&mut State) -> T) -> T {
@@ -336,18 +364,20 @@ mod tests {
             Next::Idle
         ));
         q.push(rec(1));
-        let Next::Batch(b) = q.next_batch(Duration::from_millis(20)) else {
+        let Next::Batch(mut b) = q.next_batch(Duration::from_millis(20)) else {
             panic!("due by size")
         };
         assert_eq!(b.len(), 2);
         invariant(&q);
-        q.resolve(2, 2, &[], Duration::from_millis(1));
+        let (first, bytes) = q.split_batch(&mut b);
+        assert_eq!((first.len(), bytes, b.len()), (2, 2, 0));
+        q.resolve(2, 2, 2, &[], Duration::from_millis(1));
         q.push(rec(1));
         let target = q.request_flush();
         let Next::Batch(b) = q.next_batch(Duration::from_millis(20)) else {
             panic!("due by flush")
         };
-        q.resolve(b.len(), 0, &[(DropReason::Failed, 1)], Duration::ZERO);
+        q.resolve(b.len(), 1, 0, &[(DropReason::Failed, 1)], Duration::ZERO);
         assert!(q.wait_resolved(target, Instant::now()));
         invariant(&q);
     }
@@ -375,17 +405,23 @@ mod tests {
         let q2 = q.clone();
         let t = std::thread::spawn(move || q2.push_wait(rec(1), Duration::from_secs(5)));
         std::thread::sleep(Duration::from_millis(50));
-        let Next::Batch(b) = q.next_batch(Duration::ZERO) else {
+        let Next::Batch(mut taken) = q.next_batch(Duration::ZERO) else {
             panic!()
         };
+        assert_eq!(taken.len(), 3);
+        // Taken records still count against the bound until they are resolved.
+        assert_eq!(q.snapshot().queue_records, 0);
+        let (batch, bytes) = q.split_batch(&mut taken);
+        assert_eq!((batch.len(), taken.len()), (2, 1));
+        q.resolve(batch.len(), bytes, 2, &[], Duration::ZERO);
         t.join().unwrap();
-        assert_eq!(q.snapshot().queue_records, 2);
-        assert_eq!(b.len(), 2);
+        assert_eq!(q.snapshot().queue_records, 1);
         q.push_wait(rec(1), Duration::from_millis(10));
         q.push_wait(rec(1), Duration::from_millis(10));
         assert_eq!(
             q.snapshot().counters.dropped[DropReason::QueueFull as usize],
             1
         );
+        invariant(&q);
     }
 }

@@ -1,3 +1,4 @@
+import shutil
 import socket
 import time
 
@@ -31,3 +32,32 @@ def wait_until(check, timeout: float, what: str, on_fail=lambda: "") -> None:
         if time.monotonic() > deadline:
             raise RuntimeError(f"timed out after {timeout}s waiting for {what}\n{on_fail()}")
         time.sleep(0.1)
+
+
+class ManagedServer:
+    """Lifecycle shared by the throwaway servers: `close()` stops the server and removes its
+    directory; usable as a context manager. Subclasses set `port` and `dir` and define
+    `stop()` and keep `running` current."""
+
+    port: int
+    dir: str
+    running: bool
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        try:
+            self.stop()
+        finally:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "running" if self.running else "stopped"
+        return f"<{type(self).__name__} 127.0.0.1:{self.port} {state} {self.dir}>"

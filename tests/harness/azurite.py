@@ -9,7 +9,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from harness._net import free_port, port_open, tail, wait_until
+from harness._net import ManagedServer, free_port, port_open, tail, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 ACCOUNT = "devstoreaccount1"
@@ -26,7 +26,7 @@ def _binary() -> str:
     return found
 
 
-class AzuriteServer:
+class AzuriteServer(ManagedServer):
     def __init__(self, port: int | None = None):
         self.binary = _binary()
         self.port = port or free_port()
@@ -90,19 +90,3 @@ class AzuriteServer:
 
     def ensure_running(self) -> None:
         self.start()
-
-    def close(self) -> None:
-        try:
-            self.stop()
-        finally:
-            shutil.rmtree(self.dir, ignore_errors=True)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def __repr__(self) -> str:
-        state = "running" if self.running else "stopped"
-        return f"<AzuriteServer 127.0.0.1:{self.port} {state} {self.dir}>"

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import psycopg
 
-from harness._net import free_port, tail
+from harness._net import ManagedServer, free_port, tail
 
 PG_USER = "logsluice-pg"  # initdb/postgres refuse to run as root
 SUPERUSER = "postgres"
@@ -50,7 +50,7 @@ def _ensure_pg_user() -> None:
         raise RuntimeError(f"useradd {PG_USER} failed: {r.stderr}")
 
 
-class PostgresServer:
+class PostgresServer(ManagedServer):
     def __init__(self, port: int | None = None):
         self.bindir = _bindir()
         self.port = port or free_port()
@@ -135,19 +135,3 @@ class PostgresServer:
         ) as conn:
             cur = conn.execute(sql, params)
             return cur.fetchall() if cur.description else []
-
-    def close(self) -> None:
-        try:
-            self.stop()
-        finally:
-            shutil.rmtree(self.dir, ignore_errors=True)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def __repr__(self) -> str:
-        state = "running" if self.running else "stopped"
-        return f"<PostgresServer 127.0.0.1:{self.port} {state} {self.dir}>"
