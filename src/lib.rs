@@ -11,6 +11,7 @@ pub mod http;
 pub mod metrics;
 pub mod pipeline;
 pub mod queue;
+pub mod read;
 pub mod record;
 pub mod retry;
 #[doc(hidden)]

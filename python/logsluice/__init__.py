@@ -16,6 +16,7 @@ from .azure_blob import AzureBlob
 from .destinations import Destination, LocalFiles
 from .middleware import LoggingMiddleware
 from .postgres import Postgres
+from .reader import Page, Reader, RequestView
 from .viewer import viewer
 
 __all__ = [
@@ -24,8 +25,11 @@ __all__ = [
     "LocalFiles",
     "LoggingHandler",
     "LoggingMiddleware",
+    "Page",
     "Pipeline",
     "Postgres",
+    "Reader",
+    "RequestView",
     "__version__",
     "viewer",
 ]

@@ -3,6 +3,7 @@
 
 mod convert;
 mod http;
+mod read;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -333,6 +334,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<LoguruSink>()?;
     m.add_function(wrap_pyfunction!(_mark_interpreter_exit, m)?)?;
     http::register(m)?;
+    read::register(m)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

@@ -90,7 +90,7 @@ fn percent_decode(s: &str) -> String {
 }
 
 /// The password spellings a DSN carries (raw and percent-decoded), to scrub from messages.
-fn dsn_secrets(dsn: &str) -> Vec<String> {
+pub(crate) fn dsn_secrets(dsn: &str) -> Vec<String> {
     let mut out = Vec::new();
     let rest = dsn.split_once("://").map_or(dsn, |(_, r)| r);
     let authority = &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())];
@@ -253,7 +253,7 @@ impl Postgres {
     }
 }
 
-fn scrub(secrets: &[String], mut message: String) -> String {
+pub(crate) fn scrub(secrets: &[String], mut message: String) -> String {
     for s in secrets {
         if message.contains(s.as_str()) {
             message = message.replace(s.as_str(), "***");

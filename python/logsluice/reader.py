@@ -1,0 +1,771 @@
+"""The read side: one set of filters over PostgreSQL and LocalFiles directories.
+
+    reader = logsluice.Reader("postgresql://app@db/app")      # or Reader("./logs"), Reader.from_env()
+    page = reader.query(since="1h", min_level="ERROR", limit=50)
+    page.records, page.next, page.partial
+    reader.request("0190c3a4-...")       # the access record and every app record of a request
+    reader.context(record_id, before=20, after=20)
+    reader.summary(since="24h", by="route")
+    for record in reader.tail(kind="http", status="5xx"): ...
+
+Filtering, paging, cursors and scanning run in the Rust core with the GIL released; the
+``a*`` twins run the same calls in the event loop's default executor, so they never block
+the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import datetime as _dt
+import functools
+import json
+import os
+import threading
+import time
+import weakref
+from collections.abc import AsyncIterator, Iterator, Mapping
+from typing import Any, Optional, Union
+
+from . import _core
+from .destinations import LocalFiles
+
+__all__ = ["Gap", "Page", "Reader", "RequestView", "Subscription"]
+
+FILTER_NAMES = (
+    "since",
+    "until",
+    "level",
+    "min_level",
+    "kind",
+    "logger",
+    "process",
+    "request_id",
+    "trace_id",
+    "method",
+    "route",
+    "path",
+    "status",
+    "min_duration_ms",
+    "text",
+    "fields",
+)
+
+_NO_BLOB = "Reader: reading Azure Blob containers is not supported yet; read PostgreSQL or files"
+
+TimeLike = Union[str, int, float, _dt.datetime, _dt.date, _dt.timedelta, None]
+
+
+def _time(value: TimeLike) -> Any:
+    """datetime (naive = UTC), date, timedelta (that long ago), number (epoch seconds),
+    ISO 8601 text or an age like ``"15m"`` -> what the core parses."""
+    if value is None or isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        return value
+    if isinstance(value, _dt.timedelta):
+        return f"{value.total_seconds()}s"
+    if isinstance(value, _dt.datetime):
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=_dt.timezone.utc)
+        return value.astimezone(_dt.timezone.utc).isoformat()
+    if isinstance(value, _dt.date):
+        return value.isoformat()
+    raise ValueError(f"not a time: {value!r}")
+
+
+def _request(filters: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in filters.items():
+        if value is None:
+            continue
+        if key in ("since", "until"):
+            value = _time(value)
+        out[key] = value
+    return out
+
+
+class Page:
+    """One page of a query: ``records`` (dicts with the NDJSON field names plus ``id``),
+    ``next`` (an opaque cursor, or None at the end) and ``partial`` (the query's budget ran
+    out: pass ``next`` to continue)."""
+
+    __slots__ = ("next", "partial", "records")
+
+    def __init__(self, records: list[dict[str, Any]], next: Optional[str], partial: bool) -> None:
+        self.records = records
+        self.next = next
+        self.partial = partial
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return iter(self.records)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"records": self.records, "next": self.next, "partial": self.partial}
+
+    def __repr__(self) -> str:
+        return f"Page({len(self.records)} records, next={'…' if self.next else None}, partial={self.partial})"
+
+
+class RequestView:
+    """What happened to one request: the ``access`` record (kind http, or None while the
+    request is still running), the app ``records`` with its request id in time order, the
+    ``trace`` records sharing its trace id (other request ids), and ``in_progress``."""
+
+    __slots__ = ("access", "in_progress", "records", "request_id", "trace")
+
+    def __init__(
+        self,
+        request_id: str,
+        access: Optional[dict[str, Any]],
+        records: list[dict[str, Any]],
+        trace: list[dict[str, Any]],
+    ) -> None:
+        self.request_id = request_id
+        self.access = access
+        self.records = records
+        self.trace = trace
+        self.in_progress = access is None and bool(records)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "request_id": self.request_id,
+            "access": self.access,
+            "records": self.records,
+            "trace": self.trace,
+            "in_progress": self.in_progress,
+        }
+
+    def __repr__(self) -> str:
+        return (
+            f"RequestView({self.request_id!r}, access={'yes' if self.access else 'no'}, "
+            f"{len(self.records)} records, in_progress={self.in_progress})"
+        )
+
+
+class Gap:
+    """Records a subscriber lost because it did not keep up: ``count`` of them, with times
+    from ``since`` to ``until`` (query that range to page through them)."""
+
+    __slots__ = ("count", "since", "until")
+
+    def __init__(self, count: int, since: str, until: str) -> None:
+        self.count, self.since, self.until = count, since, until
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"count": self.count, "since": self.since, "until": self.until}
+
+    def __repr__(self) -> str:
+        return f"Gap(count={self.count}, since={self.since!r}, until={self.until!r})"
+
+
+def _uuid7_time(request_id: str) -> Optional[float]:
+    """Seconds since the epoch in a UUIDv7 (what the middleware generates), else None."""
+    hexits = request_id.replace("-", "")
+    if len(hexits) != 32 or len(request_id) != 36 or hexits[12] != "7":
+        return None
+    try:
+        ms = int(hexits[:12], 16)
+    except ValueError:
+        return None
+    return ms / 1000.0
+
+
+def _iso(ts: float) -> str:
+    return _dt.datetime.fromtimestamp(ts, _dt.timezone.utc).isoformat()
+
+
+class Subscription:
+    """One live follower of a :class:`_Poller`: a bounded buffer of new records. When the
+    buffer is full, further records are counted into a :class:`Gap` instead of piling up."""
+
+    def __init__(self, poller: _Poller, max_buffer: int) -> None:
+        self._poller = poller
+        self._items: collections.deque[Any] = collections.deque()
+        self._max = max_buffer
+        self._gap: Optional[list[Any]] = None
+        self._cond = threading.Condition()
+        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
+        self.closed = False
+
+    def _push(self, records: list[dict[str, Any]]) -> None:
+        with self._cond:
+            for r in records:
+                if len(self._items) >= self._max:
+                    if self._gap is None:
+                        self._gap = [0, r.get("ts"), r.get("ts")]
+                    self._gap[0] += 1
+                    self._gap[2] = r.get("ts")
+                    continue
+                if self._gap is not None:
+                    self._items.append(Gap(*self._gap))
+                    self._gap = None
+                self._items.append(r)
+            self._cond.notify_all()
+            waiters = list(self._waiters)
+        for loop, event in waiters:
+            try:
+                loop.call_soon_threadsafe(event.set)
+            except RuntimeError:  # loop closed
+                pass
+
+    def _take(self) -> list[Any]:
+        items = list(self._items)
+        self._items.clear()
+        if self._gap is not None and not items:
+            items.append(Gap(*self._gap))
+            self._gap = None
+        return items
+
+    def get(self, timeout: Optional[float] = None) -> list[Any]:
+        """New records (and :class:`Gap` markers), waiting up to ``timeout`` seconds; []
+        when none arrived or the subscription was closed."""
+        with self._cond:
+            if not self._items and self._gap is None and not self.closed:
+                self._cond.wait(timeout)
+            return self._take()
+
+    async def aget(self, timeout: Optional[float] = None) -> list[Any]:
+        """Like :meth:`get`, awaiting without blocking the event loop."""
+        loop = asyncio.get_running_loop()
+        event = asyncio.Event()
+        with self._cond:
+            items = self._take()
+            if items or self.closed:
+                return items
+            self._waiters.append((loop, event))
+        try:
+            await asyncio.wait_for(event.wait(), timeout)
+        except asyncio.TimeoutError:
+            pass
+        finally:
+            with self._cond:
+                self._waiters.remove((loop, event))
+        with self._cond:
+            return self._take()
+
+    def close(self) -> None:
+        with self._cond:
+            self.closed = True
+            self._cond.notify_all()
+            waiters = list(self._waiters)
+        for loop, event in waiters:
+            try:
+                loop.call_soon_threadsafe(event.set)
+            except RuntimeError:
+                pass
+        self._poller.unsubscribe(self)
+
+    def __enter__(self) -> Subscription:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class _Poller:
+    """One polling thread per (reader, filters): every subscriber with the same filters
+    shares its queries, so 100 open tails cost one query per wake-up.
+
+    Commit-safe position: each poll re-reads ``lookback`` seconds before the newest time
+    seen and drops the ids it already delivered; rows that commit late (a writer's COPY
+    that took a while, two writers whose commits interleave) are still found as long as
+    their records are younger than the look-back."""
+
+    def __init__(self, reader: Reader, key: str, filters: dict[str, Any], interval: float, lookback: float):
+        self.reader = reader
+        self.key = key
+        self.filters = filters
+        self.interval = interval
+        self.lookback = lookback
+        self.subs: list[Subscription] = []
+        self.lock = threading.Lock()
+        self.wake = threading.Event()
+        self.stopped = False
+        self.polls = 0
+        self.seen: collections.OrderedDict[str, float] = collections.OrderedDict()
+        self.watermark = time.time()
+        self.thread: Optional[threading.Thread] = None
+        self.primed = False
+
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self._run, name=f"logsluice-tail-{self.key[:24]}", daemon=True)
+        self.thread.start()
+
+    def subscribe(self, max_buffer: int) -> Subscription:
+        sub = Subscription(self, max_buffer)
+        with self.lock:
+            self.subs.append(sub)
+        return sub
+
+    def unsubscribe(self, sub: Subscription) -> None:
+        with self.lock:
+            if sub in self.subs:
+                self.subs.remove(sub)
+            if not self.subs:
+                self.stopped = True
+                self.reader._pollers.pop(self.key, None)
+        self.wake.set()
+
+    def poll_once(self) -> list[dict[str, Any]]:
+        since = self.watermark - self.lookback
+        req = {**self.filters, "since": since, "order": "asc", "limit": 1000}
+        new: list[dict[str, Any]] = []
+        while True:
+            page = json.loads(self.reader._core.query(json.dumps(req)))
+            self.polls += 1
+            records = page["records"]
+            for r in records:
+                rid = r.get("id")
+                if rid in self.seen:
+                    continue
+                ts = _parse_ts(r.get("ts"))
+                self.seen[rid] = ts
+                new.append(r)
+                if ts > self.watermark:
+                    self.watermark = min(ts, time.time())
+            if len(records) < 1000:
+                break
+            last = records[-1]
+            req["_after"] = {"ts": _ts_micros(last["ts"], 0), "id": last["id"]}
+        horizon = self.watermark - self.lookback - 1.0
+        while self.seen:
+            rid, ts = next(iter(self.seen.items()))
+            if ts >= horizon:
+                break
+            self.seen.popitem(last=False)
+        return new
+
+    def _run(self) -> None:
+        while not self.stopped:
+            try:
+                new = self.poll_once()
+            except Exception:  # the store is down: keep polling; tails resume when it returns
+                new = []
+            if not self.primed:
+                self.primed = True
+                new = [r for r in new if _parse_ts(r.get("ts")) >= self.start_at]
+            if new:
+                with self.lock:
+                    subs = list(self.subs)
+                for s in subs:
+                    s._push(new)
+            self.wake.wait(self.interval)
+            self.wake.clear()
+
+    start_at: float = 0.0
+
+
+def _parse_ts(text: Any) -> float:
+    if not isinstance(text, str):
+        return 0.0
+    try:
+        return _dt.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return 0.0
+
+
+class Reader:
+    """Reads what the pipeline wrote.
+
+    ``source``: a PostgreSQL DSN (``postgresql://...``), a directory (LocalFiles), a
+    :class:`~logsluice.LocalFiles` or :class:`~logsluice.Postgres` destination.
+
+    Budgets: ``statement_timeout`` (seconds, PostgreSQL, at most 25), ``max_bytes``,
+    ``max_files`` and ``max_seconds`` (file scans). When a budget runs out, the page comes
+    back with what was found, ``partial=True`` and a cursor to continue.
+    """
+
+    def __init__(
+        self,
+        source: Any = None,
+        *,
+        schema: str = "public",
+        table: str = "logs",
+        statement_timeout: float = 10.0,
+        connect_timeout: float = 10.0,
+        max_bytes: Optional[int] = None,
+        max_files: Optional[int] = None,
+        max_seconds: float = 20.0,
+        slack_seconds: float = 300.0,
+    ) -> None:
+        if source is None:
+            source = "./logs"
+        spec: dict[str, Any]
+        type_name = type(source).__name__
+        if type_name == "Postgres" and hasattr(source, "_dsn"):
+            spec = {"type": "postgres", "dsn": source._dsn, "schema": source.schema, "table": source.table}
+            self.description = f"postgres {source.dsn} {source.schema}.{source.table}"
+        elif isinstance(source, LocalFiles):
+            spec = {"type": "files", "directory": source.directory}
+            self.description = f"files {source.directory}"
+        elif type_name == "AzureBlob":
+            raise ValueError(_NO_BLOB)
+        elif isinstance(source, (str, os.PathLike)):
+            text = os.fspath(source)
+            if text.startswith(("postgresql://", "postgres://")):
+                from .postgres import redact_dsn
+
+                spec = {"type": "postgres", "dsn": text, "schema": schema, "table": table}
+                self.description = f"postgres {redact_dsn(text)} {schema}.{table}"
+            elif "AccountKey=" in text or "BlobEndpoint=" in text or text.startswith("https://"):
+                raise ValueError(_NO_BLOB)
+            else:
+                directory = os.path.abspath(text)
+                spec = {"type": "files", "directory": directory}
+                self.description = f"files {directory}"
+        else:
+            raise ValueError(f"Reader: source must be a DSN, a directory or a destination, got {type_name}")
+        if spec["type"] == "postgres":
+            timeouts = (("statement_timeout", statement_timeout), ("connect_timeout", connect_timeout))
+            for what, value in timeouts:
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 25:
+                    raise ValueError(f"Reader: {what} must be seconds in (0, 25], got {value!r}")
+            spec["statement_timeout"] = float(statement_timeout)
+            spec["connect_timeout"] = float(connect_timeout)
+        else:
+            if max_bytes is not None:
+                spec["max_bytes"] = int(max_bytes)
+            if max_files is not None:
+                spec["max_files"] = int(max_files)
+            spec["max_seconds"] = float(max_seconds)
+            spec["slack_seconds"] = float(slack_seconds)
+        self.kind = spec["type"]
+        self._core = _core.ReaderCore(json.dumps(spec))
+        self._pollers: dict[str, _Poller] = {}
+        self._pollers_lock = threading.Lock()
+        weakref.finalize(self, _stop_pollers, self._pollers)
+
+    @classmethod
+    def from_env(cls, **options: Any) -> Reader:
+        """The source ``Pipeline.from_env()`` writes to: ``LOGSLUICE_POSTGRES_DSN`` (with
+        ``LOGSLUICE_POSTGRES_SCHEMA``/``_TABLE``), else ``LOGSLUICE_DIR``, else ``./logs``."""
+        env = os.environ
+        if env.get("LOGSLUICE_POSTGRES_DSN"):
+            options.setdefault("schema", env.get("LOGSLUICE_POSTGRES_SCHEMA") or "public")
+            options.setdefault("table", env.get("LOGSLUICE_POSTGRES_TABLE") or "logs")
+            return cls(env["LOGSLUICE_POSTGRES_DSN"], **options)
+        return cls(env.get("LOGSLUICE_DIR") or "./logs", **options)
+
+    def __repr__(self) -> str:
+        return f"Reader({self.description})"
+
+    # -- queries ---------------------------------------------------------------------
+
+    def query(
+        self,
+        *,
+        since: TimeLike = None,
+        until: TimeLike = None,
+        level: Union[str, list[str], None] = None,
+        min_level: Union[str, int, None] = None,
+        kind: Optional[str] = None,
+        logger: Optional[str] = None,
+        process: Optional[int] = None,
+        request_id: Optional[str] = None,
+        trace_id: Optional[str] = None,
+        method: Optional[str] = None,
+        route: Optional[str] = None,
+        path: Optional[str] = None,
+        status: Union[int, str, None] = None,
+        min_duration_ms: Optional[float] = None,
+        text: Optional[str] = None,
+        fields: Optional[Mapping[str, Any]] = None,
+        order: str = "desc",
+        limit: int = 100,
+        cursor: Optional[str] = None,
+    ) -> Page:
+        """One page of records matching every filter given, newest first by default.
+
+        ``since``/``until``: datetime, ISO 8601, or an age like ``"15m"``, ``"2h"``, ``"7d"``.
+        ``status``: a code, a class (``"5xx"``) or a range (``"500-504"``). ``path``: a
+        prefix. ``text``: case-insensitive substring of the message. ``fields``: dotted
+        paths to a value (equality) or to one condition ``{"ne"|"exists"|"in"|"gt"|"gte"|
+        "lt"|"lte"|"between": ...}``. ``limit``: at most 1000. ``cursor``: ``page.next``
+        of the previous page of the same query. Bad input raises ``ValueError``.
+        """
+        req = _request(
+            {
+                "since": since,
+                "until": until,
+                "level": level,
+                "min_level": min_level,
+                "kind": kind,
+                "logger": logger,
+                "process": process,
+                "request_id": request_id,
+                "trace_id": trace_id,
+                "method": method,
+                "route": route,
+                "path": path,
+                "status": status,
+                "min_duration_ms": min_duration_ms,
+                "text": text,
+                "fields": dict(fields) if fields is not None else None,
+                "order": order,
+                "limit": limit,
+                "cursor": cursor,
+            }
+        )
+        return self._page(req)
+
+    def _page(self, req: dict[str, Any]) -> Page:
+        try:
+            text = json.dumps(req)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"filters must be JSON values: {e}") from None
+        data = json.loads(self._core.query(text))
+        return Page(data["records"], data["next"], data["partial"])
+
+    def get(self, record_id: Union[str, int]) -> Optional[dict[str, Any]]:
+        """One record by its ``id``, or None."""
+        text = self._core.get(str(record_id))
+        return None if text is None else json.loads(text)
+
+    def request(
+        self,
+        request_id: str,
+        *,
+        grace: TimeLike = "5m",
+        search: TimeLike = "7d",
+        limit: int = 1000,
+    ) -> RequestView:
+        """The access record of ``request_id``, then every app record with that request id
+        (background tasks included, up to ``grace`` after the request started) and the
+        records sharing its trace id. Time-ordered ids (UUIDv7, what the middleware makes)
+        go straight to their time window; other ids are searched newest first within
+        ``search``. ``request_id="latest"`` picks the newest access record."""
+        if not isinstance(request_id, str) or not request_id.strip():
+            raise ValueError("request_id must be a non-empty string")
+        request_id = request_id.strip()
+        grace_s = _seconds(grace, "grace")
+        t = _uuid7_time(request_id)
+        if t is not None:
+            since, until = _iso(t - 60), _iso(t + grace_s)
+        else:
+            found = self._page({"request_id": request_id, "since": _time(search), "limit": 1})
+            if not found.records:
+                return RequestView(request_id, None, [], [])
+            newest = _parse_ts(found.records[0]["ts"])
+            since, until = _iso(newest - grace_s - 3600), _iso(newest + grace_s)
+        records = self._all({"request_id": request_id, "since": since, "until": until}, limit)
+        access = next((r for r in records if r.get("kind") == "http"), None)
+        app = [r for r in records if r is not access]
+        trace: list[dict[str, Any]] = []
+        trace_id = access.get("trace_id") if access else None
+        if trace_id:
+            trace = [
+                r
+                for r in self._all({"trace_id": trace_id, "since": since, "until": until}, limit)
+                if r.get("request_id") != request_id
+            ]
+        return RequestView(request_id, access, app, trace)
+
+    def latest_request(self, **filters: Any) -> Optional[str]:
+        """The request id of the newest access record matching ``filters`` (e.g. status="5xx")."""
+        req = _request({"since": "7d", **filters, "kind": "http", "limit": 1})
+        page = self._page(req)
+        return page.records[0].get("request_id") if page.records else None
+
+    def _all(self, req: dict[str, Any], limit: int) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        req = {**req, "order": "asc", "limit": min(limit, 1000)}
+        while len(out) < limit:
+            page = self._page(req)
+            out.extend(page.records)
+            if not page.next:
+                break
+            req["cursor"] = page.next
+        return out[:limit]
+
+    def context(
+        self,
+        record_id: Union[str, int],
+        *,
+        before: int = 50,
+        after: int = 50,
+        same: Optional[str] = None,
+    ) -> dict[str, Any]:
+        """What happened around one record: ``{"record", "before", "after"}``, neighbours in
+        time order regardless of level or kind. ``same="process"|"logger"|"request"``
+        narrows the neighbours to the record's process, logger or request."""
+        for what, n in (("before", before), ("after", after)):
+            if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= 1000:
+                raise ValueError(f"{what} must be a whole number 0..1000, got {n!r}")
+        if same not in (None, "process", "logger", "request"):
+            raise ValueError(f"same must be None, 'process', 'logger' or 'request', got {same!r}")
+        record = self.get(record_id)
+        if record is None:
+            raise ValueError(f"no record with id {str(record_id)[:200]!r}")
+        narrow: dict[str, Any] = {}
+        if same == "process":
+            narrow["process"] = record.get("process")
+        elif same == "logger":
+            narrow["logger"] = record.get("logger")
+        elif same == "request":
+            narrow["request_id"] = record.get("request_id")
+            if narrow["request_id"] is None:
+                raise ValueError("the record has no request id")
+        # Exact microseconds from the text (float seconds can be off by one).
+        pos = {"ts": _ts_micros(record["ts"], 0), "id": str(record["id"])}
+        older: list[dict[str, Any]] = []
+        newer: list[dict[str, Any]] = []
+        if before:
+            older = self._page({**narrow, "order": "desc", "limit": before, "_after": pos}).records[::-1]
+        if after:
+            newer = self._page({**narrow, "order": "asc", "limit": after, "_after": pos}).records
+        return {"record": record, "before": older, "after": newer}
+
+    def summary(
+        self,
+        *,
+        since: TimeLike = "24h",
+        by: str = "route",
+        bucket: Optional[str] = None,
+        slowest: int = 5,
+        **filters: Any,
+    ) -> dict[str, Any]:
+        """Records grouped ``by`` route (with method), status, level, kind, logger or
+        method, optionally per time ``bucket`` ("1m", "1h"): ``{"groups": [{"key", "bucket",
+        "count", "status": {"2xx": ...}, "errors", "error_rate", "p50_ms", "p95_ms",
+        "p99_ms", "avg_ms", "max_ms", "slowest": [...]}], "approximate", "partial"}``.
+        By route, status or method only http records count. PostgreSQL percentiles are
+        exact; file scans keep a bounded sample (``approximate`` says when it was cut)."""
+        unknown = sorted(set(filters) - set(FILTER_NAMES))
+        if unknown:
+            raise ValueError(f"unknown filter(s) {', '.join(unknown)}")
+        req = _request({"since": since, **filters})
+        req.update({"by": by, "bucket": bucket, "slowest": slowest})
+        return json.loads(self._core.summary(json.dumps(req)))
+
+    def explain(self, **filters: Any) -> str:
+        """PostgreSQL: ``EXPLAIN (ANALYZE, BUFFERS)`` of the page query for ``filters``."""
+        return self._core.explain(json.dumps(_request(filters)))
+
+    # -- live tail -------------------------------------------------------------------
+
+    def subscribe(
+        self,
+        *,
+        since: TimeLike = None,
+        poll_interval: float = 0.5,
+        lookback: float = 10.0,
+        max_buffer: int = 10_000,
+        **filters: Any,
+    ) -> Subscription:
+        """A live follower of new records (written after this call, or from ``since``).
+        Subscribers with the same filters share one polling thread."""
+        unknown = sorted(set(filters) - set(FILTER_NAMES))
+        if unknown:
+            raise ValueError(f"unknown filter(s) {', '.join(unknown)}")
+        clean = _request(filters)
+        clean.pop("since", None)
+        clean.pop("until", None)
+        # Validate now, in the caller's thread, rather than in the poller.
+        self._page({**clean, "limit": 1, "since": "1s"})
+        start = time.time() if since is None else None
+        if since is not None:
+            first = self._page({**clean, "since": _time(since), "order": "asc", "limit": 1})
+            start = _parse_ts(first.records[0]["ts"]) if first.records else time.time()
+        key = json.dumps([clean, poll_interval, lookback], sort_keys=True)
+        if since is not None:
+            key += f"|{start}|{id(object())}"  # a replay is its own poller
+        with self._pollers_lock:
+            poller = self._pollers.get(key)
+            if poller is None or poller.stopped:
+                poller = _Poller(self, key, clean, poll_interval, lookback)
+                assert start is not None
+                poller.watermark = start if since is None else start + lookback
+                poller.start_at = start
+                poller.primed = False
+                self._pollers[key] = poller
+                sub = poller.subscribe(max_buffer)
+                poller.start()
+                return sub
+            return poller.subscribe(max_buffer)
+
+    def tail(self, *, poll_interval: float = 0.5, **filters: Any) -> Iterator[Any]:
+        """Yields records as they land (and :class:`Gap` markers if the consumer fell far
+        behind). Same filters as :meth:`query` (plus ``since`` to start earlier)."""
+        sub = self.subscribe(poll_interval=poll_interval, **filters)
+        try:
+            while True:
+                yield from sub.get(timeout=1.0)
+        finally:
+            sub.close()
+
+    async def atail(self, *, poll_interval: float = 0.5, **filters: Any) -> AsyncIterator[Any]:
+        """:meth:`tail` for asyncio: waits without blocking the event loop."""
+        sub = await self._run(functools.partial(self.subscribe, poll_interval=poll_interval, **filters))
+        try:
+            while True:
+                for item in await sub.aget(timeout=1.0):
+                    yield item
+        finally:
+            sub.close()
+
+    def subscribers(self) -> int:
+        """Live subscriptions in this process for this reader."""
+        return sum(len(p.subs) for p in list(self._pollers.values()))
+
+    def close(self) -> None:
+        """Ends every live subscription of this reader."""
+        _stop_pollers(self._pollers)
+
+    # -- async twins -----------------------------------------------------------------
+
+    @staticmethod
+    async def _run(fn: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(None, fn)
+
+    async def aquery(self, **kwargs: Any) -> Page:
+        return await self._run(functools.partial(self.query, **kwargs))
+
+    async def arequest(self, request_id: str, **kwargs: Any) -> RequestView:
+        return await self._run(functools.partial(self.request, request_id, **kwargs))
+
+    async def acontext(self, record_id: Union[str, int], **kwargs: Any) -> dict[str, Any]:
+        return await self._run(functools.partial(self.context, record_id, **kwargs))
+
+    async def asummary(self, **kwargs: Any) -> dict[str, Any]:
+        return await self._run(functools.partial(self.summary, **kwargs))
+
+    async def aget(self, record_id: Union[str, int]) -> Optional[dict[str, Any]]:
+        return await self._run(functools.partial(self.get, record_id))
+
+
+def _stop_pollers(pollers: dict[str, _Poller]) -> None:
+    for p in list(pollers.values()):
+        for s in list(p.subs):
+            s.close()
+        p.stopped = True
+        p.wake.set()
+    pollers.clear()
+
+
+def _seconds(value: TimeLike, what: str) -> float:
+    if isinstance(value, _dt.timedelta):
+        return value.total_seconds()
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+        v = value.strip().lower()
+        try:
+            if v and v[-1] in units:
+                return float(v[:-1]) * units[v[-1]]
+            return float(v)
+        except ValueError:
+            pass
+    raise ValueError(f"{what} must be a duration like '5m' or seconds, got {value!r}")
+
+
+def _ts_micros(text: str, fallback: int) -> int:
+    """Exact microseconds of an encoder timestamp ``YYYY-MM-DDTHH:MM:SS.ffffffZ``."""
+    try:
+        whole = _dt.datetime.strptime(text[:19], "%Y-%m-%dT%H:%M:%S").replace(tzinfo=_dt.timezone.utc)
+        frac = text[20:26] if len(text) >= 27 and text[19] == "." else "0"
+        return int(whole.timestamp()) * 1_000_000 + int(frac.ljust(6, "0"))
+    except ValueError:
+        return fallback

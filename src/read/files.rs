@@ -1,0 +1,472 @@
+//! Reading a LocalFiles directory: `*.ndjson` and rotated `*.ndjson.gz`, streamed line by
+//! line (never a whole file in memory).
+//!
+//! A file's time range comes without opening it: records in it were created no later than
+//! its modification time, and no earlier than the creation time in its name minus
+//! `slack` (records wait in the queue and the batcher before their file is chosen).
+//! Files outside the query's range are skipped; a page stops as soon as no remaining file
+//! can hold a record that sorts before the ones already found, so page 500 costs what
+//! page 1 costs.
+//!
+//! A record's id is `{file name}:{byte offset of its line}` (offset in the decompressed
+//! stream): stable while the file exists, and also after gzip rotation (the offset is
+//! the same; [`FilesStore::get`] looks for the `.gz` when the plain file is gone).
+
+use std::fs::{self, File};
+use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom};
+use std::path::PathBuf;
+use std::time::{Duration, Instant, UNIX_EPOCH};
+
+use chrono::NaiveDateTime;
+use flate2::read::MultiGzDecoder;
+use memchr::memmem;
+use serde_json::{Map, Value};
+
+use super::cursor::Pos;
+use super::filter::Filter;
+use super::summary::{Grouper, Spec};
+use super::{ts_of, Found, ReadError, Scan};
+
+#[derive(Clone, Debug)]
+pub struct FilesConfig {
+    pub directory: PathBuf,
+    /// Decompressed bytes one call may read.
+    pub max_bytes: u64,
+    /// Files one call may open.
+    pub max_files: usize,
+    /// Wall time one call may take.
+    pub max_time: Duration,
+    /// How much older than its file's name a record may be (microseconds).
+    pub slack_us: i64,
+}
+
+impl FilesConfig {
+    pub fn new(directory: PathBuf) -> Self {
+        FilesConfig {
+            directory,
+            max_bytes: 2 << 30,
+            max_files: 10_000,
+            max_time: Duration::from_secs(20),
+            slack_us: 300_000_000,
+        }
+    }
+}
+
+pub struct FilesStore {
+    pub cfg: FilesConfig,
+}
+
+#[derive(Clone, Debug)]
+pub struct FileInfo {
+    pub path: PathBuf,
+    pub name: String,
+    /// Earliest possible record time (name time minus slack), microseconds.
+    pub lo: i64,
+    /// Latest possible record time (modification time), microseconds.
+    pub hi: i64,
+    pub gz: bool,
+}
+
+/// Parses the fixed `YYYY-MM-DDTHH:MM:SS.ffffffZ` the encoder writes (other RFC 3339
+/// forms through chrono).
+pub fn parse_ts(s: &str) -> Option<i64> {
+    let b = s.as_bytes();
+    if b.len() == 27 && b[4] == b'-' && b[10] == b'T' && b[19] == b'.' && b[26] == b'Z' {
+        let n = |r: std::ops::Range<usize>| -> Option<i64> {
+            let mut v = 0i64;
+            for &c in &b[r] {
+                if !c.is_ascii_digit() {
+                    return None;
+                }
+                v = v * 10 + i64::from(c - b'0');
+            }
+            Some(v)
+        };
+        let (y, mo, d) = (n(0..4)?, n(5..7)?, n(8..10)?);
+        let (h, mi, se, us) = (n(11..13)?, n(14..16)?, n(17..19)?, n(20..26)?);
+        // Days from the civil date (Howard Hinnant's algorithm).
+        let y2 = if mo <= 2 { y - 1 } else { y };
+        let era = y2.div_euclid(400);
+        let yoe = y2 - era * 400;
+        let mp = (mo + 9) % 12;
+        let doy = (153 * mp + 2) / 5 + d - 1;
+        let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+        let days = era * 146_097 + doe - 719_468;
+        return Some(((days * 86400 + h * 3600 + mi * 60 + se) * 1_000_000) + us);
+    }
+    chrono::DateTime::parse_from_rfc3339(s)
+        .ok()
+        .map(|d| d.timestamp_micros())
+}
+
+/// The creation time in `{prefix}-{%Y%m%dT%H%M%S%.6fZ}-{pid}-{seq}.ndjson[.gz]`.
+pub fn name_time(name: &str) -> Option<i64> {
+    let stem = name
+        .strip_suffix(".ndjson.gz")
+        .or_else(|| name.strip_suffix(".ndjson"))?;
+    let mut parts = stem.rsplitn(4, '-');
+    let (_seq, _pid, stamp) = (parts.next()?, parts.next()?, parts.next()?);
+    NaiveDateTime::parse_from_str(stamp, "%Y%m%dT%H%M%S%.fZ")
+        .ok()
+        .map(|d| d.and_utc().timestamp_micros())
+}
+
+/// The `ts` at the start of an encoder-written line, without parsing the JSON.
+fn line_ts(line: &[u8]) -> Option<i64> {
+    let rest = line.strip_prefix(b"{\"ts\":\"")?;
+    let s = std::str::from_utf8(rest.get(..27)?).ok()?;
+    parse_ts(s)
+}
+
+/// A lower-case needle that can be looked for in the raw line: JSON escapes only quotes,
+/// backslashes and control characters, so an ASCII needle without them appears verbatim
+/// (up to ASCII case) in the line iff it may appear in some string of the record.
+fn raw_needle(text: &str) -> Option<Vec<u8>> {
+    (text.is_ascii() && !text.bytes().any(|b| b == b'"' || b == b'\\' || b < 0x20))
+        .then(|| text.as_bytes().to_vec())
+}
+
+struct Budget {
+    bytes: u64,
+    files: usize,
+    deadline: Instant,
+    exhausted: bool,
+}
+
+impl Budget {
+    fn new(cfg: &FilesConfig) -> Self {
+        Budget {
+            bytes: cfg.max_bytes,
+            files: cfg.max_files,
+            deadline: Instant::now() + cfg.max_time,
+            exhausted: false,
+        }
+    }
+    fn spend(&mut self, n: u64) -> bool {
+        self.bytes = self.bytes.saturating_sub(n);
+        if self.bytes == 0 {
+            self.exhausted = true;
+        }
+        !self.exhausted
+    }
+}
+
+fn open_reader(path: &PathBuf, gz: bool) -> io::Result<Box<dyn BufRead>> {
+    let f = File::open(path)?;
+    Ok(if gz {
+        Box::new(BufReader::with_capacity(
+            256 << 10,
+            MultiGzDecoder::new(BufReader::with_capacity(256 << 10, f)),
+        ))
+    } else {
+        Box::new(BufReader::with_capacity(256 << 10, f))
+    })
+}
+
+fn failed(e: io::Error, what: &str) -> ReadError {
+    ReadError::Failed(format!("{what}: {e}"))
+}
+
+impl FilesStore {
+    pub fn list(&self) -> Result<Vec<FileInfo>, ReadError> {
+        let entries = match fs::read_dir(&self.cfg.directory) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(vec![]),
+            Err(e) => {
+                return Err(failed(
+                    e,
+                    &format!("cannot list {}", self.cfg.directory.display()),
+                ))
+            }
+        };
+        let mut out = Vec::new();
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let gz = name.ends_with(".ndjson.gz");
+            if !gz && !name.ends_with(".ndjson") {
+                continue;
+            }
+            let Ok(meta) = e.metadata() else { continue };
+            let hi = meta
+                .modified()
+                .ok()
+                .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+                .map_or(i64::MAX, |d| d.as_micros() as i64 + 1_000_000);
+            let lo = name_time(&name).map_or(i64::MIN, |t| t.saturating_sub(self.cfg.slack_us));
+            out.push(FileInfo {
+                path: e.path(),
+                name,
+                lo,
+                hi,
+                gz,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Streams the matching records of one file to `out`; false when the budget ran out.
+    fn scan_file(
+        &self,
+        f: &FileInfo,
+        filter: &Filter,
+        (lo, hi): (i64, i64),
+        budget: &mut Budget,
+        out: &mut dyn FnMut(i64, Map<String, Value>),
+    ) -> Result<bool, ReadError> {
+        if budget.files == 0 || Instant::now() > budget.deadline {
+            budget.exhausted = true;
+            return Ok(false);
+        }
+        budget.files -= 1;
+        let mut reader = match open_reader(&f.path, f.gz) {
+            Ok(r) => r,
+            // Rotated (renamed to .gz) or pruned since the listing: nothing to read here.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(true),
+            Err(e) => return Err(failed(e, &format!("cannot open {}", f.name))),
+        };
+        let needle = filter.text.as_deref().and_then(raw_needle);
+        let finder = needle.as_ref().map(|n| memmem::Finder::new(n.as_slice()));
+        let mut lower = Vec::new();
+        let mut line = Vec::with_capacity(4096);
+        let mut offset: u64 = 0;
+        let mut since_check: u64 = 0;
+        loop {
+            line.clear();
+            let n = match reader.read_until(b'\n', &mut line) {
+                Ok(n) => n,
+                // A gzip being written or a truncated file: what was read stays valid.
+                Err(e)
+                    if e.kind() == io::ErrorKind::UnexpectedEof
+                        || e.kind() == io::ErrorKind::InvalidInput =>
+                {
+                    0
+                }
+                Err(e) => return Err(failed(e, &format!("cannot read {}", f.name))),
+            };
+            if n == 0 {
+                return Ok(true);
+            }
+            let at = offset;
+            offset += n as u64;
+            since_check += n as u64;
+            if since_check > 1 << 20 {
+                if !budget.spend(since_check) || Instant::now() > budget.deadline {
+                    budget.exhausted = true;
+                    return Ok(false);
+                }
+                since_check = 0;
+            }
+            // A line still being written has no newline yet: leave it for the next read.
+            if line.last() != Some(&b'\n') {
+                return Ok(true);
+            }
+            if let Some(ts) = line_ts(&line) {
+                if ts < lo || ts > hi {
+                    continue;
+                }
+            }
+            if let Some(finder) = &finder {
+                lower.clear();
+                lower.extend(line.iter().map(u8::to_ascii_lowercase));
+                if finder.find(&lower).is_none() {
+                    continue;
+                }
+            }
+            let Ok(mut rec) = serde_json::from_slice::<Map<String, Value>>(&line) else {
+                continue;
+            };
+            let ts = ts_of(&rec);
+            if ts < lo || ts > hi || !filter.matches(&rec) {
+                continue;
+            }
+            rec.insert("id".into(), Value::String(format!("{}:{at}", f.name)));
+            out(ts, rec);
+        }
+    }
+
+    pub fn find(&self, scan: &Scan) -> Result<Found, ReadError> {
+        let (lo, hi) = scan.range();
+        let desc = scan.filter.desc;
+        let limit = scan.filter.limit;
+        let mut files: Vec<FileInfo> = self
+            .list()?
+            .into_iter()
+            .filter(|f| f.hi >= lo && f.lo <= hi)
+            .collect();
+        if desc {
+            files.sort_by(|a, b| b.hi.cmp(&a.hi).then_with(|| b.name.cmp(&a.name)));
+        } else {
+            files.sort_by(|a, b| a.lo.cmp(&b.lo).then_with(|| a.name.cmp(&b.name)));
+        }
+        let mut budget = Budget::new(&self.cfg);
+        let mut found: Vec<(i64, Pos, Map<String, Value>)> = Vec::new();
+        let sort = |v: &mut Vec<(i64, Pos, Map<String, Value>)>| {
+            v.sort_by(|a, b| {
+                let o = super::cursor::cmp_pos(a.0, &a.1.id, &b.1);
+                if desc {
+                    o.reverse()
+                } else {
+                    o
+                }
+            });
+            v.truncate(limit);
+        };
+        let mut unscanned_bound: Option<i64> = None;
+        for (i, f) in files.iter().enumerate() {
+            // Enough found, and nothing in this file or the later ones can sort before it.
+            if found.len() >= limit {
+                sort(&mut found);
+                let kth = found[limit - 1].0;
+                if (desc && f.hi < kth) || (!desc && f.lo > kth) {
+                    break;
+                }
+            }
+            let complete =
+                self.scan_file(f, &scan.filter, (lo, hi), &mut budget, &mut |ts, rec| {
+                    let id = rec
+                        .get("id")
+                        .and_then(Value::as_str)
+                        .unwrap_or_default()
+                        .to_owned();
+                    if scan.past_after(ts, &id) {
+                        found.push((ts, Pos { ts, id }, rec));
+                    }
+                })?;
+            if found.len() > limit * 4 {
+                sort(&mut found);
+            }
+            if !complete {
+                // What is left may hold records that sort among those found: only those
+                // beyond every unread file's bound are certain.
+                let rest = &files[i..];
+                unscanned_bound = Some(if desc {
+                    rest.iter().map(|f| f.hi).max().unwrap_or(i64::MIN)
+                } else {
+                    rest.iter().map(|f| f.lo).min().unwrap_or(i64::MAX)
+                });
+                break;
+            }
+        }
+        sort(&mut found);
+        let mut resume = None;
+        if let Some(bound) = unscanned_bound {
+            found.retain(|(ts, _, _)| if desc { *ts > bound } else { *ts < bound });
+            if found.is_empty() {
+                let ts = if desc {
+                    bound.saturating_add(1)
+                } else {
+                    bound.saturating_sub(1)
+                };
+                resume = Some(Pos {
+                    ts,
+                    id: String::new(),
+                });
+            }
+        }
+        Ok(Found {
+            records: found.into_iter().map(|(_, _, r)| r).collect(),
+            partial: unscanned_bound.is_some(),
+            resume,
+        })
+    }
+
+    pub fn summary(&self, filter: &Filter, spec: &Spec) -> Result<Value, ReadError> {
+        let scan = Scan {
+            filter: filter.clone(),
+            after: None,
+            asof_ts: None,
+            asof_id: None,
+        };
+        let (lo, hi) = scan.range();
+        let mut budget = Budget::new(&self.cfg);
+        let mut grouper = Grouper::default();
+        for f in self.list()?.iter().filter(|f| f.hi >= lo && f.lo <= hi) {
+            let complete = self.scan_file(f, filter, (lo, hi), &mut budget, &mut |ts, rec| {
+                grouper.add(spec, ts, &rec)
+            })?;
+            if !complete {
+                break;
+            }
+        }
+        Ok(grouper.finish(budget.exhausted))
+    }
+
+    /// The record `{file name}:{offset}`, or None.
+    pub fn get(&self, id: &str) -> Result<Option<Map<String, Value>>, ReadError> {
+        let Some((name, offset)) = id.rsplit_once(':') else {
+            return Ok(None);
+        };
+        let Ok(offset) = offset.parse::<u64>() else {
+            return Ok(None);
+        };
+        if name.is_empty()
+            || name.contains(['/', '\\', '\0'])
+            || name.starts_with('.')
+            || !(name.ends_with(".ndjson") || name.ends_with(".ndjson.gz"))
+        {
+            return Ok(None);
+        }
+        let mut candidates = vec![(self.cfg.directory.join(name), name.ends_with(".gz"))];
+        if !name.ends_with(".gz") {
+            candidates.push((self.cfg.directory.join(format!("{name}.gz")), true));
+        }
+        for (path, gz) in candidates {
+            let mut reader: Box<dyn BufRead> = match File::open(&path) {
+                Ok(mut f) if !gz => {
+                    if f.seek(SeekFrom::Start(offset)).is_err() {
+                        return Ok(None);
+                    }
+                    Box::new(BufReader::new(f))
+                }
+                Ok(f) => {
+                    let mut r = BufReader::new(MultiGzDecoder::new(BufReader::new(f)));
+                    if io::copy(&mut (&mut r).take(offset), &mut io::sink()).ok() != Some(offset) {
+                        return Ok(None);
+                    }
+                    Box::new(r)
+                }
+                Err(_) => continue,
+            };
+            let mut line = Vec::new();
+            if reader.read_until(b'\n', &mut line).is_err() || line.last() != Some(&b'\n') {
+                return Ok(None);
+            }
+            let Ok(mut rec) = serde_json::from_slice::<Map<String, Value>>(&line) else {
+                return Ok(None);
+            };
+            rec.insert("id".into(), Value::String(format!("{name}:{offset}")));
+            return Ok(Some(rec));
+        }
+        Ok(None)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_and_names() {
+        assert_eq!(
+            parse_ts("2023-11-14T22:13:20.123456Z"),
+            Some(1_700_000_000_123_456)
+        );
+        assert_eq!(parse_ts("1970-01-01T00:00:00.000000Z"), Some(0));
+        assert_eq!(
+            parse_ts("2023-11-14T22:13:20+00:00"),
+            Some(1_700_000_000_000_000)
+        );
+        assert_eq!(
+            name_time("logsluice-20231114T221320.000001Z-42-0001.ndjson.gz"),
+            Some(1_700_000_000_000_001)
+        );
+        assert_eq!(
+            name_time("my-app-20231114T221320.5Z-42-0001.ndjson"),
+            Some(1_700_000_000_500_000)
+        );
+        assert_eq!(name_time("other.ndjson"), None);
+        assert!(raw_needle("boom").is_some());
+        assert!(raw_needle("a\"b").is_none());
+        assert!(raw_needle("héllo").is_none());
+    }
+}
