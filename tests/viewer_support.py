@@ -26,14 +26,6 @@ XSS_CORPUS = [
 
 
 def make_reader(directory: Any) -> Any:
-    import os
-    import sys
-
-    if not hasattr(logsluice, "Reader") and os.environ.get("VIEWER_STANDIN"):  # DEV ONLY
-        sys.path.insert(0, "/tmp/viewerdev")
-        from standin_reader import Reader
-
-        return Reader(directory)
     return logsluice.Reader(logsluice.LocalFiles(directory))
 
 
