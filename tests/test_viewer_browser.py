@@ -178,6 +178,17 @@ def test_filter_by_level_and_click_to_filter(site, browser):
     assert len(rows(browser)) >= 6  # the browser's /favicon.ico request is logged too
 
 
+def test_histogram_coloured_by_level_zooms_on_click(site, browser):
+    open_page(browser, site)
+    bars = wait(
+        browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#histogram rect.bar-ERROR"), "error bars"
+    )
+    assert browser.find_elements(By.CSS_SELECTOR, "#histogram rect.bar-INFO")
+    bars[0].click()
+    wait(browser, lambda d: "until=" in d.current_url and "since=20" in d.current_url, "zoomed to the bar")
+    wait(browser, lambda d: "item 4040 is missing" in messages(d), "the bar's records listed")
+
+
 def test_request_view(site, browser):
     open_page(browser, site, "kind=http&status=404&path=/items/4040")
     rows(browser)[0].find_element(By.CSS_SELECTOR, "td.ts").click()

@@ -368,7 +368,7 @@
         const t = Date.parse(show(g.bucket));
         if (isNaN(t)) throw new Error("no buckets");
         const bar = bars.get(t) || { from: t, to: t + step, counts: {} };
-        const lvl = levelOf(show(g.key));
+        const lvl = levelOf(g.key && typeof g.key === "object" ? show(g.key.level) : show(g.key));
         bar.counts[lvl] = (bar.counts[lvl] || 0) + (Number(g.count) || 0);
         bars.set(t, bar);
       }
