@@ -217,3 +217,43 @@ def test_live_tail_shows_a_new_record(site, browser):
     assert messages(browser)[0] == "fresh record from the live tail test"
     ARTIFACTS.mkdir(exist_ok=True)
     browser.save_screenshot(str(ARTIFACTS / "viewer-live.png"))
+
+
+def test_infinite_scroll_keys_and_paused_live_tail(site, browser):
+    for i in range(230):
+        logger.bind(batch="scroll").info("scroll record {}", i)
+    site.pipeline.flush(timeout=30)
+    open_page(browser, site, "field.batch=scroll")
+    assert len(rows(browser)) == 100
+    browser.execute_script("window.scrollTo(0, document.body.scrollHeight)")
+    wait(browser, lambda d: len(rows(d)) == 200, "the second page by cursor")
+    browser.execute_script("window.scrollTo(0, document.body.scrollHeight)")
+    wait(browser, lambda d: len(rows(d)) == 230, "the last page")
+    wait(browser, lambda d: d.find_element(By.ID, "more").text == "end of results", "the end")
+    shown = messages(browser)
+    assert len(set(shown)) == 230 and shown[0] == "scroll record 229" and shown[-1] == "scroll record 0"
+
+    # Keyboard: j moves the selection, Enter opens the record.
+    body = browser.find_element(By.TAG_NAME, "body")
+    browser.execute_script("window.scrollTo(0, 0)")
+    body.send_keys("j")
+    body.send_keys("j")
+    body.send_keys("\n")
+    wait(browser, lambda d: d.find_element(By.ID, "panel").is_displayed(), "Enter opens the record")
+    assert "scroll record 228" in browser.find_element(By.ID, "panel-body").text
+    body.send_keys("\ue00c")  # Escape
+    wait(browser, lambda d: not d.find_element(By.ID, "panel").is_displayed(), "Escape closes it")
+
+    # Live tail while scrolled down: new records wait behind an "N new" button.
+    browser.find_element(By.ID, "live").click()
+    with httpx.Client(base_url=site.base, headers={"Authorization": f"Bearer {TOKEN}"}) as c:
+        wait(browser, lambda d: c.get("/logs/api/status").json()["streams"]["subscribers"] >= 1, "subscribed")
+    browser.execute_script("window.scrollTo(0, document.body.scrollHeight)")
+    logger.bind(batch="scroll").info("arrived while scrolled")
+    site.pipeline.flush(timeout=30)
+    button = browser.find_element(By.ID, "new-records")
+    wait(browser, lambda d: button.is_displayed() and button.text == "1 new", "the N new button")
+    assert "arrived while scrolled" not in messages(browser)
+    button.click()
+    wait(browser, lambda d: messages(d)[0] == "arrived while scrolled", "shown on request")
+    browser.find_element(By.ID, "live").click()

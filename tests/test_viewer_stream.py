@@ -316,3 +316,17 @@ def test_websocket_resume_by_last_event_id(tmp_logs):
             assert got1 + got2 == first + second
 
         asyncio.run(main())
+
+
+def test_viewer_aclose_ends_streams(tmp_logs):
+    with Site(tmp_logs) as site, client(site.base) as c:
+        with c.stream("GET", "/logs/api/stream") as r, c.stream("GET", "/logs/api/stream") as r2:
+            site.wait_subscribers(2)
+            loop = site.view._hub._loop
+            asyncio.run_coroutine_threadsafe(site.view.aclose(), loop).result(timeout=30)
+            events = list(sse_events(r.iter_lines()))
+            events2 = list(sse_events(r2.iter_lines()))
+        assert events[-1]["event"] == "shutdown" and events2[-1]["event"] == "shutdown"
+        assert site.status()["subscribers"] == 0
+        r = c.get("/logs/api/stream")
+        assert r.status_code == 503 and r.json() == {"error": "the viewer is shutting down"}
