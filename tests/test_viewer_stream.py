@@ -330,3 +330,46 @@ def test_viewer_aclose_ends_streams(tmp_logs):
         assert site.status()["subscribers"] == 0
         r = c.get("/logs/api/stream")
         assert r.status_code == 503 and r.json() == {"error": "the viewer is shutting down"}
+
+
+def test_sse_over_postgres_resumes_without_loss(postgres):
+    """The same stream over a PostgreSQL reader: records committed by the pipeline reach the
+    client, and a resume by Last-Event-ID repeats and loses nothing."""
+    table = "viewer_stream"
+    pipeline = logsluice.Pipeline(logsluice.Postgres(postgres.dsn, table=table, batch_max_delay=0.05))
+    handler = pipeline.attach(logger, level="DEBUG")
+    try:
+        logger.info("create the table")
+        pipeline.flush(timeout=60)
+        reader = logsluice.Reader(postgres.dsn, table=table)
+        app, view = host_app(pipeline, reader)
+        with ServerThread(app) as server, client(server.base) as c:
+
+            def subscribers() -> int:
+                return c.get("/logs/api/status").json()["streams"]["subscribers"]
+
+            def write(prefix: str, n: int) -> list[str]:
+                texts = [f"{prefix}-{i}" for i in range(n)]
+                for t in texts:
+                    logger.info(t)
+                pipeline.flush(timeout=60)
+                return texts
+
+            with c.stream("GET", "/logs/api/stream", params={"logger": "test_viewer_stream"}) as r:
+                wait_until(lambda: subscribers() == 1, 60, "subscribed")
+                first = write("pg", 40)
+                got1, last_id, _ = records_from(sse_events(r.iter_lines()), 15, "pg")
+            wait_until(lambda: subscribers() == 0, 60, "detached")
+            second = write("pq", 10)
+            with c.stream(
+                "GET",
+                "/logs/api/stream",
+                params={"logger": "test_viewer_stream"},
+                headers={"Last-Event-ID": last_id},
+            ) as r:
+                got2, _, _ = records_from(sse_events(r.iter_lines()), 35, "p")
+            view.close()
+        assert got1 + got2 == first + second
+    finally:
+        logger.remove(handler)
+        pipeline.close()

@@ -42,6 +42,12 @@ def serve(args: Any) -> int:
         while not server.started and not server.should_exit:
             time.sleep(0.05)
         if server.started:
+            # Printed once the port listens, so the URL works as soon as it shows.
+            print(f"viewer:  {base}/logs/?token={token}")
+            print(
+                f"token:   {token}   (API: curl -H 'Authorization: Bearer {token}' {base}/logs/api/records)"
+            )
+            print("Ctrl-C to stop.", flush=True)
             try:
                 drive_traffic(base, requests=100, upload_bytes=256 * 1024)
             except Exception as e:  # noqa: BLE001 - the demo goes on without it
@@ -49,9 +55,7 @@ def serve(args: Any) -> int:
 
     threading.Thread(target=traffic, daemon=True).start()
     print(f"logsluice demo app on {base} (destinations: {', '.join(repr(d) for d in pipeline.destinations)})")
-    print(f"viewer:  {base}/logs/?token={token}")
-    print(f"token:   {token}   (API: curl -H 'Authorization: Bearer {token}' {base}/logs/api/records)")
-    print("Ctrl-C to stop.")
+    print("starting…", flush=True)
     server.run()
     pipeline.close()
     return 0
