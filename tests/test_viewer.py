@@ -105,6 +105,14 @@ def test_request_and_context(site):
             "looking up item 1234",
         ]
 
+        latest = c.get("/logs/api/requests/latest", params={"status": "4xx"}).json()
+        assert latest["request_id"] == rid and latest["access"]["status"] == 404
+        none = c.get("/logs/api/requests/latest", params={"status": "5xx"})
+        assert none.status_code == 404 and none.json() == {"error": "no request matches"}
+
+        both = c.get("/logs/api/records", params={"level": "ERROR,WARNING", "kind": "app", "limit": 1000})
+        assert {r["level"] for r in both.json()["records"]} == {"ERROR", "WARNING"}
+
         anchor = body["records"][0]
         ctx = c.get(f"/logs/api/records/{anchor['id']}/context", params={"before": 3, "after": 3})
         assert ctx.status_code == 200, ctx.text

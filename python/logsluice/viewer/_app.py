@@ -40,6 +40,7 @@ FILTERS = (
     "min_level",
     "kind",
     "logger",
+    "process",
     "request_id",
     "trace_id",
     "method",
@@ -51,7 +52,7 @@ FILTERS = (
     "fields",
 )
 PAGING = ("order", "limit", "cursor")
-INTS = {"limit", "before", "after", "slowest"}
+INTS = {"limit", "before", "after", "slowest", "process"}
 FLOATS = {"min_duration_ms"}
 
 CSP = (
@@ -430,6 +431,20 @@ class Viewer:
             await _json(send, 200, _plain_data(result))
 
     async def _request(self, send: Any, request_id: str, params: dict[str, str]) -> None:
+        if request_id == "latest":
+            # /api/requests/latest?status=5xx: the newest request matching the filters.
+            latest = getattr(self.reader, "latest_request", None)
+            if not callable(latest):
+                raise BadRequest("this reader cannot look up the latest request")
+            filters = _filters(params, FILTERS)
+            loop = asyncio.get_running_loop()
+            found = await self._guard(send, lambda: loop.run_in_executor(None, lambda: latest(**filters)))
+            if found is _FAILED:
+                return
+            if not found:
+                await _json(send, 404, {"error": "no request matches"})
+                return
+            request_id, params = found, {}
         kwargs = _filters(params, ("grace", "search"))
         result = await self._guard(send, lambda: self.reader.arequest(request_id, **kwargs))
         if result is not _FAILED:
@@ -721,6 +736,8 @@ def _filters(params: dict[str, str], allowed: tuple[str, ...]) -> dict[str, Any]
                 raise BadRequest(f"{key} must be a number") from None
             if out[key] != out[key] or out[key] in (float("inf"), float("-inf")):
                 raise BadRequest(f"{key} must be a finite number")
+        elif key == "level" and "," in value:
+            out[key] = [v.strip() for v in value.split(",") if v.strip()]
         else:
             out[key] = value
     if fields:
