@@ -159,7 +159,6 @@ def token_auth(token: Optional[str] = None) -> TokenAuth:
 
 # Viewers alive in this process: ended at process exit and on SIGTERM/SIGINT.
 _viewers: weakref.WeakSet[Viewer] = weakref.WeakSet()
-_signals_chained = False
 _signals_lock = threading.Lock()
 
 
@@ -174,30 +173,33 @@ atexit.register(_shutdown_all)
 def _chain_signals() -> None:
     """Ends open streams when the server is told to stop. uvicorn (and others) wait for open
     responses before they run the app's lifespan shutdown, and a mounted app gets no lifespan
-    events at all: so the viewer watches the signals themselves, then hands them on."""
-    global _signals_chained
+    events at all: so the viewer watches the signals themselves, then hands them on to the
+    server's handler. Checked whenever a stream opens, so a server that installed its
+    handlers later (or restored them) is chained again."""
+    if threading.current_thread() is not threading.main_thread():
+        return
     with _signals_lock:
-        if _signals_chained or threading.current_thread() is not threading.main_thread():
-            return
-        _signals_chained = True
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        try:
-            previous = signal.getsignal(sig)
-        except (ValueError, OSError):
-            continue
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                previous = signal.getsignal(sig)
+            except (ValueError, OSError):
+                continue
+            if getattr(previous, "_logsluice_viewer", False):
+                continue
 
-        def handler(signum: int, frame: Any, previous: Any = previous) -> None:
-            _shutdown_all()
-            if callable(previous):
-                previous(signum, frame)
-            elif previous == signal.SIG_DFL:
-                signal.signal(signum, signal.SIG_DFL)
-                os.kill(os.getpid(), signum)
+            def handler(signum: int, frame: Any, previous: Any = previous) -> None:
+                _shutdown_all()
+                if callable(previous):
+                    previous(signum, frame)
+                elif previous == signal.SIG_DFL:
+                    signal.signal(signum, signal.SIG_DFL)
+                    os.kill(os.getpid(), signum)
 
-        try:
-            signal.signal(sig, handler)
-        except (ValueError, OSError):
-            pass
+            handler._logsluice_viewer = True  # type: ignore[attr-defined]
+            try:
+                signal.signal(sig, handler)
+            except (ValueError, OSError):
+                pass
 
 
 class Viewer:
@@ -296,7 +298,6 @@ class Viewer:
         if kind not in ("http", "websocket"):
             return
         self._hub.bind_loop()
-        _chain_signals()
         path = _relative_path(scope)
         try:
             if kind == "websocket":
@@ -530,6 +531,7 @@ class Viewer:
         return await asyncio.wait_for(self._hub.open(filters, last_event_id), self.request_timeout)
 
     async def _sse(self, scope: dict[str, Any], receive: Any, send: Any, params: dict[str, str]) -> None:
+        _chain_signals()
         if self._hub.closed:
             await _json(send, 503, {"error": "the viewer is shutting down"}, [(b"retry-after", b"5")])
             return
@@ -587,6 +589,7 @@ class Viewer:
             await send({"type": "http.response.body", "body": b""})
 
     async def _websocket(self, scope: dict[str, Any], receive: Any, send: Any, path: str) -> None:
+        _chain_signals()
         first = await receive()
         if first.get("type") != "websocket.connect":
             return
