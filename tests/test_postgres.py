@@ -110,7 +110,8 @@ def test_rows_land_with_the_right_columns_and_types(postgres, table, log):
     parts = relnames(postgres, table)
     today = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d")
     assert {f"{table}_app", f"{table}_http", f"{table}_app_{today}", f"{table}_http_{today}"} <= parts
-    assert {f"{table}_ts_brin", f"{table}_request_id", f"{table}_level_ts", f"{table}_route_ts"} <= parts
+    want = {"_ts_id", "_request_id", "_trace_id", "_route_ts", "_errors_ts"}
+    assert {f"{table}{suffix}" for suffix in want} <= parts
 
 
 def test_200k_records_from_threads_arrive_exactly(postgres, table, log):

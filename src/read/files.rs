@@ -213,7 +213,7 @@ impl FilesStore {
         budget: &mut Budget,
         out: &mut dyn FnMut(i64, Map<String, Value>),
     ) -> Result<bool, ReadError> {
-        if budget.files == 0 || Instant::now() > budget.deadline {
+        if budget.exhausted || budget.files == 0 || Instant::now() > budget.deadline {
             budget.exhausted = true;
             return Ok(false);
         }
@@ -244,6 +244,7 @@ impl FilesStore {
                 Err(e) => return Err(failed(e, &format!("cannot read {}", f.name))),
             };
             if n == 0 {
+                budget.spend(since_check);
                 return Ok(true);
             }
             let at = offset;
@@ -258,6 +259,7 @@ impl FilesStore {
             }
             // A line still being written has no newline yet: leave it for the next read.
             if line.last() != Some(&b'\n') {
+                budget.spend(since_check);
                 return Ok(true);
             }
             if let Some(ts) = line_ts(&line) {

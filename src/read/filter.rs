@@ -88,7 +88,7 @@ pub fn parse_relative(text: &str) -> Option<i64> {
         _ => return None,
     };
     let us = n * secs * 1e6;
-    (us.is_finite() && us >= 0.0 && us < 3.2e17).then_some(us as i64)
+    (0.0..3.2e17).contains(&us).then_some(us as i64)
 }
 
 /// An instant: a number (seconds since the epoch), ISO 8601 (naive means UTC) or a
@@ -199,7 +199,19 @@ const OPS: &[&str] = &[
     "eq", "ne", "exists", "in", "gt", "gte", "lt", "lte", "between",
 ];
 
+fn has_nul(v: &Value) -> bool {
+    match v {
+        Value::String(s) => s.contains('\0'),
+        Value::Array(a) => a.iter().any(has_nul),
+        Value::Object(m) => m.iter().any(|(k, v)| k.contains('\0') || has_nul(v)),
+        _ => false,
+    }
+}
+
 fn parse_field(key: &str, v: &Value) -> Result<FieldCond, BadInput> {
+    if has_nul(v) {
+        return bad(format!("fields[{key:?}]: values must not contain NUL"));
+    }
     let path: Vec<String> = key.split('.').map(str::to_owned).collect();
     let ok_part = |p: &String| {
         !p.is_empty()

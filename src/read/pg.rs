@@ -270,6 +270,9 @@ fn row_record(row: &PgRow) -> Result<Map<String, Value>, sqlx::Error> {
     Ok(rec)
 }
 
+/// The slowest requests of each (group key, bucket).
+type SlowByGroup = std::collections::HashMap<(String, Option<i64>), Vec<(f64, Value)>>;
+
 const SELECT: &str =
     "SELECT id, (extract(epoch FROM ts) * 1000000)::bigint, to_jsonb(l)::text FROM";
 
@@ -470,8 +473,7 @@ impl PgStore {
             }
             Err(e) => return Err(self.fail(e)),
         };
-        let mut slowest: std::collections::HashMap<(String, Option<i64>), Vec<(f64, Value)>> =
-            Default::default();
+        let mut slowest: SlowByGroup = Default::default();
         for r in &slow_rows {
             let get = || -> Result<_, sqlx::Error> {
                 let k: String = r.try_get(0)?;

@@ -172,10 +172,13 @@ pub fn group_value(
     })
 }
 
+/// A group's key, its bucket start (seconds) and its figures.
+pub type Group = (Map<String, Value>, Option<i64>, Acc);
+
 /// Groups records one by one (files and blobs).
 #[derive(Default)]
 pub struct Grouper {
-    pub groups: HashMap<String, (Map<String, Value>, Option<i64>, Acc)>,
+    pub groups: HashMap<String, Group>,
     pub overflow: bool,
 }
 

@@ -772,7 +772,7 @@ async fn schema_check(
                 .fetch_one(&mut *conn)
                 .await?;
         let count: i64 = indexes.try_get(0)?;
-        if count < 4 && layout != Layout::Foreign {
+        if count < 5 && layout != Layout::Foreign {
             exec(conn, names.index_sql()).await?;
         }
     }

@@ -184,18 +184,43 @@ impl Names {
         sql.join(";\n")
     }
 
-    /// The indexes for the common questions. BRIN on `ts`: rows arrive in time order, so a
-    /// tiny index answers time ranges; b-trees where lookups are selective.
+    /// The indexes the read side needs. A b-tree on (ts, id) serves "newest first" and
+    /// keyset paging (BRIN cannot serve "last 100", and late or replayed records make it
+    /// degrade); partial b-trees for request and trace ids; (route, ts) for http records;
+    /// and a small partial index for errors, which are rare.
     pub fn index_sql(&self) -> String {
         let t = self.qualified();
         let idx = |suffix: &str| quote(&format!("{}{suffix}", self.table));
         [
-            format!("CREATE INDEX IF NOT EXISTS {} ON {t} USING brin (\"ts\") WITH (pages_per_range = 32)", idx("_ts_brin")),
+            format!("CREATE INDEX IF NOT EXISTS {} ON {t} (\"ts\", \"id\")", idx("_ts_id")),
             format!("CREATE INDEX IF NOT EXISTS {} ON {t} (\"request_id\") WHERE \"request_id\" IS NOT NULL", idx("_request_id")),
-            format!("CREATE INDEX IF NOT EXISTS {} ON {t} (\"level_no\", \"ts\")", idx("_level_ts")),
-            format!("CREATE INDEX IF NOT EXISTS {} ON {t} (\"route\", \"status\", \"ts\") WHERE \"route\" IS NOT NULL", idx("_route_ts")),
+            format!("CREATE INDEX IF NOT EXISTS {} ON {t} (\"trace_id\") WHERE \"trace_id\" IS NOT NULL", idx("_trace_id")),
+            format!("CREATE INDEX IF NOT EXISTS {} ON {t} (\"route\", \"ts\") WHERE \"route\" IS NOT NULL", idx("_route_ts")),
+            format!("CREATE INDEX IF NOT EXISTS {} ON {t} (\"ts\") WHERE \"level_no\" >= 40", idx("_errors_ts")),
         ]
         .join(";\n")
+    }
+
+    /// Opt-in indexes: a `jsonb_path_ops` GIN on `fields` (equality on extra fields) and a
+    /// trigram GIN on `message` (`text` search; needs the pg_trgm extension).
+    pub fn optional_index_sql(&self, fields_gin: bool, text_trgm: bool) -> String {
+        let t = self.qualified();
+        let idx = |suffix: &str| quote(&format!("{}{suffix}", self.table));
+        let mut out = Vec::new();
+        if fields_gin {
+            out.push(format!(
+                "CREATE INDEX IF NOT EXISTS {} ON {t} USING gin (\"fields\" jsonb_path_ops)",
+                idx("_fields_gin")
+            ));
+        }
+        if text_trgm {
+            out.push("CREATE EXTENSION IF NOT EXISTS pg_trgm".to_owned());
+            out.push(format!(
+                "CREATE INDEX IF NOT EXISTS {} ON {t} USING gin (\"message\" gin_trgm_ops)",
+                idx("_message_trgm")
+            ));
+        }
+        out.join(";\n")
     }
 
     pub fn create_day_sql(&self, kind: Kind, day: NaiveDate) -> String {

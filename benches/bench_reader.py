@@ -1,0 +1,402 @@
+"""The read side, measured side by side in one run against a local PostgreSQL 15 and files.
+
+Scaled down from the issue (5 M rows, 1 GB of NDJSON) to what a 2-core CI box loads in a
+minute: N app records (default 300 000, --quick 100 000) spread over the last 24 h, loaded
+through the core's COPY path (Pipeline + Postgres, Loguru's time patched per record),
+10 000 request ids (half UUIDv7 like the middleware's, half random), ~2 % errors; plus
+http records from the real middleware for the summary.
+
+  (a) request(id), time-ordered id vs random id        (b) last 100 errors of the last hour
+  (c) page 500 of a filtered listing: keyset vs OFFSET (the hand-written endpoint), vs page 1
+  (d) summary of 24 h by route                         (e) commit-to-tail latency (shared poll)
+  (f) context(id, 50, 50)                              (g) COPY slowdown of each index
+  files: query(text=...) over NDJSON vs `grep -c`, over .gz vs `zcat | grep -c`
+
+Cold = first call after a PostgreSQL restart (its buffers empty; the OS cache is not
+dropped). Warm = median of repeated calls. EXPLAIN (ANALYZE, BUFFERS) printed for (a)-(d).
+
+Run: .venv/bin/python benches/bench_reader.py [--quick]
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import glob
+import gzip
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+import logsluice  # noqa: E402
+from harness import PostgresServer  # noqa: E402
+from loguru import logger  # noqa: E402
+
+QUICK = "--quick" in sys.argv
+N = 100_000 if QUICK else 300_000
+N_REQ = 10_000
+N_HTTP = 5_000 if QUICK else 20_000
+FILE_MB = 50 if QUICK else 200
+
+
+def uuid7(ts: float) -> str:
+    ms = int(ts * 1000) & 0xFFFF_FFFF_FFFF
+    value = (ms << 80) | (0x7 << 76) | (random.getrandbits(12) << 64) | (0b10 << 62) | random.getrandbits(62)
+    h = f"{value:032x}"
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+def load_app_records(dsn: str, table: str, n: int) -> tuple[list[str], list[str]]:
+    """n records over the last 24 h through the real pipeline; returns (uuid7 ids, random ids)."""
+    rnd = random.Random(7)
+    now = time.time()
+    starts = sorted(now - rnd.uniform(0, 86_000) for _ in range(N_REQ))
+    v7 = [uuid7(t) for t in starts[0::2]]
+    rand = [str(uuid.UUID(int=rnd.getrandbits(128), version=4)) for _ in starts[1::2]]
+    ids = [None] * N_REQ
+    ids[0::2] = v7
+    ids[1::2] = rand
+    pipeline = logsluice.Pipeline(
+        logsluice.Postgres(dsn, table=table, queue_max_records=400_000, on_full="block", block_timeout=60)
+    )
+    logger.remove()
+    pipeline.attach(logger, level="DEBUG")
+    per = n // N_REQ
+    state = {"t": now}
+    log = logger.patch(lambda r: r.update(time=dt.datetime.fromtimestamp(state["t"], dt.timezone.utc)))
+    for k, (t, rid) in enumerate(zip(starts, ids)):
+        b = log.bind(request_id=rid, user={"id": k % 997}, step=0)
+        for j in range(per):
+            state["t"] = t + j * 0.002
+            if rnd.random() < 0.02:
+                b.error("payment failed for order {} step {}", k, j)
+            else:
+                b.info("handled step {} of request {}", j, k)
+    pipeline.flush(timeout=600)
+    pipeline.close()
+    logger.remove()
+    return v7, rand
+
+
+def load_http_records(dsn: str, table: str, n: int) -> None:
+    pipeline = logsluice.Pipeline(
+        logsluice.Postgres(dsn, table=table, queue_max_records=400_000, on_full="block", block_timeout=60)
+    )
+
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": scope["_status"], "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    mw = logsluice.LoggingMiddleware(app, pipeline=pipeline)
+    routes = ["/items/{item_id}", "/users/{user_id}", "/orders", "/health", "/search"]
+
+    async def drive():
+        rnd = random.Random(3)
+        for i in range(n):
+            route = routes[i % len(routes)]
+            path = route.replace("{item_id}", str(i)).replace("{user_id}", str(i % 50))
+            status = 500 if rnd.random() < 0.03 else (404 if rnd.random() < 0.05 else 200)
+            scope = {
+                "type": "http",
+                "asgi": {"version": "3.0"},
+                "http_version": "1.1",
+                "method": "GET" if i % 3 else "POST",
+                "scheme": "http",
+                "path": path,
+                "raw_path": path.encode(),
+                "root_path": "",
+                "query_string": b"",
+                "headers": [(b"host", b"bench")],
+                "client": ("127.0.0.1", 1),
+                "server": ("127.0.0.1", 80),
+                "route": type("R", (), {"path": route})(),
+                "_status": status,
+            }
+
+            async def receive():
+                return {"type": "http.request", "body": b"", "more_body": False}
+
+            async def send(m):
+                pass
+
+            await mw(scope, receive, send)
+
+    asyncio.run(drive())
+    pipeline.flush(timeout=300)
+    pipeline.close()
+
+
+def timed(fn, repeat: int) -> tuple[float, float]:
+    """(first call ms, median of the following calls ms)."""
+    t = time.perf_counter()
+    fn(0)
+    first = (time.perf_counter() - t) * 1000
+    runs = []
+    for i in range(1, repeat + 1):
+        t = time.perf_counter()
+        fn(i)
+        runs.append((time.perf_counter() - t) * 1000)
+    return first, statistics.median(runs)
+
+
+def explain(pg: PostgresServer, sql: str, params=()) -> str:
+    rows = pg.psql("EXPLAIN (ANALYZE, BUFFERS) " + sql, params)
+    return "\n".join("    " + r[0] for r in rows)
+
+
+def copy_rate(pg: PostgresServer, dsn: str, indexes: list[str], n: int) -> float:
+    table = f"c_{uuid.uuid4().hex[:8]}"
+    p = logsluice.Pipeline(logsluice.Postgres(dsn, table=table))
+    logger.remove()
+    p.attach(logger)
+    logger.info("create")
+    p.flush(timeout=60)
+    p.close()
+    for (name,) in pg.psql("select indexname::text from pg_indexes where tablename = %s", (table,)):
+        pg.psql(f'drop index if exists "{name}"')
+    for sql in indexes:
+        pg.psql(sql.replace("{t}", table))
+    p = logsluice.Pipeline(
+        logsluice.Postgres(dsn, table=table, queue_max_records=n + 10, on_full="block", block_timeout=60)
+    )
+    logger.remove()
+    p.attach(logger)
+    b = logger.bind(request_id=str(uuid.uuid4()), user={"id": 3})
+    t = time.perf_counter()
+    for i in range(n):
+        b.info("copy rate record {}", i)
+    p.flush(timeout=600)
+    elapsed = time.perf_counter() - t
+    p.close()
+    logger.remove()
+    got = pg.psql(f"select count(*) from {table}")[0][0]
+    assert got == n + 1, got
+    pg.psql(f"drop table {table}")
+    return n / elapsed
+
+
+def main() -> None:
+    print(f"bench_reader: {N:,} app records over 24 h, {N_REQ:,} request ids, {N_HTTP:,} http records")
+    with PostgresServer() as pg:
+        table = "logs"
+        t = time.perf_counter()
+        v7, rand = load_app_records(pg.dsn, table, N)
+        load_http_records(pg.dsn, table, N_HTTP)
+        total = pg.psql(f"select count(*) from {table}")[0][0]
+        pg.psql(f"analyze {table}")
+        print(f"loaded {total:,} rows through the core's COPY path in {time.perf_counter() - t:.1f} s")
+        reader = logsluice.Reader(pg.dsn, table=table)
+        rnd = random.Random(11)
+
+        # Keyset cursor for page 500 (setup, not measured).
+        listing = {"min_level": "INFO", "kind": "app"}
+        cursor = None
+        for _ in range(499):
+            cursor = reader.query(limit=100, cursor=cursor, **listing).next
+        offset_sql = (
+            f"select id, ts, to_jsonb(l)::text from {table} l where level_no >= 20 and kind = 'app' "
+            "order by ts desc, id desc limit 100 offset 49900"
+        )
+
+        cases = {
+            "(a) request(id) time-ordered id": lambda i: reader.request(v7[rnd.randrange(len(v7))]),
+            "(a) request(id) random id": lambda i: reader.request(rand[rnd.randrange(len(rand))]),
+            "(b) last 100 errors, last hour": lambda i: reader.query(
+                since="1h", min_level="ERROR", limit=100
+            ),
+            "(c) page 1 of the listing": lambda i: reader.query(limit=100, **listing),
+            "(c) page 500 by keyset": lambda i: reader.query(limit=100, cursor=cursor, **listing),
+            "(c) page 500 by OFFSET": lambda i: pg.psql(offset_sql),
+            "(d) summary 24 h by route": lambda i: reader.summary(since="24h", by="route"),
+        }
+        some = reader.query(limit=50, text="payment failed").records
+        cases["(f) context(id, 50, 50)"] = lambda i: reader.context(
+            some[i % len(some)]["id"], before=50, after=50
+        )
+
+        pg.stop()
+        pg.start()
+        results = {}
+        for name, fn in cases.items():
+            repeat = 5 if "OFFSET" in name or "summary" in name else 40
+            results[name] = timed(fn, repeat)
+        print(f"\n{'case':<36} {'cold ms':>9} {'warm p50 ms':>12}")
+        for name, (cold, warm) in results.items():
+            print(f"{name:<36} {cold:>9.2f} {warm:>12.2f}")
+        keyset = results["(c) page 500 by keyset"][1]
+        print(
+            f"\n(c) OFFSET / keyset at page 500: {results['(c) page 500 by OFFSET'][1] / keyset:.0f}x; "
+            f"keyset page 500 / page 1: {keyset / results['(c) page 1 of the listing'][1]:.2f}x"
+        )
+
+        # (e) commit-to-tail latency: flush() returns after COPY committed.
+        sub = reader.subscribe(poll_interval=0.1, kind="app", logger="tail-bench")
+        p = logsluice.Pipeline(logsluice.Postgres(pg.dsn, table=table, batch_max_delay=0.01))
+        logger.remove()
+        p.attach(logger)
+        lat = []
+        for i in range(30):
+            logger.patch(lambda r: r.update(name="tail-bench")).info("tail {}", i)
+            p.flush(timeout=30)
+            t = time.perf_counter()
+            got = []
+            while not got:
+                got = sub.get(timeout=5)
+            lat.append((time.perf_counter() - t) * 1000)
+            time.sleep(rnd.uniform(0, 0.2))  # open loop-ish: writes at random moments
+        p.close()
+        sub.close()
+        lat.sort()
+        print(
+            f"(e) commit-to-tail latency, poll 0.1 s: p50 {lat[len(lat) // 2]:.0f} ms, "
+            f"p95 {lat[int(len(lat) * 0.95)]:.0f} ms"
+        )
+
+        print("\nEXPLAIN (ANALYZE, BUFFERS):")
+        rid = v7[0]
+        print(
+            f"(a) request by time-ordered id:\n{reader.explain(request_id=rid, since=_uuid_window(rid)[0], until=_uuid_window(rid)[1], order='asc', limit=1000)}"
+        )  # noqa: E501
+        print(f"(b) last 100 errors:\n{reader.explain(since='1h', min_level='ERROR', limit=100)}")
+        print(f"(c) OFFSET:\n{explain(pg, offset_sql)}")
+        print(
+            "(d) summary (grouping scan):\n"
+            + explain(
+                pg,
+                f"select route, method, count(*), percentile_cont(0.5) within group (order by duration_ms) "
+                f"from {table} where ts >= now() - interval '24 hours' and kind = 'http' group by 1, 2",
+            )
+        )
+        sizes = pg.psql(
+            "select c.relname::text, sum(pg_relation_size(i.indexrelid)) from pg_index i "
+            "join pg_class c on c.oid = i.indexrelid join pg_class p on p.oid = i.indrelid "
+            "where p.relname like %s group by 1 order by 1",
+            (table + "\\_%",),
+        )
+        agg: dict[str, int] = {}
+        for name, size in sizes:
+            suffix = name.split("_", 3)[-1] if name.count("_") >= 3 else name
+            agg[suffix] = agg.get(suffix, 0) + int(size)
+        print("\nindex sizes (all partitions):")
+        for name, size in sorted(agg.items()):
+            if size == 0:
+                continue
+            print(f"  {name:<40} {size / 1e6:8.1f} MB")
+
+        # (g) COPY rate per index, against the bare table.
+        n = 50_000 if QUICK else 100_000
+        indexes = {
+            "(ts, id)": 'create index on {t} ("ts", "id")',
+            "request_id partial": 'create index on {t} ("request_id") where "request_id" is not null',
+            "trace_id partial": 'create index on {t} ("trace_id") where "trace_id" is not null',
+            "(route, ts) partial": 'create index on {t} ("route", "ts") where "route" is not null',
+            "errors (ts) partial": 'create index on {t} ("ts") where "level_no" >= 40',
+            "fields jsonb_path_ops (opt-in)": 'create index on {t} using gin ("fields" jsonb_path_ops)',
+        }
+        base = copy_rate(pg, pg.dsn, [], n)
+        print(f"\n(g) COPY rate through the core, {n:,} records: bare table {base:,.0f} rows/s")
+        for name, sql in indexes.items():
+            rate = copy_rate(pg, pg.dsn, [sql], n)
+            print(f"    + {name:<32} {rate:>10,.0f} rows/s  ({100 * (1 - rate / base):+.0f}% slower)")
+        all_default = copy_rate(pg, pg.dsn, [v for k, v in indexes.items() if "opt-in" not in k], n)
+        print(
+            f"    + all default indexes            {all_default:>10,.0f} rows/s  ({100 * (1 - all_default / base):+.0f}% slower)"
+        )  # noqa: E501
+
+    bench_files()
+
+
+def _uuid_window(rid: str) -> tuple[str, str]:
+    ms = int(rid.replace("-", "")[:12], 16)
+    t = ms / 1000
+    return (
+        dt.datetime.fromtimestamp(t - 60, dt.timezone.utc).isoformat(),
+        dt.datetime.fromtimestamp(t + 300, dt.timezone.utc).isoformat(),
+    )
+
+
+def bench_files() -> None:
+    tmp = Path(tempfile.mkdtemp(prefix="bench-reader-"))
+    try:
+        plain, gz = tmp / "plain", tmp / "gz"
+        p = logsluice.Pipeline(
+            logsluice.LocalFiles(
+                plain, max_file_bytes=64 << 20, rotate=None, queue_max_records=300_000, on_full="block"
+            )
+        )
+        logger.remove()
+        p.attach(logger)
+        rnd = random.Random(5)
+        i = 0
+        while True:
+            for _ in range(20_000):
+                i += 1
+                if rnd.random() < 0.0001:
+                    logger.bind(user=i % 97).warning("Needle-In-Haystack order {}", i)
+                else:
+                    logger.bind(user=i % 97, cart=i % 7).info(
+                        "cart updated for user-{} with {} items", i % 5000, i % 9
+                    )
+            p.flush(timeout=120)
+            size = sum(os.path.getsize(f) for f in glob.glob(str(plain / "*.ndjson")))
+            if size >= FILE_MB << 20:
+                break
+        p.close()
+        logger.remove()
+        gz.mkdir()
+        for f in glob.glob(str(plain / "*.ndjson")):
+            with open(f, "rb") as src, gzip.open(gz / (Path(f).name + ".gz"), "wb", compresslevel=6) as dst:
+                shutil.copyfileobj(src, dst)
+        files = sorted(glob.glob(str(plain / "*.ndjson")))
+        gz_files = sorted(glob.glob(str(gz / "*.gz")))
+        needle = "needle-in-haystack"
+
+        def grep():
+            cmd = ["grep", "-c", "-i", needle, *files]
+            r = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            return sum(int(line.rsplit(":", 1)[-1]) for line in r.stdout.splitlines())
+
+        def zgrep():
+            cmd = f"zcat {' '.join(gz_files)} | grep -c -i {needle}"
+            r = subprocess.run(cmd, shell=True, capture_output=True, text=True, check=False)
+            return int(r.stdout.strip() or 0)
+
+        rp, rg = logsluice.Reader(str(plain)), logsluice.Reader(str(gz))
+
+        def q(reader):
+            return len(reader.query(text=needle, limit=1000).records)
+
+        counts = (grep(), zgrep(), q(rp), q(rg))
+        assert len(set(counts)) == 1, counts
+
+        def best(fn, n=3):
+            out = []
+            for _ in range(n):
+                t = time.perf_counter()
+                fn()
+                out.append(time.perf_counter() - t)
+            return min(out)
+
+        t_grep, t_q = best(grep), best(lambda: q(rp))
+        t_zgrep, t_qgz = best(zgrep), best(lambda: q(rg))
+        print(f"\nfiles: {size / 1e6:.0f} MB of NDJSON ({len(files)} files), {counts[0]} matches")
+        print(f"  grep -c -i (plain)          {t_grep * 1000:8.0f} ms")
+        print(f"  Reader.query(text=) plain   {t_q * 1000:8.0f} ms   ({t_q / t_grep:.2f}x grep)")
+        print(f"  zcat | grep -c -i (gzip)    {t_zgrep * 1000:8.0f} ms")
+        print(f"  Reader.query(text=) gzip    {t_qgz * 1000:8.0f} ms   ({t_qgz / t_zgrep:.2f}x zcat|grep)")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,631 @@
+"""logsluice.Reader against records written through the real pipeline into a real
+PostgreSQL and LocalFiles (rotated, gzipped) at the same time: every filter gives the same
+answer from both stores and from an independent reading of the NDJSON files."""
+
+from __future__ import annotations
+
+import datetime as dt
+import glob
+import gzip
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+import uuid
+
+import logsluice
+import psycopg
+import pytest
+from fastapi import BackgroundTasks, FastAPI
+from fastapi.testclient import TestClient
+from loguru import logger
+
+N_REQUESTS = 120
+
+
+def wait_for(check, timeout=60.0, what="condition"):
+    """Polls `check` (a wait, not a timed assertion: the timeout only bounds a hang)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"gave up waiting for {what}")
+        time.sleep(0.05)
+
+
+def read_ndjson(directory) -> list[dict]:
+    """The oracle: every record in the directory, read without logsluice."""
+    out = []
+    for path in sorted(glob.glob(os.path.join(directory, "*.ndjson*"))):
+        opener = gzip.open if path.endswith(".gz") else open
+        with opener(path, "rt", encoding="utf-8") as fh:
+            out.extend(json.loads(line) for line in fh if line.strip())
+    return out
+
+
+class World:
+    pass
+
+
+@pytest.fixture(scope="module")
+def world(postgres, tmp_path_factory):
+    """One app, one pipeline, two stores: HTTP records from the middleware (FastAPI routes,
+    5xx, background tasks) and app records from Loguru with extra fields."""
+    w = World()
+    w.dir = str(tmp_path_factory.mktemp("reader-logs"))
+    w.table = f"r_{uuid.uuid4().hex[:10]}"
+    w.dsn = postgres.dsn
+    pipeline = logsluice.Pipeline(
+        logsluice.Postgres(postgres.dsn, table=w.table, batch_max_delay=0.2),
+        logsluice.LocalFiles(w.dir, max_file_bytes=40_000, compress=True, batch_max_records=200),
+    )
+    logger.remove()
+    pipeline.attach(logger, level="DEBUG")
+    app = FastAPI()
+
+    def background(item_id: int) -> None:
+        logger.bind(task="mail", item=item_id).info("background task for item {}", item_id)
+
+    @app.get("/items/{item_id}")
+    def item(item_id: int, tasks: BackgroundTasks):
+        logger.bind(user={"id": item_id % 5, "name": f"u{item_id % 5}"}, cart=item_id % 3).info(
+            "Loaded item {}", item_id
+        )
+        if item_id % 10 == 0:
+            tasks.add_task(background, item_id)
+        return {"id": item_id}
+
+    @app.get("/fail/{n}")
+    def fail(n: int):
+        logger.bind(code=n).error("Payment FAILED for order {}", n)
+        raise RuntimeError("boom")
+
+    @app.post("/orders")
+    def orders():
+        logger.warning("slow provider")
+        return {"ok": True}
+
+    app.add_middleware(logsluice.LoggingMiddleware, pipeline=pipeline)
+    client = TestClient(app, raise_server_exceptions=False)
+    w.request_ids = {}
+    for i in range(N_REQUESTS):
+        if i % 8 == 7:
+            # An inbound id of another shape: found by the bounded newest-first search.
+            w.request_ids[i] = f"fail-{i}"
+            client.get(f"/fail/{i}", headers={"x-request-id": f"fail-{i}"})
+            continue
+        if i % 5 == 4:
+            r = client.post("/orders")
+        else:
+            r = client.get(f"/items/{i}")
+        w.request_ids[i] = r.headers["x-request-id"]
+    for i in range(300):
+        level = ["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"][i % 5]
+        logger.bind(n=i, tags=["a", "b"] if i % 2 else ["c"], nested={"deep": {"x": i % 4}}).log(
+            level, "plain record {} with <b>odd</b> 'quotes' and \"more\" 100% _under_", i
+        )
+    logger.opt(exception=ValueError("bad")).error("with traceback")
+    pipeline.flush(timeout=30)
+    pipeline.close()
+    logger.remove()
+    w.all = read_ndjson(w.dir)
+    assert len(w.all) == sum(1 for _ in w.all)
+    w.pg = logsluice.Reader(postgres.dsn, table=w.table)
+    w.files = logsluice.Reader(w.dir)
+    yield w
+    w.pg.close()
+    w.files.close()
+
+
+def key(r):
+    return (r["ts"], r["kind"], r["message"], r.get("request_id"), r.get("status"))
+
+
+def everything(reader, **filters):
+    out, cursor = [], None
+    while True:
+        page = reader.query(limit=1000, cursor=cursor, **filters)
+        out.extend(page.records)
+        cursor = page.next
+        if not cursor:
+            return out
+
+
+def status_in(lo, hi):
+    return lambda r: r.get("status") is not None and lo <= r["status"] <= hi
+
+
+def field(r, path):
+    cur = r.get("fields", {})
+    for p in path.split("."):
+        if not isinstance(cur, dict) or p not in cur:
+            return None
+        cur = cur[p]
+    return cur
+
+
+CASES = [
+    ({}, lambda r: True),
+    ({"level": "ERROR"}, lambda r: r["level"] == "ERROR"),
+    ({"level": ["DEBUG", "critical"]}, lambda r: r["level"] in ("DEBUG", "CRITICAL")),
+    ({"min_level": "WARNING"}, lambda r: r["level_no"] >= 30),
+    ({"min_level": 40}, lambda r: r["level_no"] >= 40),
+    ({"kind": "http"}, lambda r: r["kind"] == "http"),
+    ({"kind": "app"}, lambda r: r["kind"] == "app"),
+    ({"logger": "tests.test_reader"}, lambda r: r["logger"] == "tests.test_reader"),
+    ({"method": "post"}, lambda r: r.get("method") == "POST"),
+    ({"route": "/items/{item_id}"}, lambda r: r.get("route") == "/items/{item_id}"),
+    ({"path": "/fail/"}, lambda r: (r.get("path") or "").startswith("/fail/")),
+    ({"status": "5xx"}, status_in(500, 599)),
+    ({"status": 200}, status_in(200, 200)),
+    ({"status": "200-499"}, status_in(200, 499)),
+    ({"min_duration_ms": 0.0}, lambda r: r.get("duration_ms") is not None),
+    ({"text": "payment failed"}, lambda r: "payment failed" in r["message"].lower()),
+    ({"text": "100% _under_"}, lambda r: "100% _under_" in r["message"].lower()),
+    (
+        {"text": "<B>ODD</B> 'QUOTES' AND \"MORE\""},
+        lambda r: "<b>odd</b> 'quotes' and \"more\"" in r["message"],
+    ),  # noqa: E501
+    ({"fields": {"user.id": 3}}, lambda r: field(r, "user.id") == 3),
+    ({"fields": {"user.name": "u2"}}, lambda r: field(r, "user.name") == "u2"),
+    ({"fields": {"nested.deep.x": {"gte": 2}}}, lambda r: (field(r, "nested.deep.x") or -1) >= 2),
+    ({"fields": {"n": {"between": [10, 20]}}}, lambda r: 10 <= (field(r, "n") or -1) <= 20),
+    ({"fields": {"n": {"lt": 5}}}, lambda r: field(r, "n") is not None and field(r, "n") < 5),
+    ({"fields": {"n": {"gt": 295}}}, lambda r: field(r, "n") is not None and field(r, "n") > 295),
+    ({"fields": {"cart": {"in": [0, 2]}}}, lambda r: field(r, "cart") in (0, 2)),
+    ({"fields": {"cart": {"ne": 1}}, "kind": "app"}, lambda r: r["kind"] == "app" and field(r, "cart") != 1),
+    ({"fields": {"task": {"exists": True}}}, lambda r: field(r, "task") is not None),
+    ({"fields": {"tags": ["c"]}}, lambda r: field(r, "tags") == ["c"]),
+    (
+        {"kind": "app", "min_level": "ERROR", "text": "plain"},
+        lambda r: r["kind"] == "app" and r["level_no"] >= 40 and "plain" in r["message"],
+    ),
+]
+
+
+@pytest.mark.parametrize("filters,pred", CASES, ids=[json.dumps(c[0]) for c in CASES])
+def test_every_filter_same_answer_from_postgres_files_and_the_oracle(world, filters, pred):
+    want = sorted(key(r) for r in world.all if pred(r))
+    got_files = everything(world.files, **filters)
+    got_pg = everything(world.pg, **filters)
+    assert sorted(key(r) for r in got_files) == want
+    assert sorted(key(r) for r in got_pg) == want
+    # Newest first, ids unique, same shape from both stores.
+    assert [r["ts"] for r in got_pg] == sorted((r["ts"] for r in got_pg), reverse=True)
+    assert len({r["id"] for r in got_files}) == len(got_files)
+    if got_pg:
+        assert set(got_pg[0]) == set(next(r for r in got_files if r["ts"] == got_pg[0]["ts"]))
+
+
+def test_filters_request_trace_and_time_bounds(world):
+    rid = world.request_ids[3]
+    for reader in (world.pg, world.files):
+        recs = everything(reader, request_id=rid)
+        assert {r["kind"] for r in recs} == {"http", "app"}
+        middle = sorted(world.all, key=lambda r: r["ts"])[len(world.all) // 2]["ts"]
+        before = everything(reader, until=middle)
+        after = everything(reader, since=middle)
+        assert len(before) + len(after) == len(world.all) + 1  # `middle` is in both
+        assert everything(reader, since="1h") and not everything(reader, until="2000-01-01")
+        asc = reader.query(order="asc", limit=5).records
+        assert [r["ts"] for r in asc] == sorted(r["ts"] for r in world.all)[:5]
+
+
+def test_keyset_pages_are_disjoint_and_complete(world):
+    for reader in (world.pg, world.files):
+        seen, cursor, pages = [], None, 0
+        while True:
+            page = reader.query(limit=37, cursor=cursor)
+            seen.extend(r["id"] for r in page.records)
+            pages += 1
+            cursor = page.next
+            if not cursor:
+                break
+        assert len(seen) == len(set(seen)) == len(world.all)
+        assert pages == -(-len(world.all) // 37) or pages == -(-len(world.all) // 37) + 1
+
+
+def test_request_view_with_background_task(world):
+    rid = world.request_ids[10]  # /items/10 schedules a background task
+    for reader in (world.pg, world.files):
+        view = reader.request(rid)
+        assert view.access is not None and view.access["status"] == 200
+        assert view.access["route"] == "/items/{item_id}"
+        messages = [r["message"] for r in view.records]
+        assert messages == ["Loaded item 10", "background task for item 10"]
+        assert not view.in_progress
+        failed = reader.request(world.request_ids[7])
+        assert failed.access["status"] == 500
+        assert any("Payment FAILED" in r["message"] for r in failed.records)
+        assert reader.request("no-such-request").access is None
+    assert world.pg.latest_request(status="5xx") == world.files.latest_request(status="5xx")
+
+
+def test_context_neighbours_regardless_of_level(world):
+    ordered = sorted((r for r in world.all), key=lambda r: r["ts"])
+    target = next(r for r in ordered if r["message"].startswith("plain record 150 "))
+    i = ordered.index(target)
+    for reader in (world.pg, world.files):
+        rec = reader.query(text="plain record 150 ").records[0]
+        ctx = reader.context(rec["id"], before=3, after=4)
+        assert ctx["record"]["message"] == target["message"]
+        assert [r["message"] for r in ctx["before"]] == [r["message"] for r in ordered[i - 3 : i]]
+        assert [r["message"] for r in ctx["after"]] == [r["message"] for r in ordered[i + 1 : i + 5]]
+        levels = {r["level"] for r in ctx["before"] + ctx["after"]}
+        assert len(levels) > 1  # not narrowed by level
+        same = reader.context(rec["id"], before=2, after=2, same="logger")
+        assert all(r["logger"] == rec["logger"] for r in same["before"] + same["after"])
+        with pytest.raises(ValueError):
+            reader.context("999999999999" if reader is world.pg else "nope.ndjson:1")
+
+
+def test_summary_by_route_matches_counts(world):
+    http = [r for r in world.all if r["kind"] == "http"]
+    for reader in (world.pg, world.files):
+        s = reader.summary(since="1h", by="route")
+        groups = {(g["key"]["route"], g["key"]["method"]): g for g in s["groups"]}
+        for (route, method), g in groups.items():
+            mine = [r for r in http if r.get("route") == route and r["method"] == method]
+            assert g["count"] == len(mine)
+            assert g["status"]["5xx"] == sum(1 for r in mine if r["status"] >= 500)
+            assert g["errors"] == g["status"]["5xx"]
+            durations = sorted(r["duration_ms"] for r in mine)
+            assert g["max_ms"] == pytest.approx(durations[-1])
+            assert durations[0] <= g["p50_ms"] <= g["p95_ms"] <= g["p99_ms"] <= durations[-1]
+            assert g["slowest"][0]["duration_ms"] == pytest.approx(durations[-1])
+        assert sum(g["count"] for g in groups.values()) == len(http)
+        by_level = reader.summary(since="1h", by="level")
+        counts = {g["key"]["level"]: g["count"] for g in by_level["groups"]}
+        assert counts["ERROR"] == sum(1 for r in world.all if r["level"] == "ERROR")
+        buckets = reader.summary(since="1h", by="level", bucket="1m")
+        assert sum(g["count"] for g in buckets["groups"]) == len(world.all)
+    a = world.pg.summary(by="route")["groups"]
+    b = world.files.summary(by="route")["groups"]
+    assert {json.dumps(g["key"]): g["p50_ms"] for g in a} == pytest.approx(
+        {json.dumps(g["key"]): g["p50_ms"] for g in b}
+    )
+
+
+BAD = [
+    {"level": "LOUD"},
+    {"min_level": "verbose"},
+    {"since": "yesterday"},
+    {"since": "5 fortnights"},
+    {"status": "6xx"},
+    {"status": 700},
+    {"status": "abc"},
+    {"kind": "sql"},
+    {"method": "GET; DROP TABLE logs"},
+    {"order": "sideways"},
+    {"limit": 0},
+    {"cursor": "not-a-cursor"},
+    {"fields": {"a'); DROP TABLE logs; --": 1}},
+    {"fields": {"n": {"gt": "x"}}},
+    {"since": "2026-01-02", "until": "2026-01-01"},
+]
+
+
+@pytest.mark.parametrize("bad", BAD, ids=[json.dumps(b) for b in BAD])
+def test_bad_input_is_a_value_error(world, bad):
+    for reader in (world.pg, world.files):
+        with pytest.raises(ValueError):
+            reader.query(**bad)
+
+
+INJECTIONS = [
+    "'; DROP TABLE {t}; --",
+    '" OR 1=1 --',
+    "%' OR '1'='1",
+    "x\\'; SELECT pg_sleep(5); --",
+    "$1",
+    "\x00",
+]
+
+
+def test_sql_injection_attempts_match_nothing_and_harm_nothing(world, postgres):
+    for attempt in INJECTIONS:
+        attempt = attempt.replace("{t}", world.table)
+        for name in ("logger", "request_id", "trace_id", "route", "path", "text"):
+            for reader in (world.pg, world.files):
+                try:
+                    page = reader.query(**{name: attempt})
+                except ValueError:
+                    continue  # NUL is refused outright
+                assert page.records == [], (name, attempt)
+        with pytest.raises(ValueError):
+            world.pg.query(fields={attempt: 1})
+        if "\x00" in attempt:
+            with pytest.raises(ValueError):
+                world.pg.query(fields={"user.name": attempt})
+        else:
+            assert world.pg.query(fields={"user.name": attempt}).records == []
+    assert postgres.psql(f"select count(*) from {world.table}")[0][0] == len(world.all)
+
+
+def test_tampered_or_foreign_cursor_is_refused(world):
+    for reader in (world.pg, world.files):
+        page = reader.query(limit=5, kind="app")
+        body, sig = page.next.split(".")
+        tampered = body[:-2] + ("AA" if body[-2:] != "AA" else "BB") + "." + sig
+        with pytest.raises(ValueError, match="cursor"):
+            reader.query(limit=5, kind="app", cursor=tampered)
+        with pytest.raises(ValueError, match="other filters"):
+            reader.query(limit=5, kind="http", cursor=page.next)
+        assert reader.query(limit=5, kind="app", cursor=page.next).records
+
+
+def test_partial_page_under_a_tiny_budget(world):
+    small = logsluice.Reader(world.dir, max_files=1)
+    files = glob.glob(os.path.join(world.dir, "*.ndjson*"))
+    assert len(files) > 2
+    page = small.query(limit=1000)
+    assert page.partial and page.next
+    full = {r["id"]: r for r in everything(world.files)}
+    assert all(full[r["id"]] == r for r in page.records)
+    tiny = logsluice.Reader(world.dir, max_bytes=1)
+    assert tiny.query(limit=10).partial
+    assert tiny.summary(by="level")["partial"]
+
+
+def test_paging_10k_records_while_new_ones_arrive(postgres, tmp_logs):
+    table = f"k_{uuid.uuid4().hex[:10]}"
+    pipeline = logsluice.Pipeline(
+        logsluice.Postgres(postgres.dsn, table=table, batch_max_delay=0.1),
+        logsluice.LocalFiles(tmp_logs, max_file_bytes=500_000, batch_max_delay=0.1),
+    )
+    logger.remove()
+    pipeline.attach(logger, level="INFO")
+    for i in range(10_000):
+        logger.info("first wave {}", i)
+    pipeline.flush(timeout=60)
+    stop = threading.Event()
+
+    def writer():
+        j = 0
+        while not stop.is_set():
+            logger.info("second wave {}", j)
+            j += 1
+            if j % 100 == 0:
+                time.sleep(0.01)
+
+    t = threading.Thread(target=writer)
+    t.start()
+    try:
+        for reader in (logsluice.Reader(postgres.dsn, table=table), logsluice.Reader(str(tmp_logs))):
+            seen, cursor = [], None
+            while True:
+                page = reader.query(limit=250, cursor=cursor)
+                seen.extend(page.records)
+                cursor = page.next
+                if not cursor:
+                    break
+            ids = [r["id"] for r in seen]
+            assert len(ids) == len(set(ids))
+            first = {r["message"] for r in seen if r["message"].startswith("first wave")}
+            assert len(first) == 10_000
+    finally:
+        stop.set()
+        t.join()
+        pipeline.close()
+        logger.remove()
+
+
+def _insert(conn, table, message, ts):
+    conn.execute(
+        f"insert into {table} (ts, level, level_no, kind, logger, message, fields) "
+        "values (%s, 'INFO', 20, 'app', 'writer', %s, '{}')",
+        (ts, message),
+    )
+
+
+def test_tail_sees_interleaved_commits(postgres):
+    table = f"i_{uuid.uuid4().hex[:10]}"
+    p = logsluice.Pipeline(logsluice.Postgres(postgres.dsn, table=table))
+    logger.remove()
+    p.attach(logger)
+    logger.info("creates the table")
+    p.flush(timeout=30)
+    p.close()
+    logger.remove()
+    reader = logsluice.Reader(postgres.dsn, table=table)
+    sub = reader.subscribe(poll_interval=0.1, lookback=10)
+    sub2 = reader.subscribe(poll_interval=0.1, lookback=10)
+    got = []
+
+    def collect(n):
+        def check():
+            got.extend(r["message"] for r in sub.get(timeout=0.2))
+            return len(got) >= n
+
+        return check
+
+    try:
+        a = psycopg.connect(postgres.dsn)
+        b = psycopg.connect(postgres.dsn, autocommit=True)
+        now = dt.datetime.now(dt.timezone.utc)
+        # A takes its id and time first but commits last.
+        _insert(a, table, "slow writer", now)
+        time.sleep(0.5)
+        _insert(b, table, "fast writer", now + dt.timedelta(milliseconds=100))
+        wait_for(collect(1), what="fast writer")
+        assert got == ["fast writer"]
+        time.sleep(0.5)  # several polls pass while A is still open
+        a.commit()
+        wait_for(collect(2), what="slow writer")
+        assert got == ["fast writer", "slow writer"]
+        # One poller served both subscribers.
+        assert reader.subscribers() == 2 and len(reader._pollers) == 1
+        assert [r["message"] for r in sub2.get(timeout=1)] == ["fast writer", "slow writer"]
+        a.close()
+        b.close()
+    finally:
+        sub.close()
+        sub2.close()
+
+
+def test_tail_follows_local_files_across_rotation(tmp_logs):
+    reader = logsluice.Reader(str(tmp_logs))
+    pipeline = logsluice.Pipeline(logsluice.LocalFiles(tmp_logs, max_file_bytes=3_000, batch_max_delay=0.05))
+    logger.remove()
+    pipeline.attach(logger)
+    logger.info("before the tail")
+    pipeline.flush()
+    got = []
+    with reader.subscribe(poll_interval=0.1) as sub:
+        for i in range(60):
+            logger.info("tailed {}", i)
+            if i % 10 == 0:
+                pipeline.flush()
+        pipeline.flush()
+
+        def check():
+            got.extend(r["message"] for r in sub.get(timeout=0.2))
+            return len(got) >= 60
+
+        wait_for(check, what="60 tailed records")
+    pipeline.close()
+    logger.remove()
+    assert got == [f"tailed {i}" for i in range(60)]
+    assert len(glob.glob(os.path.join(tmp_logs, "*.ndjson*"))) > 3
+
+
+def run_cli(*args, env=None):
+    return subprocess.run(
+        [sys.executable, "-m", "logsluice.cli", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        check=False,
+        timeout=120,
+    )
+
+
+def test_cli_query_request_context_summary(world):
+    r = run_cli("query", "--source", world.dir, "--status", "5xx", "--json", "--limit", "1000")
+    assert r.returncode == 0, r.stderr
+    lines = [json.loads(line) for line in r.stdout.splitlines()]
+    assert len(lines) == sum(1 for x in world.all if (x.get("status") or 0) >= 500)
+    r = run_cli(
+        "query",
+        "--source",
+        world.dsn + "?x=1",
+        "--table",
+        world.table,
+        "--min-level",
+        "error",
+        "--json",
+        "--limit",
+        "1000",
+    )
+    assert r.returncode == 0, r.stderr
+    assert len(r.stdout.splitlines()) == sum(1 for x in world.all if x["level_no"] >= 40)
+    r = run_cli("query", "--source", world.dir, "--text", "odd", "--limit", "3")
+    assert r.returncode == 0 and len(r.stdout.splitlines()) >= 3
+    assert "\x1b" not in r.stdout  # not a terminal: plain
+    rid = world.request_ids[10]
+    r = run_cli("request", rid, "--source", world.dir)
+    assert r.returncode == 0 and "background task for item 10" in r.stdout and "/items/10" in r.stdout
+    r = run_cli("request", "latest", "--status", "5xx", "--source", world.dir, "--json")
+    assert r.returncode == 0 and json.loads(r.stdout.splitlines()[0])["status"] == 500
+    some = world.files.query(text="plain record 42 ").records[0]
+    r = run_cli("context", some["id"], "--source", world.dir, "--before", "2", "--after", "2", "--json")
+    assert r.returncode == 0 and len(r.stdout.splitlines()) == 5
+    r = run_cli("summary", "--source", world.dir, "--since", "24h", "--by", "route")
+    assert r.returncode == 0 and "/items/{item_id}" in r.stdout
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["query", "--status", "6xx"],
+        ["query", "--since", "soon"],
+        ["query", "--min-level", "LOUD"],
+        ["query", "--field", "a'b=1"],
+        ["query", "--cursor", "x.y"],
+        ["summary", "--by", "nothing"],
+        ["context", "nope.ndjson:0"],
+    ],
+)
+def test_cli_bad_input_exits_2_with_one_line(world, args):
+    r = run_cli(*args, "--source", world.dir)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+
+
+def test_cli_strips_terminal_escapes(tmp_logs):
+    pipeline = logsluice.Pipeline(logsluice.LocalFiles(tmp_logs))
+    logger.remove()
+    pipeline.attach(logger)
+    logger.info("evil \x1b[2J\x1b]0;pwned\x07 title \x9b31m done")
+    pipeline.close()
+    logger.remove()
+    r = run_cli("query", "--source", str(tmp_logs))
+    assert r.returncode == 0 and "evil" in r.stdout
+    assert "\x1b" not in r.stdout and "\x07" not in r.stdout and "\x9b" not in r.stdout
+    r = run_cli("query", "--source", str(tmp_logs), "--json")
+    assert json.loads(r.stdout)["message"].startswith("evil \x1b[2J")  # JSON keeps the data, escaped
+
+
+def test_reader_from_env_and_secrets(world, monkeypatch):
+    monkeypatch.setenv("LOGSLUICE_POSTGRES_DSN", world.dsn)
+    monkeypatch.setenv("LOGSLUICE_POSTGRES_TABLE", world.table)
+    reader = logsluice.Reader.from_env()
+    assert "secret" not in repr(reader) and reader.query(limit=1).records
+    monkeypatch.delenv("LOGSLUICE_POSTGRES_DSN")
+    monkeypatch.setenv("LOGSLUICE_DIR", world.dir)
+    assert logsluice.Reader.from_env().query(limit=1).records
+    down = logsluice.Reader(re.sub(r"127\.0\.0\.1:\d+", "127.0.0.1:9", world.dsn), connect_timeout=1)
+    with pytest.raises(RuntimeError) as e:
+        down.query()
+    assert "secret" not in str(e.value)
+
+
+def test_async_twins(world):
+    import asyncio
+
+    async def main():
+        page = await world.files.aquery(kind="http", limit=3)
+        view = await world.pg.arequest(world.request_ids[10])
+        summary = await world.pg.asummary(by="status")
+        ctx = await world.files.acontext(page.records[0]["id"], before=1, after=1)
+        return page, view, summary, ctx
+
+    page, view, summary, ctx = asyncio.run(main())
+    assert len(page.records) == 3 and view.access and summary["groups"] and ctx["record"]
+
+
+def test_tail_survives_a_postgresql_restart(postgres):
+    table = f"s_{uuid.uuid4().hex[:10]}"
+    p = logsluice.Pipeline(logsluice.Postgres(postgres.dsn, table=table, batch_max_delay=0.05))
+    logger.remove()
+    p.attach(logger)
+    logger.info("first")
+    p.flush(timeout=30)
+    reader = logsluice.Reader(postgres.dsn, table=table, connect_timeout=2)
+    got = []
+
+    def until(n):
+        def check():
+            got.extend(r["message"] for r in sub.get(timeout=0.2))
+            return len(got) >= n
+
+        return check
+
+    with reader.subscribe(poll_interval=0.1) as sub:
+        logger.info("before restart")
+        p.flush(timeout=30)
+        wait_for(until(1), what="record before the restart")
+        postgres.stop()
+        time.sleep(0.5)  # a few polls fail meanwhile
+        postgres.start()
+        logger.info("after restart")
+        p.flush(timeout=60)
+        wait_for(until(2), what="record after the restart")
+    p.close()
+    logger.remove()
+    assert got == ["before restart", "after restart"]
