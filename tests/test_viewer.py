@@ -13,7 +13,7 @@ import logsluice
 import pytest
 from harness._net import wait_until
 from loguru import logger
-from viewer_support import TOKEN, XSS_CORPUS, ServerThread, client, host_app, make_reader
+from viewer_support import TOKEN, XSS_CORPUS, ServerThread, client, host_app, make_reader, settle
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -24,7 +24,8 @@ def site(tmp_path_factory):
     directory = tmp_path_factory.mktemp("viewer-logs")
     pipeline = logsluice.Pipeline(logsluice.LocalFiles(directory, batch_max_delay=0.05))
     handler = pipeline.attach(logger, level="DEBUG")
-    app, view = host_app(pipeline, make_reader(directory))
+    reader = make_reader(directory)
+    app, view = host_app(pipeline, reader)
     with ServerThread(app) as server:
         with httpx.Client(base_url=server.base, timeout=30) as c:
             for i in range(20):
@@ -34,7 +35,7 @@ def site(tmp_path_factory):
             logger.bind(payload=text, url="javascript:alert(9)").warning(text)
         logger.bind(user={"id": 42}).info("user 42 checked out")
         logger.info('=HYPERLINK("https://evil.invalid","x")')
-        pipeline.flush(timeout=30)
+        settle(pipeline, reader, 21)
         server.pipeline, server.view, server.directory = pipeline, view, directory
         yield server
         view.close()

@@ -12,7 +12,7 @@ import httpx
 import logsluice
 import pytest
 from loguru import logger
-from viewer_support import TOKEN, XSS_CORPUS, ServerThread, host_app, make_reader
+from viewer_support import TOKEN, XSS_CORPUS, ServerThread, host_app, make_reader, settle
 
 selenium = pytest.importorskip("selenium")
 from selenium import webdriver  # noqa: E402
@@ -37,7 +37,8 @@ def site(tmp_path_factory):
     directory = tmp_path_factory.mktemp("browser-logs")
     pipeline = logsluice.Pipeline(logsluice.LocalFiles(directory, batch_max_delay=0.05))
     handler = pipeline.attach(logger, level="DEBUG")
-    app, view = host_app(pipeline, make_reader(directory), heartbeat=2.0)
+    reader = make_reader(directory)
+    app, view = host_app(pipeline, reader, heartbeat=2.0)
     with ServerThread(app) as server:
         with httpx.Client(base_url=server.base, timeout=30) as c:
             for i in range(5):
@@ -46,7 +47,7 @@ def site(tmp_path_factory):
         for text in XSS_CORPUS:
             logger.bind(payload=text, link="javascript:alert(7)", site="https://example.org/x").warning(text)
         logger.bind(user={"id": 42}, shop="north").info("user 42 checked out")
-        pipeline.flush(timeout=30)
+        settle(pipeline, reader, 6)
         server.pipeline = pipeline
         yield server
         view.close()

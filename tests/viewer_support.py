@@ -108,3 +108,14 @@ def sigterm_app() -> Any:
     pipeline = logsluice.Pipeline(logsluice.LocalFiles(directory, batch_max_delay=0.05))
     app, _ = host_app(pipeline, make_reader(directory), auth=None, allow_anonymous=True)
     return app
+
+
+def settle(pipeline: Any, reader: Any, http_records: int) -> None:
+    """Flushes until ``http_records`` access records are readable: the middleware hands an
+    exchange to the pipeline only after the client got its response."""
+
+    def done() -> bool:
+        pipeline.flush(timeout=30)
+        return len(reader.query(kind="http", since="1h", limit=1000).records) >= http_records
+
+    wait_until(done, 30, f"{http_records} http records")
