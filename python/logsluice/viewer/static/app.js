@@ -355,7 +355,8 @@
     const gen = state.generation;
     const q = filterParams(true);
     const since = state.filters.since || "1h";
-    const long = /^\d+(h|d|w)$/.test(since) && !/^1h$/.test(since);
+    const hours = /^(\d+)h$/.exec(since);
+    const long = /^\d+(d|w)$/.test(since) || (hours !== null && Number(hours[1]) > 6);
     q.set("by", "level");
     q.set("bucket", long ? "1h" : "1m");
     q.set("slowest", "0");
@@ -373,11 +374,27 @@
         bars.set(t, bar);
       }
       state.serverHistogram = true;
-      drawHistogram([...bars.values()].sort((a, b) => a.from - b.from));
+      drawHistogram(timeline([...bars.values()], step));
     } catch (e) {
       state.serverHistogram = false;
       renderHistogram();
     }
+  }
+
+  // The bars on the query's whole time range, empty buckets included, so each sits at its time.
+  function timeline(bars, step) {
+    const byStart = new Map(bars.map((b) => [b.from, b]));
+    const ages = { s: 1e3, m: 60e3, h: 3600e3, d: 86400e3, w: 604800e3 };
+    const since = state.filters.since || "1h";
+    const rel = /^(\d+)([smhdw])$/.exec(since);
+    let lo = rel ? Date.now() - Number(rel[1]) * ages[rel[2]] : Date.parse(since);
+    let hi = state.filters.until ? Date.parse(state.filters.until) : Date.now();
+    if (isNaN(lo) || isNaN(hi) || hi <= lo) return bars.sort((a, b) => a.from - b.from);
+    lo = Math.floor(lo / step) * step;
+    if ((hi - lo) / step > 400) return bars.sort((a, b) => a.from - b.from);
+    const out = [];
+    for (let t = lo; t < hi; t += step) out.push(byStart.get(t) || { from: t, to: t + step, counts: {} });
+    return out;
   }
 
   function renderHistogram() {
@@ -452,7 +469,10 @@
 
   function fieldList(r) {
     const dl = el("dl", "fields");
-    const entries = Object.entries(r).filter(([k]) => k !== "fields");
+    const first = ["ts", "level", "kind", "message", "logger", "request_id", "trace_id", "method", "path",
+      "route", "status", "duration_ms", "exception"];
+    const rank = (k) => (first.includes(k) ? first.indexOf(k) : first.length);
+    const entries = Object.entries(r).filter(([k]) => k !== "fields").sort((a, b) => rank(a[0]) - rank(b[0]));
     for (const [k, v] of Object.entries(r.fields || {})) entries.push(["fields." + k, v]);
     for (const [k, v] of entries) {
       if (v === null || v === undefined || v === "") continue;
