@@ -629,3 +629,50 @@ def test_tail_survives_a_postgresql_restart(postgres):
     p.close()
     logger.remove()
     assert got == ["before restart", "after restart"]
+
+
+def test_demo_ends_with_read_commands_that_work(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LOGSLUICE_", "AZURE_STORAGE"))}
+    out = run_cli("demo", "--records", "1000", "--requests", "5", "--dir", str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    commands = [line.strip() for line in out.stdout.split("read it back:")[1].splitlines() if line.strip()]
+    assert any(c.startswith("logsluice request") for c in commands)
+    for command in commands:
+        argv = command.split()[1:]
+        if argv[0] == "tail" or "|" in argv:
+            continue
+        r = subprocess.run(
+            [sys.executable, "-m", "logsluice.cli", *argv],
+            capture_output=True,
+            text=True,
+            env=env,
+            check=False,
+            timeout=120,
+        )
+        assert r.returncode == 0 and r.stdout.strip(), (command, r.stderr)
+
+
+def test_time_bounds_prune_day_partitions(postgres):
+    """Each keyset comparison comes with a bare time bound: EXPLAIN shows old days pruned."""
+    table = f"p_{uuid.uuid4().hex[:10]}"
+    pipeline = logsluice.Pipeline(logsluice.Postgres(postgres.dsn, table=table))
+    logger.remove()
+    pipeline.attach(logger)
+    old = dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=3)
+    logger.patch(lambda r: r.update(time=old)).info("three days ago")
+    logger.info("today")
+    pipeline.flush(timeout=30)
+    pipeline.close()
+    logger.remove()
+    reader = logsluice.Reader(postgres.dsn, table=table)
+    old_day = f"{table}_app_{old:%Y%m%d}"
+    today = f"{table}_app_{dt.datetime.now(dt.timezone.utc):%Y%m%d}"
+    recent = reader.explain(since="1h")
+    assert today in recent and old_day not in recent
+    page = reader.query(limit=1)
+    assert page.records[0]["message"] == "today"
+    assert [r["message"] for r in reader.query(limit=1, cursor=page.next).records] == ["three days ago"]
+    last = page.records[0]
+    ts_us = int(dt.datetime.fromisoformat(last["ts"].replace("Z", "+00:00")).timestamp()) * 1_000_000
+    before_today = reader.explain(_after={"ts": ts_us - 86_400_000_000, "id": "0"})
+    assert old_day in before_today and today not in before_today
