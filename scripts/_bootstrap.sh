@@ -70,3 +70,11 @@ ensure_azurite() {
     fi
     "$AZURITE_PREFIX/node_modules/.bin/azurite-blob" --version
 }
+
+ensure_chromium() {
+    section "chromium + chromedriver (browser tests of the viewer)"
+    if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+        apt_install chromium chromium-driver
+    fi
+    chromium --version
+}

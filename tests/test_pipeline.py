@@ -452,3 +452,31 @@ def test_disk_errors_go_through_retries_breaker_and_counters(tmp_path, loguru, c
     pipeline.close()
     assert [r["message"] for r in read_records(directory)] == ["after"]
     assert_accounted(pipeline.stats())
+
+
+def test_record_time_is_loguru_time_in_every_zone(tmp_logs, loguru):
+    import datetime as dt
+    from zoneinfo import ZoneInfo
+
+    pipeline = logsluice.Pipeline(logsluice.LocalFiles(tmp_logs))
+    assert pipeline._core._fast_clock  # the layout check passed on this interpreter
+    pipeline.attach(loguru)
+    base = dt.datetime(2024, 3, 31, 0, 59, 59, 999_999, tzinfo=dt.timezone.utc)
+    times = [
+        base,
+        base.astimezone(dt.timezone(dt.timedelta(hours=5, minutes=30))),
+        base.astimezone(dt.timezone(-dt.timedelta(hours=9, minutes=15, seconds=1))),
+        base.astimezone(ZoneInfo("Europe/Berlin")),  # not a fixed offset: the slow path
+        dt.datetime(1969, 12, 31, 23, 59, 59, 1, tzinfo=dt.timezone.utc),
+        dt.datetime(9999, 12, 31, 23, 59, 59, 999_999, tzinfo=dt.timezone(dt.timedelta(hours=1))),
+    ]
+    for i, when in enumerate(times):
+        loguru.patch(lambda r, when=when: r.update(time=when)).info("t{}", i)
+    loguru.info("now")
+    pipeline.close()
+    records = read_records(tmp_logs)
+    for i, when in enumerate(times):
+        expected = when.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        assert records[i]["ts"] == expected, (i, when)
+    now = dt.datetime.fromisoformat(records[-1]["ts"].replace("Z", "+00:00"))
+    assert abs((dt.datetime.now(dt.timezone.utc) - now).total_seconds()) < 60

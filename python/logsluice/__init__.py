@@ -17,6 +17,7 @@ from .destinations import Destination, LocalFiles
 from .middleware import LoggingMiddleware
 from .postgres import Postgres
 from .reader import Page, Reader, RequestView
+from .viewer import viewer
 
 __all__ = [
     "AzureBlob",
@@ -30,4 +31,5 @@ __all__ = [
     "Reader",
     "RequestView",
     "__version__",
+    "viewer",
 ]

@@ -68,6 +68,7 @@ class Pipeline:
         self._core = _core.Core(specs, json.dumps(opts), _report, _context.request_id)
         self._handler_ids: list[int] = []
         self._http_middlewares: weakref.WeakSet[Any] = weakref.WeakSet()
+        self._close_callbacks: list[Any] = []
         _live_pipelines.add(self)
 
     @classmethod
@@ -142,6 +143,10 @@ class Pipeline:
     def _register_http(self, middleware: Any) -> None:
         self._http_middlewares.add(middleware)
 
+    def _on_close(self, callback: Any) -> None:
+        """Calls ``callback()`` (from the closing thread) when :meth:`close` starts."""
+        self._close_callbacks.append(callback)
+
     def flush(self, timeout: float = 5.0) -> None:
         """Returns once everything accepted before the call is written or counted as dropped;
         raises ``TimeoutError`` naming what is still pending."""
@@ -152,6 +157,11 @@ class Pipeline:
         (reason ``closed``) and reported on the ``logsluice`` logger. Safe to call twice."""
         if self._core.closed:
             return
+        for callback in self._close_callbacks:
+            try:
+                callback()  # e.g. a viewer ending its live streams
+            except Exception:  # noqa: BLE001 - closing goes on
+                _log.exception("logsluice: a close callback failed")
         pending = self._core.close(timeout)
         if pending:
             _log.warning(

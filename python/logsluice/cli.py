@@ -13,6 +13,10 @@ from . import __version__
 
 
 def demo(args: argparse.Namespace) -> int:
+    if getattr(args, "serve", False):
+        from ._demo_serve import serve
+
+        return serve(args)
     from ._demo import run
 
     code = run(args)
@@ -324,6 +328,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--requests", type=int, default=200, help="rounds of HTTP traffic (default 200)")
     p.add_argument("--threads", type=int, default=4, help="producer threads (default 4)")
     p.add_argument("--dir", help="LocalFiles directory (default: $LOGSLUICE_DIR or ./logs)")
+    p.add_argument("--serve", action="store_true", help="keep the demo app running with the viewer at /logs")
+    p.add_argument("--port", type=int, default=8000, help="port for --serve (default 8000)")
     p.set_defaults(func=demo)
 
     p = sub.add_parser("query", help="list records, newest first")

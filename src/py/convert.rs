@@ -13,6 +13,7 @@ use crate::record::{strip_nul, truncate_in_place, Kind, Record};
 
 /// Python objects the conversion needs, looked up once.
 pub struct Ctx {
+    pub clock: super::clock::Clock,
     pub format_exception: Py<PyAny>,
     pub request_id_var: Py<PyAny>,
     pub max_message_bytes: usize,
@@ -23,6 +24,13 @@ const MAX_DEPTH: usize = 16;
 const MAX_ITEMS: usize = 1000;
 
 extern "C" {
+    // Exported by every CPython 3.7+, outside the limited API: reads a ContextVar through
+    // the interpreter's per-variable cache instead of a Python-level method call.
+    fn PyContextVar_Get(
+        var: *mut ffi::PyObject,
+        default_value: *mut ffi::PyObject,
+        value: *mut *mut ffi::PyObject,
+    ) -> std::ffi::c_int;
     // Exported by every CPython this package supports (3.9+), though part of the limited
     // API only from 3.10. It hands out the string's cached UTF-8 form without a copy, where
     // the 3.9 limited API would build a new bytes object for every field of every record.
@@ -256,15 +264,28 @@ pub fn format_exception(
     Some(out.trim_end().to_owned())
 }
 
+/// The current value of a `ContextVar` (None when unset).
+fn context_value<'py>(py: Python<'py>, var: &Bound<'py, PyAny>) -> Option<Bound<'py, PyAny>> {
+    let mut value: *mut ffi::PyObject = std::ptr::null_mut();
+    // SAFETY: `var` is a ContextVar (Pipeline passes logsluice._context.request_id); on
+    // success `value` is a new reference or NULL when unset without a default.
+    unsafe {
+        if PyContextVar_Get(var.as_ptr(), std::ptr::null_mut(), &mut value) < 0 {
+            ffi::PyErr_Clear();
+            return None;
+        }
+        if value.is_null() {
+            return None;
+        }
+        Some(Bound::from_owned_ptr(py, value))
+    }
+}
+
 /// The request id: an explicit `request_id` extra wins, else the middleware's context.
 fn request_id(ctx: &Ctx, py: Python<'_>, explicit: Option<Bound<'_, PyAny>>) -> Option<String> {
     let v = match explicit.filter(|v| !v.is_none()) {
         Some(v) => v,
-        None => ctx
-            .request_id_var
-            .bind(py)
-            .call_method0(intern!(py, "get"))
-            .ok()?,
+        None => context_value(py, ctx.request_id_var.bind(py))?,
     };
     (!v.is_none()).then(|| capped(text(&v), 256))
 }
@@ -298,9 +319,15 @@ pub fn from_loguru(ctx: &Ctx, record: &Bound<'_, PyDict>, level: (String, u16)) 
     let py = record.py();
     // Loguru's own time, not our clock: `logger.patch()` may have set it (replays, imports).
     let ts = get(record, intern!(py, "time"))
-        .and_then(|t| t.call_method0(intern!(py, "timestamp")).ok())
-        .and_then(|t| t.extract::<f64>().ok())
-        .map_or_else(now_micros, micros);
+        .and_then(|t| {
+            ctx.clock.micros(&t).or_else(|| {
+                t.call_method0(intern!(py, "timestamp"))
+                    .ok()
+                    .and_then(|t| t.extract::<f64>().ok())
+                    .map(micros)
+            })
+        })
+        .unwrap_or_else(now_micros);
     let mut r = Record::new(
         ts,
         &level.0,

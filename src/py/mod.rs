@@ -1,6 +1,7 @@
 //! The Python-facing objects: `Core` (one per `logsluice.Pipeline`) and the Loguru sink.
 //! They hold the GIL only to read fields; waiting happens with the GIL released.
 
+mod clock;
 mod convert;
 mod http;
 mod read;
@@ -153,6 +154,7 @@ impl PyCore {
             .getattr("format_exception")?
             .unbind();
         let ctx = Ctx {
+            clock: clock::Clock::new(py)?,
             format_exception,
             request_id_var,
             max_message_bytes: options.max_message_bytes,
@@ -271,6 +273,12 @@ impl PyCore {
         py.detach(|| core.close(timeout))
             .err()
             .map(|p| pending_text(&p))
+    }
+
+    /// Whether Loguru times are read without calling `.timestamp()` (see `clock.rs`).
+    #[getter]
+    fn _fast_clock(&self) -> bool {
+        self.ctx.clock.fast()
     }
 
     #[getter]

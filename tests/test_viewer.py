@@ -1,0 +1,293 @@
+"""The viewer's JSON API, auth and security headers, over real uvicorn and a real pipeline
+writing LocalFiles."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import json
+
+import httpx
+import logsluice
+import pytest
+from harness._net import wait_until
+from loguru import logger
+from viewer_support import TOKEN, XSS_CORPUS, ServerThread, client, host_app, make_reader, settle
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    """A host app with traffic and Loguru records already written, the viewer at /logs."""
+    directory = tmp_path_factory.mktemp("viewer-logs")
+    pipeline = logsluice.Pipeline(logsluice.LocalFiles(directory, batch_max_delay=0.05))
+    handler = pipeline.attach(logger, level="DEBUG")
+    reader = make_reader(directory)
+    app, view = host_app(pipeline, reader)
+    with ServerThread(app) as server:
+        with httpx.Client(base_url=server.base, timeout=30) as c:
+            for i in range(20):
+                c.get(f"/items/{i}")
+            c.get("/items/1234")
+        for text in XSS_CORPUS:
+            logger.bind(payload=text, url="javascript:alert(9)").warning(text)
+        logger.bind(user={"id": 42}).info("user 42 checked out")
+        logger.info('=HYPERLINK("https://evil.invalid","x")')
+        settle(pipeline, reader, 21)
+        server.pipeline, server.view, server.directory = pipeline, view, directory
+        yield server
+        view.close()
+    logger.remove(handler)
+    pipeline.close()
+
+
+def test_mounting_without_auth_raises(tmp_logs):
+    reader = make_reader(tmp_logs)
+    with pytest.raises(ValueError, match="auth"):
+        logsluice.viewer(reader)
+    assert logsluice.viewer(reader, allow_anonymous=True) is not None
+    with pytest.raises(ValueError, match="auth must be a callable"):
+        logsluice.viewer(reader, auth="secret")
+
+
+def test_records_listed_and_filtered(site):
+    with client(site.base) as c:
+        r = c.get("/logs/api/records", params={"since": "1h", "limit": 500})
+        assert r.status_code == 200, r.text
+        assert r.headers["content-type"] == "application/json"
+        assert r.headers["x-content-type-options"] == "nosniff"
+        page = r.json()
+        messages = [rec["message"] for rec in page["records"]]
+        assert "user 42 checked out" in messages
+        assert all(text in messages for text in XSS_CORPUS)
+        assert sum(1 for rec in page["records"] if rec["kind"] == "http") == 21
+        assert page["partial"] is False
+
+        errors = c.get("/logs/api/records", params={"min_level": "ERROR"}).json()["records"]
+        assert [e["message"] for e in errors] == ["item 1234 is missing"]
+
+        http_404 = c.get("/logs/api/records", params={"kind": "http", "status": "4xx"}).json()["records"]
+        assert [(h["path"], h["status"]) for h in http_404] == [("/items/1234", 404)]
+
+        by_field = c.get("/logs/api/records", params={"field.user.id": "42"}).json()["records"]
+        assert [b["message"] for b in by_field] == ["user 42 checked out"]
+
+
+def test_keyset_paging_through_the_api(site):
+    with client(site.base) as c:
+        seen, cursor = [], None
+        while True:
+            params = {"limit": 7, "kind": "app"}
+            if cursor:
+                params["cursor"] = cursor
+            page = c.get("/logs/api/records", params=params).json()
+            seen += [rec["id"] for rec in page["records"]]
+            cursor = page["next"]
+            if not cursor:
+                break
+        everything = c.get("/logs/api/records", params={"limit": 1000, "kind": "app"}).json()["records"]
+        assert seen == [rec["id"] for rec in everything]
+        assert len(seen) == len(set(seen)) > 7
+
+
+def test_request_and_context(site):
+    with client(site.base) as c:
+        access = c.get("/logs/api/records", params={"kind": "http", "status": "404"}).json()["records"][0]
+        rid = access["request_id"]
+        assert rid
+        view = c.get(f"/logs/api/requests/{rid}")
+        assert view.status_code == 200, view.text
+        body = view.json()
+        assert body["access"]["path"] == "/items/1234"
+        assert sorted(r["message"] for r in body["records"]) == [
+            "item 1234 is missing",
+            "looking up item 1234",
+        ]
+
+        latest = c.get("/logs/api/requests/latest", params={"status": "4xx"}).json()
+        assert latest["request_id"] == rid and latest["access"]["status"] == 404
+        none = c.get("/logs/api/requests/latest", params={"status": "5xx"})
+        assert none.status_code == 404 and none.json() == {"error": "no request matches"}
+
+        both = c.get("/logs/api/records", params={"level": "ERROR,WARNING", "kind": "app", "limit": 1000})
+        assert {r["level"] for r in both.json()["records"]} == {"ERROR", "WARNING"}
+
+        anchor = body["records"][0]
+        ctx = c.get(f"/logs/api/records/{anchor['id']}/context", params={"before": 3, "after": 3})
+        assert ctx.status_code == 200, ctx.text
+        around = ctx.json()
+        assert around["record"]["id"] == anchor["id"]
+        assert 0 < len(around["before"]) <= 3 and 0 < len(around["after"]) <= 3
+        before, after = around["before"][-1], around["after"][0]
+        assert before["ts"] <= anchor["ts"] <= after["ts"]
+
+
+def test_export_ndjson_and_csv(site):
+    with client(site.base) as c:
+        r = c.get("/logs/api/export", params={"format": "ndjson", "kind": "app"})
+        assert r.status_code == 200
+        assert r.headers["content-type"] == "application/x-ndjson"
+        lines = [json.loads(line) for line in r.text.splitlines()]
+        listed = c.get("/logs/api/records", params={"kind": "app", "limit": 1000}).json()["records"]
+        assert [x["id"] for x in lines] == [x["id"] for x in listed]
+
+        r = c.get("/logs/api/export", params={"format": "csv", "min_level": "WARNING"})
+        rows = list(csv.reader(io.StringIO(r.text)))
+        assert rows[0][:3] == ["ts", "level", "kind"]
+        messages = {row[4] for row in rows[1:]}
+        assert "<img src=x onerror=alert(1)>" in messages
+        # Spreadsheet formulas from log content arrive as text.
+        r = c.get(
+            "/logs/api/export", params={"format": "csv", "columns": "message,user.id", "text": "hyperlink"}
+        )
+        assert list(csv.reader(io.StringIO(r.text))) == [
+            ["message", "user.id"],
+            ['\'=HYPERLINK("https://evil.invalid","x")', ""],
+        ]
+        r = c.get(
+            "/logs/api/export", params={"format": "csv", "columns": "message,user.id", "text": "user 42"}
+        )
+        assert list(csv.reader(io.StringIO(r.text)))[1] == ["user 42 checked out", "42"]
+        assert c.get("/logs/api/export", params={"format": "xml"}).status_code == 400
+        assert c.get("/logs/api/export", params={"columns": "a b"}).status_code == 400
+
+
+def test_status_shows_pipeline_stats(site):
+    with client(site.base) as c:
+        body = c.get("/logs/api/status").json()
+    stats = body["pipeline"]["local_files"]
+    assert stats["written"] >= 21 and stats["accepted"] >= stats["written"]
+    assert body["streams"]["max_subscribers"] == 200
+
+
+def test_auth_refused_and_accepted(site):
+    with client(site.base, token=None) as c:
+        for path in (
+            "/logs/",
+            "/logs/api/records",
+            "/logs/api/status",
+            "/logs/api/stream",
+            "/logs/static/app.js",
+        ):
+            r = c.get(path)
+            assert r.status_code == 401, path
+            assert r.json() == {"error": "authentication required"}
+        assert (
+            c.get("/logs/api/records", headers={"Authorization": "Bearer wrong-token-xxxxxxxx"}).status_code
+            == 401
+        )
+        # The page's token is traded for an HttpOnly cookie and removed from the address.
+        r = c.get("/logs/", params={"token": TOKEN})
+        assert r.status_code == 303 and r.headers["location"] == "./"
+        cookie = r.headers["set-cookie"]
+        assert "HttpOnly" in cookie and "SameSite=Strict" in cookie and "Path=/logs/" in cookie
+    with client(site.base, token=None, cookies={"logsluice_token": TOKEN}) as c:
+        assert c.get("/logs/api/records").status_code == 200
+
+
+def test_async_auth_callable_sees_the_connection(tmp_logs):
+    calls = []
+
+    async def require_admin(conn):
+        calls.append((conn.scope["type"], conn.headers.get("x-role")))
+        await asyncio.sleep(0)
+        return conn.headers.get("x-role") == "admin"
+
+    from fastapi import FastAPI
+
+    app = FastAPI()
+    app.mount("/logs", logsluice.viewer(make_reader(tmp_logs), auth=require_admin))
+    with ServerThread(app) as server, httpx.Client(base_url=server.base) as c:
+        assert c.get("/logs/api/records").status_code == 401
+        assert c.get("/logs/api/records", headers={"x-role": "admin"}).status_code == 200
+    assert calls == [("http", None), ("http", "admin")]
+
+
+def test_page_headers(site):
+    with client(site.base) as c:
+        r = c.get("/logs/")
+        assert r.status_code == 200
+        csp = r.headers["content-security-policy"]
+        for part in (
+            "default-src 'none'",
+            "script-src 'self'",
+            "connect-src 'self'",
+            "frame-ancestors 'none'",
+        ):
+            assert part in csp
+        assert r.headers["x-content-type-options"] == "nosniff"
+        assert '<script src="static/app.js"' in r.text
+        js = c.get("/logs/static/app.js")
+        assert js.headers["content-type"].startswith("text/javascript")
+        assert "innerHTML" not in js.text and "insertAdjacentHTML" not in js.text and "eval(" not in js.text
+        # Without the trailing slash: a redirect that keeps relative links under the mount.
+        r = c.get("/logs")
+        assert r.status_code == 307 and r.headers["location"].endswith("/logs/")
+        # Paths are never reflected.
+        r = c.get("/logs/<script>alert(1)</script>")
+        assert r.status_code == 404 and b"<script>" not in r.content
+
+
+BAD_INPUT = [
+    {"min_level": "LOUD"},
+    {"since": "yesterday-ish"},
+    {"status": "6xx"},
+    {"limit": "abc"},
+    {"limit": "-5"},
+    {"cursor": "not-a-cursor"},
+    {"order": "sideways"},
+    {"fields": "{not json"},
+    {"unknown": "1"},
+    {"field.a;drop": "1"},
+]
+
+
+@pytest.mark.parametrize("params", BAD_INPUT, ids=lambda p: ",".join(p))
+def test_bad_input_is_a_400_with_json(site, params):
+    with client(site.base) as c:
+        r = c.get("/logs/api/records", params=params)
+    assert r.status_code == 400, r.text[:300]
+    assert r.headers["content-type"] == "application/json"
+    assert set(r.json()) == {"error"} and "Traceback" not in r.text
+
+
+INJECTIONS = ["' OR 1=1 --", "x'); DROP TABLE logs; --", "%' OR '%'='", "\\", "\x00", "{}[]$ne"]
+
+
+@pytest.mark.parametrize("value", INJECTIONS)
+@pytest.mark.parametrize("name", ["logger", "route", "text", "request_id", "path", "field.user.id"])
+def test_injection_attempts_are_data(site, name, value):
+    with client(site.base) as c:
+        r = c.get("/logs/api/records", params={name: value})
+    assert r.status_code in (200, 400), r.text[:300]
+    if r.status_code == 200:
+        assert r.json()["records"] == []
+
+
+def test_read_only_and_unknown_routes(site):
+    with client(site.base) as c:
+        assert c.post("/logs/api/records").status_code == 405
+        r = c.get("/logs/api/nothing")
+        assert r.status_code == 404 and r.json() == {"error": "no such API endpoint"}
+
+
+def test_store_unavailable_is_a_503_not_a_traceback(tmp_logs):
+    class Broken:
+        async def aquery(self, **kw):
+            raise ConnectionError("password=hunter2 refused")
+
+    view = logsluice.viewer(Broken(), allow_anonymous=True)
+    with ServerThread(view) as server, httpx.Client(base_url=server.base) as c:
+        r = c.get("/api/records")
+    assert r.status_code == 503 and r.json() == {"error": "the log store is unavailable"}
+    assert "hunter2" not in r.text
+
+
+def test_viewer_status_after_pipeline_close(tmp_logs):
+    pipeline = logsluice.Pipeline(logsluice.LocalFiles(tmp_logs))
+    view = logsluice.viewer(make_reader(tmp_logs), allow_anonymous=True, pipeline=pipeline)
+    pipeline.close()
+    assert view._hub.closed
+    wait_until(lambda: view._hub.closed, 5, "hub closed")
