@@ -167,7 +167,7 @@ def copy_rate(pg: PostgresServer, dsn: str, indexes: list[str], n: int) -> float
     for sql in indexes:
         pg.psql(sql.replace("{t}", table))
     t0_us = int(time.time() * 1e6)
-    best = max(bench_postgres.core_once(pg, table, n, 10_000, t0_us) for _ in range(1 if QUICK else 3))
+    best = max(bench_postgres.core_rate(pg, table, n, 10_000, t0_us) for _ in range(1 if QUICK else 3))
     pg.psql(f"drop table {table}")
     return best
 
