@@ -15,7 +15,7 @@ http records from the real middleware for the summary.
 Cold = first call after a PostgreSQL restart (its buffers empty; the OS cache is not
 dropped). Warm = median of repeated calls. EXPLAIN (ANALYZE, BUFFERS) printed for (a)-(d).
 
-Run: .venv/bin/python benches/bench_reader.py [--quick]
+Run: .venv/bin/python benches/bench_reader.py [--quick] [--copy-only | --files-only]
 """
 
 from __future__ import annotations
@@ -173,6 +173,9 @@ def copy_rate(pg: PostgresServer, dsn: str, indexes: list[str], n: int) -> float
 
 
 def main() -> None:
+    if "--files-only" in sys.argv:
+        bench_files()
+        return
     if "--copy-only" in sys.argv:
         with PostgresServer() as pg:
             copy_costs(pg)
