@@ -20,6 +20,7 @@ import weakref
 from typing import Any, Callable, Optional
 from urllib.parse import parse_qsl
 
+from ..reader import FILTER_NAMES
 from . import _stream
 from ._stream import dumps
 
@@ -32,25 +33,8 @@ STATIC_FILES = {
     "/static/app.css": ("app.css", b"text/css; charset=utf-8"),
 }
 
-# Filters every listing takes (the Reader validates the values).
-FILTERS = (
-    "since",
-    "until",
-    "level",
-    "min_level",
-    "kind",
-    "logger",
-    "process",
-    "request_id",
-    "trace_id",
-    "method",
-    "route",
-    "path",
-    "status",
-    "min_duration_ms",
-    "text",
-    "fields",
-)
+# Filters every listing takes: the Reader's own list (it validates the values).
+FILTERS = FILTER_NAMES
 PAGING = ("order", "limit", "cursor")
 INTS = {"limit", "before", "after", "slowest", "process"}
 FLOATS = {"min_duration_ms"}
