@@ -225,7 +225,9 @@ def test_infinite_scroll_keys_and_paused_live_tail(site, browser):
         logger.bind(batch="scroll").info("scroll record {}", i)
     site.pipeline.flush(timeout=30)
     open_page(browser, site, "field.batch=scroll")
-    assert len(rows(browser)) == 100
+    # The first page is 100 rows; a tall window may already show the end of the table and
+    # fetch the next page by itself, so only "at least" holds here.
+    assert len(rows(browser)) >= 100
 
     def scrolled_to(count):
         # Scroll on every poll: a scroll that lands while the previous page is still being
