@@ -10,7 +10,6 @@ import multiprocessing
 import os
 import subprocess
 import threading
-import time
 import uuid
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import logsluice
 import pytest
 from logsluice.postgres import parse_duration
 from loguru import logger
+from support import wait_for
 
 SECRET = "s3cret-Hunter2"
 
@@ -34,18 +34,6 @@ def log():
     logger.remove()
     yield logger
     logger.remove()
-
-
-def wait_for(check, timeout=60.0, what="condition"):
-    """Polls `check` (a wait, not a timed assertion: the timeout only bounds a hang)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"gave up waiting for {what}")
-        time.sleep(0.05)
 
 
 def log_at(pipeline, when, message):

@@ -22,20 +22,9 @@ import pytest
 from fastapi import BackgroundTasks, FastAPI
 from fastapi.testclient import TestClient
 from loguru import logger
+from support import wait_for
 
 N_REQUESTS = 120
-
-
-def wait_for(check, timeout=60.0, what="condition"):
-    """Polls `check` (a wait, not a timed assertion: the timeout only bounds a hang)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"gave up waiting for {what}")
-        time.sleep(0.05)
 
 
 def read_ndjson(directory) -> list[dict]:
