@@ -1,29 +1,14 @@
-"""Apps for bench_middleware_wrk.py: the same FastAPI endpoint with and without the middleware."""
+"""Apps for bench_middleware_wrk.py: the in-process bench's own endpoint, without and with
+the middleware (one definition, so both benches measure the same app)."""
 
-import json
 import os
 import tempfile
 
 import logsluice
-from fastapi import FastAPI, Request
-from starlette.responses import Response
+from bench_middleware import make_app
 
-
-def _app() -> FastAPI:
-    app = FastAPI()
-
-    @app.post("/items/{item_id}")
-    async def items(item_id: int, request: Request) -> Response:
-        data = await request.json()
-        data["id"] = item_id
-        return Response(json.dumps(data).encode(), media_type="application/json")
-
-    return app
-
-
-app_none = _app()
+app_none = make_app("none")
 
 _pipeline = logsluice.Pipeline(logsluice.LocalFiles(os.environ.get("LOGSLUICE_DIR") or tempfile.mkdtemp()))
-app_logsluice = _app()
+app_logsluice = make_app("logsluice", _pipeline)
 app_logsluice.router.lifespan_context = _pipeline.lifespan
-app_logsluice.add_middleware(logsluice.LoggingMiddleware, pipeline=_pipeline)

@@ -12,7 +12,7 @@ use parking_lot::Mutex;
 
 use crate::breaker::{self, Breaker};
 use crate::config::{Common, DestinationSpec, OnFull, PipelineOptions, Target};
-use crate::destinations::{self, ErrorKind, WriteError, Writer};
+use crate::destinations::{self, ErrorKind, Writer};
 use crate::metrics::DropReason;
 use crate::queue::{Limits, Next, Queue, Snapshot};
 use crate::record::{Kind, Record};
@@ -374,13 +374,9 @@ fn deliver(
             return (0, vec![(DropReason::Failed, n)]);
         }
         dest.queue.with_state(|s| s.counters.retries += 1);
-        sleep_unless_aborted(dest, backoff.delay_with_hint(attempt, retry_hint(&err)));
+        sleep_unless_aborted(dest, backoff.delay_with_hint(attempt, err.retry_after));
         attempt += 1;
     }
-}
-
-fn retry_hint(err: &WriteError) -> Option<Duration> {
-    err.retry_after
 }
 
 fn sleep_unless_aborted(dest: &Destination, total: Duration) {

@@ -9,7 +9,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use parking_lot::{Condvar, Mutex};
+use parking_lot::{Condvar, Mutex, MutexGuard};
 
 use crate::metrics::{Counters, DropReason};
 use crate::record::Record;
@@ -103,28 +103,12 @@ impl Queue {
 
     /// Queues the record, or counts it dropped when the queue is full or closed.
     pub fn push(&self, rec: Arc<Record>) {
-        if let Err(rec) = self.try_push(rec) {
-            self.drop_new(&rec, DropReason::QueueFull);
-        }
+        let _ = self.admit(self.state.lock(), rec, true);
     }
 
     /// Queues the record unless the queue is full (then hands it back, uncounted).
     pub fn try_push(&self, rec: Arc<Record>) -> Result<(), Arc<Record>> {
-        let mut s = self.state.lock();
-        if s.closed {
-            s.counters.accepted += 1;
-            s.counters.drop(DropReason::Closed, 1);
-            return Ok(());
-        }
-        if !self.has_room(&s, rec.size) {
-            return Err(rec);
-        }
-        let wake = self.enqueue(&mut s, rec);
-        drop(s);
-        if wake {
-            self.not_empty.notify_one();
-        }
-        Ok(())
+        self.admit(self.state.lock(), rec, false)
     }
 
     /// Waits up to `timeout` for room (the `on_full="block"` policy), then drops and counts.
@@ -136,7 +120,21 @@ impl Queue {
                 break;
             }
         }
+        let _ = self.admit(s, rec, true);
+    }
+
+    /// One critical section for every way in: queues `rec`, or counts it dropped (always
+    /// when closed; when full only if `drop_when_full`), else hands it back uncounted.
+    fn admit(
+        &self,
+        mut s: MutexGuard<'_, State>,
+        rec: Arc<Record>,
+        drop_when_full: bool,
+    ) -> Result<(), Arc<Record>> {
         if s.closed || !self.has_room(&s, rec.size) {
+            if !s.closed && !drop_when_full {
+                return Err(rec);
+            }
             let reason = if s.closed {
                 DropReason::Closed
             } else {
@@ -144,19 +142,14 @@ impl Queue {
             };
             s.counters.accepted += 1;
             s.counters.drop(reason, 1);
-            return;
+            return Ok(());
         }
         let wake = self.enqueue(&mut s, rec);
         drop(s);
         if wake {
             self.not_empty.notify_one();
         }
-    }
-
-    fn drop_new(&self, _rec: &Record, reason: DropReason) {
-        let mut s = self.state.lock();
-        s.counters.accepted += 1;
-        s.counters.drop(reason, 1);
+        Ok(())
     }
 
     /// Blocks until a batch is due or `idle` passes. Records accepted before `close`
