@@ -194,6 +194,22 @@ pub fn valid_request_id(id: &[u8]) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.' | b':'))
 }
 
+/// This process's id, read again only after a fork (`getpid` is a system call).
+fn pid() -> u32 {
+    thread_local! {
+        static CACHED: std::cell::Cell<(u64, u32)> = const { std::cell::Cell::new((u64::MAX, 0)) };
+    }
+    let generation = crate::pipeline::fork_generation();
+    CACHED.with(|c| match c.get() {
+        (g, pid) if g == generation => pid,
+        _ => {
+            let pid = std::process::id();
+            c.set((generation, pid));
+            pid
+        }
+    })
+}
+
 /// A new request id: a UUIDv7 (time-ordered, so ids sort like the requests).
 pub fn new_request_id() -> String {
     let ms = std::time::SystemTime::now()
@@ -202,24 +218,27 @@ pub fn new_request_id() -> String {
         .unwrap_or_default()
         & 0xFFFF_FFFF_FFFF;
     // The pid is mixed in: a forked worker starts with its parent's generator state.
-    let rand_b = fastrand::u64(..) ^ u64::from(std::process::id()).rotate_left(29);
+    let rand_b = fastrand::u64(..) ^ u64::from(pid()).rotate_left(29);
     let rand_a = u64::from(fastrand::u16(..) & 0x0FFF);
     let hi = (ms << 16) | 0x7000 | rand_a;
     let lo = (rand_b & 0x3FFF_FFFF_FFFF_FFFF) | 0x8000_0000_0000_0000;
-    let value = (u128::from(hi) << 64) | u128::from(lo);
     const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut out = [0u8; 36];
-    let mut nibble = 0;
-    for (i, slot) in out.iter_mut().enumerate() {
-        if matches!(i, 8 | 13 | 18 | 23) {
-            *slot = b'-';
-            continue;
+    let mut digits = [0u8; 32];
+    for (i, word) in [hi, lo].into_iter().enumerate() {
+        for (j, byte) in word.to_be_bytes().into_iter().enumerate() {
+            digits[i * 16 + j * 2] = HEX[usize::from(byte >> 4)];
+            digits[i * 16 + j * 2 + 1] = HEX[usize::from(byte & 0xF)];
         }
-        *slot = HEX[((value >> (124 - 4 * nibble)) & 0xF) as usize];
-        nibble += 1;
     }
-    // Only ASCII hex digits and dashes were written.
-    String::from_utf8_lossy(&out).into_owned()
+    let mut out = String::with_capacity(36);
+    for (i, part) in [0..8, 8..12, 12..16, 16..20, 20..32].into_iter().enumerate() {
+        if i > 0 {
+            out.push('-');
+        }
+        // Only ASCII hex digits were written.
+        out.push_str(std::str::from_utf8(&digits[part]).unwrap_or_default());
+    }
+    out
 }
 
 fn content_headers(headers: &Headers) -> (String, String) {

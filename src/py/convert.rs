@@ -41,7 +41,7 @@ extern "C" {
 }
 
 /// The UTF-8 of a Python `str`, borrowed; `None` for strings holding lone surrogates.
-fn utf8<'a>(s: &'a Bound<'_, PyString>) -> Option<&'a str> {
+pub fn utf8<'a>(s: &'a Bound<'_, PyString>) -> Option<&'a str> {
     let mut size: ffi::Py_ssize_t = 0;
     // SAFETY: `s` is a live str; the returned buffer lives as long as the object, which
     // outlives the borrow `'a`. CPython guarantees valid UTF-8 on success.

@@ -3,6 +3,7 @@
 
 mod clock;
 mod convert;
+mod exchange;
 mod http;
 mod read;
 
