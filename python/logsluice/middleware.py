@@ -5,8 +5,10 @@
 Every message passes through unmodified and undelayed (the only change: the request id is
 echoed in a response header, on a copy of the start message). Bodies are copied as the app
 reads and sends them, up to a cap and a time limit; the middleware never calls
-``receive()`` itself. The finished exchange goes to the core in one non-blocking call;
-redaction and serialisation happen there, in Rust, without the GIL.
+``receive()`` itself. The per-request bookkeeping (ids, clocks, body copies, the decision
+to keep) lives in a native ``HttpExchange``: the wrappers here only pass each message to
+it. The finished exchange goes to the core in one non-blocking call; redaction and
+serialisation happen there, in Rust, without the GIL, off the event loop.
 """
 
 from __future__ import annotations

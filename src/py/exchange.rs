@@ -59,7 +59,11 @@ impl BodyCopy {
         }
         if self.bytes.capacity() == 0 {
             // A reused buffer from the lane: no malloc per request on the event loop.
-            self.bytes = buffer(if more { self.left.min(64 << 10) } else { chunk.len().min(self.left) });
+            self.bytes = buffer(if more {
+                self.left.min(64 << 10)
+            } else {
+                chunk.len().min(self.left)
+            });
         }
         if self.first.is_none() && !more && chunk.len() <= self.left {
             // The whole body in one message: no time limit to watch.
@@ -175,8 +179,10 @@ impl HttpExchange {
             rid: PyString::new(py, &rid).unbind(),
             rid_text: rid,
             app: get(scope, intern!(py, "app")).map_or_else(none, Bound::unbind),
-            root_path: get(scope, intern!(py, "root_path"))
-                .map_or_else(|| intern!(py, "").clone().into_any().unbind(), Bound::unbind),
+            root_path: get(scope, intern!(py, "root_path")).map_or_else(
+                || intern!(py, "").clone().into_any().unbind(),
+                Bound::unbind,
+            ),
             entry_path: scope
                 .get_item(intern!(py, "path"))?
                 .map_or_else(none, Bound::unbind),
@@ -433,7 +439,8 @@ impl HttpExchange {
             // A cancelled request, or a send that failed because the client left, is a
             // disconnect (499), not an application error.
             let cancelled = e.is_instance(cancelled_error(py)?)?;
-            if cancelled || (self.flags & flags::DISCONNECTED != 0 && e.is_instance_of::<PyOSError>())
+            if cancelled
+                || (self.flags & flags::DISCONNECTED != 0 && e.is_instance_of::<PyOSError>())
             {
                 self.flags |= flags::DISCONNECTED;
                 exc = None;
