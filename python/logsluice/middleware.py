@@ -234,8 +234,7 @@ class LoggingMiddleware:
                 # The client went away (uvicorn's ClientDisconnected is an OSError).
                 ex.disconnected()
                 raise
-            if ex.last:
-                ex.complete()
+            ex.sent()
 
         try:
             await self.app(scope, receive_copy, send_copy)

@@ -381,13 +381,11 @@ impl HttpExchange {
                 pairs.push(item);
             }
         }
-        let echo = PyTuple::new(
-            py,
-            [
-                PyBytes::new(py, name),
-                PyBytes::new(py, self.rid_text.as_bytes()),
-            ],
-        )?;
+        let echo_name = match &sink.capture.echo_name {
+            Some(n) => n.bind(py).clone(),
+            None => PyBytes::new(py, name),
+        };
+        let echo = PyTuple::new(py, [echo_name, PyBytes::new(py, self.rid_text.as_bytes())])?;
         pairs.push(echo.into_any());
         let list = PyList::new(py, pairs)?;
         let copy = message.copy()?;
@@ -564,8 +562,15 @@ impl HttpExchange {
         self.flags |= flags::DISCONNECTED;
     }
 
-    /// The last message went out: the record is finished now, not when the app returns
-    /// (background tasks run after that).
+    /// The message passed to `sending` went out; when it was the last one, the record is
+    /// finished now, not when the app returns (background tasks run after that).
+    fn sent(&mut self, py: Python<'_>) {
+        if self.last {
+            self.complete(py);
+        }
+    }
+
+    /// The last message went out.
     fn complete(&mut self, py: Python<'_>) {
         if !self.done {
             self.flags |= flags::COMPLETE;

@@ -65,6 +65,9 @@ pub struct CaptureConfig {
     pub limited: bool,
     #[serde(skip)]
     pub echo_header: Option<Vec<u8>>,
+    /// The same name as a Python `bytes`, made once.
+    #[serde(skip)]
+    pub echo_name: Option<Py<PyBytes>>,
 }
 
 fn seconds<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
@@ -119,7 +122,7 @@ pub struct HttpSink {
 #[pymethods]
 impl HttpSink {
     #[new]
-    fn new(core: Py<PyCore>, config_json: &str) -> PyResult<Self> {
+    fn new(py: Python<'_>, core: Py<PyCore>, config_json: &str) -> PyResult<Self> {
         let mut c: RedactorConfig = serde_json::from_str(config_json)
             .map_err(|e| PyValueError::new_err(format!("invalid middleware settings: {e}")))?;
         if let Some(h) = &mut c.capture.request_id_header {
@@ -131,6 +134,11 @@ impl HttpSink {
             .as_ref()
             .filter(|_| c.capture.echo)
             .map(|h| h.as_bytes().to_vec());
+        c.capture.echo_name = c
+            .capture
+            .echo_header
+            .as_deref()
+            .map(|h| PyBytes::new(py, h).unbind());
         Ok(HttpSink {
             core,
             capture: c.capture,
