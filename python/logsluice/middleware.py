@@ -21,7 +21,7 @@ import time
 from collections.abc import Iterable, Mapping
 from typing import Any, Callable, Optional
 
-from . import _context, _core
+from . import _core
 
 UNMATCHED_ROUTE = "<unmatched>"
 """The ``route`` of requests no route matched (404s, for example)."""
@@ -40,7 +40,6 @@ Send = Callable[[Message], Any]
 # (scope["app"], scope["root_path"], scope["path"]) as they were when the request entered:
 # routers rewrite the shared scope on the way in.
 _Entry = tuple[Any, str, str]
-_request_id = _context.request_id
 
 
 class _Pattern:
@@ -214,8 +213,8 @@ class LoggingMiddleware:
             await self.app(scope, receive, send)
             return
         try:
+            # Also sets the request id in this request's context.
             ex = self._sink.begin(scope, self)
-            token = _request_id.set(ex.rid)
         except Exception as e:  # noqa: BLE001 - the app runs as if we were not here
             self._internal_error(e)
             await self.app(scope, receive, send)
@@ -239,15 +238,10 @@ class LoggingMiddleware:
         try:
             await self.app(scope, receive_copy, send_copy)
         except BaseException as e:
-            ex.finish(e)
+            ex.end(e)
             raise
         else:
-            ex.finish()
-        finally:
-            try:
-                _request_id.reset(token)
-            except Exception as e:  # noqa: BLE001
-                self._internal_error(e)
+            ex.end()
 
     # -- counters ------------------------------------------------------------------------
 

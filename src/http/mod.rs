@@ -215,8 +215,13 @@ pub fn new_request_id() -> String {
     let ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
-        .unwrap_or_default()
-        & 0xFFFF_FFFF_FFFF;
+        .unwrap_or_default();
+    new_request_id_at(ms)
+}
+
+/// [`new_request_id`] for a request that started `unix_ms` (the caller read the clock).
+pub fn new_request_id_at(unix_ms: u64) -> String {
+    let ms = unix_ms & 0xFFFF_FFFF_FFFF;
     // The pid is mixed in: a forked worker starts with its parent's generator state.
     let rand_b = fastrand::u64(..) ^ u64::from(pid()).rotate_left(29);
     let rand_a = u64::from(fastrand::u16(..) & 0x0FFF);

@@ -15,8 +15,8 @@ use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple, PyType};
 
-use super::convert::utf8;
-use super::http::HttpSink;
+use super::convert::{reset_request_id, set_request_id, utf8};
+use super::http::{bytes_pair, HttpSink};
 use crate::http::flags;
 
 /// The `route` of requests no route matched; `middleware.UNMATCHED_ROUTE` in Python.
@@ -46,20 +46,13 @@ impl BodyCopy {
 
     /// Counts a chunk and copies what fits; returns false when the time limit ended
     /// capture (later chunks are still counted).
-    fn take(
-        &mut self,
-        chunk: &[u8],
-        more: bool,
-        timeout: Duration,
-        buffer: impl FnOnce(usize) -> Vec<u8>,
-    ) -> bool {
+    fn take(&mut self, chunk: &[u8], more: bool, timeout: Duration) -> bool {
         self.size += chunk.len() as u64;
         if !self.capture {
             return true;
         }
         if self.bytes.capacity() == 0 {
-            // A reused buffer from the lane: no malloc per request on the event loop.
-            self.bytes = buffer(if more {
+            self.bytes = Vec::with_capacity(if more {
                 self.left.min(64 << 10)
             } else {
                 chunk.len().min(self.left)
@@ -101,6 +94,8 @@ pub struct HttpExchange {
     #[pyo3(get)]
     rid: Py<PyString>,
     rid_text: String,
+    /// Resets the request id context variable when the app call ends.
+    token: Option<Py<PyAny>>,
     /// `scope["app"]`, `scope["root_path"]` and `scope["path"]` on entry: routers rewrite
     /// them on the shared scope, the entry values are the request's.
     #[pyo3(get)]
@@ -169,14 +164,18 @@ impl HttpExchange {
     ) -> PyResult<Self> {
         let py = scope.py();
         let s = sink.get();
-        let rid = s.request_id(get(scope, intern!(py, "headers")).as_ref());
+        let start_us = now_us();
+        let rid = s.request_id(get(scope, intern!(py, "headers")).as_ref(), start_us);
         let none = || py.None();
         let cap = s.capture.max_body;
+        let rid_obj = PyString::new(py, &rid);
+        let token = set_request_id(s.ctx(), rid_obj.as_any())?;
         s.counters.seen();
         Ok(HttpExchange {
+            token: Some(token.unbind()),
             sink: sink.clone().unbind(),
             mw: mw.clone().unbind(),
-            rid: PyString::new(py, &rid).unbind(),
+            rid: rid_obj.unbind(),
             rid_text: rid,
             app: get(scope, intern!(py, "app")).map_or_else(none, Bound::unbind),
             root_path: get(scope, intern!(py, "root_path")).map_or_else(
@@ -187,7 +186,7 @@ impl HttpExchange {
                 .get_item(intern!(py, "path"))?
                 .map_or_else(none, Bound::unbind),
             scope: scope.clone().unbind(),
-            start_us: now_us(),
+            start_us,
             t0: Instant::now(),
             t_start: None,
             decided: false,
@@ -330,7 +329,7 @@ impl HttpExchange {
                     let more = truthy(get(message, intern!(py, "more_body")));
                     let sink = self.sink.get();
                     let timeout = sink.capture.request_timeout;
-                    if !self.request.take(body, more, timeout, |n| sink.buffer(n)) {
+                    if !self.request.take(body, more, timeout) {
                         self.flags |= flags::REQUEST_BODY_TIMEOUT;
                     }
                 }
@@ -365,15 +364,18 @@ impl HttpExchange {
             self.response_headers = headers.map(Bound::unbind);
             return Ok(None);
         };
-        let mut pairs: Vec<Bound<'py, PyAny>> = Vec::new();
+        let mut pairs: Vec<Bound<'py, PyAny>> = Vec::with_capacity(16);
         if let Some(h) = &headers {
             for item in h.try_iter()? {
                 let item = item?;
-                let already = item
-                    .get_item(0)
-                    .ok()
-                    .and_then(|k| k.cast_into::<PyBytes>().ok())
-                    .is_some_and(|k| k.as_bytes().eq_ignore_ascii_case(name));
+                let already = match bytes_pair(&item) {
+                    Some((k, _)) => k.eq_ignore_ascii_case(name),
+                    None => item
+                        .get_item(0)
+                        .ok()
+                        .and_then(|k| k.cast_into::<PyBytes>().ok())
+                        .is_some_and(|k| k.as_bytes().eq_ignore_ascii_case(name)),
+                };
                 if already {
                     self.response_headers = headers.map(Bound::unbind);
                     return Ok(None);
@@ -408,7 +410,7 @@ impl HttpExchange {
                 if !body.is_empty() {
                     let sink = self.sink.get();
                     let timeout = sink.capture.response_timeout;
-                    if !self.response.take(body, more, timeout, |n| sink.buffer(n)) {
+                    if !self.response.take(body, more, timeout) {
                         self.flags |= flags::RESPONSE_BODY_TIMEOUT;
                     }
                 }
@@ -588,6 +590,18 @@ impl HttpExchange {
         self.done = true;
         if let Err(e) = self.finish_inner(py, exception) {
             self.internal_error(py, &e);
+        }
+    }
+
+    /// The app call returned or raised: finishes the record if nothing did yet and resets
+    /// the request id context variable. Never raises.
+    #[pyo3(signature = (exception=None))]
+    fn end(&mut self, py: Python<'_>, exception: Option<&Bound<'_, PyAny>>) {
+        self.finish(py, exception);
+        if let Some(token) = self.token.take() {
+            if let Err(e) = reset_request_id(self.sink.get().ctx(), token.bind(py)) {
+                self.internal_error(py, &e);
+            }
         }
     }
 

@@ -16,6 +16,7 @@ use arc_swap::ArcSwapOption;
 use parking_lot::{Condvar, Mutex};
 
 use pyo3::exceptions::PyValueError;
+use pyo3::ffi;
 use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
@@ -195,18 +196,16 @@ impl HttpSink {
 }
 
 impl HttpSink {
-    /// A reused buffer for a body copy.
-    pub fn buffer(&self, min: usize) -> Vec<u8> {
-        self.core.get().http_lane.buffer(min)
+    pub fn ctx(&self) -> &convert::Ctx {
+        &self.core.get().ctx
     }
 
     /// The inbound request id header's value when it is a safe id, else a new UUIDv7.
-    pub fn request_id(&self, headers: Option<&Bound<'_, PyAny>>) -> String {
+    pub fn request_id(&self, headers: Option<&Bound<'_, PyAny>>, unix_us: i64) -> String {
         let name = self.capture.request_id_header.as_deref().map(str::as_bytes);
-        match (name, headers) {
-            (Some(name), Some(headers)) => request_id_for(headers, Some(name)),
-            _ => http::new_request_id(),
-        }
+        headers
+            .and_then(|h| inbound_id(h, name))
+            .unwrap_or_else(|| http::new_request_id_at((unix_us / 1000) as u64))
     }
 
     /// Copies the finished exchange out of Python and puts it on the lane.
@@ -366,6 +365,12 @@ impl Packed {
             },
         };
         for item in items.take(200) {
+            if let Some((k, v)) = bytes_pair(&item) {
+                self.put(k);
+                self.put(v);
+                n += 1;
+                continue;
+            }
             // Servers send `(name, value)` tuples: read them without the generic protocol.
             if let Ok(t) = item.cast::<PyTuple>() {
                 if t.len() == 2 {
@@ -384,6 +389,31 @@ impl Packed {
             }
         }
         self.buf[at..at + 4].copy_from_slice(&n.to_le_bytes());
+    }
+}
+
+/// A `(bytes, bytes)` tuple read through the C API: the shape every ASGI server uses for
+/// headers, read here for every header of every request.
+pub fn bytes_pair<'a>(item: &'a Bound<'_, PyAny>) -> Option<(&'a [u8], &'a [u8])> {
+    let t = item.cast::<PyTuple>().ok()?;
+    if t.len() != 2 {
+        return None;
+    }
+    // SAFETY: `t` is a live 2-tuple; PyTuple_GetItem returns borrowed references that live
+    // as long as the tuple, which outlives `'a`. PyBytes_AsString/Size are called only on
+    // objects that pass the bytes type check, and the buffer lives as long as the object.
+    unsafe {
+        let part = |i: ffi::Py_ssize_t| -> Option<&'a [u8]> {
+            let o = ffi::PyTuple_GetItem(t.as_ptr(), i);
+            if o.is_null() || ffi::PyBytes_Check(o) == 0 {
+                return None;
+            }
+            let data = ffi::PyBytes_AsString(o);
+            let len = ffi::PyBytes_Size(o);
+            (!data.is_null() && len >= 0)
+                .then(|| std::slice::from_raw_parts(data.cast::<u8>(), len as usize))
+        };
+        Some((part(0)?, part(1)?))
     }
 }
 
@@ -680,21 +710,38 @@ impl LaneInner {
 #[pyfunction]
 #[pyo3(signature = (headers, name=None))]
 fn request_id_for(headers: &Bound<'_, PyAny>, name: Option<&[u8]>) -> String {
-    if let (Some(name), Ok(list)) = (name, headers.cast::<PyList>()) {
-        for item in list.iter() {
-            let Ok(t) = item.cast::<PyTuple>() else {
-                continue;
-            };
-            let Ok(k) = t.get_borrowed_item(0) else {
-                continue;
-            };
-            if k.cast::<PyBytes>().is_ok_and(|k| k.as_bytes() == name) {
-                let value = t.get_borrowed_item(1).ok();
-                return request_id(value.as_deref());
+    inbound_id(headers, name).unwrap_or_else(http::new_request_id)
+}
+
+/// The inbound request id, when the `name` header holds a safe one.
+fn inbound_id(headers: &Bound<'_, PyAny>, name: Option<&[u8]>) -> Option<String> {
+    let (Some(name), Ok(list)) = (name, headers.cast::<PyList>()) else {
+        return None;
+    };
+    for item in list.iter() {
+        if let Some((k, v)) = bytes_pair(&item) {
+            if k == name {
+                // Validated as ASCII.
+                return http::valid_request_id(v).then(|| String::from_utf8_lossy(v).into_owned());
             }
+            continue;
+        }
+        let Ok(t) = item.cast::<PyTuple>() else {
+            continue;
+        };
+        let Ok(k) = t.get_borrowed_item(0) else {
+            continue;
+        };
+        if k.cast::<PyBytes>().is_ok_and(|k| k.as_bytes() == name) {
+            let value = t.get_borrowed_item(1).ok();
+            let value = value.as_deref().and_then(|v| v.cast::<PyBytes>().ok());
+            return value
+                .map(|v| v.as_bytes())
+                .filter(|v| http::valid_request_id(v))
+                .map(|v| String::from_utf8_lossy(v).into_owned());
         }
     }
-    http::new_request_id()
+    None
 }
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
