@@ -585,9 +585,16 @@ fn is_basic_credential(token: &str) -> bool {
         &base64::alphabet::STANDARD,
         general_purpose::NO_PAD.with_decode_padding_mode(DecodePaddingMode::Indifferent),
     );
-    LENIENT
-        .decode(token)
-        .is_ok_and(|d| d.contains(&b':') && !d.iter().any(|&c| c < 0x20 || c == 0x7f))
+    let credential = |d: &[u8]| d.contains(&b':') && !d.iter().any(|&c| c < 0x20 || c == 0x7f);
+    // Most tokens fit on the stack: no allocation for the words that follow "basic" in prose.
+    let mut buf = [0u8; 384];
+    match LENIENT.decode_slice(token, &mut buf) {
+        Ok(n) => credential(&buf[..n]),
+        Err(base64::DecodeSliceError::OutputSliceTooSmall) => {
+            LENIENT.decode(token).is_ok_and(|d| credential(&d))
+        }
+        Err(_) => false,
+    }
 }
 
 /// `Bearer <token>` (token of 8+ characters) and `Basic <base64 of user:password>`, the
@@ -597,7 +604,8 @@ fn scrub_credentials(text: &str) -> Option<String> {
     let mut out: Option<String> = None;
     let mut copied = 0;
     let mut i = 0;
-    while i < b.len() {
+    while let Some(p) = memchr::memchr2(b'b', b'B', &b[i.min(b.len())..]) {
+        i += p;
         let Some(word) = SCHEMES.iter().find(|w| {
             b.len() > i + w.len()
                 && b[i..i + w.len()].eq_ignore_ascii_case(w)
@@ -626,7 +634,8 @@ fn scrub_credentials(text: &str) -> Option<String> {
         }
         let token = &text[t..j];
         let secret = if basic {
-            token.len() >= 4 && is_basic_credential(token)
+            // Eight characters or more: six bytes like `ab:cde`, not the word after "basic".
+            token.len() >= 8 && is_basic_credential(token)
         } else {
             token.len() >= 8
         };
