@@ -3,7 +3,9 @@
 //! `py/http.rs` reads the arguments and calls [`build_record`] with the GIL released.
 
 pub mod body;
+pub mod proxies;
 pub mod redact;
+pub mod xml;
 
 use std::borrow::Cow;
 use std::fmt::Write as _;
@@ -136,32 +138,33 @@ fn header_map(r: &Redactor, headers: &Headers) -> Value {
 }
 
 /// The client address: the socket peer, or, when the peer is a trusted proxy, the
-/// right-most `X-Forwarded-For` entry that is not itself a trusted proxy.
+/// right-most forwarded hop (`Forwarded`, else `X-Forwarded-For`) that is not itself one.
 fn client_addr(r: &Redactor, peer: Option<&str>, headers: &Headers) -> Option<String> {
     let peer = peer?;
-    let trusted = |ip: &str| r.trusted_proxies.iter().any(|t| t == "*" || t == ip);
-    if !trusted(peer) {
+    if r.trusted_proxies.is_empty() {
         return Some(peer.to_owned());
     }
-    let Some(xff) = header(headers, "x-forwarded-for") else {
-        return Some(peer.to_owned());
-    };
-    let hops: Vec<&str> = xff
-        .split(',')
-        .map(str::trim)
-        .filter(|h| !h.is_empty())
-        .collect();
-    let pick = hops
+    // Entries that do not parse trust nothing (configuration checks refuse them earlier).
+    let trusted: Vec<proxies::Trusted> = r
+        .trusted_proxies
         .iter()
-        .rev()
-        .find(|h| !trusted(h))
-        .or(hops.first())
-        .map(|h| {
-            let mut h = redact::escape_controls(h).into_owned();
-            truncate_in_place(&mut h, 64);
-            h
-        });
-    pick.or_else(|| Some(peer.to_owned()))
+        .filter_map(|t| proxies::parse_trusted(t).ok())
+        .collect();
+    let values = |name: &str| -> Vec<Cow<'_, str>> {
+        headers
+            .iter()
+            .filter(|(k, _)| k.eq_ignore_ascii_case(name.as_bytes()))
+            .map(|(_, v)| String::from_utf8_lossy(v))
+            .collect()
+    };
+    let forwarded = values("forwarded");
+    let xff = values("x-forwarded-for");
+    let forwarded: Vec<&str> = forwarded.iter().map(|v| v.as_ref()).collect();
+    let xff: Vec<&str> = xff.iter().map(|v| v.as_ref()).collect();
+    let mut addr = proxies::client_addr(&trusted, peer, &forwarded, &xff);
+    addr = redact::escape_controls(&addr).into_owned();
+    truncate_in_place(&mut addr, 64);
+    Some(addr)
 }
 
 /// W3C `traceparent`: `version-traceid-spanid-flags`, ids non-zero lower-case hex.
@@ -509,6 +512,16 @@ mod tests {
         assert_eq!(
             client_addr(&r, Some("10.0.0.1"), &headers).as_deref(),
             Some("1.2.3.4")
+        );
+        r.trusted_proxies = vec!["10.0.0.0/8".into(), "::1/128".into()];
+        let headers = h(&[
+            ("x-forwarded-for", "9.9.9.9"),
+            ("Forwarded", "for=5.6.7.8;proto=https"),
+            ("forwarded", "for=\"[2001:db8::7]:443\", for=10.1.1.1"),
+        ]);
+        assert_eq!(
+            client_addr(&r, Some("::1"), &headers).as_deref(),
+            Some("2001:db8::7")
         );
     }
 
