@@ -773,3 +773,7 @@ def test_configuration_errors_are_clear(pipeline):
         LoggingMiddleware(echo_app([]), pipeline=pipeline, max_body_bytes=-1)
     with pytest.raises(ValueError, match="redact_headers"):
         LoggingMiddleware(echo_app([]), pipeline=pipeline, redact_headers="authorization")
+    with pytest.raises(ValueError, match="trusted_proxies"):
+        LoggingMiddleware(echo_app([]), pipeline=pipeline, trusted_proxies=["10.0.0.0/33"])
+    with pytest.raises(ValueError, match="request_id_header"):
+        LoggingMiddleware(echo_app([]), pipeline=pipeline, request_id_header="X-Réquest-ID")

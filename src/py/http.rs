@@ -126,6 +126,8 @@ impl HttpSink {
     fn new(py: Python<'_>, core: Py<PyCore>, config_json: &str) -> PyResult<Self> {
         let mut c: RedactorConfig = serde_json::from_str(config_json)
             .map_err(|e| PyValueError::new_err(format!("invalid middleware settings: {e}")))?;
+        crate::http::proxies::parse_trusted_list(&c.trusted_proxies)
+            .map_err(|e| PyValueError::new_err(format!("trusted_proxies: {e}")))?;
         if let Some(h) = &mut c.capture.request_id_header {
             h.make_ascii_lowercase();
         }
