@@ -46,13 +46,21 @@ impl BodyCopy {
 
     /// Counts a chunk and copies what fits; returns false when the time limit ended
     /// capture (later chunks are still counted).
-    fn take(&mut self, chunk: &[u8], more: bool, timeout: Duration) -> bool {
+    fn take(
+        &mut self,
+        chunk: &[u8],
+        more: bool,
+        timeout: Duration,
+        buffer: impl FnOnce(usize) -> Vec<u8>,
+    ) -> bool {
         self.size += chunk.len() as u64;
         if !self.capture {
             return true;
         }
         if self.bytes.capacity() == 0 {
-            self.bytes = Vec::with_capacity(if more {
+            // A buffer the lane's thread handed back: memory allocated here and freed there
+            // would make the two threads contend for one malloc arena on every request.
+            self.bytes = buffer(if more {
                 self.left.min(64 << 10)
             } else {
                 chunk.len().min(self.left)
@@ -329,7 +337,7 @@ impl HttpExchange {
                     let more = truthy(get(message, intern!(py, "more_body")));
                     let sink = self.sink.get();
                     let timeout = sink.capture.request_timeout;
-                    if !self.request.take(body, more, timeout) {
+                    if !self.request.take(body, more, timeout, |n| sink.buffer(n)) {
                         self.flags |= flags::REQUEST_BODY_TIMEOUT;
                     }
                 }
@@ -410,7 +418,7 @@ impl HttpExchange {
                 if !body.is_empty() {
                     let sink = self.sink.get();
                     let timeout = sink.capture.response_timeout;
-                    if !self.response.take(body, more, timeout) {
+                    if !self.response.take(body, more, timeout, |n| sink.buffer(n)) {
                         self.flags |= flags::RESPONSE_BODY_TIMEOUT;
                     }
                 }

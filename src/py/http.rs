@@ -202,6 +202,11 @@ impl HttpSink {
         &self.core.get().ctx
     }
 
+    /// A reused buffer for a body copy.
+    pub fn buffer(&self, min: usize) -> Vec<u8> {
+        self.core.get().http_lane.buffer(min)
+    }
+
     /// The inbound request id header's value when it is a safe id, else a new UUIDv7.
     pub fn request_id(&self, headers: Option<&Bound<'_, PyAny>>, unix_us: i64) -> String {
         let name = self.capture.request_id_header.as_deref().map(str::as_bytes);
