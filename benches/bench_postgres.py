@@ -118,7 +118,7 @@ def populate_recordset(conn, table, data, per=1000):
     source = f"jsonb_populate_recordset(null::{table}, %s)"
     sql = f"insert into {table} ({COL_LIST}) select {COL_LIST} from {source}"
     for i in range(0, len(data), per):
-        docs = [dict(zip(COLS, (r[0].isoformat(), *r[1:]))) for r in data[i : i + per]]
+        docs = [dict(zip(COLS, (r[0].isoformat(), *r[1:]), strict=False)) for r in data[i : i + per]]
         conn.execute(sql, (Jsonb(docs),))
 
 

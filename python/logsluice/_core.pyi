@@ -1,8 +1,9 @@
 """Types of the native module (Rust, PyO3)."""
 
+from collections.abc import Callable
 from contextvars import ContextVar
 from logging import LogRecord
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 __version__: str
 

@@ -278,7 +278,7 @@ def cmd_summary(args: argparse.Namespace) -> int:
 
     head = ["count", "2xx", "4xx", "5xx", "err%", "p50", "p95", "p99"]
     widths = [8, 6, 6, 6, 6, 8, 8, 8]
-    print(f"{'group':<40} " + " ".join(f"{h:>{w}}" for h, w in zip(head, widths)))
+    print(f"{'group':<40} " + " ".join(f"{h:>{w}}" for h, w in zip(head, widths, strict=False)))
     for g in s["groups"]:
         name = " ".join(clean(v) for v in g["key"].values() if v is not None) or "(none)"
         if g["bucket"]:

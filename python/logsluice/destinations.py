@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterable
-from typing import Any, Callable, ClassVar, Optional, Union
+from collections.abc import Callable, Iterable
+from typing import Any, ClassVar, Optional, Union
 
 LEVELS = {"TRACE": 5, "DEBUG": 10, "INFO": 20, "SUCCESS": 25, "WARNING": 30, "ERROR": 40, "CRITICAL": 50}
 _ALIASES = {"WARN": "WARNING", "FATAL": "CRITICAL"}

@@ -18,8 +18,8 @@ import json
 import math
 import re
 import time
-from collections.abc import Iterable, Mapping
-from typing import Any, Callable, Optional
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Optional
 
 from . import _core
 

@@ -17,7 +17,8 @@ import secrets
 import signal
 import threading
 import weakref
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any, Optional
 from urllib.parse import parse_qsl
 
 from ..reader import EXCLUDE_NAMES, FILTER_NAMES

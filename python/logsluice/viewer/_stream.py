@@ -23,7 +23,8 @@ import json
 import logging
 import secrets
 import time
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any, Optional
 
 _log = logging.getLogger("logsluice.viewer")
 
