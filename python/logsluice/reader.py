@@ -1,8 +1,8 @@
 """The read side: one set of filters over PostgreSQL, LocalFiles directories and Azure Blob
 containers.
 
-    reader = logsluice.Reader("postgresql://app@db/app")      # or Reader("./logs"), Reader(AzureBlob(...)),
-                                                              # Reader("<connection string>"), Reader.from_env()
+    reader = logsluice.Reader("postgresql://app@db/app")      # or Reader("./logs"), Reader.from_env(),
+    # Reader(AzureBlob(...)), Reader("<Azure Storage connection string>", container="logs")
     page = reader.query(since="1h", min_level="ERROR", limit=50)
     page.records, page.next, page.partial
     reader.request("0190c3a4-...")       # the access record and every app record of a request
@@ -60,7 +60,15 @@ _CONNECTION_STRING = re.compile(
     r"SharedAccessSignature|EndpointSuffix)\s*=",
     re.IGNORECASE,
 )
-_BLOB_KEYS = ("connection_string", "account_url", "credential", "container_url", "container", "prefix", "name_template")
+_BLOB_KEYS = (
+    "connection_string",
+    "account_url",
+    "credential",
+    "container_url",
+    "container",
+    "prefix",
+    "name_template",
+)
 
 TimeLike = Union[str, int, float, _dt.datetime, _dt.date, _dt.timedelta, None]
 
@@ -371,7 +379,9 @@ class _Poller:
         list_from = min(self.watermark, now) - max(self.lookback, 300.0)
         min_ts = 0.0 if self.primed else self.start_at - 1.0
         data = json.loads(
-            self.reader._core.poll_new(json.dumps(self.filters), list_from, min_ts, json.dumps(self.blob_names))
+            self.reader._core.poll_new(
+                json.dumps(self.filters), list_from, min_ts, json.dumps(self.blob_names)
+            )
         )
         self.polls += 1
         self.blob_names = data["seen"]

@@ -172,7 +172,7 @@ impl PyReader {
                         let store = BlobStore::open(cfg)?;
                         // The cursor key: the container and its secrets (as for a DSN).
                         let identity = format!("blob:{spec_json}");
-                        Reader::new(Store::Blob(store), &identity)
+                        Reader::new(Store::Blob(Box::new(store)), &identity)
                     }
                     SourceSpec::Postgres {
                         dsn,
@@ -286,7 +286,7 @@ impl PyReader {
         let seen: std::collections::HashSet<String> = serde_json::from_str(seen_json)
             .map_err(|_| PyValueError::new_err("seen must be a JSON list of names"))?;
         let inner = self.inner.clone();
-        let (records, seen) = py
+        let polled = py
             .detach(move || {
                 let Store::Blob(s) = &inner.store else {
                     return Err(ReadError::Failed("poll_new needs a blob source".into()));
@@ -300,7 +300,7 @@ impl PyReader {
                 )
             })
             .map_err(err)?;
-        Ok(json!({"records": records, "seen": seen}).to_string())
+        Ok(json!({"records": polled.records, "seen": polled.seen}).to_string())
     }
 }
 

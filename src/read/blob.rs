@@ -17,7 +17,7 @@
 use std::collections::HashSet;
 use std::io::{self, Write};
 use std::num::NonZero;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use azure_core::http::StatusCode;
@@ -92,10 +92,19 @@ pub struct BlobStore {
     pub stats: Stats,
 }
 
+/// What one tail poll found: the new records in time order, and the names of the blobs
+/// read (or known to be too old) to pass to the next poll.
+pub struct Polled {
+    pub records: Vec<Map<String, Value>>,
+    pub seen: Vec<String>,
+}
+
 /// One blob to read and the times its records can have.
 #[derive(Clone, Debug)]
 struct BlobInfo {
     name: String,
+    /// Bytes as stored (compressed).
+    size: u64,
     lo: i64,
     hi: i64,
 }
@@ -109,11 +118,12 @@ struct Unit {
     prefixes: Vec<String>,
 }
 
+/// What one call may spend: blobs and their bytes as stored, taken before each download
+/// (concurrent downloads cannot overshoot), and time, which also stops a blob midway.
 struct Budget {
     bytes: AtomicU64,
     blobs: AtomicU64,
     deadline: Instant,
-    exhausted: AtomicBool,
 }
 
 impl Budget {
@@ -122,41 +132,29 @@ impl Budget {
             bytes: AtomicU64::new(cfg.max_bytes),
             blobs: AtomicU64::new(cfg.max_blobs as u64),
             deadline: Instant::now() + cfg.max_time,
-            exhausted: AtomicBool::new(false),
         }
     }
+    fn late(&self) -> bool {
+        Instant::now() > self.deadline
+    }
+    /// Whether any limit is reached.
     fn out(&self) -> bool {
-        if !self.exhausted.load(Ordering::Relaxed) && Instant::now() > self.deadline {
-            self.exhausted.store(true, Ordering::Relaxed);
-        }
-        self.exhausted.load(Ordering::Relaxed)
+        self.late()
+            || self.bytes.load(Ordering::Relaxed) == 0
+            || self.blobs.load(Ordering::Relaxed) == 0
     }
-    /// Takes one blob from the budget; false when none is left.
-    fn take_blob(&self) -> bool {
-        if self.out() {
+    /// Takes one blob from the budget; false when none is left. `force` (a page that has
+    /// nothing it can return yet) overrides the byte and blob limits, not the deadline.
+    fn take_blob(&self, force: bool, size: u64) -> bool {
+        if self.late() || !force && self.out() {
             return false;
         }
-        let ok = self
-            .blobs
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
-            .is_ok();
-        if !ok {
-            self.exhausted.store(true, Ordering::Relaxed);
+        for (counter, n) in [(&self.blobs, 1), (&self.bytes, size)] {
+            let _ = counter.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+                Some(v.saturating_sub(n))
+            });
         }
-        ok
-    }
-    fn spend(&self, n: u64) -> bool {
-        let left = self
-            .bytes
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| {
-                Some(b.saturating_sub(n))
-            })
-            .unwrap_or_else(|b| b)
-            .saturating_sub(n);
-        if left == 0 {
-            self.exhausted.store(true, Ordering::Relaxed);
-        }
-        !self.out()
+        true
     }
 }
 
@@ -165,24 +163,25 @@ impl Budget {
 struct Lines<F: FnMut(&[u8], u64)> {
     partial: Vec<u8>,
     offset: u64,
-    seen: u64,
     on_line: F,
 }
 
 impl<F: FnMut(&[u8], u64)> Write for Lines<F> {
     fn write(&mut self, mut data: &[u8]) -> io::Result<usize> {
         let n = data.len();
-        self.seen += n as u64;
         while let Some(i) = memchr::memchr(b'\n', data) {
             let (line, rest) = data.split_at(i + 1);
-            if self.partial.is_empty() {
+            let whole = if self.partial.is_empty() {
                 (self.on_line)(line, self.offset);
+                line.len()
             } else {
                 self.partial.extend_from_slice(line);
                 (self.on_line)(&self.partial, self.offset);
+                let n = self.partial.len();
                 self.partial.clear();
-            }
-            self.offset += line.len() as u64;
+                n
+            };
+            self.offset += whole as u64;
             data = rest;
         }
         self.partial.extend_from_slice(data);
@@ -197,7 +196,7 @@ impl<F: FnMut(&[u8], u64)> Write for Lines<F> {
 /// the name says) or plain NDJSON.
 enum Decoder<F: FnMut(&[u8], u64)> {
     Unknown(Lines<F>),
-    Gzip(MultiGzDecoder<Lines<F>>),
+    Gzip(Box<MultiGzDecoder<Lines<F>>>),
     Plain(Lines<F>),
     Done,
 }
@@ -212,7 +211,7 @@ impl<F: FnMut(&[u8], u64)> Decoder<F> {
                 unreachable!()
             };
             *self = if chunk[0] == 0x1f {
-                Decoder::Gzip(MultiGzDecoder::new(lines))
+                Decoder::Gzip(Box::new(MultiGzDecoder::new(lines)))
             } else {
                 Decoder::Plain(lines)
             };
@@ -221,13 +220,6 @@ impl<F: FnMut(&[u8], u64)> Decoder<F> {
             Decoder::Gzip(d) => d.write_all(chunk),
             Decoder::Plain(l) => l.write_all(chunk),
             _ => Ok(()),
-        }
-    }
-    fn decoded(&self) -> u64 {
-        match self {
-            Decoder::Gzip(d) => d.get_ref().seen,
-            Decoder::Plain(l) | Decoder::Unknown(l) => l.seen,
-            Decoder::Done => 0,
         }
     }
     fn finish(&mut self) {
@@ -264,6 +256,20 @@ impl Best {
             self.sort();
         }
     }
+    /// Whether some record found sorts before everything that may remain unread (times
+    /// up to `bound` going back, from `bound` going forward): the page can end there.
+    fn secured(&self, bound: i64) -> bool {
+        self.found.iter().any(
+            |(ts, _, _)| {
+                if self.desc {
+                    *ts > bound
+                } else {
+                    *ts < bound
+                }
+            },
+        )
+    }
+
     /// Whether records with times in `lo..=hi` could still enter the page.
     fn could_take(&mut self, lo: i64, hi: i64) -> bool {
         if self.found.len() < self.limit {
@@ -420,13 +426,13 @@ impl BlobStore {
             .into_pages();
         let mut out = Vec::new();
         loop {
-            self.stats.list_calls.fetch_add(1, Ordering::Relaxed);
             let page = match pages.next().await {
                 None => break,
                 Some(Ok(p)) => p,
                 Some(Err(e)) if e.http_status() == Some(StatusCode::NotFound) => break,
                 Some(Err(e)) => return Err(self.fail("listing blobs", &e)),
             };
+            self.stats.list_calls.fetch_add(1, Ordering::Relaxed);
             let body = page
                 .into_model()
                 .map_err(|e| self.fail("listing blobs", &e))?;
@@ -439,7 +445,8 @@ impl BlobStore {
                 let at = |k: &str| meta.get(k).and_then(|v| parse_ts(v));
                 let lo = at("first_ts").map_or(unit.lo, |t| t.max(unit.lo));
                 let hi = at("last_ts").map_or(unit.hi, |t| t.min(unit.hi));
-                out.push(BlobInfo { name, lo, hi });
+                let size = item.properties.and_then(|p| p.content_length).unwrap_or(0);
+                out.push(BlobInfo { name, size, lo, hi });
             }
         }
         Ok(out)
@@ -452,7 +459,7 @@ impl BlobStore {
         Ok(lists.into_iter().flatten().collect())
     }
 
-    /// Streams one blob through `on_line`; false when the budget ran out before its end.
+    /// Streams one blob through `on_line`; false when the deadline passed before its end.
     async fn read_blob<F: FnMut(&[u8], u64)>(
         &self,
         name: &str,
@@ -475,10 +482,8 @@ impl BlobStore {
         let mut dec = Decoder::Unknown(Lines {
             partial: Vec::new(),
             offset: 0,
-            seen: 0,
             on_line,
         });
-        let mut spent = 0u64;
         while let Some(chunk) = body.next().await {
             let chunk = chunk.map_err(|e| self.fail("downloading a blob", &e))?;
             self.stats
@@ -488,15 +493,11 @@ impl BlobStore {
                 // Not gzip after all, or corrupt: what decoded so far stays valid.
                 break;
             }
-            let decoded = dec.decoded();
-            let ok = budget.spend(decoded - spent);
-            spent = decoded;
-            if !ok {
+            if budget.late() {
                 return Ok(false);
             }
         }
         dec.finish();
-        budget.spend(dec.decoded() - spent);
         Ok(true)
     }
 
@@ -540,15 +541,15 @@ impl BlobStore {
         let units = self.units(&self.kinds(&scan.filter), lo, hi, desc)?;
         let budget = Budget::new(&self.cfg);
         // The bound of what was left unread when the budget ran out.
+        let clamp = |(a, b): (i64, i64)| (a.max(lo), b.min(hi));
         let unread = self.rt.block_on(async {
             for (ui, unit) in units.iter().enumerate() {
                 if !best.lock().could_take(unit.lo.max(lo), unit.hi.min(hi)) {
                     return Ok::<_, ReadError>(None);
                 }
-                if budget.out() {
-                    return Ok(Some(bound(desc, &units[ui..], |u| {
-                        (u.lo.max(lo), u.hi.min(hi))
-                    })));
+                let left = bound(desc, &units[ui..], |u| clamp((u.lo, u.hi)));
+                if budget.late() || budget.out() && best.lock().secured(left) {
+                    return Ok(Some(left));
                 }
                 let mut blobs: Vec<BlobInfo> = self
                     .list_unit(unit)
@@ -563,25 +564,35 @@ impl BlobStore {
                 }
                 let mut i = 0;
                 while i < blobs.len() {
+                    // Unread after this point: the rest of this partition and the later ones.
+                    let rest = |from: usize| -> Vec<(i64, i64)> {
+                        blobs[from..]
+                            .iter()
+                            .map(|b| (b.lo, b.hi))
+                            .chain(units[ui + 1..].iter().map(|u| clamp((u.lo, u.hi))))
+                            .collect()
+                    };
+                    // Past the byte or blob budget, a page still reads on until it has a
+                    // record nothing unread can precede: every page moves forward.
+                    let force = !best.lock().secured(bound(desc, &rest(i), |r| *r));
                     let mut wave = Vec::new();
+                    let mut stopped = false;
                     while i < blobs.len() && wave.len() < self.cfg.concurrency.max(1) {
                         let b = &blobs[i];
+                        if !best.lock().could_take(b.lo, b.hi) {
+                            i += 1;
+                            continue;
+                        }
+                        // Forced: one blob at a time, then look again.
+                        if !budget.take_blob(force && wave.is_empty(), b.size) {
+                            stopped = true;
+                            break;
+                        }
+                        wave.push(b);
                         i += 1;
-                        if best.lock().could_take(b.lo, b.hi) {
-                            wave.push(b);
-                        }
-                    }
-                    let mut unfinished: Vec<&BlobInfo> = Vec::new();
-                    let mut started = Vec::new();
-                    for b in wave {
-                        if budget.take_blob() {
-                            started.push(b);
-                        } else {
-                            unfinished.push(b);
-                        }
                     }
                     let (budget, best) = (&budget, &best);
-                    let done = futures::stream::iter(started.iter().map(|b| async move {
+                    let done = futures::stream::iter(wave.iter().map(|b| async move {
                         self.scan_into(b, scan, (lo, hi), budget, best)
                             .await
                             .map(|complete| (*b, complete))
@@ -589,20 +600,22 @@ impl BlobStore {
                     .buffer_unordered(self.cfg.concurrency.max(1))
                     .try_collect::<Vec<_>>()
                     .await?;
-                    unfinished.extend(done.iter().filter(|(_, c)| !c).map(|(b, _)| *b));
-                    if !unfinished.is_empty() || budget.out() {
-                        // Unread: the unfinished blobs, the rest of this partition and every
-                        // later partition.
-                        let rest: Vec<(i64, i64)> = unfinished
-                            .iter()
-                            .map(|b| (b.lo, b.hi))
-                            .chain(blobs[i..].iter().map(|b| (b.lo, b.hi)))
-                            .chain(units[ui + 1..].iter().map(|u| (u.lo.max(lo), u.hi.min(hi))))
-                            .collect();
-                        if rest.is_empty() {
+                    let cut: Vec<(i64, i64)> = done
+                        .iter()
+                        .filter(|(_, complete)| !complete)
+                        .map(|(b, _)| (b.lo, b.hi))
+                        .collect();
+                    if stopped || !cut.is_empty() {
+                        let mut left = rest(i);
+                        let late = !cut.is_empty() || budget.late();
+                        left.extend(cut);
+                        if left.is_empty() {
                             return Ok(None);
                         }
-                        return Ok(Some(bound(desc, &rest, |r| *r)));
+                        let left = bound(desc, &left, |r| *r);
+                        if late || best.lock().secured(left) {
+                            return Ok(Some(left));
+                        }
                     }
                 }
             }
@@ -658,7 +671,7 @@ impl BlobStore {
                 let grouper = &grouper;
                 let budget = &budget;
                 async move {
-                    if !budget.take_blob() {
+                    if !budget.take_blob(false, b.size) {
                         return Ok(false);
                     }
                     let mut matcher = LineMatcher::new(filter, (lo, hi));
@@ -675,7 +688,7 @@ impl BlobStore {
             .await?;
             Ok::<_, ReadError>(all.into_iter().all(|c| c))
         })?;
-        Ok(grouper.into_inner().finish(!complete || budget.out()))
+        Ok(grouper.into_inner().finish(!complete))
     }
 
     /// The record `{blob name}:{offset}`, or None.
@@ -716,7 +729,7 @@ impl BlobStore {
         list_from: i64,
         min_ts: i64,
         seen: HashSet<String>,
-    ) -> Result<(Vec<Map<String, Value>>, Vec<String>), ReadError> {
+    ) -> Result<Polled, ReadError> {
         let now = chrono::Utc::now().timestamp_micros();
         let units = self.units(&self.kinds(filter), list_from.min(now), now, false)?;
         let budget = Budget::new(&self.cfg);
@@ -734,7 +747,7 @@ impl BlobStore {
                 let out = &out;
                 let budget = &budget;
                 async move {
-                    if !budget.take_blob() {
+                    if !budget.take_blob(false, b.size) {
                         return Ok((b.name.clone(), false));
                     }
                     let mut matcher = LineMatcher::new(filter, (min_ts, i64::MAX));
@@ -773,7 +786,10 @@ impl BlobStore {
             a.0.cmp(&b.0)
                 .then_with(|| super::cursor::id_key(&a.1).cmp(&super::cursor::id_key(&b.1)))
         });
-        Ok((out.into_iter().map(|(_, _, r)| r).collect(), listed))
+        Ok(Polled {
+            records: out.into_iter().map(|(_, _, r)| r).collect(),
+            seen: listed,
+        })
     }
 
     pub fn stats_json(&self) -> Value {
@@ -865,7 +881,6 @@ mod tests {
         let mut lines = Lines {
             partial: Vec::new(),
             offset: 0,
-            seen: 0,
             on_line: |l: &[u8], at| got.push((String::from_utf8_lossy(l).into_owned(), at)),
         };
         lines.write_all(b"ab\ncd").unwrap();
@@ -893,14 +908,12 @@ mod tests {
             let mut d = Decoder::Unknown(Lines {
                 partial: Vec::new(),
                 offset: 0,
-                seen: 0,
                 on_line: |l: &[u8], at| got.push((l.len(), at)),
             });
             for chunk in body.chunks(5) {
                 d.feed(chunk).unwrap();
             }
             d.finish();
-            assert_eq!(d.decoded(), text.len() as u64);
             drop(d);
             assert_eq!(got, [(8, 0), (8, 8)]);
         }

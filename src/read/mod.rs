@@ -101,7 +101,7 @@ pub struct Page {
 
 pub enum Store {
     Files(files::FilesStore),
-    Blob(blob::BlobStore),
+    Blob(Box<blob::BlobStore>),
     Pg(pg::PgStore),
 }
 
