@@ -212,6 +212,13 @@ def test_partial_pages_under_tiny_budgets_continue_to_the_same_answer(world):
     page = small.query(limit=1000)
     assert page.partial and page.next
     assert small.stats()["blobs_downloaded"] < len(world.blobs)
+    # Readers of the same container share cursors, whatever their budgets.
+    ids, cursor = [r["id"] for r in page.records], page.next
+    while cursor:
+        more = world.blob.query(limit=1000, cursor=cursor)
+        ids.extend(r["id"] for r in more.records)
+        cursor = more.next
+    assert sorted(ids) == sorted(r["id"] for r in everything(world.blob))
     full = {r["id"]: r for r in everything(world.blob)}
     assert all(full[r["id"]] == r for r in page.records)
     got, cursor, pages = list(page.records), page.next, 1

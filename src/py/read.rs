@@ -169,9 +169,19 @@ impl PyReader {
                         if let Some(c) = concurrency {
                             cfg.concurrency = c.clamp(1, 64);
                         }
+                        // The cursor key: where the blobs are, secrets included (as for a
+                        // DSN), not the budgets: readers of one container share cursors.
+                        let t = &cfg.target;
+                        let identity = format!(
+                            "blob:{:?}:{:?}:{:?}:{:?}:{}:{}",
+                            t.connection_string,
+                            t.account_url,
+                            t.credential,
+                            t.container_url,
+                            t.container,
+                            t.prefix
+                        );
                         let store = BlobStore::open(cfg)?;
-                        // The cursor key: the container and its secrets (as for a DSN).
-                        let identity = format!("blob:{spec_json}");
                         Reader::new(Store::Blob(Box::new(store)), &identity)
                     }
                     SourceSpec::Postgres {
