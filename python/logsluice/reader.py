@@ -371,29 +371,32 @@ class _Poller:
         return new
 
     blob_names: list[str] = []
+    blob_primed = False
 
     def _poll_blobs(self) -> list[dict[str, Any]]:
         """New records only ever arrive in new blobs: list the partitions of the last few
-        minutes and read the blobs not read before (their names are remembered)."""
+        minutes (from the start, on the first poll) and read the blobs not read before
+        (their names are remembered)."""
         now = time.time()
-        list_from = min(self.watermark, now) - max(self.lookback, 300.0)
-        min_ts = 0.0 if self.primed else self.start_at - 1.0
-        data = json.loads(
-            self.reader._core.poll_new(
-                json.dumps(self.filters), list_from, min_ts, json.dumps(self.blob_names)
-            )
-        )
+        margin = max(self.lookback, 300.0)
+        primed = self.blob_primed
+        list_from = (now if primed else min(self.start_at, now)) - margin
+        min_ts = 0.0 if primed else self.start_at - 0.001
+        request, seen = json.dumps(self.filters), json.dumps(self.blob_names)
+        data = json.loads(self.reader._core.poll_new(request, list_from, min_ts, seen))
         self.polls += 1
         self.blob_names = data["seen"]
+        self.blob_primed = True
         new: list[dict[str, Any]] = []
         for r in data["records"]:
             rid = r.get("id")
-            if rid in self.seen:  # a blob cut short by the budget is read again
+            if rid in self.seen:  # a blob cut short by the deadline is read again
                 continue
             ts = _parse_ts(r.get("ts"))
             self.seen[rid] = ts
-            new.append(r)
-        horizon = now - max(self.lookback, 300.0) - 3600.0
+            if primed or ts >= self.start_at:
+                new.append(r)
+        horizon = now - margin - 3600.0
         while self.seen:
             rid, ts = next(iter(self.seen.items()))
             if ts >= horizon:
