@@ -249,6 +249,8 @@ def test_sources_container_url_sas_destination_and_env(world, azurite, monkeypat
     # Without a token, a private container is refused by the service: a clear error, not a hang.
     with pytest.raises(RuntimeError, match="403|401|uthoriz"):
         logsluice.Reader(f"{azurite.blob_endpoint}/{world.container}").query()
+    dev = f"UseDevelopmentStorage=true;DevelopmentStorageProxyUri=http://127.0.0.1:{azurite.port}"
+    assert len(everything(logsluice.Reader(dev, container=world.container))) == len(world.all)
     dest = logsluice.AzureBlob(world.cs, container=world.container)
     assert len(everything(logsluice.Reader(dest), level="ERROR")) == sum(
         1 for r in world.all if r["level"] == "ERROR"
@@ -260,6 +262,15 @@ def test_sources_container_url_sas_destination_and_env(world, azurite, monkeypat
     from_env = logsluice.Reader.from_env()
     assert from_env.kind == "blob"
     assert len(everything(from_env)) == len(world.all)
+
+
+def test_public_container_reads_without_a_token(azurite):
+    container = unique_container()
+    service = BlobServiceClient.from_connection_string(azurite.connection_string)
+    service.create_container(container, public_access="container")
+    _write_at(azurite, container, [dt.datetime.now(dt.timezone.utc)], "public")
+    reader = logsluice.Reader(f"{azurite.blob_endpoint}/{container}")
+    assert [r["message"] for r in reader.query().records] == ["public 0"]
 
 
 def test_cli_query_with_a_connection_string(world):
