@@ -16,6 +16,7 @@ Run: .venv/bin/python benches/bench_reader_blob.py [--quick]
 from __future__ import annotations
 
 import datetime as dt
+import random
 import statistics
 import sys
 import tempfile
@@ -128,6 +129,34 @@ def main() -> None:
                 f"{w['list_calls']} lists, {w['blobs_downloaded']}/{n_blobs} blobs"
                 + ("" if same else "  (ANSWERS DIFFER)")
             )
+        tail_latency(azurite, container)
+
+
+def tail_latency(azurite, container: str, samples: int = 20) -> None:
+    pipeline = logsluice.Pipeline(
+        logsluice.AzureBlob(azurite.connection_string, container=container, batch_max_delay=0.05)
+    )
+    logger.remove()
+    pipeline.attach(logger)
+    reader = logsluice.Reader(azurite.connection_string, container=container)
+    waits = []
+    with reader.subscribe(kind="app") as sub:
+        sub.get(timeout=1.0)
+        for i in range(samples):
+            time.sleep(random.random() * 0.5)  # not in step with the poller
+            logger.info("tail probe {}", i)
+            pipeline.flush(timeout=30)
+            t0 = time.perf_counter()
+            got = []
+            while not any(r.get("message") == f"tail probe {i}" for r in got):
+                got.extend(x for x in sub.get(timeout=2.0) if isinstance(x, dict))
+            waits.append((time.perf_counter() - t0) * 1000)
+    pipeline.close()
+    logger.remove()
+    waits.sort()
+    p95 = waits[int(len(waits) * 0.95) - 1]
+    p50 = statistics.median(waits)
+    print(f"(g) batch-written-to-tail latency, poll 0.5 s: p50 {p50:.0f} ms, p95 {p95:.0f} ms")
 
 
 if __name__ == "__main__":
