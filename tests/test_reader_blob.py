@@ -438,3 +438,38 @@ def test_viewer_on_a_blob_reader(world):
     r = client.get(f"/api/requests/{rid}")
     assert r.status_code == 200 and r.json()["access"]["status"] == 500
     assert client.get("/api/records", params={"status": "6xx"}).status_code == 400
+
+
+def test_viewer_sse_stream_over_a_blob_reader(azurite):
+    from viewer_support import ServerThread, client, host_app, sse_events
+
+    container = unique_container()
+    pipeline = logsluice.Pipeline(
+        logsluice.AzureBlob(azurite.connection_string, container=container, batch_max_delay=0.05)
+    )
+    handler = pipeline.attach(logger, level="DEBUG")
+    reader = logsluice.Reader(azurite.connection_string, container=container)
+    app, view = host_app(pipeline, reader)
+    try:
+        with ServerThread(app) as server, client(server.base) as c:
+            with c.stream("GET", "/logs/api/stream", params={"kind": "app"}) as r:
+                assert r.status_code == 200
+                wait_for(
+                    lambda: c.get("/logs/api/status").json()["streams"]["subscribers"] == 1,
+                    what="a subscriber",
+                )
+                sent = [f"streamed-{i}" for i in range(5)]
+                for text in sent:
+                    logger.info(text)
+                pipeline.flush(timeout=30)
+                got = []
+                for ev in sse_events(r.iter_lines()):
+                    if ev.get("event") == "record" and ev["data"]["message"].startswith("streamed-"):
+                        got.append(ev["data"]["message"])
+                    if len(got) == len(sent):
+                        break
+        assert got == sent
+    finally:
+        view.close()
+        logger.remove(handler)
+        pipeline.close()
