@@ -8,6 +8,7 @@
 
 pub mod blob;
 pub mod cursor;
+pub mod exclude;
 pub mod files;
 pub mod filter;
 pub mod lines;
