@@ -96,7 +96,7 @@ def _reader(args: argparse.Namespace) -> Any:
         if args.schema:
             options["schema"] = args.schema
         if not args.source.startswith(("postgresql://", "postgres://")):
-            options = {}
+            options = {"container": args.container} if args.container else {}
         return Reader(args.source, **options)
     return Reader.from_env()
 
@@ -298,10 +298,12 @@ def cmd_summary(args: argparse.Namespace) -> int:
 def _add_source(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--source",
-        help="a PostgreSQL DSN or a directory (default: $LOGSLUICE_POSTGRES_DSN, $LOGSLUICE_DIR, ./logs)",
+        help="a PostgreSQL DSN, a directory, an Azure Storage connection string or a container URL "
+        "(default: $LOGSLUICE_POSTGRES_DSN, $LOGSLUICE_DIR, the Azure variables, ./logs)",
     )
     p.add_argument("--table", help="PostgreSQL table (default logs)")
     p.add_argument("--schema", help="PostgreSQL schema (default public)")
+    p.add_argument("--container", help="Azure Blob container, with a connection string (default logs)")
     p.add_argument("--json", action="store_true", help="one JSON object per line (NDJSON)")
 
 

@@ -1,6 +1,8 @@
-"""The read side: one set of filters over PostgreSQL and LocalFiles directories.
+"""The read side: one set of filters over PostgreSQL, LocalFiles directories and Azure Blob
+containers.
 
-    reader = logsluice.Reader("postgresql://app@db/app")      # or Reader("./logs"), Reader.from_env()
+    reader = logsluice.Reader("postgresql://app@db/app")      # or Reader("./logs"), Reader.from_env(),
+    # Reader(AzureBlob(...)), Reader("<Azure Storage connection string>", container="logs")
     page = reader.query(since="1h", min_level="ERROR", limit=50)
     page.records, page.next, page.partial
     reader.request("0190c3a4-...")       # the access record and every app record of a request
@@ -21,6 +23,7 @@ import datetime as _dt
 import functools
 import json
 import os
+import re
 import threading
 import time
 import weakref
@@ -55,7 +58,21 @@ FILTER_NAMES = (
 # What ``exclude`` takes: each name to one value or a list of values.
 EXCLUDE_NAMES = ("level", "kind", "logger", "method", "route", "status", "request_id", "path", "text")
 
-_NO_BLOB = "Reader: reading Azure Blob containers is not supported yet; read PostgreSQL or files"
+# An Azure Storage connection string starts with one of its keys.
+_CONNECTION_STRING = re.compile(
+    r"^\s*(DefaultEndpointsProtocol|AccountName|AccountKey|BlobEndpoint|UseDevelopmentStorage|"
+    r"SharedAccessSignature|EndpointSuffix)\s*=",
+    re.IGNORECASE,
+)
+_BLOB_KEYS = (
+    "connection_string",
+    "account_url",
+    "credential",
+    "container_url",
+    "container",
+    "prefix",
+    "name_template",
+)
 
 TimeLike = Union[str, int, float, _dt.datetime, _dt.date, _dt.timedelta, None]
 
@@ -325,6 +342,8 @@ class _Poller:
         self.wake.set()
 
     def poll_once(self) -> list[dict[str, Any]]:
+        if self.reader.kind == "blob":
+            return self._poll_blobs()
         lookback = self.lookback
         since = self.watermark - lookback
         if self.reader.kind == "postgres":
@@ -366,6 +385,40 @@ class _Poller:
             self.seen.popitem(last=False)
         return new
 
+    blob_names: list[str] = []
+    blob_primed = False
+
+    def _poll_blobs(self) -> list[dict[str, Any]]:
+        """New records only ever arrive in new blobs: list the partitions of the last few
+        minutes (from the start, on the first poll) and read the blobs not read before
+        (their names are remembered)."""
+        now = time.time()
+        margin = max(self.lookback, 300.0)
+        primed = self.blob_primed
+        list_from = (now if primed else min(self.start_at, now)) - margin
+        min_ts = 0.0 if primed else self.start_at - 0.001
+        request, seen = json.dumps(self.filters), json.dumps(self.blob_names)
+        data = json.loads(self.reader._core.poll_new(request, list_from, min_ts, seen))
+        self.polls += 1
+        self.blob_names = data["seen"]
+        self.blob_primed = True
+        new: list[dict[str, Any]] = []
+        for r in data["records"]:
+            rid = r.get("id")
+            if rid in self.seen:  # a blob cut short by the deadline is read again
+                continue
+            ts = _parse_ts(r.get("ts"))
+            self.seen[rid] = ts
+            if primed or ts >= self.start_at:
+                new.append(r)
+        horizon = now - margin - 3600.0
+        while self.seen:
+            rid, ts = next(iter(self.seen.items()))
+            if ts >= horizon:
+                break
+            self.seen.popitem(last=False)
+        return new
+
     def _run(self) -> None:
         while not self.stopped:
             try:
@@ -398,12 +451,22 @@ def _parse_ts(text: Any) -> float:
 class Reader:
     """Reads what the pipeline wrote.
 
-    ``source``: a PostgreSQL DSN (``postgresql://...``), a directory (LocalFiles), a
-    :class:`~logsluice.LocalFiles` or :class:`~logsluice.Postgres` destination.
+    ``source``: a PostgreSQL DSN (``postgresql://...``), a directory (LocalFiles), an Azure
+    Storage connection string (``DefaultEndpointsProtocol=...;AccountKey=...`` or
+    ``UseDevelopmentStorage=true``, with ``container``, default ``"logs"``), a container URL
+    (``https://ACCOUNT.blob.core.windows.net/CONTAINER?<SAS>``; without a SAS token give
+    ``credential=`` or the container must allow public reads), or a
+    :class:`~logsluice.LocalFiles`, :class:`~logsluice.Postgres` or
+    :class:`~logsluice.AzureBlob` destination.
 
-    Budgets: ``statement_timeout`` (seconds, PostgreSQL, at most 25), ``max_bytes``,
-    ``max_files`` and ``max_seconds`` (file scans). When a budget runs out, the page comes
-    back with what was found, ``partial=True`` and a cursor to continue.
+    Blob sources read a time range only (the last hour unless ``since`` is given), listing
+    just the partitions (hours by default) inside it; ``prefix`` and ``name_template`` must
+    match the writer's.
+
+    Budgets: ``statement_timeout`` (seconds, PostgreSQL, at most 25), ``max_bytes``
+    (decompressed), ``max_files`` (files or blobs one call may read) and ``max_seconds``
+    (file and blob scans). When a budget runs out, the page comes back with what was found,
+    ``partial=True`` and a cursor to continue.
     """
 
     def __init__(
@@ -418,6 +481,10 @@ class Reader:
         max_files: Optional[int] = None,
         max_seconds: float = 20.0,
         slack_seconds: float = 300.0,
+        container: Optional[str] = None,
+        prefix: Optional[str] = None,
+        credential: Optional[str] = None,
+        name_template: Optional[str] = None,
     ) -> None:
         if source is None:
             source = "./logs"
@@ -429,8 +496,10 @@ class Reader:
         elif isinstance(source, LocalFiles):
             spec = {"type": "files", "directory": source.directory}
             self.description = f"files {source.directory}"
-        elif type_name == "AzureBlob":
-            raise ValueError(_NO_BLOB)
+        elif type_name == "AzureBlob" and hasattr(source, "_target"):
+            target = source._target()
+            spec = {"type": "blob", **{k: target[k] for k in _BLOB_KEYS if target.get(k) is not None}}
+            self.description = f"blob {source.location}"
         elif isinstance(source, (str, os.PathLike)):
             text = os.fspath(source)
             if text.startswith(("postgresql://", "postgres://")):
@@ -438,8 +507,18 @@ class Reader:
 
                 spec = {"type": "postgres", "dsn": text, "schema": schema, "table": table}
                 self.description = f"postgres {redact_dsn(text)} {schema}.{table}"
-            elif "AccountKey=" in text or "BlobEndpoint=" in text or text.startswith("https://"):
-                raise ValueError(_NO_BLOB)
+            elif _CONNECTION_STRING.match(text):
+                from .azure_blob import _where_from_connection_string
+
+                spec = {"type": "blob", "connection_string": text, "container": container or "logs"}
+                self.description = f"blob {_where_from_connection_string(text)} container={spec['container']}"
+            elif text.startswith(("https://", "http://")):
+                from .azure_blob import _without_query
+
+                spec = {"type": "blob", "container_url": text}
+                if credential is not None:
+                    spec["credential"] = credential
+                self.description = f"blob {_without_query(text)}"
             else:
                 directory = os.path.abspath(text)
                 spec = {"type": "files", "directory": directory}
@@ -454,12 +533,19 @@ class Reader:
             spec["statement_timeout"] = float(statement_timeout)
             spec["connect_timeout"] = float(connect_timeout)
         else:
+            if spec["type"] == "blob" and not isinstance(source, (str, os.PathLike)):
+                pass  # a destination carries its own container, prefix and template
+            elif spec["type"] == "blob":
+                for key, value in (("prefix", prefix), ("name_template", name_template)):
+                    if value is not None:
+                        spec[key] = value
             if max_bytes is not None:
                 spec["max_bytes"] = int(max_bytes)
             if max_files is not None:
                 spec["max_files"] = int(max_files)
             spec["max_seconds"] = float(max_seconds)
-            spec["slack_seconds"] = float(slack_seconds)
+            if spec["type"] == "files":
+                spec["slack_seconds"] = float(slack_seconds)
         self.kind = spec["type"]
         self._core = _core.ReaderCore(json.dumps(spec))
         self._pollers: dict[str, _Poller] = {}
@@ -469,12 +555,21 @@ class Reader:
     @classmethod
     def from_env(cls, **options: Any) -> Reader:
         """The source ``Pipeline.from_env()`` writes to: ``LOGSLUICE_POSTGRES_DSN`` (with
-        ``LOGSLUICE_POSTGRES_SCHEMA``/``_TABLE``), else ``LOGSLUICE_DIR``, else ``./logs``."""
+        ``LOGSLUICE_POSTGRES_SCHEMA``/``_TABLE``), else ``LOGSLUICE_DIR``, else the Azure Blob
+        container of ``AZURE_STORAGE_CONNECTION_STRING``, ``LOGSLUICE_AZURE_CONTAINER_URL`` or
+        ``LOGSLUICE_AZURE_ACCOUNT_URL`` (with ``LOGSLUICE_AZURE_CONTAINER``/``_PREFIX``), else
+        ``./logs``."""
         env = os.environ
         if env.get("LOGSLUICE_POSTGRES_DSN"):
             options.setdefault("schema", env.get("LOGSLUICE_POSTGRES_SCHEMA") or "public")
             options.setdefault("table", env.get("LOGSLUICE_POSTGRES_TABLE") or "logs")
             return cls(env["LOGSLUICE_POSTGRES_DSN"], **options)
+        if not (env.get("LOGSLUICE_DIR") or "").strip():
+            from .azure_blob import _azure_blob_from_env
+
+            blob = _azure_blob_from_env()
+            if blob is not None:
+                return cls(blob, **options)
         return cls(env.get("LOGSLUICE_DIR") or "./logs", **options)
 
     def __repr__(self) -> str:
@@ -673,6 +768,11 @@ class Reader:
         req = _request({"since": since, **filters})
         req.update({"by": by, "bucket": bucket, "slowest": slowest})
         return json.loads(self._core.summary(json.dumps(req)))
+
+    def stats(self) -> dict[str, Any]:
+        """Work done so far by a blob source: ``list_calls``, ``blobs_downloaded`` and
+        ``bytes_downloaded`` (as stored, compressed); ``{}`` for other sources."""
+        return json.loads(self._core.stats())
 
     def explain(self, **filters: Any) -> str:
         """PostgreSQL: ``EXPLAIN (ANALYZE, BUFFERS)`` of the page query for ``filters``."""

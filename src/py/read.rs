@@ -10,6 +10,8 @@ use pyo3::prelude::*;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
+use crate::config::AzureBlobConfig;
+use crate::read::blob::{BlobConfig, BlobStore};
 use crate::read::files::{FilesConfig, FilesStore};
 use crate::read::pg::{PgConfig, PgStore};
 use crate::read::{ReadError, Reader, Scan, Store};
@@ -27,6 +29,30 @@ enum SourceSpec {
         max_seconds: Option<f64>,
         #[serde(default)]
         slack_seconds: Option<f64>,
+    },
+    Blob {
+        #[serde(default)]
+        connection_string: Option<String>,
+        #[serde(default)]
+        account_url: Option<String>,
+        #[serde(default)]
+        credential: Option<String>,
+        #[serde(default)]
+        container_url: Option<String>,
+        #[serde(default = "logs")]
+        container: String,
+        #[serde(default)]
+        prefix: String,
+        #[serde(default)]
+        name_template: Option<String>,
+        #[serde(default)]
+        max_bytes: Option<u64>,
+        #[serde(default)]
+        max_files: Option<usize>,
+        #[serde(default)]
+        max_seconds: Option<f64>,
+        #[serde(default)]
+        concurrency: Option<usize>,
     },
     Postgres {
         dsn: String,
@@ -105,6 +131,59 @@ impl PyReader {
                             &format!("files:{directory}"),
                         )
                     }
+                    SourceSpec::Blob {
+                        connection_string,
+                        account_url,
+                        credential,
+                        container_url,
+                        container,
+                        prefix,
+                        name_template,
+                        max_bytes,
+                        max_files,
+                        max_seconds,
+                        concurrency,
+                    } => {
+                        let mut target = AzureBlobConfig {
+                            connection_string,
+                            account_url,
+                            credential,
+                            container_url,
+                            container,
+                            prefix,
+                            ..Default::default()
+                        };
+                        if let Some(t) = name_template {
+                            target.name_template = t;
+                        }
+                        let mut cfg = BlobConfig::new(target);
+                        if let Some(b) = max_bytes {
+                            cfg.max_bytes = b.max(1);
+                        }
+                        if let Some(f) = max_files {
+                            cfg.max_blobs = f;
+                        }
+                        if let Some(s) = max_seconds {
+                            cfg.max_time = secs(s);
+                        }
+                        if let Some(c) = concurrency {
+                            cfg.concurrency = c.clamp(1, 64);
+                        }
+                        // The cursor key: where the blobs are, secrets included (as for a
+                        // DSN), not the budgets: readers of one container share cursors.
+                        let t = &cfg.target;
+                        let identity = format!(
+                            "blob:{:?}:{:?}:{:?}:{:?}:{}:{}",
+                            t.connection_string,
+                            t.account_url,
+                            t.credential,
+                            t.container_url,
+                            t.container,
+                            t.prefix
+                        );
+                        let store = BlobStore::open(cfg)?;
+                        Reader::new(Store::Blob(Box::new(store)), &identity)
+                    }
                     SourceSpec::Postgres {
                         dsn,
                         schema,
@@ -162,7 +241,7 @@ impl PyReader {
         let inner = self.inner.clone();
         py.detach(move || match &inner.store {
             Store::Pg(s) => s.oldest_write_age(),
-            Store::Files(_) => Ok(None),
+            Store::Files(_) | Store::Blob(_) => Ok(None),
         })
         .map_err(err)
     }
@@ -185,12 +264,53 @@ impl PyReader {
             };
             match &inner.store {
                 Store::Pg(s) => s.explain(&scan),
-                Store::Files(_) => Err(ReadError::Failed(
+                Store::Files(_) | Store::Blob(_) => Err(ReadError::Failed(
                     "explain needs a PostgreSQL source".into(),
                 )),
             }
         })
         .map_err(err)
+    }
+
+    /// Work counters of a blob source (list calls, blobs and bytes downloaded) as JSON;
+    /// `{}` for other sources.
+    fn stats(&self) -> String {
+        match &self.inner.store {
+            Store::Blob(s) => s.stats_json().to_string(),
+            _ => "{}".into(),
+        }
+    }
+
+    /// Blob sources: the records of blobs not yet in `seen_json` (a JSON list of names)
+    /// in the partitions from `list_from` (epoch seconds) to now, skipping blobs whose
+    /// records all predate `min_ts`. Returns JSON `{"records": [...], "seen": [...]}`.
+    fn poll_new(
+        &self,
+        py: Python<'_>,
+        request_json: &str,
+        list_from: f64,
+        min_ts: f64,
+        seen_json: &str,
+    ) -> PyResult<String> {
+        let req = object(request_json)?;
+        let seen: std::collections::HashSet<String> = serde_json::from_str(seen_json)
+            .map_err(|_| PyValueError::new_err("seen must be a JSON list of names"))?;
+        let inner = self.inner.clone();
+        let polled = py
+            .detach(move || {
+                let Store::Blob(s) = &inner.store else {
+                    return Err(ReadError::Failed("poll_new needs a blob source".into()));
+                };
+                let filter = crate::read::filter::Filter::parse(&req)?;
+                s.poll(
+                    &filter,
+                    (list_from * 1e6) as i64,
+                    (min_ts * 1e6) as i64,
+                    seen,
+                )
+            })
+            .map_err(err)?;
+        Ok(json!({"records": polled.records, "seen": polled.seen}).to_string())
     }
 }
 

@@ -19,13 +19,13 @@ use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use chrono::NaiveDateTime;
 use flate2::read::MultiGzDecoder;
-use memchr::memmem;
 use serde_json::{Map, Value};
 
 use super::cursor::Pos;
 use super::filter::Filter;
+use super::lines::{line_ts, LineMatcher};
 use super::summary::{Grouper, Spec};
-use super::{ts_of, Found, ReadError, Scan};
+use super::{Found, ReadError, Scan};
 
 #[derive(Clone, Debug)]
 pub struct FilesConfig {
@@ -109,21 +109,6 @@ pub fn name_time(name: &str) -> Option<i64> {
     NaiveDateTime::parse_from_str(stamp, "%Y%m%dT%H%M%S%.fZ")
         .ok()
         .map(|d| d.and_utc().timestamp_micros())
-}
-
-/// The `ts` at the start of an encoder-written line, without parsing the JSON.
-fn line_ts(line: &[u8]) -> Option<i64> {
-    let rest = line.strip_prefix(b"{\"ts\":\"")?;
-    let s = std::str::from_utf8(rest.get(..27)?).ok()?;
-    parse_ts(s)
-}
-
-/// A lower-case needle that can be looked for in the raw line: JSON escapes only quotes,
-/// backslashes and control characters, so an ASCII needle without them appears verbatim
-/// (up to ASCII case) in the line iff it may appear in some string of the record.
-fn raw_needle(text: &str) -> Option<Vec<u8>> {
-    (text.is_ascii() && !text.bytes().any(|b| b == b'"' || b == b'\\' || b < 0x20))
-        .then(|| text.as_bytes().to_vec())
 }
 
 /// The offset of a line start at or before the first line with `ts >= at` (bisection on a
@@ -272,9 +257,7 @@ impl FilesStore {
                 return Ok(true);
             }
         }
-        let needle = filter.text.as_deref().and_then(raw_needle);
-        let finder = needle.as_ref().map(|n| memmem::Finder::new(n.as_slice()));
-        let mut lower = Vec::new();
+        let mut matcher = LineMatcher::new(filter, (lo, hi));
         let mut line = Vec::with_capacity(4096);
         let mut offset: u64 = start;
         let mut since_check: u64 = 0;
@@ -310,25 +293,9 @@ impl FilesStore {
                 budget.spend(since_check);
                 return Ok(true);
             }
-            if let Some(ts) = line_ts(&line) {
-                if ts < lo || ts > hi {
-                    continue;
-                }
-            }
-            if let Some(finder) = &finder {
-                lower.clear();
-                lower.extend(line.iter().map(u8::to_ascii_lowercase));
-                if finder.find(&lower).is_none() {
-                    continue;
-                }
-            }
-            let Ok(mut rec) = serde_json::from_slice::<Map<String, Value>>(&line) else {
+            let Some((ts, mut rec)) = matcher.check(&line) else {
                 continue;
             };
-            let ts = ts_of(&rec);
-            if ts < lo || ts > hi || !filter.matches(&rec) {
-                continue;
-            }
             rec.insert("id".into(), Value::String(format!("{}:{at}", f.name)));
             out(ts, rec);
         }
@@ -537,8 +504,5 @@ mod tests {
             Some(1_700_000_000_500_000)
         );
         assert_eq!(name_time("other.ndjson"), None);
-        assert!(raw_needle("boom").is_some());
-        assert!(raw_needle("a\"b").is_none());
-        assert!(raw_needle("héllo").is_none());
     }
 }

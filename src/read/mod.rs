@@ -2,13 +2,16 @@
 //!
 //! `Filter` (filter.rs) is parsed and validated once; `files.rs` scans LocalFiles
 //! directories (rotated and gzipped files, skipped by the time range their names and
-//! modification times give), `pg.rs` builds SQL with bound parameters only. Paging is by
+//! modification times give), `blob.rs` reads Azure Blob containers (listing only the
+//! partitions in the time range), `pg.rs` builds SQL with bound parameters only. Paging is by
 //! keyset on (ts, id) with a signed cursor (cursor.rs); summaries group http records.
 
+pub mod blob;
 pub mod cursor;
 pub mod exclude;
 pub mod files;
 pub mod filter;
+pub mod lines;
 pub mod pg;
 pub mod summary;
 
@@ -99,6 +102,7 @@ pub struct Page {
 
 pub enum Store {
     Files(files::FilesStore),
+    Blob(Box<blob::BlobStore>),
     Pg(pg::PgStore),
 }
 
@@ -148,6 +152,7 @@ impl Reader {
     fn find(&self, scan: &Scan) -> Result<Found, ReadError> {
         match &self.store {
             Store::Files(s) => s.find(scan),
+            Store::Blob(s) => s.find(scan),
             Store::Pg(s) => s.find(scan),
         }
     }
@@ -173,7 +178,7 @@ impl Reader {
             (None, None) => {
                 let asof_id = match &self.store {
                     Store::Pg(s) => s.sequence_value(),
-                    Store::Files(_) => None,
+                    Store::Files(_) | Store::Blob(_) => None,
                 };
                 (Some(now_us()), asof_id, None, true)
             }
@@ -216,6 +221,7 @@ impl Reader {
     pub fn get(&self, id: &str) -> Result<Option<Map<String, Value>>, ReadError> {
         match &self.store {
             Store::Files(s) => s.get(id),
+            Store::Blob(s) => s.get(id),
             Store::Pg(s) => s.get(id),
         }
     }
@@ -255,6 +261,7 @@ impl Reader {
         }
         match &self.store {
             Store::Files(s) => s.summary(&filter, &spec),
+            Store::Blob(s) => s.summary(&filter, &spec),
             Store::Pg(s) => s.summary(&filter, &spec),
         }
     }

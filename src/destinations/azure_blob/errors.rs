@@ -120,7 +120,7 @@ pub(crate) fn chain(e: &(dyn std::error::Error + 'static)) -> String {
     }
 }
 
-fn status_and_code(e: &azure_core::Error) -> Option<(u16, Option<&str>)> {
+pub(crate) fn status_and_code(e: &azure_core::Error) -> Option<(u16, Option<&str>)> {
     match e.kind() {
         ErrorKind::HttpResponse {
             status, error_code, ..

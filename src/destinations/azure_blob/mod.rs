@@ -11,7 +11,7 @@
 
 pub mod conn;
 pub mod credential;
-mod errors;
+pub(crate) mod errors;
 pub mod naming;
 pub mod shared_key;
 
@@ -226,7 +226,7 @@ impl AzureBlob {
     }
 }
 
-fn build_client(endpoint: &Endpoint) -> azure_core::Result<BlobContainerClient> {
+pub(crate) fn build_client(endpoint: &Endpoint) -> azure_core::Result<BlobContainerClient> {
     let mut client_options = ClientOptions {
         // The core retries whole batches with backoff, jitter and a breaker; a second
         // retry loop inside the SDK would multiply attempts and hide errors.

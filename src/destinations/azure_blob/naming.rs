@@ -179,6 +179,77 @@ impl Template {
     }
 }
 
+impl Template {
+    /// The start and end (exclusive, microseconds) of the time partition holding `ts_us`.
+    pub fn bucket_range(&self, ts_us: i64) -> (i64, i64) {
+        const MIN: i64 = 60_000_000;
+        let step = |w: i64| {
+            let s = ts_us.div_euclid(w) * w;
+            (s, s + w)
+        };
+        let month_start = |y: i32, m: u32| {
+            chrono::NaiveDate::from_ymd_opt(y, m, 1)
+                .and_then(|d| d.and_hms_opt(0, 0, 0))
+                .map_or(i64::MAX, |d| d.and_utc().timestamp_micros())
+        };
+        match self.granularity {
+            Granularity::None => (i64::MIN, i64::MAX),
+            Granularity::Minute => step(MIN),
+            Granularity::Hour => step(60 * MIN),
+            Granularity::Day => step(24 * 60 * MIN),
+            Granularity::Month => {
+                let dt = to_datetime(ts_us);
+                let (y, m) = (dt.year(), dt.month());
+                let next = if m == 12 { (y + 1, 1) } else { (y, m + 1) };
+                (month_start(y, m), month_start(next.0, next.1))
+            }
+            Granularity::Year => {
+                let y = to_datetime(ts_us).year();
+                (month_start(y, 1), month_start(y + 1, 1))
+            }
+        }
+    }
+
+    /// The name prefix shared by every blob of `kind` in the partition of `ts_us`: the
+    /// template rendered up to its first per-writer token. `exact` says whether every time
+    /// token of the partition is in it (then the prefix lists that partition only).
+    pub fn list_prefix(&self, prefix: &str, kind: Kind, ts_us: i64) -> (String, bool) {
+        use std::fmt::Write;
+        let dt = to_datetime(ts_us);
+        let mut out = String::with_capacity(64);
+        let mut finest = Granularity::None;
+        for p in &self.pieces {
+            let _ = match p {
+                Piece::Lit(s) => write!(out, "{s}"),
+                Piece::Prefix => write!(out, "{prefix}"),
+                Piece::Kind => write!(out, "{}", kind.as_str()),
+                Piece::Year => {
+                    finest = finest.max(Granularity::Year);
+                    write!(out, "{:04}", dt.year())
+                }
+                Piece::Month => {
+                    finest = finest.max(Granularity::Month);
+                    write!(out, "{:02}", dt.month())
+                }
+                Piece::Day => {
+                    finest = finest.max(Granularity::Day);
+                    write!(out, "{:02}", dt.day())
+                }
+                Piece::Hour => {
+                    finest = finest.max(Granularity::Hour);
+                    write!(out, "{:02}", dt.hour())
+                }
+                Piece::Minute => {
+                    finest = finest.max(Granularity::Minute);
+                    write!(out, "{:02}", dt.minute())
+                }
+                Piece::Host | Piece::Pid | Piece::Start | Piece::Seq | Piece::Ext => break,
+            };
+        }
+        (out, finest == self.granularity)
+    }
+}
+
 fn to_datetime(ts_us: i64) -> DateTime<Utc> {
     DateTime::from_timestamp_micros(ts_us).unwrap_or_default()
 }
@@ -265,6 +336,28 @@ mod tests {
         );
         assert_eq!(t.bucket(ts), t.bucket(1_795_453_200_000_000));
         assert_ne!(t.bucket(ts), t.bucket(ts + 60_000_000));
+    }
+
+    #[test]
+    fn listing_prefixes_and_partitions() {
+        let t = Template::parse(DEFAULT_TEMPLATE).unwrap();
+        let ts = 1_795_453_200_000_000 + 59 * 60_000_000; // 2026-11-23 17:59 UTC
+        assert_eq!(
+            t.list_prefix("svc/", Kind::Http, ts),
+            ("svc/http/2026/11/23/17/".to_owned(), true)
+        );
+        assert_eq!(
+            t.bucket_range(ts),
+            (1_795_453_200_000_000, 1_795_453_200_000_000 + 3_600_000_000)
+        );
+        let late = Template::parse("{yyyy}/{host}/{HH}-{pid}{start}{seq}").unwrap();
+        assert_eq!(
+            late.list_prefix("", Kind::App, ts),
+            ("2026/".to_owned(), false)
+        );
+        let m = Template::parse("{yyyy}-{mm}/{host}{pid}{start}{seq}").unwrap();
+        let (a, b) = m.bucket_range(ts);
+        assert_eq!(b - a, 30 * 86_400_000_000);
     }
 
     #[test]
