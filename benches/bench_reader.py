@@ -12,7 +12,8 @@ http records from the real middleware for the summary.
   files: query(text=...) over 1 GB of NDJSON vs `grep -c`, over .gz vs `zcat | grep -c`
 
 Cold = first call after a PostgreSQL restart before each case (shared buffers empty; the OS
-page cache is not dropped). Warm = median of repeated calls with rotating ids. EXPLAIN
+page cache is not dropped: that needs root on the host; the reader's connection is re-opened
+first by a query whose partitions are all pruned). Warm = median of repeated calls with rotating ids. EXPLAIN
 (ANALYZE, BUFFERS) for (a)-(d) goes to benches/results/reader_explain.txt.
 
 Run: .venv/bin/python benches/bench_reader.py [ROWS] [--quick] [--file-mb MB] [--copy-only | --files-only]
@@ -262,6 +263,7 @@ def main() -> None:
             # dropped, that needs root on the host).
             pg.stop()
             pg.start()
+            reader.query(until="2000-01-01T00:00:00Z", limit=1)  # reconnects; every partition pruned
             repeat = 5 if "OFFSET" in name or "summary" in name else 40
             results[name] = timed(fn, repeat)
         targets = {
@@ -336,8 +338,14 @@ def main() -> None:
         for name, size in sizes:
             suffix = name.split("_", 3)[-1] if name.count("_") >= 3 else name
             agg[suffix] = agg.get(suffix, 0) + int(size)
-        heap = pg.psql(f"select pg_total_relation_size(c.oid) from pg_class c where relname = '{table}'")
-        print(f"\nindex sizes (all partitions), table {sum(int(r[0] or 0) for r in heap) / 1e6:.0f} MB:")
+        heap = pg.psql(
+            "select sum(pg_relation_size(relid)), sum(pg_indexes_size(relid)) from pg_partition_tree(%s)",
+            (table,),
+        )[0]
+        print(
+            f"\nindex sizes (all partitions); table {int(heap[0]) / 1e6:.0f} MB, "
+            f"all indexes {int(heap[1]) / 1e6:.0f} MB:"
+        )
         for name, size in sorted(agg.items()):
             if size == 0:
                 continue
