@@ -5,6 +5,8 @@ coalesced) that lets tails poll early, and the async twins awaiting the core's o
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -213,3 +215,45 @@ def test_async_bad_input_is_a_value_error(postgres):
             await reader.asummary(by="nothing")
 
     asyncio.run(main())
+
+
+DROPPED_READER = """
+import asyncio, gc, sys, time
+import logsluice, psycopg
+
+dsn, table = sys.argv[1], sys.argv[2]
+reader = logsluice.Reader(dsn, table=table)
+lock = psycopg.connect(dsn)
+lock.execute(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
+loop = asyncio.new_event_loop()
+
+async def start():
+    task = asyncio.ensure_future(reader.aquery(limit=5))
+    while reader._core.in_flight() != 1:
+        await asyncio.sleep(0.01)
+    return task
+
+task = loop.run_until_complete(start())
+loop.close()  # the application goes away with the query still waiting in the core
+del task, reader
+gc.collect()
+lock.rollback()  # the query completes now, after its reader and loop are gone
+time.sleep(1.0)
+print(len(logsluice.Reader(dsn, table=table).query(limit=5).records))
+"""
+
+
+def test_a_reader_dropped_with_a_query_in_flight_goes_quietly(postgres, tmp_path):
+    table = make_table(postgres.dsn, n=10)
+    script = tmp_path / "dropped.py"
+    script.write_text(DROPPED_READER)
+    r = subprocess.run(
+        [sys.executable, str(script), postgres.dsn, table],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "5"
+    assert "panicked" not in r.stderr, r.stderr

@@ -88,7 +88,7 @@ impl PyReader {
         Fut: std::future::Future<Output = asyncio_bridge::Outcome> + Send + 'static,
     {
         let store = self.pg()?;
-        asyncio_bridge::spawn(py, &store.rt, &self.in_flight, work(self.inner.clone()))
+        asyncio_bridge::spawn(py, store.rt(), &self.in_flight, work(self.inner.clone()))
     }
 }
 

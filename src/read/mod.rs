@@ -162,7 +162,7 @@ impl Reader {
                 let found = s.find(&plan.scan)?;
                 Ok(self.finish(plan, found))
             }
-            Store::Pg(s) => s.rt.block_on(self.query_pg(s, req)),
+            Store::Pg(s) => s.rt().block_on(self.query_pg(s, req)),
         }
     }
 
@@ -246,7 +246,7 @@ impl Reader {
     pub fn get(&self, id: &str) -> Result<Option<Map<String, Value>>, ReadError> {
         match &self.store {
             Store::Files(s) => s.get(id),
-            Store::Pg(s) => s.rt.block_on(s.get(id)),
+            Store::Pg(s) => s.rt().block_on(s.get(id)),
         }
     }
 
@@ -254,7 +254,7 @@ impl Reader {
         let (filter, spec) = Self::summary_plan(req)?;
         match &self.store {
             Store::Files(s) => s.summary(&filter, &spec),
-            Store::Pg(s) => s.rt.block_on(s.summary(&filter, &spec)),
+            Store::Pg(s) => s.rt().block_on(s.summary(&filter, &spec)),
         }
     }
 

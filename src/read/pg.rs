@@ -52,7 +52,8 @@ pub struct PgConfig {
 }
 
 pub struct PgStore {
-    pub rt: tokio::runtime::Runtime,
+    /// Always Some until drop (see the Drop impl).
+    runtime: Option<tokio::runtime::Runtime>,
     pool: PgPool,
     names: Names,
     target: String,
@@ -353,7 +354,7 @@ impl PgStore {
                 .connect_lazy_with(opts.clone())
         };
         Ok(PgStore {
-            rt,
+            runtime: Some(rt),
             pool,
             names,
             target,
@@ -365,6 +366,10 @@ impl PgStore {
         })
     }
 
+    pub fn rt(&self) -> &tokio::runtime::Runtime {
+        self.runtime.as_ref().expect("the runtime lives until drop")
+    }
+
     /// Starts LISTENing (on a connection of its own) for the writers' NOTIFY hints, if not
     /// already. Reconnects after a failure, a second later.
     pub fn listen(&self) {
@@ -373,7 +378,7 @@ impl PgStore {
             return;
         }
         let pool = {
-            let _guard = self.rt.enter();
+            let _guard = self.rt().enter();
             PgPoolOptions::new()
                 .max_connections(1)
                 .min_connections(0)
@@ -384,7 +389,7 @@ impl PgStore {
         };
         let channel = self.names.notify_channel();
         let wakeups = self.wakeups.clone();
-        *slot = Some(self.rt.spawn(async move {
+        *slot = Some(self.rt().spawn(async move {
             loop {
                 let _ = listen_until_error(&pool, &channel, &wakeups).await;
                 tokio::time::sleep(Duration::from_secs(1)).await;
@@ -430,7 +435,7 @@ impl PgStore {
         let sql = "SELECT extract(epoch FROM now() - min(xact_start))::float8 FROM pg_stat_activity \
                    WHERE datname = current_database() AND backend_xid IS NOT NULL AND pid <> pg_backend_pid()";
         let row = self
-            .rt
+            .rt()
             .block_on(sqlx::query(sql).fetch_one(&self.pool))
             .map_err(|e| self.fail(e))?;
         row.try_get::<Option<f64>, _>(0).map_err(|e| self.fail(e))
@@ -635,7 +640,7 @@ impl PgStore {
             sql.where_clause()
         );
         let rows = self
-            .rt
+            .rt()
             .block_on(
                 sql.bind(sqlx::query(AssertSqlSafe(text)))
                     .fetch_all(&self.pool),
@@ -646,6 +651,17 @@ impl PgStore {
             .filter_map(|r| r.try_get::<String, _>(0).ok())
             .collect::<Vec<_>>()
             .join("\n"))
+    }
+}
+
+impl Drop for PgStore {
+    /// Without waiting for the workers: the last reference may go on one of them (an async
+    /// call that outlived its Python reader), and a reader dropped on a Python thread must
+    /// not wait, GIL held, for a worker that may be waiting for the GIL.
+    fn drop(&mut self) {
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
     }
 }
 
