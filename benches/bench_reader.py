@@ -422,8 +422,8 @@ def copy_costs(pg: PostgresServer) -> None:
     n = ARGS.copy_rows
     indexes = {
         "(ts, id)": 'create index on {t} ("ts", "id")',
-        "(request_id, ts) partial": 'create index on {t} ("request_id", "ts") where "request_id" is not null',
-        "(trace_id, ts) partial": 'create index on {t} ("trace_id", "ts") where "trace_id" is not null',
+        "request_id partial": 'create index on {t} ("request_id") where "request_id" is not null',
+        "trace_id partial": 'create index on {t} ("trace_id") where "trace_id" is not null',
         "(route, ts) partial": 'create index on {t} ("route", "ts") where "route" is not null',
         "errors (ts) partial": 'create index on {t} ("ts") where "level_no" >= 40',
         "id BRIN": 'create index on {t} using brin ("id") with (autosummarize = on)',

@@ -209,11 +209,8 @@ impl Names {
         let idx = |suffix: &str| quote(&format!("{}{suffix}", self.table));
         [
             format!("CREATE INDEX IF NOT EXISTS {} ON {t} (\"ts\", \"id\")", idx("_ts_id")),
-            // With `ts`: "newest records of this request" is then one index range, where a
-            // bare (request_id) index leaves the planner walking (ts, id) backwards through
-            // millions of rows looking for a rare id (measured: benches/bench_reader.py).
-            format!("CREATE INDEX IF NOT EXISTS {} ON {t} (\"request_id\", \"ts\") WHERE \"request_id\" IS NOT NULL", idx("_request_id")),
-            format!("CREATE INDEX IF NOT EXISTS {} ON {t} (\"trace_id\", \"ts\") WHERE \"trace_id\" IS NOT NULL", idx("_trace_id")),
+            format!("CREATE INDEX IF NOT EXISTS {} ON {t} (\"request_id\") WHERE \"request_id\" IS NOT NULL", idx("_request_id")),
+            format!("CREATE INDEX IF NOT EXISTS {} ON {t} (\"trace_id\") WHERE \"trace_id\" IS NOT NULL", idx("_trace_id")),
             format!("CREATE INDEX IF NOT EXISTS {} ON {t} (\"route\", \"ts\") WHERE \"route\" IS NOT NULL", idx("_route_ts")),
             format!("CREATE INDEX IF NOT EXISTS {} ON {t} (\"ts\") WHERE \"level_no\" >= 40", idx("_errors_ts")),
             // Looking a record up by id (context, permalinks): ids are drawn in insert order,
