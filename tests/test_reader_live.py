@@ -52,7 +52,7 @@ def test_notify_wakes_a_tail_long_before_its_poll_interval(postgres):
     p = writer(postgres.dsn, table)
     try:
         with reader.subscribe(poll_interval=30.0) as sub:
-            time.sleep(0.5)  # past the first poll, so only a wake-up can deliver the record
+            time.sleep(1.5)  # the LISTEN is up and its first poll done: only a hint can deliver now
             logger.info("woken by NOTIFY")
             p.flush(timeout=30)
             # 30 s poll interval: without the hint the record would come at the next poll.
