@@ -1,8 +1,5 @@
 //! logsluice: the Rust core and, behind the `python` feature, its PyO3 binding.
 
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 pub mod breaker;
 pub mod config;
 pub mod destinations;

@@ -470,17 +470,36 @@ def test_traceparent_is_parsed(pipeline, tmp_logs):
 
 
 def test_internal_failure_of_the_hand_off_never_reaches_the_app(pipeline, tmp_logs):
+    mw = LoggingMiddleware(echo_app([]), pipeline=pipeline)
+    real = mw._sink
+
     class Broken:
-        def write(self, *args):
+        def begin(self, *args):
             raise RuntimeError("core gone")
 
-    received: list = []
-    mw = LoggingMiddleware(echo_app(received), pipeline=pipeline)
+        def counters(self):
+            return real.counters()
+
     mw._sink = Broken()
     client = call(mw, scope("/", "POST"), [b"abc"])
     assert client.status == 200 and client.body == b"abc"
     assert mw.stats()["internal_errors"] == 1
     assert mw.last_internal_error == "RuntimeError"
+    assert http_records(pipeline, tmp_logs) == []
+
+
+def test_internal_failure_while_sampling_keeps_the_request(pipeline, tmp_logs):
+    mw = LoggingMiddleware(echo_app([]), pipeline=pipeline, sample={"/other": 0.0})
+
+    def broken(*args):
+        raise LookupError("rules gone")
+
+    mw._decide = broken
+    client = call(mw, scope("/", "POST"), [b"abc"])
+    assert client.status == 200 and client.body == b"abc"
+    assert mw.stats()["internal_errors"] == 1 and mw.stats()["kept"] == 1
+    assert mw.last_internal_error == "LookupError"
+    assert only(pipeline, tmp_logs)["request_body"] == "abc"
 
 
 # -- sampling, tail rules, rate limits ---------------------------------------------------------
@@ -754,3 +773,7 @@ def test_configuration_errors_are_clear(pipeline):
         LoggingMiddleware(echo_app([]), pipeline=pipeline, max_body_bytes=-1)
     with pytest.raises(ValueError, match="redact_headers"):
         LoggingMiddleware(echo_app([]), pipeline=pipeline, redact_headers="authorization")
+    with pytest.raises(ValueError, match="trusted_proxies"):
+        LoggingMiddleware(echo_app([]), pipeline=pipeline, trusted_proxies=["10.0.0.0/33"])
+    with pytest.raises(ValueError, match="request_id_header"):
+        LoggingMiddleware(echo_app([]), pipeline=pipeline, request_id_header="X-Réquest-ID")

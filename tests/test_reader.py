@@ -176,6 +176,34 @@ CASES = [
     ),
 ]
 
+# Exclusions: a record without the field (an app record has no route) is kept.
+CASES += [
+    ({"exclude": {"route": "/items/{item_id}"}}, lambda r: r.get("route") != "/items/{item_id}"),
+    (
+        {"kind": "http", "exclude": {"status": ["5xx", 404]}},
+        lambda r: r["kind"] == "http" and r["status"] < 500,
+    ),
+    ({"exclude": {"status": "200-299"}}, lambda r: not status_in(200, 299)(r)),
+    ({"exclude": {"level": ["DEBUG", "info"]}}, lambda r: r["level"] not in ("DEBUG", "INFO")),
+    ({"exclude": {"kind": "app"}}, lambda r: r["kind"] != "app"),
+    ({"exclude": {"logger": "tests.test_reader"}}, lambda r: r["logger"] != "tests.test_reader"),
+    ({"exclude": {"method": "post"}}, lambda r: r.get("method") != "POST"),
+    (
+        {"exclude": {"path": ["/fail/", "/orders"]}},
+        lambda r: not (r.get("path") or "").startswith(("/fail/", "/orders")),
+    ),
+    (
+        {"exclude": {"text": ["PLAIN RECORD", "100% _under_"]}},
+        lambda r: "plain record" not in r["message"].lower(),
+    ),
+    (
+        {"route": "/items/{item_id}", "exclude": {"status": "2xx", "level": "ERROR"}},
+        lambda r: (
+            r.get("route") == "/items/{item_id}" and not status_in(200, 299)(r) and r["level"] != "ERROR"
+        ),
+    ),
+]
+
 
 @pytest.mark.parametrize("filters,pred", CASES, ids=[json.dumps(c[0]) for c in CASES])
 def test_every_filter_same_answer_from_postgres_files_and_the_oracle(world, filters, pred):
@@ -189,6 +217,24 @@ def test_every_filter_same_answer_from_postgres_files_and_the_oracle(world, filt
     assert len({r["id"] for r in got_files}) == len(got_files)
     if got_pg:
         assert set(got_pg[0]) == set(next(r for r in got_files if r["ts"] == got_pg[0]["ts"]))
+
+
+def test_exclude_request_ids_and_cursor_identity(world):
+    gone = [world.request_ids[3], world.request_ids[7]]
+    want = sorted(key(r) for r in world.all if r.get("request_id") not in gone)
+    for reader in (world.pg, world.files):
+        assert sorted(key(r) for r in everything(reader, exclude={"request_id": gone})) == want
+        # Same exclusions in another order: the same query, so its cursor is accepted...
+        page = reader.query(limit=5, exclude={"request_id": gone})
+        again = reader.query(limit=5, cursor=page.next, exclude={"request_id": gone[::-1]})
+        assert {r["id"] for r in again.records}.isdisjoint(r["id"] for r in page.records)
+        # ...while a cursor of the query without them is refused.
+        with pytest.raises(ValueError, match="cursor"):
+            reader.query(limit=5, cursor=page.next)
+        for attempt in INJECTIONS[:-1]:
+            attempt = attempt.replace("{t}", world.table)
+            exclude = {name: attempt for name in ("logger", "route", "path", "text", "request_id")}
+            assert len(everything(reader, exclude=exclude)) == len(world.all)
 
 
 def test_filters_request_trace_and_time_bounds(world):
@@ -296,6 +342,10 @@ BAD = [
     {"fields": {"a'); DROP TABLE logs; --": 1}},
     {"fields": {"n": {"gt": "x"}}},
     {"since": "2026-01-02", "until": "2026-01-01"},
+    {"exclude": {"status": "6xx"}},
+    {"exclude": {"colour": "red"}},
+    {"exclude": {"level": "LOUD"}},
+    {"exclude": "route=/x"},
 ]
 
 
@@ -528,6 +578,31 @@ def test_cli_query_request_context_summary(world):
     assert r.returncode == 0 and len(r.stdout.splitlines()) == 5
     r = run_cli("summary", "--source", world.dir, "--since", "24h", "--by", "route")
     assert r.returncode == 0 and "/items/{item_id}" in r.stdout
+    for source in (world.dir, world.dsn):
+        r = run_cli(
+            "query",
+            "--source",
+            source,
+            "--table",
+            world.table,
+            "--kind",
+            "http",
+            "--exclude",
+            "route=/items/{item_id}",
+            "--exclude",
+            "status=5xx",
+            "--json",
+            "--limit",
+            "1000",
+        )
+        assert r.returncode == 0, r.stderr
+        got = sorted(key(json.loads(line)) for line in r.stdout.splitlines())
+        assert got == sorted(
+            key(x)
+            for x in world.all
+            if x["kind"] == "http" and x["route"] != "/items/{item_id}" and x["status"] < 500
+        )
+        assert got  # the POST /orders records
 
 
 @pytest.mark.parametrize(
@@ -538,6 +613,9 @@ def test_cli_query_request_context_summary(world):
         ["query", "--min-level", "LOUD"],
         ["query", "--field", "a'b=1"],
         ["query", "--cursor", "x.y"],
+        ["query", "--exclude", "colour=red"],
+        ["query", "--exclude", "status=6xx"],
+        ["query", "--exclude", "route"],
         ["summary", "--by", "nothing"],
         ["context", "nope.ndjson:0"],
     ],

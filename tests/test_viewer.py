@@ -75,6 +75,26 @@ def test_records_listed_and_filtered(site):
         assert [b["message"] for b in by_field] == ["user 42 checked out"]
 
 
+def test_exclusions_through_the_api(site):
+    with client(site.base) as c:
+        everything = c.get("/logs/api/records", params={"kind": "http", "limit": 500}).json()["records"]
+        assert {h["status"] for h in everything} == {200, 404}
+        # One value by shorthand, several as JSON; the streams and summaries take the same.
+        no_404 = c.get("/logs/api/records", params={"kind": "http", "exclude.status": "404", "limit": 500})
+        assert no_404.status_code == 200, no_404.text
+        assert sorted(h["path"] for h in no_404.json()["records"]) == sorted(
+            h["path"] for h in everything if h["status"] != 404
+        )
+        params = {"exclude": json.dumps({"path": ["/items/1", "/items/2"], "kind": "app"}), "limit": 500}
+        rest = c.get("/logs/api/records", params=params).json()["records"]
+        assert rest and all(
+            r["kind"] == "http" and not r["path"].startswith(("/items/1", "/items/2")) for r in rest
+        )
+        assert len(rest) == sum(1 for h in everything if not h["path"].startswith(("/items/1", "/items/2")))
+        summary = c.get("/logs/api/summary", params={"by": "status", "exclude.status": "404"}).json()
+        assert [g["key"] for g in summary["groups"]] in ([{"status": 200}], [200])
+
+
 def test_keyset_paging_through_the_api(site):
     with client(site.base) as c:
         seen, cursor = [], None
@@ -241,6 +261,10 @@ BAD_INPUT = [
     {"fields": "{not json"},
     {"unknown": "1"},
     {"field.a;drop": "1"},
+    {"exclude.colour": "red"},
+    {"exclude.status": "6xx"},
+    {"exclude": "{not json"},
+    {"exclude": '["route"]'},
 ]
 
 

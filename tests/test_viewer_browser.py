@@ -269,3 +269,35 @@ def test_infinite_scroll_keys_and_paused_live_tail(site, browser):
     button.click()
     wait(browser, lambda d: messages(d)[0] == "arrived while scrolled", "shown on request")
     browser.find_element(By.ID, "live").click()
+
+
+def test_click_exclude_hides_the_rows_with_that_value(site, browser):
+    open_page(browser, site, "kind=http")
+
+    def statuses(d) -> list[str]:
+        return [r.find_elements(By.CSS_SELECTOR, "td")[4].text for r in rows(d)]
+
+    wait(browser, lambda d: "404" in statuses(d) and "200" in statuses(d), "200 and 404 listed")
+    row = next(r for r in rows(browser) if r.find_elements(By.CSS_SELECTOR, "td")[4].text == "404")
+    row.find_element(By.CSS_SELECTOR, "td.ts").click()
+    wait(browser, lambda d: d.find_element(By.ID, "panel").is_displayed(), "the record panel")
+    browser.find_element(By.CSS_SELECTOR, "#panel-body button.exclude[data-exclude=status]").click()
+    wait(browser, lambda d: "exclude.status=404" in d.current_url, "the exclusion is in the address")
+    wait(
+        browser,
+        lambda d: statuses(d) and "404" not in statuses(d) and "200" in statuses(d),
+        "the 404 rows are gone, the others stay",
+    )
+    chip = next(
+        c for c in browser.find_elements(By.CSS_SELECTOR, "#chips .chip.exclude") if "status" in c.text
+    )
+    assert chip.text.startswith("status ≠ 404")
+    # Permalink: the exclusion survives a reload.
+    browser.get(browser.current_url)
+    wait(browser, lambda d: statuses(d) and "404" not in statuses(d), "the permalink keeps the exclusion")
+    ARTIFACTS.mkdir(exist_ok=True)
+    browser.save_screenshot(str(ARTIFACTS / "viewer-exclude.png"))
+    # Removing the chip brings them back.
+    browser.find_element(By.CSS_SELECTOR, "#chips .chip.exclude").click()
+    wait(browser, lambda d: "404" in statuses(d), "the 404 rows are back")
+    assert "exclude." not in browser.current_url

@@ -35,26 +35,23 @@ class HttpSink:
     """One LoggingMiddleware's hand-off into a pipeline, with its redaction settings."""
 
     def __init__(self, core: Core, config_json: str) -> None: ...
-    def write(
-        self,
-        scope: dict[str, Any],
-        path: str,
-        route: Optional[str],
-        status: int,
-        response_headers: Any,
-        request_chunks: Optional[list[bytes]],
-        request_size: int,
-        response_chunks: Optional[list[bytes]],
-        response_size: int,
-        flags: int,
-        start: float,
-        duration_ms: float,
-        ttfb_ms: Optional[float],
-        request_id: str,
-        exception: Optional[BaseException],
-        sample_rate: float,
-    ) -> None: ...
+    def begin(self, scope: dict[str, Any], middleware: Any) -> HttpExchange: ...
+    def counters(self) -> tuple[list[tuple[str, int]], Optional[str]]: ...
     def scrub(self, text: str) -> str: ...
+
+class HttpExchange:
+    """One HTTP request in flight: its id, clock and body copies, held natively."""
+
+    rid: str
+    done: bool
+    last: bool
+    def received(self, message: Any) -> None: ...
+    def sending(self, message: Any) -> Any: ...
+    def disconnected(self) -> None: ...
+    def sent(self) -> None: ...
+    def complete(self) -> None: ...
+    def finish(self, exception: Optional[BaseException] = None) -> None: ...
+    def end(self, exception: Optional[BaseException] = None) -> None: ...
 
 class ReaderCore:
     """The read side of one source (see logsluice.reader); requests and answers are JSON."""

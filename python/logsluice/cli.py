@@ -117,6 +117,22 @@ def _filters(args: argparse.Namespace) -> dict[str, Any]:
         out["min_duration_ms"] = args.min_duration_ms
     if getattr(args, "field", None):
         out["fields"] = dict(_parse_field(f) for f in args.field)
+    if getattr(args, "exclude", None):
+        out["exclude"] = _parse_excludes(args.exclude)
+    return out
+
+
+def _parse_excludes(items: list[str]) -> dict[str, list[str]]:
+    """``--exclude route=/health --exclude status=4xx`` -> ``{"route": [...], "status": [...]}``."""
+    from .reader import EXCLUDE_NAMES
+
+    out: dict[str, list[str]] = {}
+    for text in items:
+        name, sep, value = text.partition("=")
+        name = name.strip().replace("-", "_")
+        if not sep or name not in EXCLUDE_NAMES:
+            raise _BadInput(f"--exclude {text!r}: use NAME=VALUE with NAME one of {', '.join(EXCLUDE_NAMES)}")
+        out.setdefault(name, []).append(value)
     return out
 
 
@@ -306,6 +322,13 @@ def _add_filters(p: argparse.ArgumentParser, time: bool = True) -> None:
     p.add_argument("--min-duration-ms", dest="min_duration_ms", type=float)
     p.add_argument("--text", help="case-insensitive substring of the message")
     p.add_argument("--field", action="append", help="user.id=42, n>3, key?, key~a,b (repeatable)")
+    p.add_argument(
+        "--exclude",
+        action="append",
+        metavar="NAME=VALUE",
+        help="leave out records with this value: route=/health, status=4xx, level=DEBUG, path=/static, "
+        "text=ping, also kind, logger, method, request_id (repeatable)",
+    )
 
 
 class _Parser(argparse.ArgumentParser):

@@ -5,8 +5,10 @@
 Every message passes through unmodified and undelayed (the only change: the request id is
 echoed in a response header, on a copy of the start message). Bodies are copied as the app
 reads and sends them, up to a cap and a time limit; the middleware never calls
-``receive()`` itself. The finished exchange goes to the core in one non-blocking call;
-redaction and serialisation happen there, in Rust, without the GIL.
+``receive()`` itself. The per-request bookkeeping (ids, clocks, body copies, the decision
+to keep) lives in a native ``HttpExchange``: the wrappers here only pass each message to
+it. The finished exchange goes to the core in one non-blocking call; redaction and
+serialisation happen there, in Rust, without the GIL, off the event loop.
 """
 
 from __future__ import annotations
@@ -16,11 +18,10 @@ import json
 import math
 import re
 import time
-import zlib
 from collections.abc import Iterable, Mapping
 from typing import Any, Callable, Optional
 
-from . import _context, _core
+from . import _core
 
 UNMATCHED_ROUTE = "<unmatched>"
 """The ``route`` of requests no route matched (404s, for example)."""
@@ -32,22 +33,13 @@ DEFAULT_REDACT_KEYS: tuple[str, ...] = tuple(_DEFAULTS["keys"])
 """Query, form and JSON keys redacted by default (same matching; rules of 3 characters or
 fewer match whole keys only)."""
 
-# Bit flags shared with the core (src/http/mod.rs).
-_COMPLETE = 1
-_ERROR = 2
-_DISCONNECTED = 4
-_SAMPLED_OUT = 8
-_REQUEST_BODY_TIMEOUT = 16
-_RESPONSE_BODY_TIMEOUT = 32
-
-# No response body is stored for these (none exists, or authentication failed).
-_NO_RESPONSE_CAPTURE = frozenset((204, 304, 401, 403))
-_COUNTERS = ("seen", "kept", "sampled_out", "excluded", "rate_limited", "internal_errors")
-
 Scope = dict[str, Any]
 Message = dict[str, Any]
 Receive = Callable[[], Any]
 Send = Callable[[Message], Any]
+# (scope["app"], scope["root_path"], scope["path"]) as they were when the request entered:
+# routers rewrite the shared scope on the way in.
+_Entry = tuple[Any, str, str]
 
 
 class _Pattern:
@@ -164,7 +156,6 @@ class LoggingMiddleware:
         self._rules = [(_Pattern(p), _rate(f"sample[{p!r}]", r)) for p, r in sample.items()]
         self._default_rate = _rate("default_sample_rate", default_sample_rate)
         self._exclude = [_Pattern(p) for p in _names("exclude", exclude)]
-        self._slow_ms = float(_positive("slow_request_ms", slow_request_ms))
         self._rate_limit = _positive("rate_limit", rate_limit, optional=True)
         self._route_rate_limit = _positive("route_rate_limit", route_rate_limit, optional=True)
         error_rate_limit = _positive("error_rate_limit", error_rate_limit, optional=True)
@@ -173,17 +164,15 @@ class LoggingMiddleware:
         self._route_buckets: dict[str, _Bucket] = {}
         if isinstance(max_body_bytes, bool) or not isinstance(max_body_bytes, int) or max_body_bytes < 0:
             raise ValueError(f"max_body_bytes must be a whole number >= 0, got {max_body_bytes!r}")
-        self._max_body = max_body_bytes
-        self._req_timeout = float(_positive("request_body_timeout", request_body_timeout))
-        self._resp_timeout = float(_positive("response_body_timeout", response_body_timeout))
-        self._capture_req = bool(capture_request_body) and max_body_bytes > 0
-        self._capture_resp = bool(capture_response_body) and max_body_bytes > 0
         if request_id_header is not None and not (isinstance(request_id_header, str) and request_id_header):
             raise ValueError(f"request_id_header must be a header name or None, got {request_id_header!r}")
-        self._rid_header = request_id_header.lower().encode("latin-1") if request_id_header else None
-        self._echo = bool(echo_request_id) and self._rid_header is not None
+        try:
+            request_id_header and request_id_header.encode("ascii")
+        except UnicodeEncodeError:
+            raise ValueError(f"request_id_header must be ASCII, got {request_id_header!r}") from None
         base_headers = list(DEFAULT_REDACT_HEADERS) if redact_defaults else []
         base_keys = list(DEFAULT_REDACT_KEYS) if redact_defaults else []
+        keep_all = not self._rules and not self._exclude and self._default_rate >= 1.0
         config = {
             "headers": base_headers + _names("redact_headers", redact_headers),
             "query": base_keys + _names("redact_query", redact_query),
@@ -193,16 +182,26 @@ class LoggingMiddleware:
             "max_body_bytes": max(max_body_bytes, 1),
             "max_user_agent_bytes": int(_positive("max_user_agent_bytes", max_user_agent_bytes)),
             "trusted_proxies": _names("trusted_proxies", trusted_proxies),
+            "capture": {
+                "max_body": max_body_bytes,
+                "capture_request": bool(capture_request_body) and max_body_bytes > 0,
+                "capture_response": bool(capture_response_body) and max_body_bytes > 0,
+                "request_timeout": float(_positive("request_body_timeout", request_body_timeout)),
+                "response_timeout": float(_positive("response_body_timeout", response_body_timeout)),
+                "slow_ms": float(_positive("slow_request_ms", slow_request_ms)),
+                "request_id_header": request_id_header,
+                "echo": bool(echo_request_id) and request_id_header is not None,
+                # Every request kept: no route is needed until the record is built.
+                "keep_all": keep_all,
+                "limited": bool(self._rate_limit or self._route_rate_limit or error_rate_limit),
+            },
         }
         self._sink = _core.HttpSink(core, json.dumps(config))
-        # Every request kept, bodies copied, no route needed until the record is built.
-        self._keep_all = not self._rules and not self._exclude and self._default_rate >= 1.0
-        self._limited = bool(self._rate_limit or self._route_rate_limit or error_rate_limit)
         self._rate_cache: dict[Optional[str], tuple[float, bool]] = {}
         self._template_cache: dict[str, str] = {}
-        self.seen = self.kept = self.sampled_out = self.excluded = 0
-        self.rate_limited = self.internal_errors = 0
-        self.last_internal_error: Optional[str] = None
+        # Failures before the native exchange exists (it counts its own).
+        self._internal_errors = 0
+        self._last_internal_error: Optional[str] = None
         register = getattr(pipeline, "_register_http", None)
         if register is not None:
             register(self)
@@ -214,37 +213,54 @@ class LoggingMiddleware:
             await self.app(scope, receive, send)
             return
         try:
-            ex = _Exchange(self, scope, receive, send)
-            token = _context.request_id.set(ex.rid)
+            # Also sets the request id in this request's context.
+            ex = self._sink.begin(scope, self)
         except Exception as e:  # noqa: BLE001 - the app runs as if we were not here
             self._internal_error(e)
             await self.app(scope, receive, send)
             return
+
+        async def receive_copy() -> Message:
+            message = await receive()
+            ex.received(message)
+            return message
+
+        async def send_copy(message: Message) -> None:
+            out = ex.sending(message)
+            try:
+                await send(out)
+            except OSError:
+                # The client went away (uvicorn's ClientDisconnected is an OSError).
+                ex.disconnected()
+                raise
+            ex.sent()
+
         try:
-            await self.app(scope, ex.receive, ex.send)
+            await self.app(scope, receive_copy, send_copy)
         except BaseException as e:
-            if not ex.done:
-                ex.finish(e)
+            ex.end(e)
             raise
         else:
-            if not ex.done:
-                ex.finish(None)
-        finally:
-            try:
-                _context.request_id.reset(token)
-            except Exception as e:  # noqa: BLE001
-                self._internal_error(e)
+            ex.end()
 
     # -- counters ------------------------------------------------------------------------
 
     def stats(self) -> dict[str, int]:
         """``seen == kept + sampled_out + excluded + rate_limited`` once requests finish
         (requests whose hand-off failed count only in ``seen`` and ``internal_errors``)."""
-        return {name: getattr(self, name) for name in _COUNTERS}
+        counts, _ = self._sink.counters()
+        out = dict(counts)
+        out["internal_errors"] += self._internal_errors
+        return out
+
+    @property
+    def last_internal_error(self) -> Optional[str]:
+        """The type name of the last internal failure (never seen by the app)."""
+        return self._last_internal_error or self._sink.counters()[1]
 
     def _internal_error(self, e: BaseException) -> None:
-        self.internal_errors += 1
-        self.last_internal_error = type(e).__name__
+        self._internal_errors += 1
+        self._last_internal_error = type(e).__name__
 
     # -- identity and sampling -----------------------------------------------------------
 
@@ -267,7 +283,14 @@ class LoggingMiddleware:
             self._rate_cache[route] = result
         return result
 
-    def _route_of(self, scope: Scope, ex: _Exchange) -> str:
+    def _decide(self, scope: Scope, entry: _Entry, full_path: str) -> tuple[str, float, bool]:
+        """(route, sample rate, excluded), asked by the native exchange when sampling
+        rules or exclusions are set."""
+        route = self._route_of(scope, entry)
+        rate, excluded = self._rate_for(route, full_path)
+        return route, rate, excluded
+
+    def _route_of(self, scope: Scope, entry: _Entry) -> str:
         """The route template; never raises. FastAPI's own route context first (recent
         versions nest included routers), then ``scope["route"]``, then a walk of the
         app's routes; mount prefixes are prepended as templates."""
@@ -285,17 +308,17 @@ class LoggingMiddleware:
                 if route is not None:
                     inner = route.path
                 elif "endpoint" in scope:
-                    return _walk_routes(ex.app or self.app, scope, ex) or UNMATCHED_ROUTE
+                    return _walk_routes(entry[0] or self.app, scope, entry) or UNMATCHED_ROUTE
                 else:
                     return UNMATCHED_ROUTE
             if not isinstance(inner, str):
                 return UNMATCHED_ROUTE
             root_path = scope.get("root_path", "")
-            if root_path == ex.root_path:
+            if root_path == entry[1]:
                 return inner
             prefix = self._template_cache.get(root_path)
             if prefix is None:
-                prefix = _mount_prefix(ex.app or self.app, scope, ex)
+                prefix = _mount_prefix(entry[0] or self.app, scope, entry)
                 if len(self._template_cache) > 1024:
                     self._template_cache.clear()
                 self._template_cache[root_path] = prefix
@@ -320,13 +343,13 @@ class LoggingMiddleware:
         return True
 
 
-def _walk_routes(app: Any, scope: Scope, ex: _Exchange) -> Optional[str]:
+def _walk_routes(app: Any, scope: Scope, entry: _Entry) -> Optional[str]:
     """The full template of a request that went through mounts (or a Starlette without
     ``scope["route"]``): the app's routes matched again, mount prefixes joined."""
     from starlette.routing import Match, Mount
 
     routes = _routes_of(app)
-    probe = {**scope, "root_path": ex.root_path, "path": ex.entry_path}
+    probe = {**scope, "root_path": entry[1], "path": entry[2]}
     probe.pop("app_root_path", None)
     prefix = ""
     for _ in range(16):
@@ -359,16 +382,16 @@ def _routes_of(app: Any) -> Any:
     return routes
 
 
-def _mount_prefix(app: Any, scope: Scope, ex: _Exchange) -> str:
+def _mount_prefix(app: Any, scope: Scope, entry: _Entry) -> str:
     """The template of the mounts a request went through (``/tenants/{tenant}``); the
     concrete prefix when the mounts cannot be matched again."""
     final_root = scope.get("root_path", "")
-    concrete = final_root[len(ex.root_path) :] if final_root.startswith(ex.root_path) else final_root
+    concrete = final_root[len(entry[1]) :] if final_root.startswith(entry[1]) else final_root
     try:
         from starlette.routing import Match, Mount
     except ImportError:
         return concrete
-    probe = {**scope, "root_path": ex.root_path, "path": ex.entry_path}
+    probe = {**scope, "root_path": entry[1], "path": entry[2]}
     probe.pop("app_root_path", None)
     prefix = ""
     routes = _routes_of(app)
@@ -387,284 +410,6 @@ def _mount_prefix(app: Any, scope: Scope, ex: _Exchange) -> str:
         else:
             return concrete
     return concrete
-
-
-class _Exchange:
-    """One request in flight: wraps ``receive`` and ``send``, copies bodies, finishes once."""
-
-    __slots__ = (
-        "mw",
-        "scope",
-        "_receive",
-        "_send",
-        "rid",
-        "app",
-        "root_path",
-        "entry_path",
-        "start",
-        "t0",
-        "t_start",
-        "decided",
-        "sampled_in",
-        "excluded",
-        "rate",
-        "route",
-        "capture_req",
-        "capture_resp",
-        "req_chunks",
-        "req_size",
-        "req_left",
-        "req_first",
-        "resp_chunks",
-        "resp_size",
-        "resp_left",
-        "resp_first",
-        "status",
-        "resp_headers",
-        "trailers",
-        "flags",
-        "done",
-    )
-
-    def __init__(self, mw: LoggingMiddleware, scope: Scope, receive: Receive, send: Send) -> None:
-        self.mw = mw
-        self.scope = scope
-        self._receive = receive
-        self._send = send
-        self.rid: str = _core.request_id_for(scope["headers"], mw._rid_header)
-        # Routers rewrite these on the shared scope; the entry values are the request's.
-        self.app = scope.get("app")
-        self.root_path = scope.get("root_path", "")
-        self.entry_path = scope["path"]
-        self.start = time.time()
-        self.t0 = time.perf_counter()
-        self.t_start: Optional[float] = None
-        self.decided = self.sampled_in = self.excluded = self.trailers = self.done = False
-        self.capture_req = self.capture_resp = False
-        self.rate = 1.0
-        self.route: Optional[str] = None
-        self.req_chunks: list[bytes] = []
-        self.resp_chunks: list[bytes] = []
-        self.req_size = self.resp_size = self.status = self.flags = 0
-        self.req_left = self.resp_left = mw._max_body
-        self.req_first: Optional[float] = None
-        self.resp_first: Optional[float] = None
-        self.resp_headers: Any = None
-        mw.seen += 1
-
-    def full_path(self) -> str:
-        path, root = self.entry_path, self.root_path
-        return path if not root or path.startswith(root) else root + path
-
-    def decide(self) -> None:
-        """Route, sample rate and whether to copy bodies: decided once, as late as
-        possible (first body read or response start), when routing has happened."""
-        self.decided = True
-        mw = self.mw
-        if mw._keep_all:
-            self.sampled_in = True
-            self.capture_req = mw._capture_req
-            self.capture_resp = mw._capture_resp and self.scope.get("method") != "HEAD"
-            return
-        self.route = mw._route_of(self.scope, self)
-        rate, excluded = mw._rate_for(self.route, self.full_path())
-        self.rate = rate
-        self.excluded = excluded
-        if excluded or rate <= 0.0:
-            sampled = False
-        elif rate >= 1.0:
-            sampled = True
-        else:
-            sampled = zlib.crc32(self.rid.encode()) / 4294967296.0 < rate
-        self.sampled_in = sampled
-        self.capture_req = sampled and mw._capture_req
-        self.capture_resp = sampled and mw._capture_resp and self.scope.get("method") != "HEAD"
-
-    async def receive(self) -> Message:
-        message = await self._receive()
-        try:
-            kind = message["type"]
-            if kind == "http.request":
-                body = message.get("body", b"")
-                if not self.decided:
-                    self.decide()
-                if body:
-                    n = len(body)
-                    self.req_size += n
-                    if self.capture_req:
-                        if self.req_first is None and n <= self.req_left and not message.get("more_body"):
-                            # The whole body in one message: no time limit to watch.
-                            self.req_chunks.append(body)
-                            self.req_left -= n
-                        else:
-                            self.copy_request(body)
-            elif kind == "http.disconnect":
-                self.flags |= _DISCONNECTED
-        except Exception as e:  # noqa: BLE001
-            self.mw._internal_error(e)
-        return message
-
-    def copy_request(self, body: bytes) -> None:
-        now = time.perf_counter()
-        if self.req_first is None:
-            self.req_first = now
-        elif now - self.req_first > self.mw._req_timeout:
-            self.capture_req = False
-            self.flags |= _REQUEST_BODY_TIMEOUT
-            return
-        left = self.req_left
-        if left > 0:
-            self.req_chunks.append(body if len(body) <= left else body[:left])
-            self.req_left = left - len(body)
-
-    def copy_response(self, body: bytes) -> None:
-        now = time.perf_counter()
-        if self.resp_first is None:
-            self.resp_first = now
-        elif now - self.resp_first > self.mw._resp_timeout:
-            self.capture_resp = False
-            self.flags |= _RESPONSE_BODY_TIMEOUT
-            return
-        left = self.resp_left
-        if left > 0:
-            self.resp_chunks.append(body if len(body) <= left else body[:left])
-            self.resp_left = left - len(body)
-        else:
-            self.capture_resp = False
-
-    def on_start(self, message: Message) -> Message:
-        self.t_start = time.perf_counter()
-        status = message["status"]
-        self.status = status
-        headers = message.get("headers") or ()
-        self.resp_headers = headers
-        self.trailers = bool(message.get("trailers", False))
-        if not self.decided:
-            self.decide()
-        if status in _NO_RESPONSE_CAPTURE:
-            self.capture_resp = False
-        mw = self.mw
-        if mw._echo:
-            name = mw._rid_header
-            size = len(name)
-            for k, _ in headers:
-                if len(k) == size and k.lower() == name:
-                    return message
-            # A copy: what the app passed is never mutated.
-            headers = self.resp_headers = [*headers, (name, self.rid.encode("latin-1"))]
-            return {**message, "headers": headers}
-        return message
-
-    async def send(self, message: Message) -> None:
-        last = False
-        out = message
-        try:
-            kind = message["type"]
-            if kind == "http.response.body":
-                body = message.get("body", b"")
-                more = message.get("more_body", False)
-                if body:
-                    n = len(body)
-                    self.resp_size += n
-                    if self.capture_resp:
-                        if self.resp_first is None and n <= self.resp_left and not more:
-                            self.resp_chunks.append(body)
-                            self.resp_left -= n
-                        else:
-                            self.copy_response(body)
-                last = not more and not self.trailers
-            elif kind == "http.response.start":
-                out = self.on_start(message)
-            elif kind == "http.response.trailers":
-                last = not message.get("more_trailers", False)
-            elif kind == "http.response.zerocopysend":
-                self.resp_size += message.get("count") or 0
-                last = not message.get("more_body", False) and not self.trailers
-            elif kind == "http.response.pathsend":
-                last = not self.trailers
-        except Exception as e:  # noqa: BLE001
-            self.mw._internal_error(e)
-            out = message
-        try:
-            await self._send(out)
-        except OSError:
-            # The client went away (uvicorn's ClientDisconnected is an OSError).
-            self.flags |= _DISCONNECTED
-            raise
-        if last and not self.done:
-            self.flags |= _COMPLETE
-            self.finish(None)
-
-    def finish(self, exc: Optional[BaseException]) -> None:
-        """Decides whether to keep the record and hands it to the core. Never raises."""
-        self.done = True
-        mw = self.mw
-        try:
-            duration_ms = (time.perf_counter() - self.t0) * 1000.0
-            if exc is not None:
-                # A cancelled request, or a send that failed because the client left, is a
-                # disconnect (499), not an application error.
-                if _is_cancellation(exc) or (self.flags & _DISCONNECTED and isinstance(exc, OSError)):
-                    self.flags |= _DISCONNECTED
-                    exc = None
-                else:
-                    self.flags |= _ERROR
-            if not self.decided:
-                self.decide()
-            if self.excluded:
-                mw.excluded += 1
-                return
-            route = self.route
-            if route is None or route == UNMATCHED_ROUTE:
-                route = self.route = mw._route_of(self.scope, self)
-            flags = self.flags
-            complete = flags & _COMPLETE
-            tail = (
-                not complete
-                or flags & (_ERROR | _DISCONNECTED)
-                or self.status >= 500
-                or duration_ms >= mw._slow_ms
-            )
-            if tail:
-                rate = 1.0
-            elif self.sampled_in:
-                rate = self.rate
-            else:
-                mw.sampled_out += 1
-                return
-            if mw._limited and not mw._allow(route or UNMATCHED_ROUTE, bool(tail)):
-                mw.rate_limited += 1
-                return
-            if not self.sampled_in:
-                flags |= _SAMPLED_OUT
-            t_start = self.t_start
-            mw._sink.write(
-                self.scope,
-                self.full_path(),
-                route,
-                self.status,
-                self.resp_headers,
-                self.req_chunks if self.capture_req or self.req_chunks else None,
-                self.req_size,
-                self.resp_chunks if self.capture_resp or self.resp_chunks else None,
-                self.resp_size,
-                flags,
-                self.start,
-                duration_ms,
-                None if t_start is None else (t_start - self.t0) * 1000.0,
-                self.rid,
-                exc,
-                rate,
-            )
-            mw.kept += 1
-        except Exception as e:  # noqa: BLE001 - logging never breaks the request
-            mw._internal_error(e)
-
-
-def _is_cancellation(exc: BaseException) -> bool:
-    import asyncio
-
-    return isinstance(exc, asyncio.CancelledError)
 
 
 __all__ = ["DEFAULT_REDACT_HEADERS", "DEFAULT_REDACT_KEYS", "UNMATCHED_ROUTE", "LoggingMiddleware"]

@@ -50,7 +50,11 @@ FILTER_NAMES = (
     "min_duration_ms",
     "text",
     "fields",
+    "exclude",
 )
+
+# What ``exclude`` takes: each name to one value or a list of values.
+EXCLUDE_NAMES = ("level", "kind", "logger", "method", "route", "status", "request_id", "path", "text")
 
 _NO_BLOB = "Reader: reading Azure Blob containers is not supported yet; read PostgreSQL or files"
 
@@ -80,8 +84,19 @@ def _request(filters: Mapping[str, Any]) -> dict[str, Any]:
             continue
         if key in ("since", "until"):
             value = _time(value)
+        elif key == "exclude":
+            value = _exclude(value)
         out[key] = value
     return out
+
+
+def _exclude(exclude: Optional[Mapping[str, Any]]) -> Optional[dict[str, Any]]:
+    """A mapping of name to value(s); tuples and sets become lists (the core validates)."""
+    if exclude is None:
+        return None
+    if not isinstance(exclude, Mapping):
+        raise ValueError(f"exclude must be a mapping of {', '.join(EXCLUDE_NAMES)} to values")
+    return {k: list(v) if isinstance(v, (tuple, set, frozenset)) else v for k, v in exclude.items()}
 
 
 class Page:
@@ -493,6 +508,7 @@ class Reader:
         min_duration_ms: Optional[float] = None,
         text: Optional[str] = None,
         fields: Optional[Mapping[str, Any]] = None,
+        exclude: Optional[Mapping[str, Any]] = None,
         order: str = "desc",
         limit: int = 100,
         cursor: Optional[str] = None,
@@ -503,7 +519,11 @@ class Reader:
         ``status``: a code, a class (``"5xx"``) or a range (``"500-504"``). ``path``: a
         prefix. ``text``: case-insensitive substring of the message. ``fields``: dotted
         paths to a value (equality) or to one condition ``{"ne"|"exists"|"in"|"gt"|"gte"|
-        "lt"|"lte"|"between": ...}``. ``limit``: at most 1000. ``cursor``: ``page.next``
+        "lt"|"lte"|"between": ...}``. ``exclude``: records to leave out, a mapping of
+        ``level``, ``kind``, ``logger``, ``method``, ``route``, ``status``, ``request_id``,
+        ``path`` (prefix) or ``text`` (substring) to one value or a list, e.g.
+        ``{"route": ["/health", "/metrics"], "status": "4xx"}``; a record without the field is
+        kept. ``limit``: at most 1000. ``cursor``: ``page.next``
         of the previous page of the same query. Bad input raises ``ValueError``.
         """
         req = _request(
@@ -524,6 +544,7 @@ class Reader:
                 "min_duration_ms": min_duration_ms,
                 "text": text,
                 "fields": dict(fields) if fields is not None else None,
+                "exclude": _exclude(exclude),
                 "order": order,
                 "limit": limit,
                 "cursor": cursor,

@@ -23,6 +23,7 @@ pub struct Stored {
 enum Kind {
     Json,
     Form,
+    Xml,
     Multipart,
     Text,
     Binary,
@@ -45,9 +46,9 @@ fn classify(content_type: &str) -> Kind {
         Kind::Form
     } else if ct.starts_with("multipart/") {
         Kind::Multipart
+    } else if ct.ends_with("+xml") || ct.ends_with("/xml") {
+        Kind::Xml
     } else if ct.starts_with("text/")
-        || ct.ends_with("+xml")
-        || ct.ends_with("/xml")
         || ct == "application/javascript"
         || ct == "application/graphql"
         || ct == "application/yaml"
@@ -91,8 +92,9 @@ fn binary_summary(b: &[u8], full_size: u64) -> String {
     }
 }
 
-/// Decodes gzip or deflate up to `cap` bytes of output; `None` when it cannot.
-fn decode(encoding: &str, b: &[u8], cap: usize) -> Option<Vec<u8>> {
+/// Decodes one content coding (gzip, deflate, br, zstd) up to `cap` bytes of output;
+/// `None` when it cannot.
+fn decode_one(encoding: &str, b: &[u8], cap: usize) -> Option<Vec<u8>> {
     let mut out = Vec::new();
     let limit = cap as u64 + 1;
     let read = |r: &mut dyn Read, out: &mut Vec<u8>| -> bool {
@@ -108,9 +110,32 @@ fn decode(encoding: &str, b: &[u8], cap: usize) -> Option<Vec<u8>> {
                 read(&mut flate2::read::DeflateDecoder::new(b), &mut out)
             }
         }
+        "br" => read(&mut brotli::Decompressor::new(b, 4096), &mut out),
+        "zstd" => match ruzstd::decoding::StreamingDecoder::new(b) {
+            Ok(mut d) => read(&mut d, &mut out),
+            Err(_) => false,
+        },
         _ => false,
     };
     ok.then_some(out)
+}
+
+/// Undoes every coding of `Content-Encoding` (applied in the order listed, so undone in
+/// reverse), each within the cap; `None` when one of them cannot be decoded.
+fn decode(encoding: &str, b: &[u8], cap: usize) -> Option<Vec<u8>> {
+    let codings: Vec<&str> = encoding
+        .split(',')
+        .map(str::trim)
+        .filter(|c| !c.is_empty() && *c != "identity")
+        .collect();
+    if codings.is_empty() || codings.len() > 3 {
+        return None;
+    }
+    let mut cur = decode_one(codings[codings.len() - 1], b, cap)?;
+    for coding in codings.iter().rev().skip(1) {
+        cur = decode_one(coding, &cur, cap)?;
+    }
+    Some(cur)
 }
 
 /// Applies the policy to one captured body. `full_size` is what went through (the
@@ -153,9 +178,12 @@ pub fn store(
     let body = &body[..body.len().min(r.max_body_bytes)];
     let kind = match classify(content_type) {
         Kind::Unknown if looks_textual(body) => {
-            let start = body.iter().find(|c| !c.is_ascii_whitespace());
-            if matches!(start, Some(b'{') | Some(b'[')) {
+            let start = body.iter().position(|c| !c.is_ascii_whitespace());
+            let rest = &body[start.unwrap_or(body.len())..];
+            if matches!(rest.first(), Some(b'{') | Some(b'[')) {
                 Kind::Json
+            } else if rest.starts_with(b"<?xml") {
+                Kind::Xml
             } else {
                 Kind::Text
             }
@@ -179,6 +207,12 @@ pub fn store(
         }
         Kind::Json => r.redact_json(&String::from_utf8_lossy(body)),
         Kind::Form => r.redact_urlencoded(&String::from_utf8_lossy(body), &r.body_keys),
+        Kind::Xml => r
+            .scrub(&super::xml::redact(
+                &r.body_keys,
+                &String::from_utf8_lossy(body),
+            ))
+            .into_owned(),
         Kind::Text => r.scrub(&String::from_utf8_lossy(body)).into_owned(),
         Kind::Unknown => unreachable!(),
     };
@@ -346,6 +380,84 @@ mod tests {
         assert_eq!(s.note, Some("decoded"));
         let s = store(&r(), "application/json", "br", b"\x01\x02", 2);
         assert_eq!(s.text.unwrap(), "[br body: 2 bytes, not decoded]");
+    }
+
+    fn brotli_bytes(data: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        {
+            let mut w = brotli::CompressorWriter::new(&mut out, 4096, 5, 22);
+            w.write_all(data).unwrap();
+        }
+        out
+    }
+
+    #[test]
+    fn brotli_and_zstd_are_decoded_within_cap() {
+        let json = br#"{"password":"hunter2","ok":1}"#;
+        let br = brotli_bytes(json);
+        let s = store(&r(), "application/json", "br", &br, br.len() as u64);
+        assert_eq!(s.text.unwrap(), r#"{"password":"[REDACTED]","ok":1}"#);
+        assert_eq!(s.note, Some("decoded"));
+        let zst = ruzstd::encoding::compress_to_vec(
+            &json[..],
+            ruzstd::encoding::CompressionLevel::Fastest,
+        );
+        let s = store(&r(), "application/json", "ZSTD", &zst, zst.len() as u64);
+        assert_eq!(s.text.unwrap(), r#"{"password":"[REDACTED]","ok":1}"#);
+        // Larger than the cap once decoded: cut at the cap and marked.
+        let big = vec![b'a'; 1000];
+        for (enc, bytes) in [
+            ("br", brotli_bytes(&big)),
+            (
+                "zstd",
+                ruzstd::encoding::compress_to_vec(
+                    &big[..],
+                    ruzstd::encoding::CompressionLevel::Fastest,
+                ),
+            ),
+        ] {
+            let s = store(&r(), "text/plain", enc, &bytes, bytes.len() as u64);
+            let text = s.text.unwrap();
+            assert!(text.starts_with(&"a".repeat(64)), "{enc}: {text}");
+            assert!(!text.starts_with(&"a".repeat(65)), "{enc}: {text}");
+            assert!(text.contains("truncated"), "{enc}: {text}");
+        }
+        // Not a zstd frame: a marked summary, never raw bytes.
+        let s = store(&r(), "application/json", "zstd", b"\x01\x02\x03\x04", 4);
+        assert_eq!(s.text.unwrap(), "[zstd body: 4 bytes, not decoded]");
+        // Stacked codings are undone in reverse order.
+        let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        enc.write_all(&brotli_bytes(b"hello")).unwrap();
+        let both = enc.finish().unwrap();
+        let s = store(&r(), "text/plain", "br, gzip", &both, both.len() as u64);
+        assert_eq!(s.text.unwrap(), "hello");
+    }
+
+    #[test]
+    fn xml_bodies_are_redacted_and_broken_xml_not_stored_raw() {
+        let body = br#"<login><user>ada</user><password>hunter2</password></login>"#;
+        let s = store(
+            &r(),
+            "application/soap+xml; charset=utf-8",
+            "",
+            body,
+            body.len() as u64,
+        );
+        assert_eq!(
+            s.text.unwrap(),
+            "<login><user>ada</user><password>[REDACTED]</password></login>"
+        );
+        let body = br#"<?xml version="1.0"?><a token="t0k"/>"#;
+        let s = store(&r(), "", "", body, body.len() as u64);
+        assert_eq!(
+            s.text.unwrap(),
+            r#"<?xml version="1.0"?><a token="[REDACTED]"/>"#
+        );
+        let cut = br#"<a><b>1</b><c secret="hunter2"#;
+        let s = store(&r(), "text/xml", "", cut, 200);
+        let text = s.text.unwrap();
+        assert!(!text.contains("hunter2"), "{text}");
+        assert!(text.ends_with("…[truncated, 200 bytes]"), "{text}");
     }
 
     #[test]

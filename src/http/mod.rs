@@ -3,7 +3,9 @@
 //! `py/http.rs` reads the arguments and calls [`build_record`] with the GIL released.
 
 pub mod body;
+pub mod proxies;
 pub mod redact;
+pub mod xml;
 
 use std::borrow::Cow;
 use std::fmt::Write as _;
@@ -136,32 +138,33 @@ fn header_map(r: &Redactor, headers: &Headers) -> Value {
 }
 
 /// The client address: the socket peer, or, when the peer is a trusted proxy, the
-/// right-most `X-Forwarded-For` entry that is not itself a trusted proxy.
+/// right-most forwarded hop (`Forwarded`, else `X-Forwarded-For`) that is not itself one.
 fn client_addr(r: &Redactor, peer: Option<&str>, headers: &Headers) -> Option<String> {
     let peer = peer?;
-    let trusted = |ip: &str| r.trusted_proxies.iter().any(|t| t == "*" || t == ip);
-    if !trusted(peer) {
+    if r.trusted_proxies.is_empty() {
         return Some(peer.to_owned());
     }
-    let Some(xff) = header(headers, "x-forwarded-for") else {
-        return Some(peer.to_owned());
-    };
-    let hops: Vec<&str> = xff
-        .split(',')
-        .map(str::trim)
-        .filter(|h| !h.is_empty())
-        .collect();
-    let pick = hops
+    // Entries that do not parse trust nothing (configuration checks refuse them earlier).
+    let trusted: Vec<proxies::Trusted> = r
+        .trusted_proxies
         .iter()
-        .rev()
-        .find(|h| !trusted(h))
-        .or(hops.first())
-        .map(|h| {
-            let mut h = redact::escape_controls(h).into_owned();
-            truncate_in_place(&mut h, 64);
-            h
-        });
-    pick.or_else(|| Some(peer.to_owned()))
+        .filter_map(|t| proxies::parse_trusted(t).ok())
+        .collect();
+    let values = |name: &str| -> Vec<Cow<'_, str>> {
+        headers
+            .iter()
+            .filter(|(k, _)| k.eq_ignore_ascii_case(name.as_bytes()))
+            .map(|(_, v)| String::from_utf8_lossy(v))
+            .collect()
+    };
+    let forwarded = values("forwarded");
+    let xff = values("x-forwarded-for");
+    let forwarded: Vec<&str> = forwarded.iter().map(|v| v.as_ref()).collect();
+    let xff: Vec<&str> = xff.iter().map(|v| v.as_ref()).collect();
+    let mut addr = proxies::client_addr(&trusted, peer, &forwarded, &xff);
+    addr = redact::escape_controls(&addr).into_owned();
+    truncate_in_place(&mut addr, 64);
+    Some(addr)
 }
 
 /// W3C `traceparent`: `version-traceid-spanid-flags`, ids non-zero lower-case hex.
@@ -194,32 +197,59 @@ pub fn valid_request_id(id: &[u8]) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.' | b':'))
 }
 
+/// This process's id, read again only after a fork (`getpid` is a system call).
+fn pid() -> u32 {
+    thread_local! {
+        static CACHED: std::cell::Cell<(u64, u32)> = const { std::cell::Cell::new((u64::MAX, 0)) };
+    }
+    let generation = crate::pipeline::fork_generation();
+    CACHED.with(|c| match c.get() {
+        (g, pid) if g == generation => pid,
+        _ => {
+            let pid = std::process::id();
+            c.set((generation, pid));
+            pid
+        }
+    })
+}
+
 /// A new request id: a UUIDv7 (time-ordered, so ids sort like the requests).
 pub fn new_request_id() -> String {
     let ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
-        .unwrap_or_default()
-        & 0xFFFF_FFFF_FFFF;
+        .unwrap_or_default();
+    new_request_id_at(ms)
+}
+
+/// [`new_request_id`] for a request that started `unix_ms` (the caller read the clock).
+pub fn new_request_id_at(unix_ms: u64) -> String {
+    let ms = unix_ms & 0xFFFF_FFFF_FFFF;
     // The pid is mixed in: a forked worker starts with its parent's generator state.
-    let rand_b = fastrand::u64(..) ^ u64::from(std::process::id()).rotate_left(29);
+    let rand_b = fastrand::u64(..) ^ u64::from(pid()).rotate_left(29);
     let rand_a = u64::from(fastrand::u16(..) & 0x0FFF);
     let hi = (ms << 16) | 0x7000 | rand_a;
     let lo = (rand_b & 0x3FFF_FFFF_FFFF_FFFF) | 0x8000_0000_0000_0000;
-    let value = (u128::from(hi) << 64) | u128::from(lo);
     const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut out = [0u8; 36];
-    let mut nibble = 0;
-    for (i, slot) in out.iter_mut().enumerate() {
-        if matches!(i, 8 | 13 | 18 | 23) {
-            *slot = b'-';
-            continue;
+    let mut digits = [0u8; 32];
+    for (i, word) in [hi, lo].into_iter().enumerate() {
+        for (j, byte) in word.to_be_bytes().into_iter().enumerate() {
+            digits[i * 16 + j * 2] = HEX[usize::from(byte >> 4)];
+            digits[i * 16 + j * 2 + 1] = HEX[usize::from(byte & 0xF)];
         }
-        *slot = HEX[((value >> (124 - 4 * nibble)) & 0xF) as usize];
-        nibble += 1;
     }
-    // Only ASCII hex digits and dashes were written.
-    String::from_utf8_lossy(&out).into_owned()
+    let mut out = String::with_capacity(36);
+    for (i, part) in [0..8, 8..12, 12..16, 16..20, 20..32]
+        .into_iter()
+        .enumerate()
+    {
+        if i > 0 {
+            out.push('-');
+        }
+        // Only ASCII hex digits were written.
+        out.push_str(std::str::from_utf8(&digits[part]).unwrap_or_default());
+    }
+    out
 }
 
 fn content_headers(headers: &Headers) -> (String, String) {
@@ -482,6 +512,16 @@ mod tests {
         assert_eq!(
             client_addr(&r, Some("10.0.0.1"), &headers).as_deref(),
             Some("1.2.3.4")
+        );
+        r.trusted_proxies = vec!["10.0.0.0/8".into(), "::1/128".into()];
+        let headers = h(&[
+            ("x-forwarded-for", "9.9.9.9"),
+            ("Forwarded", "for=5.6.7.8;proto=https"),
+            ("forwarded", "for=\"[2001:db8::7]:443\", for=10.1.1.1"),
+        ]);
+        assert_eq!(
+            client_addr(&r, Some("::1"), &headers).as_deref(),
+            Some("2001:db8::7")
         );
     }
 

@@ -170,11 +170,11 @@ impl Redactor {
                     )
                 })
                 .sum();
-            let bearer = b.len() >= 15 && (text.contains("earer") || text.contains("EARER"));
+            let credentials = b.len() >= 10 && has_auth_scheme(b);
             let passes: [Option<Scanner>; 3] = [
                 text.contains("eyJ")
                     .then_some(scrub_jwt as fn(&str) -> Option<String>),
-                bearer.then_some(scrub_bearer as Scanner),
+                credentials.then_some(scrub_credentials as Scanner),
                 (digits >= 13).then_some(scrub_cards as Scanner),
             ];
             chain(text, &passes)
@@ -565,45 +565,87 @@ fn scrub_jwt(text: &str) -> Option<String> {
     })
 }
 
-/// `Bearer <token>` (any case, token of 8+ characters) keeps the word, loses the token.
-fn scrub_bearer(text: &str) -> Option<String> {
-    let b = text.as_bytes();
-    if b.len() < 15 {
-        return None;
+/// The authentication schemes whose credentials are scrubbed in captured text.
+const SCHEMES: [&[u8]; 2] = [b"bearer", b"basic"];
+
+/// Whether `bearer` or `basic` occurs in any letter case (the words are rare in text, so
+/// this quick test spares the scanner).
+fn has_auth_scheme(b: &[u8]) -> bool {
+    memchr::memchr2_iter(b'b', b'B', b).any(|i| {
+        SCHEMES
+            .iter()
+            .any(|w| b.len() >= i + w.len() && b[i..i + w.len()].eq_ignore_ascii_case(w))
+    })
+}
+
+/// `user:password` in base64, as `Basic` sends it (padding optional).
+fn is_basic_credential(token: &str) -> bool {
+    use base64::engine::{general_purpose, DecodePaddingMode, Engine as _, GeneralPurpose};
+    const LENIENT: GeneralPurpose = GeneralPurpose::new(
+        &base64::alphabet::STANDARD,
+        general_purpose::NO_PAD.with_decode_padding_mode(DecodePaddingMode::Indifferent),
+    );
+    let credential = |d: &[u8]| d.contains(&b':') && !d.iter().any(|&c| c < 0x20 || c == 0x7f);
+    // Most tokens fit on the stack: no allocation for the words that follow "basic" in prose.
+    let mut buf = [0u8; 384];
+    match LENIENT.decode_slice(token, &mut buf) {
+        Ok(n) => credential(&buf[..n]),
+        Err(base64::DecodeSliceError::OutputSliceTooSmall) => {
+            LENIENT.decode(token).is_ok_and(|d| credential(&d))
+        }
+        Err(_) => false,
     }
+}
+
+/// `Bearer <token>` (token of 8+ characters) and `Basic <base64 of user:password>`, the
+/// scheme in any letter case: keeps the word, loses the credentials.
+fn scrub_credentials(text: &str) -> Option<String> {
+    let b = text.as_bytes();
     let mut out: Option<String> = None;
     let mut copied = 0;
     let mut i = 0;
-    while i + 6 < b.len() {
-        if !(b[i] | 0x20 == b'b' && b[i..i + 6].eq_ignore_ascii_case(b"bearer"))
-            || (i > 0 && b[i - 1].is_ascii_alphanumeric())
-        {
+    while let Some(p) = memchr::memchr2(b'b', b'B', &b[i.min(b.len())..]) {
+        i += p;
+        let Some(word) = SCHEMES.iter().find(|w| {
+            b.len() > i + w.len()
+                && b[i..i + w.len()].eq_ignore_ascii_case(w)
+                && (i == 0 || !b[i - 1].is_ascii_alphanumeric())
+        }) else {
             i += 1;
             continue;
-        }
-        let mut j = i + 6;
+        };
+        let mut j = i + word.len();
         let spaces = j;
         while j < b.len() && (b[j] == b' ' || b[j] == b'+') {
             j += 1;
         }
         if j == spaces {
-            i += 6;
+            i = j;
             continue;
         }
         let t = j;
+        let basic = word.len() == 5;
         while j < b.len()
             && (b[j].is_ascii_alphanumeric()
-                || matches!(b[j], b'.' | b'_' | b'~' | b'+' | b'/' | b'=' | b'-'))
+                || matches!(b[j], b'+' | b'/' | b'=')
+                || (!basic && matches!(b[j], b'.' | b'_' | b'~' | b'-')))
         {
             j += 1;
         }
-        if j - t >= 8 {
+        let token = &text[t..j];
+        let secret = if basic {
+            // Eight characters or more: six bytes like `ab:cde`, not the word after "basic".
+            token.len() >= 8 && is_basic_credential(token)
+        } else {
+            token.len() >= 8
+        };
+        if secret {
             let o = out.get_or_insert_with(|| String::with_capacity(text.len()));
             o.push_str(&text[copied..t]);
             o.push_str(REDACTED);
             copied = j;
         }
-        i = j;
+        i = j.max(i + 1);
     }
     out.map(|mut o| {
         o.push_str(&text[copied..]);
@@ -668,6 +710,31 @@ mod tests {
             "Authorization: Bearer [REDACTED] done"
         );
         assert_eq!(s.scrub("a bearer of news"), "a bearer of news");
+        assert_eq!(
+            s.scrub("auth=BeArEr abcdefgh12345678"),
+            "auth=BeArEr [REDACTED]"
+        );
+        assert_eq!(
+            s.scrub("curl -H 'authorization: bEARER abc.def-ghi_jkl'"),
+            "curl -H 'authorization: bEARER [REDACTED]'"
+        );
+    }
+
+    #[test]
+    fn basic_credentials_are_scrubbed_and_plain_words_kept() {
+        let s = r();
+        // base64("ada:hunter2") with and without padding.
+        assert_eq!(
+            s.scrub("Authorization: Basic YWRhOmh1bnRlcjI= sent"),
+            "Authorization: Basic [REDACTED] sent"
+        );
+        assert_eq!(s.scrub("BASIC YWRhOmh1bnRlcjI"), "BASIC [REDACTED]");
+        assert_eq!(
+            s.scrub("basic information about the basic plan"),
+            "basic information about the basic plan"
+        );
+        // Valid base64 without a colon is not a credential.
+        assert_eq!(s.scrub("basic aGVsbG8gd29ybGQ="), "basic aGVsbG8gd29ybGQ=");
     }
 
     #[test]

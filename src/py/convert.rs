@@ -31,22 +31,19 @@ extern "C" {
         default_value: *mut ffi::PyObject,
         value: *mut *mut ffi::PyObject,
     ) -> std::ffi::c_int;
-    // Exported by every CPython this package supports (3.9+), though part of the limited
-    // API only from 3.10. It hands out the string's cached UTF-8 form without a copy, where
-    // the 3.9 limited API would build a new bytes object for every field of every record.
-    fn PyUnicode_AsUTF8AndSize(
-        unicode: *mut ffi::PyObject,
-        size: *mut ffi::Py_ssize_t,
-    ) -> *const std::ffi::c_char;
+    // Same: set and reset by the middleware once per request, without two Python calls.
+    fn PyContextVar_Set(var: *mut ffi::PyObject, value: *mut ffi::PyObject) -> *mut ffi::PyObject;
+    fn PyContextVar_Reset(var: *mut ffi::PyObject, token: *mut ffi::PyObject) -> std::ffi::c_int;
 }
 
-/// The UTF-8 of a Python `str`, borrowed; `None` for strings holding lone surrogates.
-fn utf8<'a>(s: &'a Bound<'_, PyString>) -> Option<&'a str> {
+/// The UTF-8 of a Python `str`, borrowed (the string's cached UTF-8 form, no copy); `None`
+/// for strings holding lone surrogates.
+pub fn utf8<'a>(s: &'a Bound<'_, PyString>) -> Option<&'a str> {
     let mut size: ffi::Py_ssize_t = 0;
     // SAFETY: `s` is a live str; the returned buffer lives as long as the object, which
     // outlives the borrow `'a`. CPython guarantees valid UTF-8 on success.
     unsafe {
-        let data = PyUnicode_AsUTF8AndSize(s.as_ptr(), &mut size);
+        let data = ffi::PyUnicode_AsUTF8AndSize(s.as_ptr(), &mut size);
         if data.is_null() {
             ffi::PyErr_Clear();
             return None;
@@ -262,6 +259,31 @@ pub fn format_exception(
         out.push_str(&line.map(|l| text(&l)).unwrap_or_default());
     }
     Some(out.trim_end().to_owned())
+}
+
+/// Sets the request id context variable; returns the token that resets it.
+pub fn set_request_id<'py>(ctx: &Ctx, value: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
+    let py = value.py();
+    // SAFETY: `request_id_var` is a ContextVar (checked when the Core was built); the
+    // result is a new reference or NULL with an exception set.
+    unsafe {
+        let token = PyContextVar_Set(ctx.request_id_var.as_ptr(), value.as_ptr());
+        if token.is_null() {
+            return Err(PyErr::fetch(py));
+        }
+        Ok(Bound::from_owned_ptr(py, token))
+    }
+}
+
+/// Resets the request id context variable with a token from [`set_request_id`].
+pub fn reset_request_id(ctx: &Ctx, token: &Bound<'_, PyAny>) -> PyResult<()> {
+    // SAFETY: as above; `token` came from PyContextVar_Set on the same variable.
+    unsafe {
+        if PyContextVar_Reset(ctx.request_id_var.as_ptr(), token.as_ptr()) < 0 {
+            return Err(PyErr::fetch(token.py()));
+        }
+    }
+    Ok(())
 }
 
 /// The current value of a `ContextVar` (None when unset).

@@ -16,12 +16,14 @@ use arc_swap::ArcSwapOption;
 use parking_lot::{Condvar, Mutex};
 
 use pyo3::exceptions::PyValueError;
+use pyo3::ffi;
 use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
 use serde::Deserialize;
 
 use super::convert;
+use super::exchange::HttpExchange;
 use super::PyCore;
 use crate::http::redact::{Redactor, Rules, DEFAULT_HEADERS, DEFAULT_KEYS};
 use crate::http::{self, Exchange, Headers};
@@ -39,6 +41,73 @@ struct RedactorConfig {
     max_body_bytes: usize,
     max_user_agent_bytes: usize,
     trusted_proxies: Vec<String>,
+    capture: CaptureConfig,
+}
+
+/// What the middleware copies and keeps, read by every [`HttpExchange`].
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CaptureConfig {
+    pub max_body: usize,
+    pub capture_request: bool,
+    pub capture_response: bool,
+    #[serde(deserialize_with = "seconds")]
+    pub request_timeout: Duration,
+    #[serde(deserialize_with = "seconds")]
+    pub response_timeout: Duration,
+    pub slow_ms: f64,
+    /// The inbound request id header, lower-case; `None`: always a new id.
+    pub request_id_header: Option<String>,
+    /// Echo the id in this response header (the same name).
+    pub echo: bool,
+    /// No sampling rules: every request is kept and no route is needed to decide.
+    pub keep_all: bool,
+    /// Rate limits are set: the middleware's token buckets are asked.
+    pub limited: bool,
+    #[serde(skip)]
+    pub echo_header: Option<Vec<u8>>,
+    /// The same name as a Python `bytes`, made once.
+    #[serde(skip)]
+    pub echo_name: Option<Py<PyBytes>>,
+}
+
+fn seconds<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let s = f64::deserialize(d)?;
+    Duration::try_from_secs_f64(s).map_err(serde::de::Error::custom)
+}
+
+/// The middleware's request counters (read by `stats()`).
+#[derive(Default)]
+pub struct Counters {
+    seen: AtomicU64,
+    kept: AtomicU64,
+    sampled_out: AtomicU64,
+    excluded: AtomicU64,
+    rate_limited: AtomicU64,
+    internal_errors: AtomicU64,
+    last_internal_error: Mutex<Option<String>>,
+}
+
+impl Counters {
+    pub fn seen(&self) {
+        self.seen.fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn kept(&self) {
+        self.kept.fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn sampled_out(&self) {
+        self.sampled_out.fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn excluded(&self) {
+        self.excluded.fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn rate_limited(&self) {
+        self.rate_limited.fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn internal_error(&self, name: Option<String>) {
+        self.internal_errors.fetch_add(1, Ordering::Relaxed);
+        *self.last_internal_error.lock() = name;
+    }
 }
 
 /// One middleware's hand-off into one pipeline's core, with its redaction settings
@@ -47,16 +116,36 @@ struct RedactorConfig {
 pub struct HttpSink {
     core: Py<PyCore>,
     inner: Arc<Redactor>,
+    pub capture: CaptureConfig,
+    pub counters: Counters,
 }
 
 #[pymethods]
 impl HttpSink {
     #[new]
-    fn new(core: Py<PyCore>, config_json: &str) -> PyResult<Self> {
-        let c: RedactorConfig = serde_json::from_str(config_json)
-            .map_err(|e| PyValueError::new_err(format!("invalid redaction settings: {e}")))?;
+    fn new(py: Python<'_>, core: Py<PyCore>, config_json: &str) -> PyResult<Self> {
+        let mut c: RedactorConfig = serde_json::from_str(config_json)
+            .map_err(|e| PyValueError::new_err(format!("invalid middleware settings: {e}")))?;
+        crate::http::proxies::parse_trusted_list(&c.trusted_proxies)
+            .map_err(|e| PyValueError::new_err(format!("trusted_proxies: {e}")))?;
+        if let Some(h) = &mut c.capture.request_id_header {
+            h.make_ascii_lowercase();
+        }
+        c.capture.echo_header = c
+            .capture
+            .request_id_header
+            .as_ref()
+            .filter(|_| c.capture.echo)
+            .map(|h| h.as_bytes().to_vec());
+        c.capture.echo_name = c
+            .capture
+            .echo_header
+            .as_deref()
+            .map(|h| PyBytes::new(py, h).unbind());
         Ok(HttpSink {
             core,
+            capture: c.capture,
+            counters: Counters::default(),
             inner: Arc::new(Redactor {
                 headers: Rules::new(&c.headers),
                 query: Rules::new(&c.query),
@@ -77,59 +166,117 @@ impl HttpSink {
         self.inner.scrub(text).into_owned()
     }
 
-    /// Hands one finished exchange to the core (see `write` below). Raises only on
-    /// arguments of the wrong type.
-    #[allow(clippy::too_many_arguments)]
-    #[pyo3(signature = (scope, path, route, status, response_headers, request_chunks,
-        request_size, response_chunks, response_size, flags, start, duration_ms, ttfb_ms,
-        request_id, exception, sample_rate))]
-    fn write<'py>(
-        &self,
-        py: Python<'py>,
-        scope: &Bound<'py, PyDict>,
-        path: &Bound<'py, PyAny>,
-        route: &Bound<'py, PyAny>,
-        status: u16,
-        response_headers: &Bound<'py, PyAny>,
-        request_chunks: &Bound<'py, PyAny>,
-        request_size: u64,
-        response_chunks: &Bound<'py, PyAny>,
-        response_size: u64,
-        flags: u32,
-        start: f64,
-        duration_ms: f64,
-        ttfb_ms: Option<f64>,
-        request_id: &Bound<'py, PyAny>,
-        exception: &Bound<'py, PyAny>,
-        sample_rate: f64,
-    ) {
-        let args = Args {
-            scope,
-            path,
-            route,
-            response_headers,
-            request_chunks,
-            response_chunks,
-            request_id,
-            exception,
-        };
-        let ex = Exchange {
-            status,
-            flags,
-            ts_us: (start * 1e6).round() as i64,
-            request_size,
-            response_size,
-            duration_ms,
-            ttfb_ms,
-            sample_rate,
-            ..Exchange::default()
-        };
-        write(self, py, args, ex);
+    /// Starts one request: its id, its clock, its body buffers.
+    fn begin(
+        slf: &Bound<'_, Self>,
+        scope: &Bound<'_, PyDict>,
+        middleware: &Bound<'_, PyAny>,
+    ) -> PyResult<HttpExchange> {
+        HttpExchange::begin(slf, scope, middleware)
+    }
+
+    /// `{"seen": n, "kept": n, ...}` and the type name of the last internal error.
+    fn counters(&self) -> (Vec<(&'static str, u64)>, Option<String>) {
+        let c = &self.counters;
+        let n = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        (
+            vec![
+                ("seen", n(&c.seen)),
+                ("kept", n(&c.kept)),
+                ("sampled_out", n(&c.sampled_out)),
+                ("excluded", n(&c.excluded)),
+                ("rate_limited", n(&c.rate_limited)),
+                ("internal_errors", n(&c.internal_errors)),
+            ],
+            c.last_internal_error.lock().clone(),
+        )
     }
 
     fn __repr__(&self) -> &'static str {
         "<logsluice http sink>"
     }
+}
+
+impl HttpSink {
+    pub fn ctx(&self) -> &convert::Ctx {
+        &self.core.get().ctx
+    }
+
+    /// The inbound request id header's value when it is a safe id, else a new UUIDv7.
+    pub fn request_id(&self, headers: Option<&Bound<'_, PyAny>>, unix_us: i64) -> String {
+        let name = self.capture.request_id_header.as_deref().map(str::as_bytes);
+        headers
+            .and_then(|h| inbound_id(h, name))
+            .unwrap_or_else(|| http::new_request_id_at((unix_us / 1000) as u64))
+    }
+
+    /// Copies the finished exchange out of Python and puts it on the lane.
+    pub fn hand_off<'py>(&self, py: Python<'py>, mut ex: Exchange, parts: Parts<'_, 'py>) {
+        if reporting() {
+            return;
+        }
+        let pycore = self.core.get();
+        if let Some(exc) = parts.exception {
+            ex.exception = Some(
+                convert::format_exception(
+                    &pycore.ctx,
+                    py,
+                    exc.get_type().as_any(),
+                    exc,
+                    &exc.getattr(intern!(py, "__traceback__"))
+                        .unwrap_or_else(|_| py.None().into_bound(py)),
+                )
+                .unwrap_or_else(|| convert::text(exc)),
+            );
+        }
+        let core = pycore.core();
+        if !core.wants(ex.level().1, Kind::Http) {
+            return;
+        }
+        let mut p = Packed {
+            buf: pycore.http_lane.buffer(1024),
+        };
+        let scope = parts.scope;
+        let get = |key: &Bound<'py, PyString>| -> Option<Bound<'py, PyAny>> {
+            scope.get_item(key).ok().flatten()
+        };
+        p.put_opt(get(intern!(py, "method")));
+        p.put_opt(get(intern!(py, "scheme")));
+        p.put_opt(get(intern!(py, "http_version")));
+        p.put_obj(parts.path);
+        p.put_opt(get(intern!(py, "query_string")));
+        p.put_opt(Some(parts.route.clone()));
+        p.put_opt(
+            get(intern!(py, "client"))
+                .filter(|c| !c.is_none())
+                .and_then(|c| c.get_item(0).ok()),
+        );
+        p.put_obj(parts.request_id);
+        p.put_headers(get(intern!(py, "headers")));
+        p.put_headers(parts.response_headers.cloned());
+        pycore.http_lane.push(Job {
+            core,
+            redactor: self.inner.clone(),
+            ex,
+            packed: p,
+            request_body: parts.request_body,
+            response_body: parts.response_body,
+            max_message_bytes: pycore.options.max_message_bytes,
+        });
+    }
+}
+
+/// What a finished exchange hands off besides its scalars.
+pub struct Parts<'a, 'py> {
+    pub scope: &'a Bound<'py, PyDict>,
+    pub path: &'a Bound<'py, PyAny>,
+    pub route: &'a Bound<'py, PyAny>,
+    pub request_id: &'a Bound<'py, PyAny>,
+    pub response_headers: Option<&'a Bound<'py, PyAny>>,
+    /// `None`: not captured. Moved into the job, not copied.
+    pub request_body: Option<Vec<u8>>,
+    pub response_body: Option<Vec<u8>>,
+    pub exception: Option<&'a Bound<'py, PyAny>>,
 }
 
 /// The built-in lists: `{"headers": [...], "keys": [...]}`.
@@ -161,7 +308,7 @@ fn request_id(inbound: Option<&Bound<'_, PyAny>>) -> String {
 /// lane's thread does the rest (allocating and freeing on one thread is also what keeps
 /// malloc cheap).
 #[derive(Default)]
-struct Packed {
+pub struct Packed {
     buf: Vec<u8>,
 }
 
@@ -169,6 +316,7 @@ const NONE: u32 = u32::MAX;
 
 impl Packed {
     fn put(&mut self, b: &[u8]) {
+        self.buf.reserve(4 + b.len());
         self.buf.extend_from_slice(&(b.len() as u32).to_le_bytes());
         self.buf.extend_from_slice(b);
     }
@@ -181,11 +329,14 @@ impl Packed {
     fn put_obj(&mut self, obj: &Bound<'_, PyAny>) {
         if let Ok(b) = obj.cast::<PyBytes>() {
             self.put(b.as_bytes());
+        } else if let Some(text) = obj.cast::<PyString>().ok().and_then(|s| convert::utf8(s)) {
+            self.put(text.as_bytes());
         } else if let Some(utf8) = obj
             .cast::<PyString>()
             .ok()
             .and_then(|s| s.encode_utf8().ok())
         {
+            // Lone surrogates: CPython has no cached UTF-8 for these.
             self.put(utf8.as_bytes());
         } else {
             self.put(convert::text(obj).as_bytes());
@@ -203,11 +354,25 @@ impl Packed {
     fn put_headers(&mut self, obj: Option<Bound<'_, PyAny>>) {
         let at = self.buf.len();
         self.buf.extend_from_slice(&0u32.to_le_bytes());
-        let Some(iter) = obj.filter(|o| !o.is_none()).and_then(|o| o.try_iter().ok()) else {
+        let Some(obj) = obj.filter(|o| !o.is_none()) else {
             return;
         };
         let mut n = 0u32;
-        for item in iter.flatten().take(200) {
+        // Servers and frameworks pass lists: read them without the iterator protocol.
+        let items: Box<dyn Iterator<Item = Bound<'_, PyAny>>> = match obj.cast::<PyList>() {
+            Ok(list) => Box::new(list.iter()),
+            Err(_) => match obj.try_iter() {
+                Ok(iter) => Box::new(iter.flatten()),
+                Err(_) => return,
+            },
+        };
+        for item in items.take(200) {
+            if let Some((k, v)) = bytes_pair(&item) {
+                self.put(k);
+                self.put(v);
+                n += 1;
+                continue;
+            }
             // Servers send `(name, value)` tuples: read them without the generic protocol.
             if let Ok(t) = item.cast::<PyTuple>() {
                 if t.len() == 2 {
@@ -227,26 +392,30 @@ impl Packed {
         }
         self.buf[at..at + 4].copy_from_slice(&n.to_le_bytes());
     }
+}
 
-    /// `None` stays `None` (not captured); a list of byte chunks is joined.
-    fn put_body(&mut self, obj: &Bound<'_, PyAny>) {
-        if obj.is_none() {
-            return self.none();
-        }
-        if let Ok(b) = obj.cast::<PyBytes>() {
-            return self.put(b.as_bytes());
-        }
-        let at = self.buf.len();
-        self.buf.extend_from_slice(&0u32.to_le_bytes());
-        if let Ok(iter) = obj.try_iter() {
-            for chunk in iter.flatten() {
-                if let Ok(b) = chunk.cast::<PyBytes>() {
-                    self.buf.extend_from_slice(b.as_bytes());
-                }
+/// A `(bytes, bytes)` tuple read through the C API: the shape every ASGI server uses for
+/// headers, read here for every header of every request.
+pub fn bytes_pair<'a>(item: &'a Bound<'_, PyAny>) -> Option<(&'a [u8], &'a [u8])> {
+    let t = item.cast::<PyTuple>().ok()?;
+    if t.len() != 2 {
+        return None;
+    }
+    // SAFETY: `t` is a live 2-tuple; PyTuple_GetItem returns borrowed references that live
+    // as long as the tuple, which outlives `'a`. PyBytes_AsString/Size are called only on
+    // objects that pass the bytes type check, and the buffer lives as long as the object.
+    unsafe {
+        let part = |i: ffi::Py_ssize_t| -> Option<&'a [u8]> {
+            let o = ffi::PyTuple_GetItem(t.as_ptr(), i);
+            if o.is_null() || ffi::PyBytes_Check(o) == 0 {
+                return None;
             }
-        }
-        let n = (self.buf.len() - at - 4) as u32;
-        self.buf[at..at + 4].copy_from_slice(&n.to_le_bytes());
+            let data = ffi::PyBytes_AsString(o);
+            let len = ffi::PyBytes_Size(o);
+            (!data.is_null() && len >= 0)
+                .then(|| std::slice::from_raw_parts(data.cast::<u8>(), len as usize))
+        };
+        Some((part(0)?, part(1)?))
     }
 }
 
@@ -291,97 +460,25 @@ impl<'a> Unpack<'a> {
     }
 }
 
-struct Args<'a, 'py> {
-    scope: &'a Bound<'py, PyDict>,
-    path: &'a Bound<'py, PyAny>,
-    route: &'a Bound<'py, PyAny>,
-    response_headers: &'a Bound<'py, PyAny>,
-    request_chunks: &'a Bound<'py, PyAny>,
-    response_chunks: &'a Bound<'py, PyAny>,
-    request_id: &'a Bound<'py, PyAny>,
-    exception: &'a Bound<'py, PyAny>,
-}
-
-fn body_len(o: &Bound<'_, PyAny>) -> usize {
-    if let Ok(list) = o.cast::<PyList>() {
-        return list
-            .iter()
-            .map(|c| c.cast::<PyBytes>().map_or(0, |b| b.as_bytes().len()))
-            .sum();
-    }
-    o.cast::<PyBytes>().map_or(0, |b| b.as_bytes().len())
-}
-
-fn write<'py>(sink: &HttpSink, py: Python<'py>, a: Args<'_, 'py>, mut ex: Exchange) {
-    if reporting() {
-        return;
-    }
-    let pycore = sink.core.get();
-    if !a.exception.is_none() {
-        let exc = a.exception;
-        ex.exception = Some(
-            convert::format_exception(
-                &pycore.ctx,
-                py,
-                exc.get_type().as_any(),
-                exc,
-                &exc.getattr(intern!(py, "__traceback__"))
-                    .unwrap_or_else(|_| py.None().into_bound(py)),
-            )
-            .unwrap_or_else(|| convert::text(exc)),
-        );
-    }
-    let core = pycore.core();
-    if !core.wants(ex.level().1, Kind::Http) {
-        return;
-    }
-    let mut p = Packed {
-        buf: pycore
-            .http_lane
-            .buffer(1024 + body_len(a.request_chunks) + body_len(a.response_chunks)),
-    };
-    let get = |key: &Bound<'py, PyString>| a.scope.get_item(key).ok().flatten();
-    p.put_opt(get(intern!(py, "method")));
-    p.put_opt(get(intern!(py, "scheme")));
-    p.put_opt(get(intern!(py, "http_version")));
-    p.put_obj(a.path);
-    p.put_opt(get(intern!(py, "query_string")));
-    p.put_opt(Some(a.route.clone()));
-    p.put_opt(
-        get(intern!(py, "client"))
-            .filter(|c| !c.is_none())
-            .and_then(|c| c.get_item(0).ok()),
-    );
-    p.put_obj(a.request_id);
-    p.put_headers(get(intern!(py, "headers")));
-    p.put_headers(Some(a.response_headers.clone()));
-    p.put_body(a.request_chunks);
-    p.put_body(a.response_chunks);
-    pycore.http_lane.push(Job {
-        core,
-        redactor: sink.inner.clone(),
-        ex,
-        packed: p,
-        max_message_bytes: pycore.options.max_message_bytes,
-    });
-}
-
 struct Job {
     core: Arc<Core>,
     redactor: Arc<Redactor>,
-    /// The scalars; strings, headers and bodies are in `packed`.
+    /// The scalars; strings and headers are in `packed`.
     ex: Exchange,
     packed: Packed,
+    request_body: Option<Vec<u8>>,
+    response_body: Option<Vec<u8>>,
     max_message_bytes: usize,
 }
 
 impl Job {
     fn bytes(&self) -> usize {
-        256 + self.packed.buf.capacity()
+        let body = |b: &Option<Vec<u8>>| b.as_ref().map_or(0, Vec::capacity);
+        256 + self.packed.buf.capacity() + body(&self.request_body) + body(&self.response_body)
     }
 
-    /// Builds and routes the record; returns the packing buffer for reuse.
-    fn run(self) -> Vec<u8> {
+    /// Builds and routes the record; hands its buffers back for reuse.
+    fn run(self, reuse: &mut impl FnMut(Vec<u8>)) {
         let mut ex = self.ex;
         let mut u = Unpack {
             buf: &self.packed.buf,
@@ -403,14 +500,18 @@ impl Job {
         ex.request_id = u.text();
         ex.request_headers = u.headers();
         ex.response_headers = u.headers();
-        ex.request_body = u.opt().map(<[u8]>::to_vec);
-        ex.response_body = u.opt().map(<[u8]>::to_vec);
+        // Copied here, on the lane's thread, so the buffers the event loop filled go
+        // back to it for the next requests.
+        ex.request_body = self.request_body.clone();
+        ex.response_body = self.response_body.clone();
         let record = http::build_record(&self.redactor, ex, self.max_message_bytes);
         let blocked = self.core.submit(record);
         if !blocked.is_empty() {
             Core::wait_for_room(blocked);
         }
-        self.packed.buf
+        reuse(self.packed.buf);
+        self.request_body.into_iter().for_each(&mut *reuse);
+        self.response_body.into_iter().for_each(reuse);
     }
 }
 
@@ -422,8 +523,9 @@ const LANE_WAKE_AT: usize = 256;
 const LANE_MAX_JOBS: usize = 20_000;
 const LANE_MAX_BYTES: usize = 64 << 20;
 /// Buffers kept for reuse, and the largest one kept.
-const POOL_BUFFERS: usize = 64;
+const POOL_BUFFERS: usize = 1024;
 const POOL_BUFFER_MAX: usize = 192 << 10;
+const POOL_MAX_BYTES: usize = 16 << 20;
 
 #[derive(Default)]
 struct LaneQueue {
@@ -433,6 +535,7 @@ struct LaneQueue {
     /// Packing buffers handed back by the worker: the event loop's thread reuses them
     /// instead of calling malloc for every request.
     free: Vec<Vec<u8>>,
+    free_bytes: usize,
     bytes: usize,
     submitted: u64,
     done: u64,
@@ -485,14 +588,22 @@ impl Lane {
     }
 
     /// An empty buffer with room for at least `min` bytes, reused when possible.
-    fn buffer(&self, min: usize) -> Vec<u8> {
-        let reused = self.inner().queue.lock().free.pop();
+    pub fn buffer(&self, min: usize) -> Vec<u8> {
+        let reused = {
+            let inner = self.inner();
+            let mut q = inner.queue.lock();
+            let buf = q.free.pop();
+            if let Some(b) = &buf {
+                q.free_bytes -= b.capacity();
+            }
+            buf
+        };
         match reused {
             Some(mut buf) => {
                 buf.reserve(min);
                 buf
             }
-            None => Vec::with_capacity(min.max(4096)),
+            None => Vec::with_capacity(min),
         }
     }
 
@@ -568,21 +679,28 @@ impl LaneInner {
                 std::mem::replace(&mut q.jobs, spare)
             };
             let n = jobs.len() as u64;
-            let mut buffers = Vec::with_capacity(jobs.len().min(POOL_BUFFERS));
-            for job in jobs.drain(..) {
-                let mut buf = job.run();
+            let mut buffers = Vec::with_capacity((jobs.len() * 3).min(POOL_BUFFERS));
+            let mut keep = |mut buf: Vec<u8>| {
                 if buffers.len() < POOL_BUFFERS && buf.capacity() <= POOL_BUFFER_MAX {
                     buf.clear();
                     buffers.push(buf);
                 }
+            };
+            for job in jobs.drain(..) {
+                job.run(&mut keep);
             }
             let mut q = self.queue.lock();
             q.done += n;
             if q.spare.capacity() < jobs.capacity() {
                 q.spare = jobs;
             }
-            let room = POOL_BUFFERS.saturating_sub(q.free.len());
-            q.free.extend(buffers.into_iter().take(room));
+            for buf in buffers {
+                if q.free.len() >= POOL_BUFFERS || q.free_bytes + buf.capacity() > POOL_MAX_BYTES {
+                    break;
+                }
+                q.free_bytes += buf.capacity();
+                q.free.push(buf);
+            }
             drop(q);
             self.finished.notify_all();
         }
@@ -594,25 +712,43 @@ impl LaneInner {
 #[pyfunction]
 #[pyo3(signature = (headers, name=None))]
 fn request_id_for(headers: &Bound<'_, PyAny>, name: Option<&[u8]>) -> String {
-    if let (Some(name), Ok(list)) = (name, headers.cast::<PyList>()) {
-        for item in list.iter() {
-            let Ok(t) = item.cast::<PyTuple>() else {
-                continue;
-            };
-            let Ok(k) = t.get_borrowed_item(0) else {
-                continue;
-            };
-            if k.cast::<PyBytes>().is_ok_and(|k| k.as_bytes() == name) {
-                let value = t.get_borrowed_item(1).ok();
-                return request_id(value.as_deref());
+    inbound_id(headers, name).unwrap_or_else(http::new_request_id)
+}
+
+/// The inbound request id, when the `name` header holds a safe one.
+fn inbound_id(headers: &Bound<'_, PyAny>, name: Option<&[u8]>) -> Option<String> {
+    let (Some(name), Ok(list)) = (name, headers.cast::<PyList>()) else {
+        return None;
+    };
+    for item in list.iter() {
+        if let Some((k, v)) = bytes_pair(&item) {
+            if k == name {
+                // Validated as ASCII.
+                return http::valid_request_id(v).then(|| String::from_utf8_lossy(v).into_owned());
             }
+            continue;
+        }
+        let Ok(t) = item.cast::<PyTuple>() else {
+            continue;
+        };
+        let Ok(k) = t.get_borrowed_item(0) else {
+            continue;
+        };
+        if k.cast::<PyBytes>().is_ok_and(|k| k.as_bytes() == name) {
+            let value = t.get_borrowed_item(1).ok();
+            let value = value.as_deref().and_then(|v| v.cast::<PyBytes>().ok());
+            return value
+                .map(|v| v.as_bytes())
+                .filter(|v| http::valid_request_id(v))
+                .map(|v| String::from_utf8_lossy(v).into_owned());
         }
     }
-    http::new_request_id()
+    None
 }
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<HttpSink>()?;
+    m.add_class::<HttpExchange>()?;
     m.add_function(wrap_pyfunction!(redaction_defaults, m)?)?;
     m.add_function(wrap_pyfunction!(request_id, m)?)?;
     m.add_function(wrap_pyfunction!(request_id_for, m)?)?;

@@ -4,6 +4,7 @@
 mod asyncio_bridge;
 mod clock;
 mod convert;
+mod exchange;
 mod http;
 mod read;
 
@@ -147,6 +148,10 @@ impl PyCore {
         report: Py<PyAny>,
         request_id_var: Py<PyAny>,
     ) -> PyResult<Self> {
+        let context_var = py.import("contextvars")?.getattr("ContextVar")?;
+        if !request_id_var.bind(py).is_instance(&context_var)? {
+            return Err(PyValueError::new_err("request_id_var must be a ContextVar"));
+        }
         let specs = parse_specs(specs_json).map_err(PyValueError::new_err)?;
         let options: PipelineOptions = serde_json::from_str(options_json)
             .map_err(|e| PyValueError::new_err(format!("invalid pipeline options: {e}")))?;

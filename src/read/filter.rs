@@ -5,6 +5,7 @@
 use chrono::{DateTime, NaiveDate, NaiveDateTime, Utc};
 use serde_json::{Map, Value};
 
+use super::exclude::Exclude;
 use crate::record::level_no;
 
 pub const DEFAULT_LIMIT: usize = 100;
@@ -65,6 +66,8 @@ pub struct Filter {
     /// Lower-cased.
     pub text: Option<String>,
     pub fields: Vec<FieldCond>,
+    /// Values that drop a record (see `exclude.rs`).
+    pub exclude: Exclude,
     pub desc: bool,
     pub limit: usize,
 }
@@ -367,6 +370,7 @@ impl Filter {
                     }
                     _ => return bad("fields must be a mapping of dotted paths to values or conditions"),
                 },
+                "exclude" => f.exclude = Exclude::parse(v)?,
                 "order" => match v.as_str().map(|s| s.trim().to_ascii_lowercase()).as_deref() {
                     Some("desc") => f.desc = true,
                     Some("asc") => f.desc = false,
@@ -384,7 +388,7 @@ impl Filter {
                 other => {
                     return bad(format!(
                         "unknown filter {other:?}; known: since, until, level, min_level, kind, logger, process, request_id, \
-                         trace_id, method, route, path, status, min_duration_ms, text, fields, order, limit"
+                         trace_id, method, route, path, status, min_duration_ms, text, fields, exclude, order, limit"
                     ))
                 }
             }
@@ -478,7 +482,7 @@ impl Filter {
                 }
             }
         }
-        true
+        !self.exclude.drops(r)
     }
 }
 
@@ -569,5 +573,22 @@ mod tests {
         ));
         assert!(!g.matches(json!({"message": "app"}).as_object().unwrap()));
         assert_ne!(f.fingerprint(), g.fingerprint());
+    }
+
+    #[test]
+    fn exclusions_match_and_are_part_of_the_fingerprint() {
+        let f =
+            parse(json!({"kind": "http", "exclude": {"route": ["/health", "/metrics"]}})).unwrap();
+        let rec = |route: &str| json!({"kind": "http", "route": route});
+        assert!(!f.matches(rec("/health").as_object().unwrap()));
+        assert!(!f.matches(rec("/metrics").as_object().unwrap()));
+        assert!(f.matches(rec("/items/{item_id}").as_object().unwrap()));
+        let plain = parse(json!({"kind": "http"})).unwrap();
+        let reordered =
+            parse(json!({"kind": "http", "exclude": {"route": ["/metrics", "/health"]}})).unwrap();
+        assert_ne!(f.fingerprint(), plain.fingerprint());
+        assert_eq!(f.fingerprint(), reordered.fingerprint());
+        assert!(parse(json!({"exclude": {"fields": 1}})).is_err());
+        assert!(parse(json!({"exclude": {"status": "6xx"}})).is_err());
     }
 }

@@ -6,6 +6,7 @@
 //! keyset on (ts, id) with a signed cursor (cursor.rs); summaries group http records.
 
 pub mod cursor;
+pub mod exclude;
 pub mod files;
 pub mod filter;
 pub mod pg;

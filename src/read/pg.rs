@@ -11,6 +11,7 @@ use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions, PgRow}
 use sqlx::{AssertSqlSafe, Postgres, Row};
 
 use super::cursor::Pos;
+use super::exclude::Exclude;
 use super::filter::{FieldOp, Filter};
 use super::summary::{group_value, Spec, MAX_GROUPS};
 use super::{Found, ReadError, Scan};
@@ -263,6 +264,32 @@ fn filter_sql(f: &Filter, sql: &mut Sql) {
             }
         };
         sql.push(cond);
+    }
+    exclude_sql(&f.exclude, sql);
+}
+
+/// Exclusions, NULL-safe: a row without the column (an app record has no route) is kept.
+fn exclude_sql(ex: &Exclude, sql: &mut Sql) {
+    for (col, values) in ex.equalities() {
+        for v in values {
+            let p = sql.arg(Arg::Text(v.clone()));
+            sql.push(format!("{} IS DISTINCT FROM {p}", quote(col)));
+        }
+    }
+    for (lo, hi) in &ex.statuses {
+        let a = sql.arg(Arg::I16(*lo as i16));
+        let b = sql.arg(Arg::I16(*hi as i16));
+        sql.push(format!(
+            "NOT coalesce(status BETWEEN {a}::smallint AND {b}::smallint, false)"
+        ));
+    }
+    for path in &ex.paths {
+        let p = sql.arg(Arg::Text(format!("{}%", like_escape(path))));
+        sql.push(format!("NOT coalesce(path LIKE {p}, false)"));
+    }
+    for t in &ex.texts {
+        let p = sql.arg(Arg::Text(format!("%{}%", like_escape(t))));
+        sql.push(format!("NOT coalesce(message ILIKE {p}, false)"));
     }
 }
 
@@ -684,7 +711,8 @@ mod tests {
         let evil = "x'); DROP TABLE logs; --";
         let f = Filter::parse(
             json!({"logger": evil, "text": evil, "route": evil, "path": evil, "request_id": evil,
-                   "fields": {"a": evil, "b": {"in": [evil]}, "c": {"ne": evil}}})
+                   "fields": {"a": evil, "b": {"in": [evil]}, "c": {"ne": evil}},
+                   "exclude": {"route": evil, "path": evil, "text": evil, "logger": [evil, "x"]}})
             .as_object()
             .unwrap(),
         )
@@ -702,6 +730,8 @@ mod tests {
         scan_sql(&scan, &mut sql);
         let text = sql.where_clause();
         assert!(!text.contains("DROP"), "{text}");
+        assert!(text.contains("\"route\" IS DISTINCT FROM $"), "{text}");
+        assert!(text.contains("NOT coalesce(path LIKE $"), "{text}");
         assert!(text.contains("(ts, id) < ("));
         assert!(text.contains("ts <= $"));
         assert_eq!(like_escape("a%b_c\\"), "a\\%b\\_c\\\\");

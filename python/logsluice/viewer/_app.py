@@ -20,7 +20,7 @@ import weakref
 from typing import Any, Callable, Optional
 from urllib.parse import parse_qsl
 
-from ..reader import FILTER_NAMES
+from ..reader import EXCLUDE_NAMES, FILTER_NAMES
 from . import _stream
 from ._stream import dumps
 
@@ -691,10 +691,29 @@ def _params(scope: dict[str, Any]) -> dict[str, str]:
 
 
 def _filters(params: dict[str, str], allowed: tuple[str, ...]) -> dict[str, Any]:
-    """Query parameters -> reader keyword arguments. ``field.user.id=42`` adds to ``fields``."""
+    """Query parameters -> reader keyword arguments. ``field.user.id=42`` adds to ``fields``;
+    ``exclude.route=/health`` adds to ``exclude`` (``exclude={"route": [...]}`` as JSON for
+    several values of one name)."""
     out: dict[str, Any] = {}
     fields: dict[str, Any] = {}
+    exclude: dict[str, Any] = {}
     for key, value in params.items():
+        if key.startswith("exclude.") and "exclude" in allowed:
+            name = key[8:]
+            if name not in EXCLUDE_NAMES:
+                raise BadRequest(f"bad exclusion {name!r}; known: {', '.join(EXCLUDE_NAMES)}")
+            exclude.setdefault(name, []).append(value)
+            continue
+        if key == "exclude" and "exclude" in allowed:
+            try:
+                parsed = json.loads(value)
+            except ValueError:
+                raise BadRequest("exclude must be a JSON object") from None
+            if not isinstance(parsed, dict):
+                raise BadRequest("exclude must be a JSON object")
+            for name, values in parsed.items():
+                exclude.setdefault(name, []).extend(values if isinstance(values, list) else [values])
+            continue
         if key.startswith("field.") and "fields" in allowed:
             name = key[6:]
             if not re.fullmatch(r"[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*", name):
@@ -729,6 +748,8 @@ def _filters(params: dict[str, str], allowed: tuple[str, ...]) -> dict[str, Any]
             out[key] = value
     if fields:
         out["fields"] = fields
+    if exclude:
+        out["exclude"] = exclude
     return out
 
 

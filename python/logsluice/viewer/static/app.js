@@ -8,11 +8,14 @@
   const BASE_COLUMNS = ["ts", "level", "kind", "source", "status", "message"];
   const CLICKABLE = { level: "level", kind: "kind", logger: "logger", route: "route", method: "method",
     status: "status", request_id: "request_id", trace_id: "trace_id", path: "path" };
+  // Top-level values a click can hide (the reader's `exclude`).
+  const EXCLUDABLE = ["level", "kind", "logger", "method", "route", "status", "request_id", "path"];
   const URL_RE = /\bhttps?:\/\/[^\s<>"'`]+/gi;
 
   const state = {
     filters: {},   // name -> value (form fields and chips)
     fields: {},    // dotted path -> {op: "eq"|"ne", value}
+    exclude: {},   // top-level name -> [values] whose records are hidden
     columns: [],   // extra columns (dotted field paths)
     records: [],
     ids: new Set(),
@@ -39,8 +42,10 @@
     const q = new URLSearchParams(location.search);
     state.filters = {};
     state.fields = {};
+    state.exclude = {};
     for (const [k, v] of q) {
       if (FORM_KEYS.includes(k) || CHIP_KEYS.includes(k)) state.filters[k] = v;
+      else if (k.startsWith("exclude.") && EXCLUDABLE.includes(k.slice(8))) addExclusion(k.slice(8), v);
       else if (k.startsWith("field.")) state.fields[k.slice(6)] = { op: "eq", value: v };
       else if (k.startsWith("not.")) state.fields[k.slice(4)] = { op: "ne", value: v };
     }
@@ -68,7 +73,21 @@
       else q.set((f.op === "eq" ? "field." : "not.") + path, f.value);
     }
     if (forApi && Object.keys(apiFields).length) q.set("fields", JSON.stringify(apiFields));
+    if (forApi && Object.keys(state.exclude).length) q.set("exclude", JSON.stringify(state.exclude));
+    if (!forApi) {
+      for (const [name, values] of Object.entries(state.exclude)) for (const v of values) q.append("exclude." + name, v);
+    }
     return q;
+  }
+
+  function addExclusion(name, value) {
+    const values = state.exclude[name] || (state.exclude[name] = []);
+    if (!values.includes(value)) values.push(value);
+  }
+
+  function removeExclusion(name, value) {
+    const values = (state.exclude[name] || []).filter((v) => v !== value);
+    if (values.length) state.exclude[name] = values; else delete state.exclude[name];
   }
 
   function typed(v) {
@@ -108,6 +127,9 @@
     }
     for (const [path, f] of Object.entries(state.fields)) {
       add(path + (f.op === "eq" ? " = " : " ≠ ") + f.value, () => delete state.fields[path], f.op !== "eq");
+    }
+    for (const [name, values] of Object.entries(state.exclude)) {
+      for (const v of values) add(name + " ≠ " + v, () => removeExclusion(name, v), true);
     }
   }
 
@@ -231,8 +253,10 @@
     value = show(value);
     if (key.startsWith("fields.")) {
       state.fields[key.slice(7)] = { op: exclude ? "ne" : "eq", value };
+    } else if (exclude && EXCLUDABLE.includes(key)) {
+      addExclusion(key, value);
     } else if (exclude) {
-      notice("Only field values (fields.*) can be excluded; " + key + " can be included.", false);
+      notice(key + " values can be included, not excluded.", false);
       return;
     } else {
       state.filters[key] = value;
@@ -489,12 +513,15 @@
         inc.title = "only records with this value";
         inc.addEventListener("click", () => applyValue(key, v, false));
         actions.appendChild(inc);
-        if (key.startsWith("fields.")) {
-          const exc = el("button", null, "−");
+        if (key.startsWith("fields.") || EXCLUDABLE.includes(key)) {
+          const exc = el("button", "exclude", "−");
           exc.type = "button";
           exc.title = "hide records with this value";
+          exc.dataset.exclude = key;
           exc.addEventListener("click", () => applyValue(key, v, true));
           actions.appendChild(exc);
+        }
+        if (key.startsWith("fields.")) {
           const col = el("button", null, "column");
           col.type = "button";
           col.addEventListener("click", () => addColumn(k.slice(7)));

@@ -1,0 +1,612 @@
+//! One HTTP request in flight, held natively: the ASGI middleware's `receive` and `send`
+//! wrappers call [`HttpExchange::received`] and [`HttpExchange::sending`] with each
+//! message, bodies are copied into Rust buffers as they pass, and the finished exchange
+//! goes onto the pipeline's HTTP lane without building any Python object on the way.
+//!
+//! Keeping this bookkeeping out of Python is what makes the middleware cheap: a Python
+//! object with thirty attributes costs more per request than everything done here.
+//! Nothing here raises into the app: internal failures are counted on the sink.
+
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use pyo3::exceptions::PyOSError;
+use pyo3::intern;
+use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
+use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple, PyType};
+
+use super::convert::{reset_request_id, set_request_id, utf8};
+use super::http::{bytes_pair, HttpSink};
+use crate::http::flags;
+
+/// The `route` of requests no route matched; `middleware.UNMATCHED_ROUTE` in Python.
+pub const UNMATCHED_ROUTE: &str = "<unmatched>";
+
+/// Statuses whose response body is never stored (none exists, or authentication failed
+/// and `capture_auth_failure_bodies` is off: the redactor decides that one later).
+const NO_RESPONSE_CAPTURE: [u16; 4] = [204, 304, 401, 403];
+
+/// A body as it passes: the first `cap` bytes, the full size, and when it began.
+#[derive(Default)]
+struct BodyCopy {
+    bytes: Vec<u8>,
+    size: u64,
+    left: usize,
+    first: Option<Instant>,
+    capture: bool,
+}
+
+impl BodyCopy {
+    fn new(cap: usize) -> Self {
+        BodyCopy {
+            left: cap,
+            ..BodyCopy::default()
+        }
+    }
+
+    /// Counts a chunk and copies what fits; returns false when the time limit ended
+    /// capture (later chunks are still counted).
+    fn take(&mut self, chunk: &[u8], more: bool, timeout: Duration) -> bool {
+        self.size += chunk.len() as u64;
+        if !self.capture {
+            return true;
+        }
+        if self.bytes.capacity() == 0 {
+            self.bytes = Vec::with_capacity(if more {
+                self.left.min(64 << 10)
+            } else {
+                chunk.len().min(self.left)
+            });
+        }
+        if self.first.is_none() && !more && chunk.len() <= self.left {
+            // The whole body in one message: no time limit to watch.
+            self.bytes.extend_from_slice(chunk);
+            self.left -= chunk.len();
+            return true;
+        }
+        let now = Instant::now();
+        match self.first {
+            None => self.first = Some(now),
+            Some(first) if now.duration_since(first) > timeout => {
+                self.capture = false;
+                return false;
+            }
+            Some(_) => {}
+        }
+        if self.left == 0 {
+            return true;
+        }
+        let n = chunk.len().min(self.left);
+        self.bytes.extend_from_slice(&chunk[..n]);
+        self.left -= n;
+        true
+    }
+}
+
+#[pyclass(module = "logsluice._core", name = "HttpExchange")]
+pub struct HttpExchange {
+    sink: Py<HttpSink>,
+    /// The Python middleware: asked for routes and sample rates when those need its
+    /// patterns, and for rate-limit tokens.
+    mw: Py<PyAny>,
+    scope: Py<PyDict>,
+    /// The request id (also set in the request's context by the middleware).
+    #[pyo3(get)]
+    rid: Py<PyString>,
+    rid_text: String,
+    /// Resets the request id context variable when the app call ends.
+    token: Option<Py<PyAny>>,
+    /// `scope["app"]`, `scope["root_path"]` and `scope["path"]` on entry: routers rewrite
+    /// them on the shared scope, the entry values are the request's.
+    #[pyo3(get)]
+    app: Py<PyAny>,
+    #[pyo3(get)]
+    root_path: Py<PyAny>,
+    #[pyo3(get)]
+    entry_path: Py<PyAny>,
+    start_us: i64,
+    t0: Instant,
+    t_start: Option<Instant>,
+    decided: bool,
+    sampled_in: bool,
+    excluded: bool,
+    trailers: bool,
+    /// The record is finished (handed off or dropped).
+    #[pyo3(get)]
+    done: bool,
+    /// The message just passed to `sending` completes the response.
+    #[pyo3(get)]
+    last: bool,
+    rate: f64,
+    route: Option<Py<PyAny>>,
+    request: BodyCopy,
+    response: BodyCopy,
+    status: u16,
+    response_headers: Option<Py<PyAny>>,
+    flags: u32,
+}
+
+fn now_us() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as i64)
+}
+
+fn get<'py>(d: &Bound<'py, PyDict>, key: &Bound<'py, PyString>) -> Option<Bound<'py, PyAny>> {
+    d.get_item(key).ok().flatten()
+}
+
+/// The message type, borrowed (ASGI types are plain `str`).
+fn kind_of<'a>(kind: &'a Option<Bound<'_, PyAny>>) -> &'a str {
+    kind.as_ref()
+        .and_then(|k| k.cast::<PyString>().ok())
+        .and_then(utf8)
+        .unwrap_or("")
+}
+
+fn truthy(v: Option<Bound<'_, PyAny>>) -> bool {
+    v.is_some_and(|v| v.is_truthy().unwrap_or(false))
+}
+
+/// `zlib.crc32(rid) / 2**32`: the same request id gives the same sampling decision in
+/// every process.
+fn sample_point(rid: &str) -> f64 {
+    let mut crc = flate2::Crc::new();
+    crc.update(rid.as_bytes());
+    f64::from(crc.sum()) / 4_294_967_296.0
+}
+
+impl HttpExchange {
+    pub fn begin(
+        sink: &Bound<'_, HttpSink>,
+        scope: &Bound<'_, PyDict>,
+        mw: &Bound<'_, PyAny>,
+    ) -> PyResult<Self> {
+        let py = scope.py();
+        let s = sink.get();
+        let start_us = now_us();
+        let rid = s.request_id(get(scope, intern!(py, "headers")).as_ref(), start_us);
+        let none = || py.None();
+        let cap = s.capture.max_body;
+        let rid_obj = PyString::new(py, &rid);
+        let token = set_request_id(s.ctx(), rid_obj.as_any())?;
+        s.counters.seen();
+        Ok(HttpExchange {
+            token: Some(token.unbind()),
+            sink: sink.clone().unbind(),
+            mw: mw.clone().unbind(),
+            rid: rid_obj.unbind(),
+            rid_text: rid,
+            app: get(scope, intern!(py, "app")).map_or_else(none, Bound::unbind),
+            root_path: get(scope, intern!(py, "root_path")).map_or_else(
+                || intern!(py, "").clone().into_any().unbind(),
+                Bound::unbind,
+            ),
+            entry_path: scope
+                .get_item(intern!(py, "path"))?
+                .map_or_else(none, Bound::unbind),
+            scope: scope.clone().unbind(),
+            start_us,
+            t0: Instant::now(),
+            t_start: None,
+            decided: false,
+            sampled_in: false,
+            excluded: false,
+            trailers: false,
+            done: false,
+            last: false,
+            rate: 1.0,
+            route: None,
+            request: BodyCopy::new(cap),
+            response: BodyCopy::new(cap),
+            status: 0,
+            response_headers: None,
+            flags: 0,
+        })
+    }
+
+    fn internal_error(&self, py: Python<'_>, e: &PyErr) {
+        let name = e.get_type(py).name().map(|n| n.to_string()).ok();
+        self.sink.get().counters.internal_error(name);
+    }
+
+    fn is_head(&self, py: Python<'_>) -> bool {
+        get(self.scope.bind(py), intern!(py, "method"))
+            .is_some_and(|m| m.cast::<PyString>().is_ok_and(|m| m == "HEAD"))
+    }
+
+    /// Route, sample rate and whether to copy bodies: decided once, as late as possible
+    /// (first body read or response start), when routing has happened.
+    fn decide(&mut self, py: Python<'_>) {
+        self.decided = true;
+        let sink = self.sink.get();
+        let c = &sink.capture;
+        if !c.keep_all {
+            match self.ask_rate(py) {
+                Ok((route, rate, excluded)) => {
+                    self.route = Some(route);
+                    self.rate = rate;
+                    self.excluded = excluded;
+                }
+                // Keeping too much beats losing a request to our own bug.
+                Err(e) => self.internal_error(py, &e),
+            }
+        }
+        self.sampled_in = if self.excluded || self.rate <= 0.0 {
+            false
+        } else if self.rate >= 1.0 {
+            true
+        } else {
+            sample_point(&self.rid_text) < self.rate
+        };
+        self.request.capture = self.sampled_in && c.capture_request;
+        self.response.capture = self.sampled_in && c.capture_response && !self.is_head(py);
+    }
+
+    /// `mw._decide(scope, entry)` → `(route, rate, excluded)`.
+    fn ask_rate(&self, py: Python<'_>) -> PyResult<(Py<PyAny>, f64, bool)> {
+        self.mw
+            .bind(py)
+            .call_method1(
+                intern!(py, "_decide"),
+                (self.scope.bind(py), self.entry(py)?, self.full_path(py)),
+            )?
+            .extract()
+    }
+
+    /// What the Python route helpers need to match the request again.
+    fn entry<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyTuple>> {
+        PyTuple::new(
+            py,
+            [
+                self.app.bind(py),
+                self.root_path.bind(py),
+                self.entry_path.bind(py),
+            ],
+        )
+    }
+
+    /// The path with `root_path` included once.
+    fn full_path<'py>(&self, py: Python<'py>) -> Bound<'py, PyAny> {
+        let path = self.entry_path.bind(py);
+        let root = self.root_path.bind(py);
+        if let (Ok(p), Ok(r)) = (path.cast::<PyString>(), root.cast::<PyString>()) {
+            if let (Some(p_s), Some(r_s)) = (utf8(p), utf8(r)) {
+                if !r_s.is_empty() && !p_s.starts_with(r_s) {
+                    return PyString::new(py, &format!("{r_s}{p_s}")).into_any();
+                }
+            }
+        }
+        path.clone()
+    }
+
+    /// The route template: `scope["route"].path` when the request did not go through a
+    /// mount (the common case), else the middleware's full lookup. Never raises.
+    fn route_of(&self, py: Python<'_>) -> Py<PyAny> {
+        let scope = self.scope.bind(py);
+        if get(scope, intern!(py, "fastapi")).is_none() {
+            let route = get(scope, intern!(py, "route"));
+            if route.is_none() && get(scope, intern!(py, "endpoint")).is_none() {
+                return intern!(py, "<unmatched>").clone().into_any().unbind();
+            }
+            if let Some(route) = route {
+                let same_root = get(scope, intern!(py, "root_path"))
+                    .is_some_and(|r| r.eq(self.root_path.bind(py)).unwrap_or(false));
+                if same_root {
+                    if let Ok(path) = route.getattr(intern!(py, "path")) {
+                        if path.is_instance_of::<PyString>() {
+                            return path.unbind();
+                        }
+                    }
+                }
+            }
+        }
+        let found = self.entry(py).and_then(|entry| {
+            self.mw
+                .bind(py)
+                .call_method1(intern!(py, "_route_of"), (scope, entry))
+        });
+        match found {
+            Ok(route) if route.is_instance_of::<PyString>() => route.unbind(),
+            Ok(_) => PyString::new(py, UNMATCHED_ROUTE).into_any().unbind(),
+            Err(e) => {
+                self.internal_error(py, &e);
+                PyString::new(py, UNMATCHED_ROUTE).into_any().unbind()
+            }
+        }
+    }
+
+    fn on_request(&mut self, py: Python<'_>, message: &Bound<'_, PyDict>) -> PyResult<()> {
+        let kind = get(message, intern!(py, "type"));
+        let kind = kind_of(&kind);
+        if kind == "http.request" {
+            if !self.decided {
+                self.decide(py);
+            }
+            if let Some(body) = get(message, intern!(py, "body")) {
+                let body = body.cast::<PyBytes>()?.as_bytes();
+                if !body.is_empty() {
+                    let more = truthy(get(message, intern!(py, "more_body")));
+                    let sink = self.sink.get();
+                    let timeout = sink.capture.request_timeout;
+                    if !self.request.take(body, more, timeout) {
+                        self.flags |= flags::REQUEST_BODY_TIMEOUT;
+                    }
+                }
+            }
+        } else if kind == "http.disconnect" {
+            self.flags |= flags::DISCONNECTED;
+        }
+        Ok(())
+    }
+
+    /// The response start: status, headers, and the request id echoed on a copy of the
+    /// message (what the app passed is never mutated).
+    fn on_start<'py>(
+        &mut self,
+        py: Python<'py>,
+        message: &Bound<'py, PyDict>,
+    ) -> PyResult<Option<Bound<'py, PyDict>>> {
+        self.t_start = Some(Instant::now());
+        self.status = get(message, intern!(py, "status"))
+            .and_then(|s| s.extract::<u16>().ok())
+            .unwrap_or(0);
+        let headers = get(message, intern!(py, "headers")).filter(|h| !h.is_none());
+        self.trailers = truthy(get(message, intern!(py, "trailers")));
+        if !self.decided {
+            self.decide(py);
+        }
+        if NO_RESPONSE_CAPTURE.contains(&self.status) {
+            self.response.capture = false;
+        }
+        let sink = self.sink.get();
+        let Some(name) = sink.capture.echo_header.as_deref() else {
+            self.response_headers = headers.map(Bound::unbind);
+            return Ok(None);
+        };
+        let mut pairs: Vec<Bound<'py, PyAny>> = Vec::with_capacity(16);
+        if let Some(h) = &headers {
+            for item in h.try_iter()? {
+                let item = item?;
+                let already = match bytes_pair(&item) {
+                    Some((k, _)) => k.eq_ignore_ascii_case(name),
+                    None => item
+                        .get_item(0)
+                        .ok()
+                        .and_then(|k| k.cast_into::<PyBytes>().ok())
+                        .is_some_and(|k| k.as_bytes().eq_ignore_ascii_case(name)),
+                };
+                if already {
+                    self.response_headers = headers.map(Bound::unbind);
+                    return Ok(None);
+                }
+                pairs.push(item);
+            }
+        }
+        let echo_name = match &sink.capture.echo_name {
+            Some(n) => n.bind(py).clone(),
+            None => PyBytes::new(py, name),
+        };
+        let echo = PyTuple::new(py, [echo_name, PyBytes::new(py, self.rid_text.as_bytes())])?;
+        pairs.push(echo.into_any());
+        let list = PyList::new(py, pairs)?;
+        let copy = message.copy()?;
+        copy.set_item(intern!(py, "headers"), &list)?;
+        self.response_headers = Some(list.into_any().unbind());
+        Ok(Some(copy))
+    }
+
+    fn on_send<'py>(
+        &mut self,
+        py: Python<'py>,
+        message: &Bound<'py, PyDict>,
+    ) -> PyResult<Option<Bound<'py, PyDict>>> {
+        let kind = get(message, intern!(py, "type"));
+        let kind = kind_of(&kind);
+        if kind == "http.response.body" {
+            let more = truthy(get(message, intern!(py, "more_body")));
+            if let Some(body) = get(message, intern!(py, "body")) {
+                let body = body.cast::<PyBytes>()?.as_bytes();
+                if !body.is_empty() {
+                    let sink = self.sink.get();
+                    let timeout = sink.capture.response_timeout;
+                    if !self.response.take(body, more, timeout) {
+                        self.flags |= flags::RESPONSE_BODY_TIMEOUT;
+                    }
+                }
+            }
+            self.last = !more && !self.trailers;
+        } else if kind == "http.response.start" {
+            return self.on_start(py, message);
+        } else if kind == "http.response.trailers" {
+            self.last = !truthy(get(message, intern!(py, "more_trailers")));
+        } else if kind == "http.response.zerocopysend" {
+            let count = get(message, intern!(py, "count"))
+                .and_then(|c| c.extract::<u64>().ok())
+                .unwrap_or(0);
+            self.response.size += count;
+            self.last = !truthy(get(message, intern!(py, "more_body"))) && !self.trailers;
+        } else if kind == "http.response.pathsend" {
+            self.last = !self.trailers;
+        }
+        Ok(None)
+    }
+
+    fn finish_inner(&mut self, py: Python<'_>, exc: Option<&Bound<'_, PyAny>>) -> PyResult<()> {
+        let duration_ms = self.t0.elapsed().as_secs_f64() * 1000.0;
+        let mut exc = exc.filter(|e| !e.is_none());
+        if let Some(e) = exc {
+            // A cancelled request, or a send that failed because the client left, is a
+            // disconnect (499), not an application error.
+            let cancelled = e.is_instance(cancelled_error(py)?)?;
+            if cancelled
+                || (self.flags & flags::DISCONNECTED != 0 && e.is_instance_of::<PyOSError>())
+            {
+                self.flags |= flags::DISCONNECTED;
+                exc = None;
+            } else {
+                self.flags |= flags::ERROR;
+            }
+        }
+        if !self.decided {
+            self.decide(py);
+        }
+        let sink = self.sink.get();
+        if self.excluded {
+            sink.counters.excluded();
+            return Ok(());
+        }
+        let route = match self.route.take() {
+            Some(r) if !r.bind(py).eq(UNMATCHED_ROUTE).unwrap_or(false) => r,
+            _ => self.route_of(py),
+        };
+        let f = self.flags;
+        let tail = f & flags::COMPLETE == 0
+            || f & (flags::ERROR | flags::DISCONNECTED) != 0
+            || self.status >= 500
+            || duration_ms >= sink.capture.slow_ms;
+        let rate = if tail {
+            1.0
+        } else if self.sampled_in {
+            self.rate
+        } else {
+            sink.counters.sampled_out();
+            return Ok(());
+        };
+        if sink.capture.limited {
+            let allowed = self
+                .mw
+                .bind(py)
+                .call_method1(intern!(py, "_allow"), (route.bind(py), tail))?
+                .is_truthy()?;
+            if !allowed {
+                sink.counters.rate_limited();
+                return Ok(());
+            }
+        }
+        if !self.sampled_in {
+            self.flags |= flags::SAMPLED_OUT;
+        }
+        let ex = crate::http::Exchange {
+            status: self.status,
+            flags: self.flags,
+            ts_us: self.start_us,
+            request_size: self.request.size,
+            response_size: self.response.size,
+            duration_ms,
+            ttfb_ms: self
+                .t_start
+                .map(|t| t.duration_since(self.t0).as_secs_f64() * 1000.0),
+            sample_rate: rate,
+            ..crate::http::Exchange::default()
+        };
+        let body = |b: &mut BodyCopy| {
+            (b.capture || !b.bytes.is_empty()).then(|| std::mem::take(&mut b.bytes))
+        };
+        let request_body = body(&mut self.request);
+        let response_body = body(&mut self.response);
+        let scope = self.scope.bind(py);
+        sink.hand_off(
+            py,
+            ex,
+            super::http::Parts {
+                scope,
+                path: &self.full_path(py),
+                route: route.bind(py),
+                request_id: self.rid.bind(py).as_any(),
+                response_headers: self.response_headers.as_ref().map(|h| h.bind(py)),
+                request_body,
+                response_body,
+                exception: exc,
+            },
+        );
+        sink.counters.kept();
+        Ok(())
+    }
+}
+
+fn cancelled_error(py: Python<'_>) -> PyResult<&Bound<'_, PyType>> {
+    static CANCELLED: PyOnceLock<Py<PyType>> = PyOnceLock::new();
+    CANCELLED.import(py, "asyncio", "CancelledError")
+}
+
+#[pymethods]
+impl HttpExchange {
+    /// Notes one message the app received (a body chunk, a disconnect). Never raises.
+    fn received(&mut self, py: Python<'_>, message: &Bound<'_, PyAny>) {
+        if let Ok(m) = message.cast::<PyDict>() {
+            if let Err(e) = self.on_request(py, m) {
+                self.internal_error(py, &e);
+            }
+        }
+    }
+
+    /// Notes one message the app sends and returns the message to pass on: the same
+    /// object, or for the response start a copy carrying the request id header. Sets
+    /// `last` when this message completes the response. Never raises.
+    fn sending<'py>(&mut self, py: Python<'py>, message: Bound<'py, PyAny>) -> Bound<'py, PyAny> {
+        self.last = false;
+        let Ok(m) = message.cast::<PyDict>() else {
+            return message;
+        };
+        match self.on_send(py, m) {
+            Ok(Some(copy)) => copy.into_any(),
+            Ok(None) => message,
+            Err(e) => {
+                self.internal_error(py, &e);
+                message
+            }
+        }
+    }
+
+    /// `send` failed with an OSError: the client went away.
+    fn disconnected(&mut self) {
+        self.flags |= flags::DISCONNECTED;
+    }
+
+    /// The message passed to `sending` went out; when it was the last one, the record is
+    /// finished now, not when the app returns (background tasks run after that).
+    fn sent(&mut self, py: Python<'_>) {
+        if self.last {
+            self.complete(py);
+        }
+    }
+
+    /// The last message went out.
+    fn complete(&mut self, py: Python<'_>) {
+        if !self.done {
+            self.flags |= flags::COMPLETE;
+            self.finish(py, None);
+        }
+    }
+
+    /// Finishes the record once (later calls do nothing): decides whether to keep it and
+    /// hands it to the core. Never raises.
+    #[pyo3(signature = (exception=None))]
+    fn finish(&mut self, py: Python<'_>, exception: Option<&Bound<'_, PyAny>>) {
+        if self.done {
+            return;
+        }
+        self.done = true;
+        if let Err(e) = self.finish_inner(py, exception) {
+            self.internal_error(py, &e);
+        }
+    }
+
+    /// The app call returned or raised: finishes the record if nothing did yet and resets
+    /// the request id context variable. Never raises.
+    #[pyo3(signature = (exception=None))]
+    fn end(&mut self, py: Python<'_>, exception: Option<&Bound<'_, PyAny>>) {
+        self.finish(py, exception);
+        if let Some(token) = self.token.take() {
+            if let Err(e) = reset_request_id(self.sink.get().ctx(), token.bind(py)) {
+                self.internal_error(py, &e);
+            }
+        }
+    }
+
+    fn __repr__(&self, py: Python<'_>) -> String {
+        let _ = py;
+        format!("<logsluice http exchange {}>", self.rid_text)
+    }
+}
