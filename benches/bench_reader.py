@@ -100,7 +100,7 @@ def load_app_records(dsn: str, table: str, n: int) -> tuple[list[str], list[str]
     per = n // n_requests
     state = {"t": now}
     log = logger.patch(lambda r: r.update(time=dt.datetime.fromtimestamp(state["t"], dt.timezone.utc)))
-    for k, (t, rid) in enumerate(zip(starts, ids)):
+    for k, (t, rid) in enumerate(zip(starts, ids, strict=True)):
         b = log.bind(request_id=rid, user={"id": k % 997}, step=0)
         for j in range(per):
             state["t"] = t + j * 0.002
