@@ -161,6 +161,8 @@ pub struct PostgresConfig {
     pub statement_timeout: f64,
     pub dead_letter_dir: Option<String>,
     pub application_name: String,
+    /// `NOTIFY` the table's channel after a batch commits (coalesced), so tails wake early.
+    pub notify: bool,
 }
 
 impl Default for PostgresConfig {
@@ -178,6 +180,7 @@ impl Default for PostgresConfig {
             statement_timeout: 30.0,
             dead_letter_dir: None,
             application_name: "logsluice".into(),
+            notify: true,
         }
     }
 }

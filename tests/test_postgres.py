@@ -105,7 +105,7 @@ def test_rows_land_with_the_right_columns_and_types(postgres, table, log):
     parts = relnames(postgres, table)
     today = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d")
     assert {f"{table}_app", f"{table}_http", f"{table}_app_{today}", f"{table}_http_{today}"} <= parts
-    want = {"_ts_id", "_request_id", "_trace_id", "_route_ts", "_errors_ts"}
+    want = {"_ts_id", "_request_id", "_trace_id", "_route_ts", "_errors_ts", "_id_brin"}
     assert {f"{table}{suffix}" for suffix in want} <= parts
 
 

@@ -77,6 +77,8 @@ class Postgres(Destination):
     keeps data for a duration (``"7d"``) or per kind (``{"app": "7d", "http": "1d"}``) by
     dropping whole day partitions. Records PostgreSQL refuses (bad data) are dropped one by
     one, counted as ``dropped.invalid``, and written to ``dead_letter_dir`` when given.
+    ``notify``: after a batch commits, ``NOTIFY logsluice_<schema>_<table>`` (at most four a
+    second per process) so tails wake up at once instead of at their next poll.
     """
 
     type = "postgres"
@@ -103,6 +105,7 @@ class Postgres(Destination):
         connect_timeout: float = 10.0,
         statement_timeout: float = 30.0,
         application_name: str = "logsluice",
+        notify: bool = True,
         **options: Any,
     ) -> None:
         super().__init__(**options)
@@ -151,6 +154,9 @@ class Postgres(Destination):
         self.connect_timeout = float(connect_timeout)
         self.statement_timeout = float(statement_timeout)
         self.application_name = str(application_name)
+        if not isinstance(notify, bool):
+            raise ValueError(f"Postgres: notify must be True or False, got {notify!r}")
+        self.notify = notify
 
     def _target(self) -> dict[str, Any]:
         return {
@@ -166,6 +172,7 @@ class Postgres(Destination):
             "statement_timeout": self.statement_timeout,
             "dead_letter_dir": self.dead_letter_dir,
             "application_name": self.application_name,
+            "notify": self.notify,
         }
 
     def __repr__(self) -> str:

@@ -10,9 +10,9 @@ containers.
     reader.summary(since="24h", by="route")
     for record in reader.tail(kind="http", status="5xx"): ...
 
-Filtering, paging, cursors and scanning run in the Rust core with the GIL released; the
-``a*`` twins run the same calls in the event loop's default executor, so they never block
-the loop.
+Filtering, paging, cursors and scanning run in the Rust core with the GIL released. Over
+PostgreSQL the ``a*`` twins await the core's own futures (no thread per call); over files
+they run the scan in the event loop's default executor. Either way the loop never blocks.
 """
 
 from __future__ import annotations
@@ -21,13 +21,14 @@ import asyncio
 import collections
 import datetime as _dt
 import functools
+import inspect
 import json
 import os
 import re
 import threading
 import time
 import weakref
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Generator, Iterator, Mapping
 from typing import Any, Optional, Union
 
 from . import _core
@@ -467,6 +468,9 @@ class Reader:
     (decompressed), ``max_files`` (files or blobs one call may read) and ``max_seconds``
     (file and blob scans). When a budget runs out, the page comes back with what was found,
     ``partial=True`` and a cursor to continue.
+
+    ``listen`` (PostgreSQL): tails also LISTEN, on one extra connection while any tail is
+    open, for the NOTIFY hint the writer sends after each commit, and poll at once.
     """
 
     def __init__(
@@ -485,6 +489,7 @@ class Reader:
         prefix: Optional[str] = None,
         credential: Optional[str] = None,
         name_template: Optional[str] = None,
+        listen: bool = True,
     ) -> None:
         if source is None:
             source = "./logs"
@@ -550,6 +555,8 @@ class Reader:
         self._core = _core.ReaderCore(json.dumps(spec))
         self._pollers: dict[str, _Poller] = {}
         self._pollers_lock = threading.Lock()
+        self._listen = bool(listen)
+        self._waker: Optional[_Waker] = None
         weakref.finalize(self, _stop_pollers, self._pollers)
 
     @classmethod
@@ -641,17 +648,52 @@ class Reader:
         return self._page(req)
 
     def _page(self, req: dict[str, Any]) -> Page:
-        try:
-            text = json.dumps(req)
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"filters must be JSON values: {e}") from None
-        data = json.loads(self._core.query(text))
+        data = json.loads(self._core.query(_dumps(req)))
+        return Page(data["records"], data["next"], data["partial"])
+
+    async def _apage(self, req: dict[str, Any]) -> Page:
+        text = _dumps(req)
+        if self.kind == "postgres":
+            answer = await self._core.aquery(text)
+        else:
+            answer = await self._run(functools.partial(self._core.query, text))
+        data = json.loads(answer)
         return Page(data["records"], data["next"], data["partial"])
 
     def get(self, record_id: Union[str, int]) -> Optional[dict[str, Any]]:
         """One record by its ``id``, or None."""
         text = self._core.get(str(record_id))
         return None if text is None else json.loads(text)
+
+    # The methods made of several reads are written once, as generators of steps
+    # (("page", request) or ("get", id)) that receive each answer: the sync methods answer
+    # with blocking calls, the async twins by awaiting.
+
+    def _answer(self, step: tuple[str, Any]) -> Any:
+        what, arg = step
+        return self._page(arg) if what == "page" else self.get(arg)
+
+    async def _aanswer(self, step: tuple[str, Any]) -> Any:
+        what, arg = step
+        if what == "page":
+            return await self._apage(arg)
+        return await self.aget(arg)
+
+    def _drive(self, steps: _Steps) -> Any:
+        try:
+            step = next(steps)
+            while True:
+                step = steps.send(self._answer(step))
+        except StopIteration as done:
+            return done.value
+
+    async def _adrive(self, steps: _Steps) -> Any:
+        try:
+            step = next(steps)
+            while True:
+                step = steps.send(await self._aanswer(step))
+        except StopIteration as done:
+            return done.value
 
     def request(
         self,
@@ -666,6 +708,9 @@ class Reader:
         records sharing its trace id. Time-ordered ids (UUIDv7, what the middleware makes)
         go straight to their time window; other ids are searched newest first within
         ``search``. ``request_id="latest"`` picks the newest access record."""
+        return self._drive(self._request_steps(request_id, grace, search, limit))
+
+    def _request_steps(self, request_id: str, grace: TimeLike, search: TimeLike, limit: int) -> _Steps:
         if not isinstance(request_id, str) or not request_id.strip():
             raise ValueError("request_id must be a non-empty string")
         request_id = request_id.strip()
@@ -674,22 +719,19 @@ class Reader:
         if t is not None:
             since, until = _iso(t - 60), _iso(t + grace_s)
         else:
-            found = self._page({"request_id": request_id, "since": _time(search), "limit": 1})
+            found = yield ("page", {"request_id": request_id, "since": _time(search), "limit": 1})
             if not found.records:
                 return RequestView(request_id, None, [], [])
             newest = _parse_ts(found.records[0]["ts"])
             since, until = _iso(newest - grace_s - 3600), _iso(newest + grace_s)
-        records = self._all({"request_id": request_id, "since": since, "until": until}, limit)
+        records = yield from self._all({"request_id": request_id, "since": since, "until": until}, limit)
         access = next((r for r in records if r.get("kind") == "http"), None)
         app = [r for r in records if r is not access]
         trace: list[dict[str, Any]] = []
         trace_id = access.get("trace_id") if access else None
         if trace_id:
-            trace = [
-                r
-                for r in self._all({"trace_id": trace_id, "since": since, "until": until}, limit)
-                if r.get("request_id") != request_id
-            ]
+            same_trace = yield from self._all({"trace_id": trace_id, "since": since, "until": until}, limit)
+            trace = [r for r in same_trace if r.get("request_id") != request_id]
         return RequestView(request_id, access, app, trace)
 
     def latest_request(self, **filters: Any) -> Optional[str]:
@@ -698,11 +740,11 @@ class Reader:
         page = self._page(req)
         return page.records[0].get("request_id") if page.records else None
 
-    def _all(self, req: dict[str, Any], limit: int) -> list[dict[str, Any]]:
+    def _all(self, req: dict[str, Any], limit: int) -> _Steps:
         out: list[dict[str, Any]] = []
         req = {**req, "order": "asc", "limit": min(limit, 1000)}
         while len(out) < limit:
-            page = self._page(req)
+            page = yield ("page", dict(req))
             out.extend(page.records)
             if not page.next:
                 break
@@ -720,12 +762,17 @@ class Reader:
         """What happened around one record: ``{"record", "before", "after"}``, neighbours in
         time order regardless of level or kind. ``same="process"|"logger"|"request"``
         narrows the neighbours to the record's process, logger or request."""
+        return self._drive(self._context_steps(record_id, before, after, same))
+
+    def _context_steps(
+        self, record_id: Union[str, int], before: int, after: int, same: Optional[str]
+    ) -> _Steps:
         for what, n in (("before", before), ("after", after)):
             if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= 1000:
                 raise ValueError(f"{what} must be a whole number 0..1000, got {n!r}")
         if same not in (None, "process", "logger", "request"):
             raise ValueError(f"same must be None, 'process', 'logger' or 'request', got {same!r}")
-        record = self.get(record_id)
+        record = yield ("get", record_id)
         if record is None:
             raise ValueError(f"no record with id {str(record_id)[:200]!r}")
         narrow: dict[str, Any] = {}
@@ -742,9 +789,11 @@ class Reader:
         older: list[dict[str, Any]] = []
         newer: list[dict[str, Any]] = []
         if before:
-            older = self._page({**narrow, "order": "desc", "limit": before, "_after": pos}).records[::-1]
+            page = yield ("page", {**narrow, "order": "desc", "limit": before, "_after": pos})
+            older = page.records[::-1]
         if after:
-            newer = self._page({**narrow, "order": "asc", "limit": after, "_after": pos}).records
+            page = yield ("page", {**narrow, "order": "asc", "limit": after, "_after": pos})
+            newer = page.records
         return {"record": record, "before": older, "after": newer}
 
     def summary(
@@ -762,12 +811,7 @@ class Reader:
         "p99_ms", "avg_ms", "max_ms", "slowest": [...]}], "approximate", "partial"}``.
         By route, status or method only http records count. PostgreSQL percentiles are
         exact; file scans keep a bounded sample (``approximate`` says when it was cut)."""
-        unknown = sorted(set(filters) - set(FILTER_NAMES))
-        if unknown:
-            raise ValueError(f"unknown filter(s) {', '.join(unknown)}")
-        req = _request({"since": since, **filters})
-        req.update({"by": by, "bucket": bucket, "slowest": slowest})
-        return json.loads(self._core.summary(json.dumps(req)))
+        return json.loads(self._core.summary(_summary_request(since, by, bucket, slowest, filters)))
 
     def stats(self) -> dict[str, Any]:
         """Work done so far by a blob source: ``list_calls``, ``blobs_downloaded`` and
@@ -790,7 +834,18 @@ class Reader:
         **filters: Any,
     ) -> Subscription:
         """A live follower of new records (written after this call, or from ``since``).
-        Subscribers with the same filters share one polling thread."""
+        Subscribers with the same filters share one polling thread; over PostgreSQL it also
+        polls as soon as a writer's NOTIFY hint arrives (see ``Reader(listen=...)``)."""
+        return self._drive(self._subscribe_steps(since, poll_interval, lookback, max_buffer, filters))
+
+    def _subscribe_steps(
+        self,
+        since: TimeLike,
+        poll_interval: float,
+        lookback: float,
+        max_buffer: int,
+        filters: dict[str, Any],
+    ) -> _Steps:
         unknown = sorted(set(filters) - set(FILTER_NAMES))
         if unknown:
             raise ValueError(f"unknown filter(s) {', '.join(unknown)}")
@@ -798,10 +853,10 @@ class Reader:
         clean.pop("since", None)
         clean.pop("until", None)
         # Validate now, in the caller's thread, rather than in the poller.
-        self._page({**clean, "limit": 1, "since": "1s"})
+        yield ("page", {**clean, "limit": 1, "since": "1s"})
         start = time.time() if since is None else None
         if since is not None:
-            first = self._page({**clean, "since": _time(since), "order": "asc", "limit": 1})
+            first = yield ("page", {**clean, "since": _time(since), "order": "asc", "limit": 1})
             start = _parse_ts(first.records[0]["ts"]) if first.records else time.time()
         key = json.dumps([clean, poll_interval, lookback], sort_keys=True)
         if since is not None:
@@ -817,8 +872,15 @@ class Reader:
                 self._pollers[key] = poller
                 sub = poller.subscribe(max_buffer)
                 poller.start()
+                self._start_waker()
                 return sub
             return poller.subscribe(max_buffer)
+
+    def _start_waker(self) -> None:
+        """Called with ``_pollers_lock`` held."""
+        if self.kind == "postgres" and self._listen and (self._waker is None or self._waker.done):
+            self._waker = _Waker(self._core, self._pollers, self._pollers_lock)
+            self._waker.start()
 
     def tail(self, *, poll_interval: float = 0.5, **filters: Any) -> Iterator[Any]:
         """Yields records as they land (and :class:`Gap` markers if the consumer fell far
@@ -832,7 +894,10 @@ class Reader:
 
     async def atail(self, *, poll_interval: float = 0.5, **filters: Any) -> AsyncIterator[Any]:
         """:meth:`tail` for asyncio: waits without blocking the event loop."""
-        sub = await self._run(functools.partial(self.subscribe, poll_interval=poll_interval, **filters))
+        since = filters.pop("since", None)
+        lookback = filters.pop("lookback", 10.0)
+        max_buffer = filters.pop("max_buffer", 10_000)
+        sub = await self._adrive(self._subscribe_steps(since, poll_interval, lookback, max_buffer, filters))
         try:
             while True:
                 for item in await sub.aget(timeout=1.0):
@@ -855,19 +920,106 @@ class Reader:
         return await asyncio.get_running_loop().run_in_executor(None, fn)
 
     async def aquery(self, **kwargs: Any) -> Page:
-        return await self._run(functools.partial(self.query, **kwargs))
+        """:meth:`query`, awaitable."""
+        unknown = sorted(set(kwargs) - _QUERY_ARGS)
+        if unknown:
+            raise TypeError(f"aquery() got unexpected keyword argument(s) {', '.join(unknown)}")
+        if kwargs.get("fields") is not None:
+            kwargs["fields"] = dict(kwargs["fields"])
+        return await self._apage(_request({"order": "desc", "limit": 100, **kwargs}))
 
-    async def arequest(self, request_id: str, **kwargs: Any) -> RequestView:
-        return await self._run(functools.partial(self.request, request_id, **kwargs))
+    async def arequest(
+        self, request_id: str, *, grace: TimeLike = "5m", search: TimeLike = "7d", limit: int = 1000
+    ) -> RequestView:
+        """:meth:`request`, awaitable."""
+        return await self._adrive(self._request_steps(request_id, grace, search, limit))
 
-    async def acontext(self, record_id: Union[str, int], **kwargs: Any) -> dict[str, Any]:
-        return await self._run(functools.partial(self.context, record_id, **kwargs))
+    async def acontext(
+        self, record_id: Union[str, int], *, before: int = 50, after: int = 50, same: Optional[str] = None
+    ) -> dict[str, Any]:
+        """:meth:`context`, awaitable."""
+        return await self._adrive(self._context_steps(record_id, before, after, same))
 
-    async def asummary(self, **kwargs: Any) -> dict[str, Any]:
-        return await self._run(functools.partial(self.summary, **kwargs))
+    async def asummary(
+        self,
+        *,
+        since: TimeLike = "24h",
+        by: str = "route",
+        bucket: Optional[str] = None,
+        slowest: int = 5,
+        **filters: Any,
+    ) -> dict[str, Any]:
+        """:meth:`summary`, awaitable."""
+        text = _summary_request(since, by, bucket, slowest, filters)
+        if self.kind == "postgres":
+            return json.loads(await self._core.asummary(text))
+        return json.loads(await self._run(functools.partial(self._core.summary, text)))
 
     async def aget(self, record_id: Union[str, int]) -> Optional[dict[str, Any]]:
-        return await self._run(functools.partial(self.get, record_id))
+        """:meth:`get`, awaitable."""
+        if self.kind == "postgres":
+            text = await self._core.aget(str(record_id))
+        else:
+            text = await self._run(functools.partial(self._core.get, str(record_id)))
+        return None if text is None else json.loads(text)
+
+
+_Steps = Generator[tuple[str, Any], Any, Any]
+_QUERY_ARGS = frozenset(inspect.signature(Reader.query).parameters) - {"self"}
+
+
+def _dumps(req: dict[str, Any]) -> str:
+    try:
+        return json.dumps(req)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"filters must be JSON values: {e}") from None
+
+
+def _summary_request(
+    since: TimeLike, by: str, bucket: Optional[str], slowest: int, filters: dict[str, Any]
+) -> str:
+    unknown = sorted(set(filters) - set(FILTER_NAMES))
+    if unknown:
+        raise ValueError(f"unknown filter(s) {', '.join(unknown)}")
+    req = _request({"since": since, **filters})
+    req.update({"by": by, "bucket": bucket, "slowest": slowest})
+    return _dumps(req)
+
+
+class _Waker:
+    """Over PostgreSQL: one thread per reader waits (GIL released) for the writers' NOTIFY
+    hints, which the core LISTENs for on a connection of its own, and wakes every poller of
+    the reader. Wake-ups are spaced by at least 0.1 s; polling on the interval goes on
+    regardless, so a lost hint only delays a record to the next poll."""
+
+    def __init__(self, core: Any, pollers: dict[str, _Poller], lock: threading.Lock) -> None:
+        self.core, self.pollers, self.lock = core, pollers, lock
+        self.done = False
+        self.thread = threading.Thread(target=self._run, name="logsluice-tail-listen", daemon=True)
+
+    def start(self) -> None:
+        self.core.listen()
+        self.thread.start()
+
+    def _run(self) -> None:
+        seen = 0
+        while True:
+            with self.lock:
+                if not self.pollers:
+                    # Under the lock: a new subscriber either sees done or keeps this thread.
+                    self.done = True
+                    self.core.unlisten()
+                    return
+            try:
+                count = self.core.wait_wakeup(seen, 1.0)
+            except Exception:  # the reader is being torn down
+                time.sleep(1.0)
+                continue
+            if count != seen:
+                seen = count
+                for p in list(self.pollers.values()):
+                    p.wake.set()
+                time.sleep(0.1)
 
 
 def _stop_pollers(pollers: dict[str, _Poller]) -> None:

@@ -1,6 +1,7 @@
 //! The Python-facing objects: `Core` (one per `logsluice.Pipeline`) and the Loguru sink.
 //! They hold the GIL only to read fields; waiting happens with the GIL released.
 
+mod asyncio_bridge;
 mod clock;
 mod convert;
 mod exchange;

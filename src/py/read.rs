@@ -16,6 +16,8 @@ use crate::read::files::{FilesConfig, FilesStore};
 use crate::read::pg::{PgConfig, PgStore};
 use crate::read::{ReadError, Reader, Scan, Store};
 
+use super::asyncio_bridge::{self, InFlight};
+
 #[derive(Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 enum SourceSpec {
@@ -94,6 +96,35 @@ fn object(text: &str) -> PyResult<Map<String, Value>> {
 #[pyclass(frozen, module = "logsluice._core", name = "ReaderCore")]
 pub struct PyReader {
     inner: Arc<Reader>,
+    in_flight: InFlight,
+}
+
+impl PyReader {
+    fn pg(&self) -> PyResult<&PgStore> {
+        match &self.inner.store {
+            Store::Pg(s) => Ok(s),
+            Store::Files(_) | Store::Blob(_) => {
+                Err(PyRuntimeError::new_err("a PostgreSQL source only"))
+            }
+        }
+    }
+
+    /// Runs `work` against the PostgreSQL store on its runtime; an asyncio future.
+    fn spawn<'py, F, Fut>(&self, py: Python<'py>, work: F) -> PyResult<Bound<'py, PyAny>>
+    where
+        F: FnOnce(Arc<Reader>) -> Fut,
+        Fut: std::future::Future<Output = asyncio_bridge::Outcome> + Send + 'static,
+    {
+        let store = self.pg()?;
+        asyncio_bridge::spawn(py, store.rt(), &self.in_flight, work(self.inner.clone()))
+    }
+}
+
+fn pg_of(reader: &Reader) -> &PgStore {
+    match &reader.store {
+        Store::Pg(s) => s,
+        Store::Files(_) | Store::Blob(_) => unreachable!("checked by PyReader::pg"),
+    }
 }
 
 #[pymethods]
@@ -199,13 +230,14 @@ impl PyReader {
                             statement_timeout: secs(statement_timeout),
                             connect_timeout: secs(connect_timeout),
                         })?;
-                        Reader::new(Store::Pg(store), &identity)
+                        Reader::new(Store::Pg(Box::new(store)), &identity)
                     }
                 })
             })
             .map_err(err)?;
         Ok(PyReader {
             inner: Arc::new(reader),
+            in_flight: InFlight::default(),
         })
     }
 
@@ -233,6 +265,62 @@ impl PyReader {
         let inner = self.inner.clone();
         let v = py.detach(move || inner.summary(&req)).map_err(err)?;
         Ok(v.to_string())
+    }
+
+    /// PostgreSQL: `query` as an awaitable (an asyncio future completed from the core's
+    /// runtime; cancelling it drops the query).
+    fn aquery<'py>(&self, py: Python<'py>, request_json: &str) -> PyResult<Bound<'py, PyAny>> {
+        let req = object(request_json)?;
+        self.spawn(py, move |inner| async move {
+            let page = inner.query_pg(pg_of(&inner), &req).await?;
+            Ok(Some(
+                json!({"records": page.records, "next": page.next, "partial": page.partial})
+                    .to_string(),
+            ))
+        })
+    }
+
+    /// PostgreSQL: `get` as an awaitable.
+    fn aget<'py>(&self, py: Python<'py>, id: &str) -> PyResult<Bound<'py, PyAny>> {
+        let id = id.to_owned();
+        self.spawn(py, move |inner| async move {
+            let rec = pg_of(&inner).get(&id).await?;
+            Ok(rec.map(|r| Value::Object(r).to_string()))
+        })
+    }
+
+    /// PostgreSQL: `summary` as an awaitable.
+    fn asummary<'py>(&self, py: Python<'py>, request_json: &str) -> PyResult<Bound<'py, PyAny>> {
+        let req = object(request_json)?;
+        self.spawn(py, move |inner| async move {
+            let v = inner.summary_pg(pg_of(&inner), &req).await?;
+            Ok(Some(v.to_string()))
+        })
+    }
+
+    /// Awaitables started and not yet finished or dropped.
+    fn in_flight(&self) -> usize {
+        self.in_flight.get()
+    }
+
+    /// PostgreSQL: LISTEN for the writers' NOTIFY hints (on a connection of its own).
+    fn listen(&self) -> PyResult<()> {
+        self.pg()?.listen();
+        Ok(())
+    }
+
+    fn unlisten(&self) -> PyResult<()> {
+        self.pg()?.unlisten();
+        Ok(())
+    }
+
+    /// Waits up to `timeout` seconds for a hint: returns the hint count, which differs
+    /// from `seen` when one (or a LISTEN restart) came.
+    fn wait_wakeup(&self, py: Python<'_>, seen: u64, timeout: f64) -> PyResult<u64> {
+        let inner = self.inner.clone();
+        self.pg()?;
+        let timeout = Duration::from_secs_f64(timeout.clamp(0.0, 60.0));
+        Ok(py.detach(move || pg_of(&inner).wakeups().wait(seen, timeout)))
     }
 
     /// PostgreSQL: seconds since the oldest still-open writing transaction began (None

@@ -19,11 +19,12 @@ use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use chrono::NaiveDateTime;
 use flate2::read::MultiGzDecoder;
+use memchr::memmem;
 use serde_json::{Map, Value};
 
 use super::cursor::Pos;
 use super::filter::Filter;
-use super::lines::{line_ts, LineMatcher};
+use super::lines::{line_ts, raw_needle, LineMatcher};
 use super::summary::{Grouper, Spec};
 use super::{Found, ReadError, Scan};
 
@@ -182,6 +183,100 @@ fn open_reader(path: &PathBuf, gz: bool) -> io::Result<Box<dyn BufRead>> {
     })
 }
 
+/// A gzip being written or a truncated file: what was read stays valid.
+fn cut_short(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::UnexpectedEof | io::ErrorKind::InvalidInput
+    )
+}
+
+/// Where the complete lines of one file go: time range and filters checked, ids given.
+struct Lines<'a, 'f> {
+    name: &'a str,
+    matcher: LineMatcher<'f>,
+    out: &'a mut dyn FnMut(i64, Map<String, Value>),
+}
+
+impl Lines<'_, '_> {
+    /// One line (newline included) starting at byte `at` of the (decompressed) file.
+    fn take(&mut self, line: &[u8], at: u64) {
+        if let Some((ts, mut rec)) = self.matcher.check(line) {
+            rec.insert("id".into(), Value::String(format!("{}:{at}", self.name)));
+            (self.out)(ts, rec);
+        }
+    }
+}
+
+/// The scan with a `text` filter: each buffered block of whole lines is lowered once and
+/// searched for the needle, so only the lines holding it are cut out and decoded (the
+/// needle is plain ASCII without JSON escapes: see `raw_needle`).
+fn scan_hits(
+    reader: &mut dyn BufRead,
+    lines: &mut Lines<'_, '_>,
+    finder: &memmem::Finder<'_>,
+    mut offset: u64,
+    budget: &mut Budget,
+    name: &str,
+) -> Result<bool, ReadError> {
+    let mut lower = Vec::new();
+    let mut long_line = Vec::new();
+    let mut since_check: u64 = 0;
+    loop {
+        let block = match reader.fill_buf() {
+            Ok(b) => b,
+            Err(e) if cut_short(&e) => &[],
+            Err(e) => return Err(failed(e, &format!("cannot read {name}"))),
+        };
+        let used = if block.is_empty() {
+            budget.spend(since_check);
+            return Ok(true);
+        } else if let Some(last) = memchr::memrchr(b'\n', block) {
+            let block = &block[..=last];
+            lower.clear();
+            lower.extend(block.iter().map(u8::to_ascii_lowercase));
+            let mut from = 0;
+            while let Some(hit) = finder.find(&lower[from..]).map(|h| from + h) {
+                let start = memchr::memrchr(b'\n', &block[..hit]).map_or(0, |i| i + 1);
+                let end = memchr::memchr(b'\n', &block[hit..]).map_or(block.len(), |i| hit + i + 1);
+                lines.take(&block[start..end], offset + start as u64);
+                from = end;
+            }
+            let used = block.len();
+            reader.consume(used);
+            used
+        } else {
+            // No whole line in the buffer: one longer than it, or the last one unfinished.
+            long_line.clear();
+            let n = match reader.read_until(b'\n', &mut long_line) {
+                Ok(n) => n,
+                Err(e) if cut_short(&e) => 0,
+                Err(e) => return Err(failed(e, &format!("cannot read {name}"))),
+            };
+            if long_line.last() != Some(&b'\n') {
+                // Still being written: left for the next read.
+                budget.spend(since_check);
+                return Ok(true);
+            }
+            lower.clear();
+            lower.extend(long_line.iter().map(u8::to_ascii_lowercase));
+            if finder.find(&lower).is_some() {
+                lines.take(&long_line, offset);
+            }
+            n
+        };
+        offset += used as u64;
+        since_check += used as u64;
+        if since_check > 1 << 20 {
+            if !budget.spend(since_check) || Instant::now() > budget.deadline {
+                budget.exhausted = true;
+                return Ok(false);
+            }
+            since_check = 0;
+        }
+    }
+}
+
 fn failed(e: io::Error, what: &str) -> ReadError {
     ReadError::Failed(format!("{what}: {e}"))
 }
@@ -256,6 +351,16 @@ impl FilesStore {
             if io::copy(&mut skip, &mut io::sink()).ok() != Some(start) {
                 return Ok(true);
             }
+        }
+        let needle = filter.text.as_deref().and_then(raw_needle);
+        if let Some(needle) = needle {
+            let finder = memmem::Finder::new(needle.as_slice());
+            let mut lines = Lines {
+                name: &f.name,
+                matcher: LineMatcher::new(filter, (lo, hi)),
+                out,
+            };
+            return scan_hits(&mut reader, &mut lines, &finder, start, budget, &f.name);
         }
         let mut matcher = LineMatcher::new(filter, (lo, hi));
         let mut line = Vec::with_capacity(4096);

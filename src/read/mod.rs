@@ -94,6 +94,15 @@ pub struct Found {
     pub resume: Option<Pos>,
 }
 
+/// A page query, parsed and validated, before it reaches the store.
+struct Plan {
+    scan: Scan,
+    fp: String,
+    signed: bool,
+    /// Page 1: the as-of position is taken now (the id sequence, for PostgreSQL).
+    first_page: bool,
+}
+
 pub struct Page {
     pub records: Vec<Map<String, Value>>,
     pub next: Option<String>,
@@ -103,7 +112,7 @@ pub struct Page {
 pub enum Store {
     Files(files::FilesStore),
     Blob(Box<blob::BlobStore>),
-    Pg(pg::PgStore),
+    Pg(Box<pg::PgStore>),
 }
 
 pub struct Reader {
@@ -149,17 +158,39 @@ impl Reader {
         }
     }
 
-    fn find(&self, scan: &Scan) -> Result<Found, ReadError> {
-        match &self.store {
-            Store::Files(s) => s.find(scan),
-            Store::Blob(s) => s.find(scan),
-            Store::Pg(s) => s.find(scan),
-        }
-    }
-
     /// One page. `req` holds the filters plus `cursor` (from a previous page) or the
     /// internal `_after` position (tail and context: no as-of bound, no signature).
     pub fn query(&self, req: &Map<String, Value>) -> Result<Page, ReadError> {
+        match &self.store {
+            Store::Files(s) => {
+                let plan = self.plan(req)?;
+                let found = s.find(&plan.scan)?;
+                Ok(self.finish(plan, found))
+            }
+            Store::Blob(s) => {
+                let plan = self.plan(req)?;
+                let found = s.find(&plan.scan)?;
+                Ok(self.finish(plan, found))
+            }
+            Store::Pg(s) => s.rt().block_on(self.query_pg(s, req)),
+        }
+    }
+
+    /// [`Reader::query`] over PostgreSQL, as a future for the store's runtime.
+    pub async fn query_pg(
+        &self,
+        s: &pg::PgStore,
+        req: &Map<String, Value>,
+    ) -> Result<Page, ReadError> {
+        let mut plan = self.plan(req)?;
+        if plan.first_page {
+            plan.scan.asof_id = s.sequence_value().await;
+        }
+        let found = s.find(&plan.scan).await?;
+        Ok(self.finish(plan, found))
+    }
+
+    fn plan(&self, req: &Map<String, Value>) -> Result<Plan, ReadError> {
         let (filt, cursor_text, after) = split_request(req);
         let filter = Filter::parse(&filt)?;
         let fp = filter.fingerprint();
@@ -175,21 +206,25 @@ impl Reader {
                 (Some(c.asof_ts), c.asof_id, Some(c.after), true)
             }
             (None, Some(pos)) => (None, None, Some(pos), false),
-            (None, None) => {
-                let asof_id = match &self.store {
-                    Store::Pg(s) => s.sequence_value(),
-                    Store::Files(_) | Store::Blob(_) => None,
-                };
-                (Some(now_us()), asof_id, None, true)
-            }
+            (None, None) => (Some(now_us()), None, None, true),
         };
-        let scan = Scan {
-            filter,
-            after,
-            asof_ts,
-            asof_id,
-        };
-        let found = self.find(&scan)?;
+        Ok(Plan {
+            first_page: signed && after.is_none(),
+            scan: Scan {
+                filter,
+                after,
+                asof_ts,
+                asof_id,
+            },
+            fp,
+            signed,
+        })
+    }
+
+    fn finish(&self, plan: Plan, found: Found) -> Page {
+        let Plan {
+            scan, fp, signed, ..
+        } = plan;
         let last = found
             .records
             .last()
@@ -204,17 +239,17 @@ impl Reader {
                 v: 1,
                 fp,
                 desc: scan.filter.desc,
-                asof_ts: asof_ts.unwrap_or_else(now_us),
-                asof_id,
+                asof_ts: scan.asof_ts.unwrap_or_else(now_us),
+                asof_id: scan.asof_id,
                 after,
             })),
             _ => None,
         };
-        Ok(Page {
+        Page {
             records: found.records,
             next,
             partial: found.partial,
-        })
+        }
     }
 
     /// One record by its id.
@@ -222,11 +257,30 @@ impl Reader {
         match &self.store {
             Store::Files(s) => s.get(id),
             Store::Blob(s) => s.get(id),
-            Store::Pg(s) => s.get(id),
+            Store::Pg(s) => s.rt().block_on(s.get(id)),
         }
     }
 
     pub fn summary(&self, req: &Map<String, Value>) -> Result<Value, ReadError> {
+        let (filter, spec) = Self::summary_plan(req)?;
+        match &self.store {
+            Store::Files(s) => s.summary(&filter, &spec),
+            Store::Blob(s) => s.summary(&filter, &spec),
+            Store::Pg(s) => s.rt().block_on(s.summary(&filter, &spec)),
+        }
+    }
+
+    /// [`Reader::summary`] over PostgreSQL, as a future for the store's runtime.
+    pub async fn summary_pg(
+        &self,
+        s: &pg::PgStore,
+        req: &Map<String, Value>,
+    ) -> Result<Value, ReadError> {
+        let (filter, spec) = Self::summary_plan(req)?;
+        s.summary(&filter, &spec).await
+    }
+
+    fn summary_plan(req: &Map<String, Value>) -> Result<(Filter, summary::Spec), ReadError> {
         let mut filt = req.clone();
         let by = filt
             .remove("by")
@@ -259,10 +313,6 @@ impl Reader {
         if spec.http_only() && filter.kind.is_none() {
             filter.kind = Some("http".into());
         }
-        match &self.store {
-            Store::Files(s) => s.summary(&filter, &spec),
-            Store::Blob(s) => s.summary(&filter, &spec),
-            Store::Pg(s) => s.summary(&filter, &spec),
-        }
+        Ok((filter, spec))
     }
 }

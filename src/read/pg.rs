@@ -3,10 +3,11 @@
 //! (ts, id) always comes with an explicit bound on `ts` so day partitions are pruned.
 
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{json, Map, Value};
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
+use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions, PgRow};
 use sqlx::{AssertSqlSafe, Postgres, Row};
 
 use super::cursor::Pos;
@@ -52,11 +53,58 @@ pub struct PgConfig {
 }
 
 pub struct PgStore {
-    rt: tokio::runtime::Runtime,
+    /// Always Some until drop (see the Drop impl).
+    runtime: Option<tokio::runtime::Runtime>,
     pool: PgPool,
     names: Names,
     target: String,
     secrets: Vec<String>,
+    opts: PgConnectOptions,
+    connect_timeout: Duration,
+    /// Counts writers' NOTIFYs (and LISTEN (re)starts) for [`PgStore::wait_wakeup`].
+    wakeups: Arc<Wakeups>,
+    listener: parking_lot::Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+/// A counter that threads can wait on to change.
+#[derive(Default)]
+pub struct Wakeups {
+    count: parking_lot::Mutex<u64>,
+    changed: parking_lot::Condvar,
+}
+
+impl Wakeups {
+    fn bump(&self) {
+        *self.count.lock() += 1;
+        self.changed.notify_all();
+    }
+
+    /// The count once it differs from `seen`, or after `timeout` whatever it is.
+    pub fn wait(&self, seen: u64, timeout: Duration) -> u64 {
+        let mut count = self.count.lock();
+        if *count == seen {
+            self.changed.wait_for(&mut count, timeout);
+        }
+        *count
+    }
+}
+
+/// LISTENs on `channel` until the connection fails; every notification bumps `wakeups`.
+async fn listen_until_error(
+    pool: &PgPool,
+    channel: &str,
+    wakeups: &Wakeups,
+) -> Result<(), sqlx::Error> {
+    let mut listener = PgListener::connect_with(pool).await?;
+    listener.listen(channel).await?;
+    // Rows committed before the LISTEN took effect sent their hint to nobody: one poll now.
+    wakeups.bump();
+    loop {
+        // None: the connection dropped and was re-established; hints sent in between were
+        // lost, so poll once more too.
+        let _ = listener.try_recv().await?;
+        wakeups.bump();
+    }
 }
 
 enum Arg {
@@ -330,15 +378,61 @@ impl PgStore {
                 .min_connections(0)
                 .acquire_timeout(cfg.connect_timeout)
                 .idle_timeout(Some(Duration::from_secs(300)))
-                .connect_lazy_with(opts)
+                .connect_lazy_with(opts.clone())
         };
         Ok(PgStore {
-            rt,
+            runtime: Some(rt),
             pool,
             names,
             target,
             secrets,
+            opts,
+            connect_timeout: cfg.connect_timeout,
+            wakeups: Default::default(),
+            listener: Default::default(),
         })
+    }
+
+    pub fn rt(&self) -> &tokio::runtime::Runtime {
+        self.runtime.as_ref().expect("the runtime lives until drop")
+    }
+
+    /// Starts LISTENing (on a connection of its own) for the writers' NOTIFY hints, if not
+    /// already. Reconnects after a failure, a second later.
+    pub fn listen(&self) {
+        let mut slot = self.listener.lock();
+        if slot.as_ref().is_some_and(|h| !h.is_finished()) {
+            return;
+        }
+        let pool = {
+            let _guard = self.rt().enter();
+            PgPoolOptions::new()
+                .max_connections(1)
+                .min_connections(0)
+                .acquire_timeout(self.connect_timeout)
+                .idle_timeout(None)
+                .max_lifetime(None)
+                .connect_lazy_with(self.opts.clone().application_name("logsluice-listener"))
+        };
+        let channel = self.names.notify_channel();
+        let wakeups = self.wakeups.clone();
+        *slot = Some(self.rt().spawn(async move {
+            loop {
+                let _ = listen_until_error(&pool, &channel, &wakeups).await;
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }));
+    }
+
+    /// Stops LISTENing (its connection closes).
+    pub fn unlisten(&self) {
+        if let Some(task) = self.listener.lock().take() {
+            task.abort();
+        }
+    }
+
+    pub fn wakeups(&self) -> &Wakeups {
+        &self.wakeups
     }
 
     fn fail(&self, e: sqlx::Error) -> ReadError {
@@ -349,19 +443,17 @@ impl PgStore {
     }
 
     /// The id sequence's position: rows inserted after page 1 draw larger ids.
-    pub fn sequence_value(&self) -> Option<i64> {
+    pub async fn sequence_value(&self) -> Option<i64> {
         let sql = format!(
             "SELECT last_value FROM {}.{}",
             quote(&self.names.schema),
             quote(&format!("{}_id_seq", self.names.table))
         );
-        self.rt.block_on(async {
-            let row = sqlx::query(AssertSqlSafe(sql))
-                .fetch_one(&self.pool)
-                .await
-                .ok()?;
-            row.try_get::<i64, _>(0).ok()
-        })
+        let row = sqlx::query(AssertSqlSafe(sql))
+            .fetch_one(&self.pool)
+            .await
+            .ok()?;
+        row.try_get::<i64, _>(0).ok()
     }
 
     /// Seconds since the oldest transaction that has written (holds an xid) in this
@@ -370,26 +462,43 @@ impl PgStore {
         let sql = "SELECT extract(epoch FROM now() - min(xact_start))::float8 FROM pg_stat_activity \
                    WHERE datname = current_database() AND backend_xid IS NOT NULL AND pid <> pg_backend_pid()";
         let row = self
-            .rt
+            .rt()
             .block_on(sqlx::query(sql).fetch_one(&self.pool))
             .map_err(|e| self.fail(e))?;
         row.try_get::<Option<f64>, _>(0).map_err(|e| self.fail(e))
     }
 
-    pub fn find(&self, scan: &Scan) -> Result<Found, ReadError> {
+    /// The page query and its arguments.
+    fn page_sql(&self, scan: &Scan) -> (String, Sql) {
         let mut sql = Sql::default();
         scan_sql(scan, &mut sql);
         let dir = if scan.filter.desc { "DESC" } else { "ASC" };
         let limit = sql.arg(Arg::I64(scan.filter.limit as i64));
-        let text = format!(
-            "{SELECT} {} l {} ORDER BY ts {dir}, id {dir} LIMIT {limit}",
-            self.names.qualified(),
-            sql.where_clause()
-        );
-        let result = self.rt.block_on(async {
-            let q = sql.bind(sqlx::query(AssertSqlSafe(text)));
-            q.fetch_all(&self.pool).await
-        });
+        let table = self.names.qualified();
+        let text = if scan.filter.request_id.is_some() || scan.filter.trace_id.is_some() {
+            // A request's or a trace's records are few and their partial index finds them
+            // all at once. Left to itself, the planner may rather walk (ts, id) in order,
+            // hoping to meet a rare id early: seconds for an id far back (measured at 5M
+            // rows). The OFFSET 0 subquery keeps the ORDER BY/LIMIT from steering it so.
+            format!(
+                "{SELECT} (SELECT * FROM {table} {} OFFSET 0) l ORDER BY ts {dir}, id {dir} LIMIT {limit}",
+                sql.where_clause()
+            )
+        } else {
+            format!(
+                "{SELECT} {table} l {} ORDER BY ts {dir}, id {dir} LIMIT {limit}",
+                sql.where_clause()
+            )
+        };
+        (text, sql)
+    }
+
+    pub async fn find(&self, scan: &Scan) -> Result<Found, ReadError> {
+        let (text, sql) = self.page_sql(scan);
+        let result = sql
+            .bind(sqlx::query(AssertSqlSafe(text)))
+            .fetch_all(&self.pool)
+            .await;
         match result {
             Ok(rows) => Ok(Found {
                 records: rows
@@ -417,18 +526,15 @@ impl PgStore {
         }
     }
 
-    pub fn get(&self, id: &str) -> Result<Option<Map<String, Value>>, ReadError> {
+    pub async fn get(&self, id: &str) -> Result<Option<Map<String, Value>>, ReadError> {
         let Ok(id) = id.trim().parse::<i64>() else {
             return Ok(None);
         };
         let text = format!("{SELECT} {} l WHERE id = $1", self.names.qualified());
-        let row = self
-            .rt
-            .block_on(
-                sqlx::query(AssertSqlSafe(text))
-                    .bind(id)
-                    .fetch_optional(&self.pool),
-            )
+        let row = sqlx::query(AssertSqlSafe(text))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
             .map_err(|e| self.fail(e))?;
         row.as_ref()
             .map(row_record)
@@ -436,7 +542,7 @@ impl PgStore {
             .map_err(|e| self.fail(e))
     }
 
-    pub fn summary(&self, filter: &Filter, spec: &Spec) -> Result<Value, ReadError> {
+    pub async fn summary(&self, filter: &Filter, spec: &Spec) -> Result<Value, ReadError> {
         let mut sql = Sql::default();
         filter_sql(filter, &mut sql);
         let keys: Vec<String> = spec.keys.iter().map(|k| quote(k)).collect();
@@ -491,7 +597,7 @@ impl PgStore {
             and = if sql.conds.is_empty() { "WHERE" } else { "AND" },
             n = spec.slowest,
         );
-        let result = self.rt.block_on(async {
+        let result = async {
             let rows = sql
                 .bind(sqlx::query(AssertSqlSafe(main)))
                 .fetch_all(&self.pool)
@@ -504,7 +610,8 @@ impl PgStore {
                 vec![]
             };
             Ok::<_, sqlx::Error>((rows, slow_rows))
-        });
+        }
+        .await;
         let (rows, slow_rows) = match result {
             Ok(r) => r,
             Err(e) if is_timeout(&e) => {
@@ -567,17 +674,10 @@ impl PgStore {
     }
 
     pub fn explain(&self, scan: &Scan) -> Result<String, ReadError> {
-        let mut sql = Sql::default();
-        scan_sql(scan, &mut sql);
-        let dir = if scan.filter.desc { "DESC" } else { "ASC" };
-        let limit = sql.arg(Arg::I64(scan.filter.limit as i64));
-        let text = format!(
-            "EXPLAIN (ANALYZE, BUFFERS) {SELECT} {} l {} ORDER BY ts {dir}, id {dir} LIMIT {limit}",
-            self.names.qualified(),
-            sql.where_clause()
-        );
+        let (text, sql) = self.page_sql(scan);
+        let text = format!("EXPLAIN (ANALYZE, BUFFERS) {text}");
         let rows = self
-            .rt
+            .rt()
             .block_on(
                 sql.bind(sqlx::query(AssertSqlSafe(text)))
                     .fetch_all(&self.pool),
@@ -588,6 +688,17 @@ impl PgStore {
             .filter_map(|r| r.try_get::<String, _>(0).ok())
             .collect::<Vec<_>>()
             .join("\n"))
+    }
+}
+
+impl Drop for PgStore {
+    /// Without waiting for the workers: the last reference may go on one of them (an async
+    /// call that outlived its Python reader), and a reader dropped on a Python thread must
+    /// not wait, GIL held, for a worker that may be waiting for the GIL.
+    fn drop(&mut self) {
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
     }
 }
 

@@ -36,6 +36,27 @@ const MAX_LINE_HINTS: usize = 16;
 const SEND_SLICE_BYTES: usize = 256 << 10;
 /// Rows removed per DELETE when a plain (unpartitioned) table applies retention.
 const DELETE_CHUNK: i64 = 10_000;
+/// The least time between two NOTIFYs on one channel from this process: NOTIFY takes a
+/// database-wide lock at commit, so a busy writer must not send one per batch.
+const NOTIFY_GAP: Duration = Duration::from_millis(250);
+
+/// When each channel was last notified by this process (every writer of the process).
+static LAST_NOTIFY: std::sync::LazyLock<
+    parking_lot::Mutex<std::collections::HashMap<String, Instant>>,
+> = std::sync::LazyLock::new(Default::default);
+
+/// Takes the channel's notify slot if the last NOTIFY is at least [`NOTIFY_GAP`] old.
+fn notify_slot(channel: &str) -> bool {
+    let now = Instant::now();
+    let mut last = LAST_NOTIFY.lock();
+    match last.get(channel) {
+        Some(t) if now.duration_since(*t) < NOTIFY_GAP => false,
+        _ => {
+            last.insert(channel.to_owned(), now);
+            true
+        }
+    }
+}
 
 /// `postgresql://user:***@host:port/db?...`: the DSN with its password (in the user info
 /// or a `password=` parameter) masked. Safe for messages, reprs and debug output.
@@ -217,6 +238,10 @@ struct Inner {
     next_maintenance: Instant,
     maintenance_breaker: Breaker,
     notices: Vec<(u16, String)>,
+    channel: String,
+    /// A batch committed since the last NOTIFY (sent when the channel's slot frees up, on
+    /// the next batch or the next idle tick).
+    notify_pending: bool,
 }
 
 fn secs(v: f64) -> Duration {
@@ -239,6 +264,7 @@ impl Postgres {
             .enable_all()
             .build()
             .map_err(|e| WriteError::transient(format!("cannot start runtime: {e}")))?;
+        let channel = names.notify_channel();
         Ok(Postgres {
             rt,
             inner: Inner {
@@ -257,6 +283,8 @@ impl Postgres {
                 next_maintenance: Instant::now(),
                 maintenance_breaker: Breaker::new(3, Duration::from_secs(600)),
                 notices: Vec::new(),
+                channel,
+                notify_pending: false,
                 cfg,
             },
         })
@@ -546,6 +574,26 @@ impl Inner {
     }
 
     /// Partitions ahead and retention; failures never touch the batch path.
+    /// The wake-up hint for tails: its own statement, after the batch's COPY committed; a
+    /// lost one only delays tails to their next poll.
+    async fn notify(&mut self, last: bool) {
+        if !self.cfg.notify || !self.notify_pending || !(last || notify_slot(&self.channel)) {
+            return;
+        }
+        let Some(conn) = self.conn.as_mut() else {
+            return;
+        };
+        self.notify_pending = false;
+        let sent = sqlx::query("SELECT pg_notify($1, '')")
+            .bind(&self.channel)
+            .execute(conn)
+            .await;
+        if sent.is_err() {
+            self.conn = None;
+            self.layout = None;
+        }
+    }
+
     async fn maintain(&mut self) {
         let now = Instant::now();
         if now < self.next_maintenance || !self.maintenance_breaker.allow(now) {
@@ -963,6 +1011,16 @@ impl Writer for Postgres {
         let _guard = rt.enter();
         let result = rt.block_on(async {
             let r = tokio::time::timeout(timeout, inner.write(batch)).await;
+            if r.as_ref().is_ok_and(Result::is_ok) {
+                inner.notify_pending = true;
+                if tokio::time::timeout(timeout, inner.notify(false))
+                    .await
+                    .is_err()
+                {
+                    inner.conn = None;
+                    inner.layout = None;
+                }
+            }
             if r.as_ref().is_ok_and(Result::is_ok)
                 && tokio::time::timeout(timeout, inner.maintain())
                     .await
@@ -994,7 +1052,10 @@ impl Writer for Postgres {
         if inner.conn.is_some() && inner.layout.is_some() {
             let timeout = secs(inner.cfg.statement_timeout);
             if rt
-                .block_on(tokio::time::timeout(timeout, inner.maintain()))
+                .block_on(tokio::time::timeout(timeout, async {
+                    inner.notify(false).await;
+                    inner.maintain().await
+                }))
                 .is_err()
             {
                 inner.conn = None;
@@ -1010,6 +1071,11 @@ impl Writer for Postgres {
     fn close(&mut self) -> Result<(), WriteError> {
         let Postgres { rt, inner } = self;
         let _guard = rt.enter();
+        // The last batch's hint, even inside the gap: nothing later would send it.
+        let _ = rt.block_on(tokio::time::timeout(
+            Duration::from_secs(2),
+            inner.notify(true),
+        ));
         if let Some(conn) = inner.conn.take() {
             let _ = rt.block_on(tokio::time::timeout(Duration::from_secs(2), conn.close()));
         }
