@@ -17,6 +17,10 @@ pub mod scratch;
 #[cfg(feature = "python")]
 mod py;
 
+// In the library so it covers the extension, `cargo test` and the benches alike.
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// The native module `logsluice._core`; the public names live in `python/logsluice`.
 #[cfg(feature = "python")]
 #[pyo3::pymodule]
