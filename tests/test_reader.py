@@ -19,10 +19,8 @@ import uuid
 import logsluice
 import psycopg
 import pytest
-from fastapi import BackgroundTasks, FastAPI
-from fastapi.testclient import TestClient
 from loguru import logger
-from support import wait_for
+from support import shop_traffic, wait_for
 
 N_REQUESTS = 120
 
@@ -53,52 +51,7 @@ def world(postgres, tmp_path_factory):
         logsluice.Postgres(postgres.dsn, table=w.table, batch_max_delay=0.2),
         logsluice.LocalFiles(w.dir, max_file_bytes=40_000, compress=True, batch_max_records=200),
     )
-    logger.remove()
-    pipeline.attach(logger, level="DEBUG")
-    app = FastAPI()
-
-    def background(item_id: int) -> None:
-        logger.bind(task="mail", item=item_id).info("background task for item {}", item_id)
-
-    @app.get("/items/{item_id}")
-    def item(item_id: int, tasks: BackgroundTasks):
-        logger.bind(user={"id": item_id % 5, "name": f"u{item_id % 5}"}, cart=item_id % 3).info(
-            "Loaded item {}", item_id
-        )
-        if item_id % 10 == 0:
-            tasks.add_task(background, item_id)
-        return {"id": item_id}
-
-    @app.get("/fail/{n}")
-    def fail(n: int):
-        logger.bind(code=n).error("Payment FAILED for order {}", n)
-        raise RuntimeError("boom")
-
-    @app.post("/orders")
-    def orders():
-        logger.warning("slow provider")
-        return {"ok": True}
-
-    app.add_middleware(logsluice.LoggingMiddleware, pipeline=pipeline)
-    client = TestClient(app, raise_server_exceptions=False)
-    w.request_ids = {}
-    for i in range(N_REQUESTS):
-        if i % 8 == 7:
-            # An inbound id of another shape: found by the bounded newest-first search.
-            w.request_ids[i] = f"fail-{i}"
-            client.get(f"/fail/{i}", headers={"x-request-id": f"fail-{i}"})
-            continue
-        if i % 5 == 4:
-            r = client.post("/orders")
-        else:
-            r = client.get(f"/items/{i}")
-        w.request_ids[i] = r.headers["x-request-id"]
-    for i in range(300):
-        level = ["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"][i % 5]
-        logger.bind(n=i, tags=["a", "b"] if i % 2 else ["c"], nested={"deep": {"x": i % 4}}).log(
-            level, "plain record {} with <b>odd</b> 'quotes' and \"more\" 100% _under_", i
-        )
-    logger.opt(exception=ValueError("bad")).error("with traceback")
+    w.request_ids = shop_traffic(pipeline, logger, N_REQUESTS)
     pipeline.flush(timeout=30)
     pipeline.close()
     logger.remove()

@@ -12,11 +12,10 @@ import uuid
 import logsluice
 import pytest
 from azure.storage.blob import BlobServiceClient, ContainerSasPermissions, generate_container_sas
-from fastapi import BackgroundTasks, FastAPI
 from fastapi.testclient import TestClient
 from harness.azurite import ACCOUNT, KEY
 from loguru import logger
-from support import wait_for
+from support import shop_traffic, wait_for
 from test_reader import BAD, CASES, everything, key, read_ndjson, run_cli
 
 N_REQUESTS = 80
@@ -49,49 +48,7 @@ def world(azurite, postgres, tmp_path_factory):
         logsluice.LocalFiles(w.dir, max_file_bytes=40_000, compress=True, batch_max_records=200),
         logsluice.Postgres(postgres.dsn, table=w.table, batch_max_delay=0.2),
     )
-    logger.remove()
-    pipeline.attach(logger, level="DEBUG")
-    app = FastAPI()
-
-    def background(item_id: int) -> None:
-        logger.bind(task="mail", item=item_id).info("background task for item {}", item_id)
-
-    @app.get("/items/{item_id}")
-    def item(item_id: int, tasks: BackgroundTasks):
-        logger.bind(user={"id": item_id % 5, "name": f"u{item_id % 5}"}, cart=item_id % 3).info(
-            "Loaded item {}", item_id
-        )
-        if item_id % 10 == 0:
-            tasks.add_task(background, item_id)
-        return {"id": item_id}
-
-    @app.get("/fail/{n}")
-    def fail(n: int):
-        logger.bind(code=n).error("Payment FAILED for order {}", n)
-        raise RuntimeError("boom")
-
-    @app.post("/orders")
-    def orders():
-        logger.warning("slow provider")
-        return {"ok": True}
-
-    app.add_middleware(logsluice.LoggingMiddleware, pipeline=pipeline)
-    client = TestClient(app, raise_server_exceptions=False)
-    w.request_ids = {}
-    for i in range(N_REQUESTS):
-        if i % 8 == 7:
-            w.request_ids[i] = f"fail-{i}"
-            client.get(f"/fail/{i}", headers={"x-request-id": f"fail-{i}"})
-        elif i % 5 == 4:
-            w.request_ids[i] = client.post("/orders").headers["x-request-id"]
-        else:
-            w.request_ids[i] = client.get(f"/items/{i}").headers["x-request-id"]
-    for i in range(300):
-        level = ["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"][i % 5]
-        logger.bind(n=i, tags=["a", "b"] if i % 2 else ["c"], nested={"deep": {"x": i % 4}}).log(
-            level, "plain record {} with <b>odd</b> 'quotes' and \"more\" 100% _under_", i
-        )
-    logger.opt(exception=ValueError("bad")).error("with traceback")
+    w.request_ids = shop_traffic(pipeline, logger, N_REQUESTS)
     pipeline.flush(timeout=60)
     pipeline.close()
     logger.remove()

@@ -623,27 +623,7 @@ impl BlobStore {
         })?;
         let mut best = best.into_inner();
         best.sort();
-        let mut found = best.found;
-        let mut resume = None;
-        if let Some(bound) = unread {
-            found.retain(|(ts, _, _)| if desc { *ts > bound } else { *ts < bound });
-            if found.is_empty() {
-                let ts = if desc {
-                    bound.saturating_add(1)
-                } else {
-                    bound.saturating_sub(1)
-                };
-                resume = Some(Pos {
-                    ts,
-                    id: String::new(),
-                });
-            }
-        }
-        Ok(Found {
-            records: found.into_iter().map(|(_, _, r)| r).collect(),
-            partial: unread.is_some(),
-            resume,
-        })
+        Ok(Found::scanned(best.found, unread, desc))
     }
 
     pub fn summary(&self, filter: &Filter, spec: &Spec) -> Result<Value, ReadError> {

@@ -470,26 +470,7 @@ impl FilesStore {
             }
         }
         sort(&mut found);
-        let mut resume = None;
-        if let Some(bound) = unscanned_bound {
-            found.retain(|(ts, _, _)| if desc { *ts > bound } else { *ts < bound });
-            if found.is_empty() {
-                let ts = if desc {
-                    bound.saturating_add(1)
-                } else {
-                    bound.saturating_sub(1)
-                };
-                resume = Some(Pos {
-                    ts,
-                    id: String::new(),
-                });
-            }
-        }
-        Ok(Found {
-            records: found.into_iter().map(|(_, _, r)| r).collect(),
-            partial: unscanned_bound.is_some(),
-            resume,
-        })
+        Ok(Found::scanned(found, unscanned_bound, desc))
     }
 
     pub fn summary(&self, filter: &Filter, spec: &Spec) -> Result<Value, ReadError> {

@@ -94,6 +94,39 @@ pub struct Found {
     pub resume: Option<Pos>,
 }
 
+impl Found {
+    /// A scanner's page, `found` sorted in the scan's order. When part of the range was left
+    /// unread (`unread`: the nearest time it could hold), only the records nothing unread can
+    /// sort before are kept; an empty page then resumes just past that time, so every page
+    /// moves forward.
+    pub fn scanned(
+        mut found: Vec<(i64, Pos, Map<String, Value>)>,
+        unread: Option<i64>,
+        desc: bool,
+    ) -> Found {
+        let mut resume = None;
+        if let Some(bound) = unread {
+            found.retain(|(ts, _, _)| if desc { *ts > bound } else { *ts < bound });
+            if found.is_empty() {
+                let ts = if desc {
+                    bound.saturating_add(1)
+                } else {
+                    bound.saturating_sub(1)
+                };
+                resume = Some(Pos {
+                    ts,
+                    id: String::new(),
+                });
+            }
+        }
+        Found {
+            records: found.into_iter().map(|(_, _, r)| r).collect(),
+            partial: unread.is_some(),
+            resume,
+        }
+    }
+}
+
 /// A page query, parsed and validated, before it reaches the store.
 struct Plan {
     scan: Scan,
