@@ -176,7 +176,11 @@ impl HttpExchange {
         let rid = s.request_id(get(scope, intern!(py, "headers")).as_ref(), start_us);
         let none = || py.None();
         let cap = s.capture.max_body;
+        let entry_path = scope
+            .get_item(intern!(py, "path"))?
+            .map_or_else(none, Bound::unbind);
         let rid_obj = PyString::new(py, &rid);
+        // Last of what can fail: a request id set here must be reset by `end`.
         let token = set_request_id(s.ctx(), rid_obj.as_any())?;
         s.counters.seen();
         Ok(HttpExchange {
@@ -190,9 +194,7 @@ impl HttpExchange {
                 || intern!(py, "").clone().into_any().unbind(),
                 Bound::unbind,
             ),
-            entry_path: scope
-                .get_item(intern!(py, "path"))?
-                .map_or_else(none, Bound::unbind),
+            entry_path,
             scope: scope.clone().unbind(),
             start_us,
             t0: Instant::now(),
