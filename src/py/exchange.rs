@@ -99,18 +99,14 @@ pub struct HttpExchange {
     mw: Py<PyAny>,
     scope: Py<PyDict>,
     /// The request id (also set in the request's context by the middleware).
-    #[pyo3(get)]
     rid: Py<PyString>,
     rid_text: String,
     /// Resets the request id context variable when the app call ends.
     token: Option<Py<PyAny>>,
     /// `scope["app"]`, `scope["root_path"]` and `scope["path"]` on entry: routers rewrite
     /// them on the shared scope, the entry values are the request's.
-    #[pyo3(get)]
     app: Py<PyAny>,
-    #[pyo3(get)]
     root_path: Py<PyAny>,
-    #[pyo3(get)]
     entry_path: Py<PyAny>,
     start_us: i64,
     t0: Instant,
@@ -120,10 +116,8 @@ pub struct HttpExchange {
     excluded: bool,
     trailers: bool,
     /// The record is finished (handed off or dropped).
-    #[pyo3(get)]
     done: bool,
     /// The message just passed to `sending` completes the response.
-    #[pyo3(get)]
     last: bool,
     rate: f64,
     route: Option<Py<PyAny>>,
@@ -535,6 +529,28 @@ impl HttpExchange {
     }
 }
 
+impl HttpExchange {
+    /// The last message went out.
+    fn complete(&mut self, py: Python<'_>) {
+        if !self.done {
+            self.flags |= flags::COMPLETE;
+            self.finish(py, None);
+        }
+    }
+
+    /// Finishes the record once (later calls do nothing): decides whether to keep it and
+    /// hands it to the core. Never raises.
+    fn finish(&mut self, py: Python<'_>, exception: Option<&Bound<'_, PyAny>>) {
+        if self.done {
+            return;
+        }
+        self.done = true;
+        if let Err(e) = self.finish_inner(py, exception) {
+            self.internal_error(py, &e);
+        }
+    }
+}
+
 fn cancelled_error(py: Python<'_>) -> PyResult<&Bound<'_, PyType>> {
     static CANCELLED: PyOnceLock<Py<PyType>> = PyOnceLock::new();
     CANCELLED.import(py, "asyncio", "CancelledError")
@@ -579,27 +595,6 @@ impl HttpExchange {
     fn sent(&mut self, py: Python<'_>) {
         if self.last {
             self.complete(py);
-        }
-    }
-
-    /// The last message went out.
-    fn complete(&mut self, py: Python<'_>) {
-        if !self.done {
-            self.flags |= flags::COMPLETE;
-            self.finish(py, None);
-        }
-    }
-
-    /// Finishes the record once (later calls do nothing): decides whether to keep it and
-    /// hands it to the core. Never raises.
-    #[pyo3(signature = (exception=None))]
-    fn finish(&mut self, py: Python<'_>, exception: Option<&Bound<'_, PyAny>>) {
-        if self.done {
-            return;
-        }
-        self.done = true;
-        if let Err(e) = self.finish_inner(py, exception) {
-            self.internal_error(py, &e);
         }
     }
 

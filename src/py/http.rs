@@ -293,21 +293,6 @@ fn redaction_defaults(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     Ok(d)
 }
 
-/// The request id for an inbound `X-Request-ID` value: kept when short and made of safe
-/// characters, else a new UUIDv7.
-#[pyfunction]
-#[pyo3(signature = (inbound=None))]
-fn request_id(inbound: Option<&Bound<'_, PyAny>>) -> String {
-    if let Some(b) = inbound.and_then(|v| v.cast::<PyBytes>().ok()) {
-        let b = b.as_bytes();
-        if http::valid_request_id(b) {
-            // Validated as ASCII above.
-            return String::from_utf8_lossy(b).into_owned();
-        }
-    }
-    http::new_request_id()
-}
-
 /// The exchange as the event loop copied it: every string, header and body in one buffer
 /// (length-prefixed), so the event loop's thread makes one allocation per request and the
 /// lane's thread does the rest (allocating and freeing on one thread is also what keeps
@@ -712,14 +697,6 @@ impl LaneInner {
     }
 }
 
-/// The request id of a request: the `name` header of `headers` (ASGI `(name, value)`
-/// pairs) when it is a safe inbound id, else a new UUIDv7. `name=None`: always new.
-#[pyfunction]
-#[pyo3(signature = (headers, name=None))]
-fn request_id_for(headers: &Bound<'_, PyAny>, name: Option<&[u8]>) -> String {
-    inbound_id(headers, name).unwrap_or_else(http::new_request_id)
-}
-
 /// The inbound request id, when the `name` header holds a safe one.
 fn inbound_id(headers: &Bound<'_, PyAny>, name: Option<&[u8]>) -> Option<String> {
     let (Some(name), Ok(list)) = (name, headers.cast::<PyList>()) else {
@@ -755,7 +732,5 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<HttpSink>()?;
     m.add_class::<HttpExchange>()?;
     m.add_function(wrap_pyfunction!(redaction_defaults, m)?)?;
-    m.add_function(wrap_pyfunction!(request_id, m)?)?;
-    m.add_function(wrap_pyfunction!(request_id_for, m)?)?;
     Ok(())
 }
