@@ -33,7 +33,7 @@ use serde_json::{json, Map, Value};
 use super::cursor::{cmp_pos, Pos};
 use super::files::parse_ts;
 use super::filter::{BadInput, Filter};
-use super::lines::LineMatcher;
+use super::lines::{parse_record_id, LineMatcher};
 use super::summary::{Grouper, Spec};
 use super::{Found, ReadError, Scan};
 use crate::config::AzureBlobConfig;
@@ -627,12 +627,7 @@ impl BlobStore {
     }
 
     pub fn summary(&self, filter: &Filter, spec: &Spec) -> Result<Value, ReadError> {
-        let scan = Scan {
-            filter: filter.clone(),
-            after: None,
-            asof_ts: None,
-            asof_id: None,
-        };
+        let scan = Scan::whole(filter);
         let (lo, hi) = self.range(&scan);
         let grouper = Mutex::new(Grouper::default());
         let budget = Budget::new(&self.cfg);
@@ -673,19 +668,10 @@ impl BlobStore {
 
     /// The record `{blob name}:{offset}`, or None.
     pub fn get(&self, id: &str) -> Result<Option<Map<String, Value>>, ReadError> {
-        let Some((name, offset)) = id.rsplit_once(':') else {
+        let Some((name, offset)) = parse_record_id(id).filter(|(name, _)| name.len() <= 1024)
+        else {
             return Ok(None);
         };
-        let Ok(offset) = offset.parse::<u64>() else {
-            return Ok(None);
-        };
-        if name.is_empty()
-            || name.len() > 1024
-            || name.contains(['\0', '\\'])
-            || !(name.ends_with(".ndjson") || name.ends_with(".ndjson.gz"))
-        {
-            return Ok(None);
-        }
         let budget = Budget::new(&self.cfg);
         let mut found: Option<Map<String, Value>> = None;
         self.rt.block_on(self.read_blob(name, &budget, |line, at| {

@@ -24,7 +24,7 @@ use serde_json::{Map, Value};
 
 use super::cursor::Pos;
 use super::filter::Filter;
-use super::lines::{line_ts, raw_needle, LineMatcher};
+use super::lines::{line_ts, parse_record_id, raw_needle, LineMatcher};
 use super::summary::{Grouper, Spec};
 use super::{Found, ReadError, Scan};
 
@@ -474,12 +474,7 @@ impl FilesStore {
     }
 
     pub fn summary(&self, filter: &Filter, spec: &Spec) -> Result<Value, ReadError> {
-        let scan = Scan {
-            filter: filter.clone(),
-            after: None,
-            asof_ts: None,
-            asof_id: None,
-        };
+        let scan = Scan::whole(filter);
         let (lo, hi) = scan.range();
         let mut budget = Budget::new(&self.cfg);
         let mut grouper = Grouper::default();
@@ -496,19 +491,12 @@ impl FilesStore {
 
     /// The record `{file name}:{offset}`, or None.
     pub fn get(&self, id: &str) -> Result<Option<Map<String, Value>>, ReadError> {
-        let Some((name, offset)) = id.rsplit_once(':') else {
+        // A bare file name in the directory: no path, no hidden file.
+        let Some((name, offset)) =
+            parse_record_id(id).filter(|(name, _)| !name.contains('/') && !name.starts_with('.'))
+        else {
             return Ok(None);
         };
-        let Ok(offset) = offset.parse::<u64>() else {
-            return Ok(None);
-        };
-        if name.is_empty()
-            || name.contains(['/', '\\', '\0'])
-            || name.starts_with('.')
-            || !(name.ends_with(".ndjson") || name.ends_with(".ndjson.gz"))
-        {
-            return Ok(None);
-        }
         let mut candidates = vec![(self.cfg.directory.join(name), name.ends_with(".gz"))];
         if !name.ends_with(".gz") {
             candidates.push((self.cfg.directory.join(format!("{name}.gz")), true));

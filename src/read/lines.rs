@@ -25,6 +25,17 @@ pub fn raw_needle(text: &str) -> Option<Vec<u8>> {
         .then(|| text.as_bytes().to_vec())
 }
 
+/// A scanner's record id, `{file or blob name}:{byte offset}`: the name and offset when
+/// the id has that shape and names an NDJSON file (each store adds its own name rules).
+pub fn parse_record_id(id: &str) -> Option<(&str, u64)> {
+    let (name, offset) = id.rsplit_once(':')?;
+    let offset = offset.parse::<u64>().ok()?;
+    let ok = !name.is_empty()
+        && !name.contains(['\\', '\0'])
+        && (name.ends_with(".ndjson") || name.ends_with(".ndjson.gz"));
+    ok.then_some((name, offset))
+}
+
 pub struct LineMatcher<'f> {
     filter: &'f Filter,
     lo: i64,

@@ -53,6 +53,16 @@ pub struct Scan {
 }
 
 impl Scan {
+    /// Every record of `filter`, no paging position (summaries).
+    pub fn whole(filter: &Filter) -> Scan {
+        Scan {
+            filter: filter.clone(),
+            after: None,
+            asof_ts: None,
+            asof_id: None,
+        }
+    }
+
     /// The effective inclusive time range.
     pub fn range(&self) -> (i64, i64) {
         let mut lo = self.filter.since_us.unwrap_or(i64::MIN);
