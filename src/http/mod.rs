@@ -71,25 +71,38 @@ impl Exchange {
 
     /// 499 when the client left before the response completed, 500 when none started.
     pub fn final_status(&self) -> u16 {
-        if !self.has(flags::COMPLETE) && self.has(flags::DISCONNECTED) {
-            CLIENT_CLOSED
-        } else if self.status == 0 {
-            500
-        } else {
-            self.status
-        }
+        final_status(self.status, self.flags)
     }
 
     /// 2xx/3xx INFO, 4xx WARNING, 5xx and exceptions ERROR.
     pub fn level(&self) -> (&'static str, u16) {
-        let status = self.final_status();
-        if self.has(flags::ERROR) || self.exception.is_some() || status >= 500 {
-            ("ERROR", 40)
-        } else if status >= 400 {
-            ("WARNING", 30)
-        } else {
-            ("INFO", 20)
-        }
+        level(
+            self.status,
+            self.flags | self.exception.as_ref().map_or(0, |_| flags::ERROR),
+        )
+    }
+}
+
+/// [`Exchange::final_status`] from the status sent and the exchange's flags.
+pub fn final_status(status: u16, f: u32) -> u16 {
+    if f & flags::COMPLETE == 0 && f & flags::DISCONNECTED != 0 {
+        CLIENT_CLOSED
+    } else if status == 0 {
+        500
+    } else {
+        status
+    }
+}
+
+/// [`Exchange::level`] from the status sent and the exchange's flags.
+pub fn level(status: u16, f: u32) -> (&'static str, u16) {
+    let status = final_status(status, f);
+    if f & flags::ERROR != 0 || status >= 500 {
+        ("ERROR", 40)
+    } else if status >= 400 {
+        ("WARNING", 30)
+    } else {
+        ("INFO", 20)
     }
 }
 

@@ -16,7 +16,7 @@ use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple, PyType};
 
 use super::convert::{reset_request_id, set_request_id, utf8};
-use super::http::{bytes_pair, HttpSink};
+use super::http::{bytes_pair, Body, HttpSink};
 use crate::http::flags;
 
 /// The `route` of requests no route matched; `middleware.UNMATCHED_ROUTE` in Python.
@@ -29,6 +29,10 @@ const NO_RESPONSE_CAPTURE: [u16; 4] = [204, 304, 401, 403];
 /// A body as it passes: the first `cap` bytes, the full size, and when it began.
 #[derive(Default)]
 struct BodyCopy {
+    /// A body that came in one message is kept as the server's `bytes` object (immutable):
+    /// no copy until the hand-off packs it.
+    whole: Option<Py<PyBytes>>,
+    /// A body that came in pieces: what fit under the cap.
     bytes: Vec<u8>,
     size: u64,
     left: usize,
@@ -46,31 +50,22 @@ impl BodyCopy {
 
     /// Counts a chunk and copies what fits; returns false when the time limit ended
     /// capture (later chunks are still counted).
-    fn take(
-        &mut self,
-        chunk: &[u8],
-        more: bool,
-        timeout: Duration,
-        buffer: impl FnOnce(usize) -> Vec<u8>,
-    ) -> bool {
-        self.size += chunk.len() as u64;
+    fn take(&mut self, chunk: &Bound<'_, PyBytes>, more: bool, timeout: Duration) -> bool {
+        let data = chunk.as_bytes();
+        self.size += data.len() as u64;
         if !self.capture {
             return true;
         }
-        if self.bytes.capacity() == 0 {
-            // A buffer the lane's thread handed back: memory allocated here and freed there
-            // would make the two threads contend for one malloc arena on every request.
-            self.bytes = buffer(if more {
-                self.left.min(64 << 10)
-            } else {
-                chunk.len().min(self.left)
-            });
-        }
-        if self.first.is_none() && !more && chunk.len() <= self.left {
-            // The whole body in one message: no time limit to watch.
-            self.bytes.extend_from_slice(chunk);
-            self.left -= chunk.len();
+        if self.first.is_none() && !more && self.whole.is_none() && data.len() <= self.left {
+            // The whole body in one message: no time limit to watch, nothing to copy.
+            self.left -= data.len();
+            self.whole = Some(chunk.clone().unbind());
             return true;
+        }
+        if let Some(whole) = self.whole.take() {
+            // More after a message that said it was the last: keep both.
+            self.bytes
+                .extend_from_slice(whole.bind(chunk.py()).as_bytes());
         }
         let now = Instant::now();
         match self.first {
@@ -84,10 +79,19 @@ impl BodyCopy {
         if self.left == 0 {
             return true;
         }
-        let n = chunk.len().min(self.left);
-        self.bytes.extend_from_slice(&chunk[..n]);
+        let n = data.len().min(self.left);
+        self.bytes.extend_from_slice(&data[..n]);
         self.left -= n;
         true
+    }
+
+    /// What the hand-off packs: `None` when nothing was to be captured.
+    fn parts<'a>(&'a self, py: Python<'_>) -> Body<'a> {
+        match &self.whole {
+            // `take` moves a kept body into `bytes` when more follows: never both.
+            Some(whole) => Some(whole.as_bytes(py)),
+            None => (self.capture || !self.bytes.is_empty()).then_some(&self.bytes[..]),
+        }
     }
 }
 
@@ -328,12 +332,11 @@ impl HttpExchange {
                 self.decide(py);
             }
             if let Some(body) = get(message, intern!(py, "body")) {
-                let body = body.cast::<PyBytes>()?.as_bytes();
-                if !body.is_empty() {
+                let body = body.cast::<PyBytes>()?;
+                if !body.as_bytes().is_empty() {
                     let more = truthy(get(message, intern!(py, "more_body")));
-                    let sink = self.sink.get();
-                    let timeout = sink.capture.request_timeout;
-                    if !self.request.take(body, more, timeout, |n| sink.buffer(n)) {
+                    let timeout = self.sink.get().capture.request_timeout;
+                    if !self.request.take(body, more, timeout) {
                         self.flags |= flags::REQUEST_BODY_TIMEOUT;
                     }
                 }
@@ -368,32 +371,44 @@ impl HttpExchange {
             self.response_headers = headers.map(Bound::unbind);
             return Ok(None);
         };
-        let mut pairs: Vec<Bound<'py, PyAny>> = Vec::with_capacity(16);
-        if let Some(h) = &headers {
-            for item in h.try_iter()? {
-                let item = item?;
-                let already = match bytes_pair(&item) {
-                    Some((k, _)) => k.eq_ignore_ascii_case(name),
-                    None => item
-                        .get_item(0)
-                        .ok()
-                        .and_then(|k| k.cast_into::<PyBytes>().ok())
-                        .is_some_and(|k| k.as_bytes().eq_ignore_ascii_case(name)),
-                };
-                if already {
+        let already = |item: &Bound<'py, PyAny>| match bytes_pair(item) {
+            Some((k, _)) => k.eq_ignore_ascii_case(name),
+            None => item
+                .get_item(0)
+                .ok()
+                .and_then(|k| k.cast_into::<PyBytes>().ok())
+                .is_some_and(|k| k.as_bytes().eq_ignore_ascii_case(name)),
+        };
+        // Servers' and frameworks' headers are lists: copied in one call.
+        let list = match headers.as_ref().map(|h| h.cast::<PyList>()) {
+            Some(Ok(h)) => {
+                if h.iter().any(|item| already(&item)) {
                     self.response_headers = headers.map(Bound::unbind);
                     return Ok(None);
                 }
-                pairs.push(item);
+                h.get_slice(0, h.len())
             }
-        }
+            Some(Err(_)) => {
+                let h = headers.as_ref().expect("matched Some");
+                let mut pairs: Vec<Bound<'py, PyAny>> = Vec::with_capacity(16);
+                for item in h.try_iter()? {
+                    let item = item?;
+                    if already(&item) {
+                        self.response_headers = headers.map(Bound::unbind);
+                        return Ok(None);
+                    }
+                    pairs.push(item);
+                }
+                PyList::new(py, pairs)?
+            }
+            None => PyList::empty(py),
+        };
         let echo_name = match &sink.capture.echo_name {
             Some(n) => n.bind(py).clone(),
             None => PyBytes::new(py, name),
         };
         let echo = PyTuple::new(py, [echo_name, PyBytes::new(py, self.rid_text.as_bytes())])?;
-        pairs.push(echo.into_any());
-        let list = PyList::new(py, pairs)?;
+        list.append(echo)?;
         let copy = message.copy()?;
         copy.set_item(intern!(py, "headers"), &list)?;
         self.response_headers = Some(list.into_any().unbind());
@@ -410,11 +425,10 @@ impl HttpExchange {
         if kind == "http.response.body" {
             let more = truthy(get(message, intern!(py, "more_body")));
             if let Some(body) = get(message, intern!(py, "body")) {
-                let body = body.cast::<PyBytes>()?.as_bytes();
-                if !body.is_empty() {
-                    let sink = self.sink.get();
-                    let timeout = sink.capture.response_timeout;
-                    if !self.response.take(body, more, timeout, |n| sink.buffer(n)) {
+                let body = body.cast::<PyBytes>()?;
+                if !body.as_bytes().is_empty() {
+                    let timeout = self.sink.get().capture.response_timeout;
+                    if !self.response.take(body, more, timeout) {
                         self.flags |= flags::RESPONSE_BODY_TIMEOUT;
                     }
                 }
@@ -491,7 +505,7 @@ impl HttpExchange {
         if !self.sampled_in {
             self.flags |= flags::SAMPLED_OUT;
         }
-        let ex = crate::http::Exchange {
+        let scalars = super::http::Scalars {
             status: self.status,
             flags: self.flags,
             ts_us: self.start_us,
@@ -502,25 +516,19 @@ impl HttpExchange {
                 .t_start
                 .map(|t| t.duration_since(self.t0).as_secs_f64() * 1000.0),
             sample_rate: rate,
-            ..crate::http::Exchange::default()
         };
-        let body = |b: &mut BodyCopy| {
-            (b.capture || !b.bytes.is_empty()).then(|| std::mem::take(&mut b.bytes))
-        };
-        let request_body = body(&mut self.request);
-        let response_body = body(&mut self.response);
         let scope = self.scope.bind(py);
         sink.hand_off(
             py,
-            ex,
+            scalars,
             super::http::Parts {
                 scope,
                 path: &self.full_path(py),
                 route: route.bind(py),
                 request_id: self.rid.bind(py).as_any(),
                 response_headers: self.response_headers.as_ref().map(|h| h.bind(py)),
-                request_body,
-                response_body,
+                request_body: self.request.parts(py),
+                response_body: self.response.parts(py),
                 exception: exc,
             },
         );

@@ -88,21 +88,28 @@ pub struct Counters {
     last_internal_error: Mutex<Option<String>>,
 }
 
+/// Counts one. Every caller holds the GIL (the exchange's methods), so a plain load and
+/// store is enough: a locked add would stall the event loop's thread on every request
+/// until its earlier stores reached memory.
+fn bump(counter: &AtomicU64) {
+    counter.store(counter.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+}
+
 impl Counters {
     pub fn seen(&self) {
-        self.seen.fetch_add(1, Ordering::Relaxed);
+        bump(&self.seen);
     }
     pub fn kept(&self) {
-        self.kept.fetch_add(1, Ordering::Relaxed);
+        bump(&self.kept);
     }
     pub fn sampled_out(&self) {
-        self.sampled_out.fetch_add(1, Ordering::Relaxed);
+        bump(&self.sampled_out);
     }
     pub fn excluded(&self) {
-        self.excluded.fetch_add(1, Ordering::Relaxed);
+        bump(&self.excluded);
     }
     pub fn rate_limited(&self) {
-        self.rate_limited.fetch_add(1, Ordering::Relaxed);
+        bump(&self.rate_limited);
     }
     pub fn internal_error(&self, name: Option<String>) {
         self.internal_errors.fetch_add(1, Ordering::Relaxed);
@@ -202,11 +209,6 @@ impl HttpSink {
         &self.core.get().ctx
     }
 
-    /// A reused buffer for a body copy.
-    pub fn buffer(&self, min: usize) -> Vec<u8> {
-        self.core.get().http_lane.buffer(min)
-    }
-
     /// The inbound request id header's value when it is a safe id, else a new UUIDv7.
     pub fn request_id(&self, headers: Option<&Bound<'_, PyAny>>, unix_us: i64) -> String {
         let name = self.capture.request_id_header.as_deref().map(str::as_bytes);
@@ -216,57 +218,59 @@ impl HttpSink {
     }
 
     /// Copies the finished exchange out of Python and puts it on the lane.
-    pub fn hand_off<'py>(&self, py: Python<'py>, mut ex: Exchange, parts: Parts<'_, 'py>) {
+    pub fn hand_off<'py>(&self, py: Python<'py>, scalars: Scalars, parts: Parts<'_, 'py>) {
         if reporting() {
             return;
         }
         let pycore = self.core.get();
-        if let Some(exc) = parts.exception {
-            ex.exception = Some(
-                convert::format_exception(
-                    &pycore.ctx,
-                    py,
-                    exc.get_type().as_any(),
-                    exc,
-                    &exc.getattr(intern!(py, "__traceback__"))
-                        .unwrap_or_else(|_| py.None().into_bound(py)),
-                )
-                .unwrap_or_else(|| convert::text(exc)),
-            );
-        }
         let core = pycore.core();
-        if !core.wants(ex.level().1, Kind::Http) {
+        if !core.wants(scalars.level_no(), Kind::Http) {
             return;
         }
-        let mut p = Packed {
-            buf: pycore.http_lane.buffer(1024),
-        };
+        let exception = parts.exception.map(|exc| {
+            convert::format_exception(
+                &pycore.ctx,
+                py,
+                exc.get_type().as_any(),
+                exc,
+                &exc.getattr(intern!(py, "__traceback__"))
+                    .unwrap_or_else(|_| py.None().into_bound(py)),
+            )
+            .unwrap_or_else(|| convert::text(exc))
+        });
         let scope = parts.scope;
         let get = |key: &Bound<'py, PyString>| -> Option<Bound<'py, PyAny>> {
             scope.get_item(key).ok().flatten()
         };
-        p.put_opt(get(intern!(py, "method")));
-        p.put_opt(get(intern!(py, "scheme")));
-        p.put_opt(get(intern!(py, "http_version")));
-        p.put_obj(parts.path);
-        p.put_opt(get(intern!(py, "query_string")));
-        p.put_opt(Some(parts.route.clone()));
-        p.put_opt(
-            get(intern!(py, "client"))
-                .filter(|c| !c.is_none())
-                .and_then(|c| c.get_item(0).ok()),
-        );
-        p.put_obj(parts.request_id);
-        p.put_headers(get(intern!(py, "headers")));
-        p.put_headers(parts.response_headers.cloned());
-        pycore.http_lane.push(Job {
-            core,
-            redactor: self.inner.clone(),
-            ex,
-            packed: p,
-            request_body: parts.request_body,
-            response_body: parts.response_body,
-            max_message_bytes: pycore.options.max_message_bytes,
+        SCRATCH.with_borrow_mut(|buf| {
+            buf.clear();
+            // The job's length, filled in last.
+            buf.extend_from_slice(&0u32.to_le_bytes());
+            buf.extend_from_slice(&(Arc::as_ptr(&self.inner) as usize).to_le_bytes());
+            scalars.write(buf);
+            let mut p = Packed { buf };
+            p.put_text(exception.as_deref());
+            p.put_opt(get(intern!(py, "method")));
+            p.put_opt(get(intern!(py, "scheme")));
+            p.put_opt(get(intern!(py, "http_version")));
+            p.put_obj(parts.path);
+            p.put_opt(get(intern!(py, "query_string")));
+            p.put_opt(Some(parts.route.clone()));
+            p.put_opt(
+                get(intern!(py, "client"))
+                    .filter(|c| !c.is_none())
+                    .and_then(|c| c.get_item(0).ok()),
+            );
+            p.put_obj(parts.request_id);
+            p.put_headers(get(intern!(py, "headers")));
+            p.put_headers(parts.response_headers.cloned());
+            p.put_opt_bytes(parts.request_body);
+            p.put_opt_bytes(parts.response_body);
+            let len = p.buf.len() as u32;
+            p.buf[..4].copy_from_slice(&len.to_le_bytes());
+            pycore
+                .http_lane
+                .push(p.buf, &self.inner, &core, pycore.options.max_message_bytes);
         });
     }
 }
@@ -278,10 +282,82 @@ pub struct Parts<'a, 'py> {
     pub route: &'a Bound<'py, PyAny>,
     pub request_id: &'a Bound<'py, PyAny>,
     pub response_headers: Option<&'a Bound<'py, PyAny>>,
-    /// `None`: not captured. Moved into the job, not copied.
-    pub request_body: Option<Vec<u8>>,
-    pub response_body: Option<Vec<u8>>,
+    pub request_body: Body<'a>,
+    pub response_body: Body<'a>,
     pub exception: Option<&'a Bound<'py, PyAny>>,
+}
+
+/// A body as the exchange kept it: `None` when not captured.
+pub type Body<'a> = Option<&'a [u8]>;
+
+thread_local! {
+    /// Where the event loop's thread packs one exchange before copying it onto the lane
+    /// under the lock: packing reads Python objects (and may run their `__str__`), which
+    /// must not happen while the lane is locked.
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// The scalars of a finished exchange; its strings, headers and bodies travel packed.
+#[derive(Default, Clone, Copy)]
+pub struct Scalars {
+    pub ts_us: i64,
+    pub status: u16,
+    pub flags: u32,
+    pub request_size: u64,
+    pub response_size: u64,
+    pub duration_ms: f64,
+    pub ttfb_ms: Option<f64>,
+    pub sample_rate: f64,
+}
+
+impl Scalars {
+    fn level_no(&self) -> u16 {
+        http::level(self.status, self.flags).1
+    }
+
+    const SIZE: usize = 8 + 2 + 4 + 8 + 8 + 8 + 1 + 8 + 8;
+
+    fn write(&self, buf: &mut Vec<u8>) {
+        buf.extend_from_slice(&self.ts_us.to_le_bytes());
+        buf.extend_from_slice(&self.status.to_le_bytes());
+        buf.extend_from_slice(&self.flags.to_le_bytes());
+        buf.extend_from_slice(&self.request_size.to_le_bytes());
+        buf.extend_from_slice(&self.response_size.to_le_bytes());
+        buf.extend_from_slice(&self.duration_ms.to_le_bytes());
+        buf.push(u8::from(self.ttfb_ms.is_some()));
+        buf.extend_from_slice(&self.ttfb_ms.unwrap_or(0.0).to_le_bytes());
+        buf.extend_from_slice(&self.sample_rate.to_le_bytes());
+    }
+
+    fn read(b: &[u8]) -> Option<Self> {
+        let b = b.get(..Self::SIZE)?;
+        let u64_at = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().expect("8 bytes"));
+        Some(Scalars {
+            ts_us: u64_at(0) as i64,
+            status: u16::from_le_bytes([b[8], b[9]]),
+            flags: u32::from_le_bytes(b[10..14].try_into().expect("4 bytes")),
+            request_size: u64_at(14),
+            response_size: u64_at(22),
+            duration_ms: f64::from_bits(u64_at(30)),
+            ttfb_ms: (b[38] != 0).then(|| f64::from_bits(u64_at(39))),
+            sample_rate: f64::from_bits(u64_at(47)),
+        })
+    }
+
+    fn exchange(self, exception: Option<String>) -> Exchange {
+        Exchange {
+            ts_us: self.ts_us,
+            status: self.status,
+            flags: self.flags,
+            request_size: self.request_size,
+            response_size: self.response_size,
+            duration_ms: self.duration_ms,
+            ttfb_ms: self.ttfb_ms,
+            sample_rate: self.sample_rate,
+            exception,
+            ..Exchange::default()
+        }
+    }
 }
 
 /// The built-in lists: `{"headers": [...], "keys": [...]}`.
@@ -293,18 +369,16 @@ fn redaction_defaults(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     Ok(d)
 }
 
-/// The exchange as the event loop copied it: every string, header and body in one buffer
-/// (length-prefixed), so the event loop's thread makes one allocation per request and the
-/// lane's thread does the rest (allocating and freeing on one thread is also what keeps
-/// malloc cheap).
-#[derive(Default)]
-pub struct Packed {
-    buf: Vec<u8>,
+/// The exchange as the event loop copied it: the scalars, then every string, header and
+/// body length-prefixed, one after the other, so the event loop's thread allocates
+/// nothing per request and the lane's thread does the rest.
+struct Packed<'b> {
+    buf: &'b mut Vec<u8>,
 }
 
 const NONE: u32 = u32::MAX;
 
-impl Packed {
+impl Packed<'_> {
     fn put(&mut self, b: &[u8]) {
         self.buf.reserve(4 + b.len());
         self.buf.extend_from_slice(&(b.len() as u32).to_le_bytes());
@@ -313,6 +387,17 @@ impl Packed {
 
     fn none(&mut self) {
         self.buf.extend_from_slice(&NONE.to_le_bytes());
+    }
+
+    fn put_text(&mut self, text: Option<&str>) {
+        self.put_opt_bytes(text.map(str::as_bytes));
+    }
+
+    fn put_opt_bytes(&mut self, b: Option<&[u8]>) {
+        match b {
+            Some(b) => self.put(b),
+            None => self.none(),
+        }
     }
 
     /// A `str` as UTF-8 (lone surrogates replaced), `bytes` as they are, else `str()`.
@@ -450,30 +535,61 @@ impl<'a> Unpack<'a> {
     }
 }
 
-struct Job {
-    core: Arc<Core>,
-    redactor: Arc<Redactor>,
-    /// The scalars; strings and headers are in `packed`.
-    ex: Exchange,
-    packed: Packed,
-    request_body: Option<Vec<u8>>,
-    response_body: Option<Vec<u8>>,
+/// The exchanges waiting for the lane's thread, back to back in one buffer: each is its
+/// length, its redactor (by address), its scalars, then its packed strings and bodies.
+/// Two batches take turns (one filled by the event loop, one worked through by the lane's
+/// thread), so in a steady state nothing is allocated per request on either side.
+#[derive(Default)]
+struct Batch {
+    bytes: Vec<u8>,
+    jobs: usize,
+    /// The middlewares' redactors (a pipeline may serve several apps), kept alive for
+    /// the jobs that name them.
+    redactors: Vec<Arc<Redactor>>,
+    core: Option<Arc<Core>>,
     max_message_bytes: usize,
 }
 
-impl Job {
-    fn bytes(&self) -> usize {
-        let body = |b: &Option<Vec<u8>>| b.as_ref().map_or(0, Vec::capacity);
-        256 + self.packed.buf.capacity() + body(&self.request_body) + body(&self.response_body)
+impl Batch {
+    fn run(&mut self) {
+        if let Some(core) = self.core.clone() {
+            let mut pos = 0;
+            while let Some(len) = self.bytes.get(pos..pos + 4) {
+                let len = u32::from_le_bytes(len.try_into().expect("4 bytes")) as usize;
+                let Some(job) = self.bytes.get(pos..pos + len) else {
+                    break;
+                };
+                pos += len.max(4);
+                if let Some(record) = self.record(job) {
+                    let blocked = core.submit(record);
+                    if !blocked.is_empty() {
+                        Core::wait_for_room(blocked);
+                    }
+                }
+            }
+        }
+        self.bytes.clear();
+        self.jobs = 0;
+        self.redactors.clear();
+        // A burst's buffer is not kept for ever.
+        if self.bytes.capacity() > BATCH_KEEP_BYTES {
+            self.bytes.shrink_to(BATCH_KEEP_BYTES);
+        }
     }
 
-    /// Builds and routes the record; hands its buffers back for reuse.
-    fn run(self, reuse: &mut impl FnMut(Vec<u8>)) {
-        let mut ex = self.ex;
+    fn record(&self, job: &[u8]) -> Option<crate::record::Record> {
+        const PTR: usize = std::mem::size_of::<usize>();
+        let redactor = usize::from_le_bytes(job.get(4..4 + PTR)?.try_into().ok()?);
+        let redactor = self
+            .redactors
+            .iter()
+            .find(|r| Arc::as_ptr(r) as usize == redactor)?;
+        let scalars = Scalars::read(job.get(4 + PTR..)?)?;
         let mut u = Unpack {
-            buf: &self.packed.buf,
-            pos: 0,
+            buf: job,
+            pos: 4 + PTR + Scalars::SIZE,
         };
+        let mut ex = scalars.exchange(u.opt().map(crate::record::clean_bytes));
         ex.method = u
             .opt()
             .map_or_else(|| "GET".into(), crate::record::clean_bytes);
@@ -490,19 +606,42 @@ impl Job {
         ex.request_id = u.text();
         ex.request_headers = u.headers();
         ex.response_headers = u.headers();
-        // Copied here, on the lane's thread, so the buffers the event loop filled go
-        // back to it for the next requests.
-        ex.request_body = self.request_body.clone();
-        ex.response_body = self.response_body.clone();
-        let record = http::build_record(&self.redactor, ex, self.max_message_bytes);
-        let blocked = self.core.submit(record);
-        if !blocked.is_empty() {
-            Core::wait_for_room(blocked);
-        }
-        reuse(self.packed.buf);
-        self.request_body.into_iter().for_each(&mut *reuse);
-        self.response_body.into_iter().for_each(reuse);
+        ex.request_body = u.opt().map(<[u8]>::to_vec);
+        ex.response_body = u.opt().map(<[u8]>::to_vec);
+        Some(http::build_record(redactor, ex, self.max_message_bytes))
     }
+}
+
+/// Appends `src` with non-temporal stores where the CPU has them. The lane's buffer was
+/// last read by the lane's thread on another core: ordinary stores would have to fetch
+/// every cache line back first, and the unlock that follows would wait for all of them.
+fn append_streaming(dst: &mut Vec<u8>, src: &[u8]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{__m128i, _mm_loadu_si128, _mm_sfence, _mm_stream_si128};
+        dst.reserve(src.len());
+        let start = dst.len();
+        // SAFETY: `reserve` made room for `src.len()` bytes after `start`, and every byte
+        // of `start..start + src.len()` is written below before the length is set.
+        // SSE2 is part of x86_64. The fence orders the streamed stores before the unlock
+        // that publishes them to the lane's thread.
+        unsafe {
+            let base = dst.as_mut_ptr().add(start);
+            let head = base.align_offset(16).min(src.len());
+            std::ptr::copy_nonoverlapping(src.as_ptr(), base, head);
+            let mut i = head;
+            while i + 16 <= src.len() {
+                let v = _mm_loadu_si128(src.as_ptr().add(i).cast::<__m128i>());
+                _mm_stream_si128(base.add(i).cast::<__m128i>(), v);
+                i += 16;
+            }
+            std::ptr::copy_nonoverlapping(src.as_ptr().add(i), base.add(i), src.len() - i);
+            _mm_sfence();
+            dst.set_len(start + src.len());
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    dst.extend_from_slice(src);
 }
 
 /// Jobs waiting at most this long before the lane's thread looks (it is not woken per
@@ -512,21 +651,14 @@ const LANE_POLL: Duration = Duration::from_millis(20);
 const LANE_WAKE_AT: usize = 256;
 const LANE_MAX_JOBS: usize = 20_000;
 const LANE_MAX_BYTES: usize = 64 << 20;
-/// Buffers kept for reuse, and the largest one kept.
-const POOL_BUFFERS: usize = 1024;
-const POOL_BUFFER_MAX: usize = 192 << 10;
-const POOL_MAX_BYTES: usize = 16 << 20;
+/// The most a batch's byte buffer keeps between batches.
+const BATCH_KEEP_BYTES: usize = 4 << 20;
 
 #[derive(Default)]
 struct LaneQueue {
-    jobs: Vec<Job>,
-    /// The worker's emptied job list, handed back so pushing does not reallocate.
-    spare: Vec<Job>,
-    /// Packing buffers handed back by the worker: the event loop's thread reuses them
-    /// instead of calling malloc for every request.
-    free: Vec<Vec<u8>>,
-    free_bytes: usize,
-    bytes: usize,
+    batch: Batch,
+    /// The batch the lane's thread handed back, emptied, for the next swap.
+    spare: Option<Batch>,
     submitted: u64,
     done: u64,
 }
@@ -577,39 +709,34 @@ impl Lane {
         inner
     }
 
-    /// An empty buffer with room for at least `min` bytes, reused when possible.
-    pub fn buffer(&self, min: usize) -> Vec<u8> {
-        let reused = {
-            let inner = self.inner();
-            let mut q = inner.queue.lock();
-            let buf = q.free.pop();
-            if let Some(b) = &buf {
-                q.free_bytes -= b.capacity();
-            }
-            buf
-        };
-        match reused {
-            Some(mut buf) => {
-                buf.reserve(min);
-                buf
-            }
-            None => Vec::with_capacity(min),
-        }
-    }
-
-    fn push(&self, job: Job) {
-        let bytes = job.bytes();
+    /// Copies one packed exchange onto the current batch, or drops it (counted) when the
+    /// lane is full.
+    fn push(
+        &self,
+        packed: &[u8],
+        redactor: &Arc<Redactor>,
+        core: &Arc<Core>,
+        max_message_bytes: usize,
+    ) {
         let inner = self.inner();
         let mut q = inner.queue.lock();
-        if q.jobs.len() >= LANE_MAX_JOBS || q.bytes + bytes > LANE_MAX_BYTES {
+        let b = &mut q.batch;
+        if b.jobs >= LANE_MAX_JOBS || b.bytes.len() + packed.len() > LANE_MAX_BYTES {
             drop(q);
             self.dropped.fetch_add(1, Ordering::Relaxed);
             return;
         }
-        q.jobs.push(job);
-        q.bytes += bytes;
+        if !b.redactors.iter().any(|r| Arc::ptr_eq(r, redactor)) {
+            b.redactors.push(redactor.clone());
+        }
+        if b.core.is_none() {
+            b.core = Some(core.clone());
+            b.max_message_bytes = max_message_bytes;
+        }
+        append_streaming(&mut b.bytes, packed);
+        b.jobs += 1;
+        let wake = b.jobs == LANE_WAKE_AT;
         q.submitted += 1;
-        let wake = q.jobs.len() == LANE_WAKE_AT;
         drop(q);
         if wake {
             inner.work.notify_one();
@@ -659,38 +786,23 @@ impl Lane {
 impl LaneInner {
     fn run(self: Arc<Self>) {
         loop {
-            let mut jobs = {
+            let mut batch = {
                 let mut q = self.queue.lock();
-                while q.jobs.is_empty() {
+                while q.batch.jobs == 0 {
                     self.work.wait_for(&mut q, LANE_POLL);
                 }
-                q.bytes = 0;
-                let spare = std::mem::take(&mut q.spare);
-                std::mem::replace(&mut q.jobs, spare)
+                let next = q.spare.take().unwrap_or_default();
+                let batch = std::mem::replace(&mut q.batch, next);
+                // The core and the message limit stay with the batch being filled.
+                q.batch.core = batch.core.clone();
+                q.batch.max_message_bytes = batch.max_message_bytes;
+                batch
             };
-            let n = jobs.len() as u64;
-            let mut buffers = Vec::with_capacity((jobs.len() * 3).min(POOL_BUFFERS));
-            let mut keep = |mut buf: Vec<u8>| {
-                if buffers.len() < POOL_BUFFERS && buf.capacity() <= POOL_BUFFER_MAX {
-                    buf.clear();
-                    buffers.push(buf);
-                }
-            };
-            for job in jobs.drain(..) {
-                job.run(&mut keep);
-            }
+            let n = batch.jobs as u64;
+            batch.run();
             let mut q = self.queue.lock();
             q.done += n;
-            if q.spare.capacity() < jobs.capacity() {
-                q.spare = jobs;
-            }
-            for buf in buffers {
-                if q.free.len() >= POOL_BUFFERS || q.free_bytes + buf.capacity() > POOL_MAX_BYTES {
-                    break;
-                }
-                q.free_bytes += buf.capacity();
-                q.free.push(buf);
-            }
+            q.spare = Some(std::mem::take(&mut batch));
             drop(q);
             self.finished.notify_all();
         }
