@@ -171,6 +171,7 @@ impl HttpExchange {
         let py = scope.py();
         let s = sink.get();
         let start_us = now_us();
+        s.prepare();
         let rid = s.request_id(get(scope, intern!(py, "headers")).as_ref(), start_us);
         let none = || py.None();
         let cap = s.capture.max_body;
