@@ -785,6 +785,7 @@ impl Lane {
 
 impl LaneInner {
     fn run(self: Arc<Self>) {
+        crate::pipeline::yield_to_application();
         loop {
             let mut batch = {
                 let mut q = self.queue.lock();
