@@ -245,3 +245,25 @@ def test_app_rows_and_access_row_share_the_trace_in_postgres(postgres, tmp_logs,
         assert "method" not in app_rec
         untraced = reader.query(kind="app", since="1h", limit=50).records
         assert any("trace_id" not in r for r in untraced)
+
+
+@pytest.mark.parametrize(
+    ("value", "want"),
+    [
+        ("not a pair", (None, None)),
+        (("t", None), ("t", None)),
+        ((1, 2, 3), (None, None)),
+        ((7, "s"), ("7", "s")),
+    ],
+)
+def test_odd_values_in_the_trace_variable_degrade(pipeline, tmp_logs, log, value, want):
+    # Someone else may set the variable: the record keeps what makes sense, never fails.
+    pipeline.attach(log, level="INFO")
+    token = _context.trace.set(value)
+    try:
+        logger.info("odd")
+    finally:
+        _context.trace.reset(token)
+    pipeline.flush(timeout=30)
+    (rec,) = read_records(tmp_logs)
+    assert (rec.get("trace_id"), rec.get("span_id")) == want

@@ -261,8 +261,8 @@ pub fn format_exception(
     Some(out.trim_end().to_owned())
 }
 
-/// Sets a context variable of `ctx` (checked to be a ContextVar when the Core was built);
-/// returns the token that resets it.
+/// Sets one of `Ctx`'s context variables (each checked to be a ContextVar when the Core was
+/// built); returns the token that resets it.
 fn set_var<'py>(var: &Py<PyAny>, value: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
     let py = value.py();
     // SAFETY: `var` is a ContextVar; the result is a new reference or NULL with an
@@ -276,7 +276,7 @@ fn set_var<'py>(var: &Py<PyAny>, value: &Bound<'py, PyAny>) -> PyResult<Bound<'p
     }
 }
 
-/// Resets a context variable of `ctx` with a token from [`set_var`] on the same variable.
+/// Resets one of `Ctx`'s context variables with a token from [`set_var`] on the same variable.
 fn reset_var(var: &Py<PyAny>, token: &Bound<'_, PyAny>) -> PyResult<()> {
     // SAFETY: as above; `token` came from PyContextVar_Set on `var`.
     unsafe {
