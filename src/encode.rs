@@ -137,6 +137,13 @@ fn write_ndjson_cached(out: &mut Vec<u8>, r: &Record, ts: &mut TsCache) {
     o.num("thread", r.thread);
     o.opt_str("exception", r.exception.as_deref());
     o.opt_str("request_id", r.request_id.as_deref());
+    // App records name their trace only when they have one (http records always do, below).
+    if let Some(t) = r.trace_id.as_deref() {
+        o.str("trace_id", t);
+    }
+    if let Some(s) = r.span_id.as_deref() {
+        o.str("span_id", s);
+    }
     o.raw("fields", r.fields_json.as_bytes());
     if let Some(h) = r.http.as_deref() {
         o.str("method", &h.method);
@@ -212,6 +219,15 @@ mod tests {
         assert_eq!(v["fields"]["user"], "ada");
         assert_eq!(v["exception"], Value::Null);
         assert_eq!(v["kind"], "app");
+        assert!(v.get("trace_id").is_none() && v.get("span_id").is_none());
+        let mut traced = r.clone();
+        traced.trace_id = Some("4bf92f3577b34da6a3ce929d0e0e4736".into());
+        traced.span_id = Some("00f067aa0ba902b7".into());
+        out.clear();
+        write_ndjson(&mut out, &traced);
+        let v: Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(v["span_id"], "00f067aa0ba902b7");
         let (mut a, mut b) = (Vec::new(), Vec::new());
         let mut cache = TsCache::default();
         for ts in [0, 999_999, 1_000_000, -1, 1_700_000_000_000_001] {

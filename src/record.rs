@@ -83,6 +83,10 @@ pub struct Record {
     pub thread: u64,
     pub exception: Option<String>,
     pub request_id: Option<String>,
+    /// W3C trace ids of app records (from the middleware's context or explicit extras);
+    /// http records keep theirs in [`HttpFields`].
+    pub trace_id: Option<String>,
+    pub span_id: Option<String>,
     /// Extra fields as one JSON object, serialised once at conversion: compact in the queue
     /// and copied as-is into NDJSON and jsonb. Always a valid JSON object (`{}` when empty).
     pub fields_json: Box<str>,
@@ -109,6 +113,8 @@ impl Record {
             thread: 0,
             exception: None,
             request_id: None,
+            trace_id: None,
+            span_id: None,
             fields_json: "{}".into(),
             http: None,
             size: 0,
@@ -147,6 +153,8 @@ impl Record {
             + heap(self.function.len())
             + heap(self.exception.as_ref().map_or(0, String::len))
             + heap(self.request_id.as_ref().map_or(0, String::len))
+            + heap(self.trace_id.as_ref().map_or(0, String::len))
+            + heap(self.span_id.as_ref().map_or(0, String::len))
             + heap(self.fields_json.len());
         if let Some(http) = self.http.as_ref() {
             size += std::mem::size_of::<HttpFields>()

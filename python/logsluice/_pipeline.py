@@ -65,7 +65,7 @@ class Pipeline:
                 raise ValueError(f"Pipeline: {key} must be a whole number of bytes >= 64, got {value!r}")
         self.destinations: tuple[Destination, ...] = destinations or (LocalFiles("./logs"),)
         specs = json.dumps([d._spec() for d in self.destinations])
-        self._core = _core.Core(specs, json.dumps(opts), _report, _context.request_id)
+        self._core = _core.Core(specs, json.dumps(opts), _report, _context.request_id, _context.trace)
         self._handler_ids: list[int] = []
         self._http_middlewares: weakref.WeakSet[Any] = weakref.WeakSet()
         self._close_callbacks: list[Any] = []

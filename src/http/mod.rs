@@ -180,25 +180,52 @@ fn client_addr(r: &Redactor, peer: Option<&str>, headers: &Headers) -> Option<St
     Some(addr)
 }
 
-/// W3C `traceparent`: `version-traceid-spanid-flags`, ids non-zero lower-case hex.
-pub fn parse_traceparent(value: &str) -> Option<(String, String)> {
-    let parts: Vec<&str> = value.trim().split('-').collect();
-    if parts.len() < 4 {
-        return None;
+/// The ids of a valid W3C `traceparent` (`version-traceid-spanid-flags`, ids non-zero
+/// lower-case hex), held inline: reading them from a request's header allocates nothing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TraceIds {
+    trace: [u8; 32],
+    span: [u8; 16],
+}
+
+impl TraceIds {
+    pub fn parse(value: &[u8]) -> Option<Self> {
+        let mut parts = value.trim_ascii().split(|&c| c == b'-');
+        let (version, trace, span, trace_flags) =
+            (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+        let more = parts.next().is_some();
+        let hex = |s: &[u8], n: usize| {
+            s.len() == n
+                && s.iter().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f'))
+                && s.iter().any(|&c| c != b'0')
+        };
+        let version_ok = version.len() == 2
+            && version.iter().all(u8::is_ascii_hexdigit)
+            && version != b"ff"
+            && (version != b"00" || !more);
+        let flags_ok = trace_flags.len() == 2 && trace_flags.iter().all(u8::is_ascii_hexdigit);
+        if !(version_ok && flags_ok && hex(trace, 32) && hex(span, 16)) {
+            return None;
+        }
+        Some(TraceIds {
+            trace: trace.try_into().ok()?,
+            span: span.try_into().ok()?,
+        })
     }
-    let hex = |s: &str, n: usize| {
-        s.len() == n
-            && s.bytes().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f'))
-            && s.bytes().any(|c| c != b'0')
-    };
-    let (version, trace, span, trace_flags) = (parts[0], parts[1], parts[2], parts[3]);
-    let version_ok = version.len() == 2
-        && version.bytes().all(|c| c.is_ascii_hexdigit())
-        && version != "ff"
-        && (version != "00" || parts.len() == 4);
-    let flags_ok = trace_flags.len() == 2 && trace_flags.bytes().all(|c| c.is_ascii_hexdigit());
-    (version_ok && flags_ok && hex(trace, 32) && hex(span, 16))
-        .then(|| (trace.to_owned(), span.to_owned()))
+
+    pub fn trace_id(&self) -> &str {
+        // Checked as ASCII hex by `parse`.
+        std::str::from_utf8(&self.trace).unwrap_or_default()
+    }
+
+    pub fn span_id(&self) -> &str {
+        std::str::from_utf8(&self.span).unwrap_or_default()
+    }
+}
+
+/// [`TraceIds`] of a `traceparent` value, as owned strings.
+pub fn parse_traceparent(value: &str) -> Option<(String, String)> {
+    TraceIds::parse(value.as_bytes()).map(|t| (t.trace_id().to_owned(), t.span_id().to_owned()))
 }
 
 /// An inbound request id is kept when it is 1 to 128 characters of `[A-Za-z0-9._:-]`.
@@ -547,6 +574,25 @@ mod tests {
             parse_traceparent("00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01").is_none()
         );
         assert!(parse_traceparent("garbage").is_none());
+        let t = TraceIds::parse(b" 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01 ")
+            .expect("valid traceparent");
+        assert_eq!(t.trace_id(), "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(t.span_id(), "00f067aa0ba902b7");
+        // Later versions may append fields; version 00 may not; ff is forbidden.
+        let future = b"01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra";
+        assert_eq!(TraceIds::parse(future), Some(t));
+        for bad in [
+            &b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra"[..],
+            b"ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            b"00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            b"00-4bf92f3577b34da6a3ce929d0e0e473-00f067aa0ba902b7-01",
+            b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+            b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-0g",
+            b"",
+            b"\xff\xfe",
+        ] {
+            assert!(TraceIds::parse(bad).is_none(), "{bad:?}");
+        }
         assert!(valid_request_id(b"abc-123_X.y:z"));
         assert!(!valid_request_id(b"a b"));
         assert!(!valid_request_id(b"<script>"));

@@ -9,6 +9,7 @@ use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyBytes, PyDict, PyFloat, PyInt, PyList, PyString, PyTuple};
 
+use crate::http::TraceIds;
 use crate::record::{strip_nul, truncate_in_place, Kind, Record};
 
 /// Python objects the conversion needs, looked up once.
@@ -16,6 +17,8 @@ pub struct Ctx {
     pub clock: super::clock::Clock,
     pub format_exception: Py<PyAny>,
     pub request_id_var: Py<PyAny>,
+    /// `logsluice._context.trace`: `(trace_id, span_id)` of the request being handled.
+    pub trace_var: Py<PyAny>,
     pub max_message_bytes: usize,
     pub max_field_bytes: usize,
 }
@@ -162,7 +165,7 @@ pub fn push_json(out: &mut Vec<u8>, obj: &Bound<'_, PyAny>, max: usize, depth: u
     } else if depth >= MAX_DEPTH {
         push_repr(out, obj, max);
     } else if let Ok(d) = obj.cast::<PyDict>() {
-        push_object(out, d, max, depth, None);
+        push_object(out, d, max, depth, &[]);
     } else if let Ok(l) = obj.cast::<PyList>() {
         push_array(out, l.iter(), max, depth);
     } else if let Ok(t) = obj.cast::<PyTuple>() {
@@ -192,14 +195,11 @@ fn push_array<'py>(
     out.push(b']');
 }
 
-/// Writes a dict as a JSON object, leaving out `skip` (a key that has its own column).
-fn push_object(
-    out: &mut Vec<u8>,
-    d: &Bound<'_, PyDict>,
-    max: usize,
-    depth: usize,
-    skip: Option<&str>,
-) {
+/// Extras that have their own column instead of a place in `fields`.
+const OWN_COLUMNS: &[&str] = &["request_id", "trace_id", "span_id"];
+
+/// Writes a dict as a JSON object, leaving out `skip` (keys that have their own column).
+fn push_object(out: &mut Vec<u8>, d: &Bound<'_, PyDict>, max: usize, depth: usize, skip: &[&str]) {
     out.push(b'{');
     let mut first = true;
     for (k, v) in d.iter().take(MAX_ITEMS) {
@@ -207,7 +207,7 @@ fn push_object(
             Ok(s) => str_text(s).into_owned(),
             Err(_) => text(&k),
         };
-        if skip == Some(key.as_str()) {
+        if skip.contains(&key.as_str()) {
             continue;
         }
         if !first {
@@ -261,13 +261,14 @@ pub fn format_exception(
     Some(out.trim_end().to_owned())
 }
 
-/// Sets the request id context variable; returns the token that resets it.
-pub fn set_request_id<'py>(ctx: &Ctx, value: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
+/// Sets one of `Ctx`'s context variables (each checked to be a ContextVar when the Core was
+/// built); returns the token that resets it.
+fn set_var<'py>(var: &Py<PyAny>, value: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
     let py = value.py();
-    // SAFETY: `request_id_var` is a ContextVar (checked when the Core was built); the
-    // result is a new reference or NULL with an exception set.
+    // SAFETY: `var` is a ContextVar; the result is a new reference or NULL with an
+    // exception set.
     unsafe {
-        let token = PyContextVar_Set(ctx.request_id_var.as_ptr(), value.as_ptr());
+        let token = PyContextVar_Set(var.as_ptr(), value.as_ptr());
         if token.is_null() {
             return Err(PyErr::fetch(py));
         }
@@ -275,15 +276,43 @@ pub fn set_request_id<'py>(ctx: &Ctx, value: &Bound<'py, PyAny>) -> PyResult<Bou
     }
 }
 
-/// Resets the request id context variable with a token from [`set_request_id`].
-pub fn reset_request_id(ctx: &Ctx, token: &Bound<'_, PyAny>) -> PyResult<()> {
-    // SAFETY: as above; `token` came from PyContextVar_Set on the same variable.
+/// Resets one of `Ctx`'s context variables with a token from [`set_var`] on the same variable.
+fn reset_var(var: &Py<PyAny>, token: &Bound<'_, PyAny>) -> PyResult<()> {
+    // SAFETY: as above; `token` came from PyContextVar_Set on `var`.
     unsafe {
-        if PyContextVar_Reset(ctx.request_id_var.as_ptr(), token.as_ptr()) < 0 {
+        if PyContextVar_Reset(var.as_ptr(), token.as_ptr()) < 0 {
             return Err(PyErr::fetch(token.py()));
         }
     }
     Ok(())
+}
+
+/// Sets the request id context variable; returns the token that resets it.
+pub fn set_request_id<'py>(ctx: &Ctx, value: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
+    set_var(&ctx.request_id_var, value)
+}
+
+/// Resets the request id context variable with a token from [`set_request_id`].
+pub fn reset_request_id(ctx: &Ctx, token: &Bound<'_, PyAny>) -> PyResult<()> {
+    reset_var(&ctx.request_id_var, token)
+}
+
+/// Sets the trace context variable to `(trace_id, span_id)`; returns the token that
+/// resets it.
+pub fn set_trace<'py>(ctx: &Ctx, py: Python<'py>, ids: &TraceIds) -> PyResult<Bound<'py, PyAny>> {
+    let value = PyTuple::new(
+        py,
+        [
+            PyString::new(py, ids.trace_id()),
+            PyString::new(py, ids.span_id()),
+        ],
+    )?;
+    set_var(&ctx.trace_var, value.as_any())
+}
+
+/// Resets the trace context variable with a token from [`set_trace`].
+pub fn reset_trace(ctx: &Ctx, token: &Bound<'_, PyAny>) -> PyResult<()> {
+    reset_var(&ctx.trace_var, token)
 }
 
 /// The current value of a `ContextVar` (None when unset).
@@ -310,6 +339,34 @@ fn request_id(ctx: &Ctx, py: Python<'_>, explicit: Option<Bound<'_, PyAny>>) -> 
         None => context_value(py, ctx.request_id_var.bind(py))?,
     };
     (!v.is_none()).then(|| capped(text(&v), 256))
+}
+
+/// The trace and span ids: explicit `trace_id`/`span_id` extras win, together (an
+/// explicit trace id is never paired with the middleware's span), else the middleware's
+/// context.
+fn trace_ids(
+    ctx: &Ctx,
+    py: Python<'_>,
+    explicit: (Option<Bound<'_, PyAny>>, Option<Bound<'_, PyAny>>),
+) -> (Option<String>, Option<String>) {
+    let id = |v: Option<Bound<'_, PyAny>>| v.map(|v| capped(text(&v), 256));
+    let explicit = (
+        explicit.0.filter(|v| !v.is_none()),
+        explicit.1.filter(|v| !v.is_none()),
+    );
+    if explicit.0.is_some() || explicit.1.is_some() {
+        return (id(explicit.0), id(explicit.1));
+    }
+    let Some(pair) = context_value(py, ctx.trace_var.bind(py)) else {
+        return (None, None);
+    };
+    match pair.cast::<PyTuple>() {
+        Ok(t) if t.len() == 2 => {
+            let part = |i| t.get_item(i).ok().filter(|v| !v.is_none());
+            (id(part(0)), id(part(1)))
+        }
+        _ => (None, None),
+    }
 }
 
 fn micros(seconds: f64) -> i64 {
@@ -372,18 +429,23 @@ pub fn from_loguru(ctx: &Ctx, record: &Bound<'_, PyDict>, level: (String, u16)) 
     if let Some(exc) = get(record, intern!(py, "exception")).filter(|e| !e.is_none()) {
         r.exception = exception_of(ctx, py, &exc);
     }
-    let mut explicit_id = None;
+    let (mut explicit_id, mut explicit_trace) = (None, (None, None));
     if let Some(extra) = get(record, intern!(py, "extra")) {
         if let Ok(d) = extra.cast::<PyDict>() {
             if !d.is_empty() {
                 explicit_id = get(d, intern!(py, "request_id"));
+                explicit_trace = (
+                    get(d, intern!(py, "trace_id")),
+                    get(d, intern!(py, "span_id")),
+                );
                 let mut json = Vec::with_capacity(64);
-                push_object(&mut json, d, ctx.max_field_bytes, 0, Some("request_id"));
+                push_object(&mut json, d, ctx.max_field_bytes, 0, OWN_COLUMNS);
                 r.fields_json = into_json(json);
             }
         }
     }
     r.request_id = request_id(ctx, py, explicit_id);
+    (r.trace_id, r.span_id) = trace_ids(ctx, py, explicit_trace);
     r.finish(ctx.max_message_bytes)
 }
 
@@ -413,6 +475,8 @@ const LOGRECORD_ATTRS: &[&str] = &[
     "message",
     "asctime",
     "request_id",
+    "trace_id",
+    "span_id",
 ];
 
 fn attr_of<'py>(obj: &Bound<'py, PyAny>, name: &Bound<'py, PyString>) -> Option<Bound<'py, PyAny>> {
@@ -476,12 +540,16 @@ pub fn from_logging(ctx: &Ctx, rec: &Bound<'_, PyAny>) -> Record {
             None => stack,
         });
     }
-    let mut explicit_id = None;
+    let (mut explicit_id, mut explicit_trace) = (None, (None, None));
     if let Ok(dict) = rec
         .getattr(intern!(py, "__dict__"))
         .and_then(|d| d.cast_into::<PyDict>().map_err(Into::into))
     {
         explicit_id = get(&dict, intern!(py, "request_id"));
+        explicit_trace = (
+            get(&dict, intern!(py, "trace_id")),
+            get(&dict, intern!(py, "span_id")),
+        );
         let mut json = vec![b'{'];
         for (k, v) in dict.iter() {
             let key = text(&k);
@@ -499,6 +567,7 @@ pub fn from_logging(ctx: &Ctx, rec: &Bound<'_, PyAny>) -> Record {
         r.fields_json = into_json(json);
     }
     r.request_id = request_id(ctx, py, explicit_id);
+    (r.trace_id, r.span_id) = trace_ids(ctx, py, explicit_trace);
     r.finish(ctx.max_message_bytes)
 }
 

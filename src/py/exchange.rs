@@ -15,9 +15,9 @@ use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple, PyType};
 
-use super::convert::{reset_request_id, set_request_id, utf8};
+use super::convert::{reset_request_id, reset_trace, set_request_id, set_trace, utf8};
 use super::http::{bytes_pair, Body, HttpSink};
-use crate::http::flags;
+use crate::http::{flags, TraceIds};
 
 /// The `route` of requests no route matched; `middleware.UNMATCHED_ROUTE` in Python.
 pub const UNMATCHED_ROUTE: &str = "<unmatched>";
@@ -107,6 +107,8 @@ pub struct HttpExchange {
     rid_text: String,
     /// Resets the request id context variable when the app call ends.
     token: Option<Py<PyAny>>,
+    /// Resets the trace context variable, when the request came with a `traceparent`.
+    trace_token: Option<Py<PyAny>>,
     /// `scope["app"]`, `scope["root_path"]` and `scope["path"]` on entry: routers rewrite
     /// them on the shared scope, the entry values are the request's.
     app: Py<PyAny>,
@@ -172,7 +174,7 @@ impl HttpExchange {
         let s = sink.get();
         let start_us = now_us();
         s.prepare();
-        let rid = s.request_id(get(scope, intern!(py, "headers")).as_ref(), start_us);
+        let (rid, trace) = s.request_ids(get(scope, intern!(py, "headers")).as_ref(), start_us);
         let none = || py.None();
         let cap = s.capture.max_body;
         let entry_path = scope
@@ -181,9 +183,11 @@ impl HttpExchange {
         let rid_obj = PyString::new(py, &rid);
         // Last of what can fail: a request id set here must be reset by `end`.
         let token = set_request_id(s.ctx(), rid_obj.as_any())?;
+        let trace_token = enter_trace(s, py, trace);
         s.counters.seen();
         Ok(HttpExchange {
             token: Some(token.unbind()),
+            trace_token,
             sink: sink.clone().unbind(),
             mw: mw.clone().unbind(),
             rid: rid_obj.unbind(),
@@ -560,6 +564,19 @@ impl HttpExchange {
     }
 }
 
+/// Puts the request's trace ids in the context for the app's records. A failure is
+/// counted, never raised: the request id is set already and the app must run.
+fn enter_trace(sink: &HttpSink, py: Python<'_>, trace: Option<TraceIds>) -> Option<Py<PyAny>> {
+    match set_trace(sink.ctx(), py, &trace?) {
+        Ok(token) => Some(token.unbind()),
+        Err(e) => {
+            let name = e.get_type(py).name().map(|n| n.to_string()).ok();
+            sink.counters.internal_error(name);
+            None
+        }
+    }
+}
+
 fn cancelled_error(py: Python<'_>) -> PyResult<&Bound<'_, PyType>> {
     static CANCELLED: PyOnceLock<Py<PyType>> = PyOnceLock::new();
     CANCELLED.import(py, "asyncio", "CancelledError")
@@ -612,6 +629,11 @@ impl HttpExchange {
     #[pyo3(signature = (exception=None))]
     fn end(&mut self, py: Python<'_>, exception: Option<&Bound<'_, PyAny>>) {
         self.finish(py, exception);
+        if let Some(token) = self.trace_token.take() {
+            if let Err(e) = reset_trace(self.sink.get().ctx(), token.bind(py)) {
+                self.internal_error(py, &e);
+            }
+        }
         if let Some(token) = self.token.take() {
             if let Err(e) = reset_request_id(self.sink.get().ctx(), token.bind(py)) {
                 self.internal_error(py, &e);

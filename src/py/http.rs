@@ -26,7 +26,7 @@ use super::convert;
 use super::exchange::HttpExchange;
 use super::PyCore;
 use crate::http::redact::{Redactor, Rules, DEFAULT_HEADERS, DEFAULT_KEYS};
-use crate::http::{self, Exchange, Headers};
+use crate::http::{self, Exchange, Headers, TraceIds};
 use crate::pipeline::{fork_generation, reporting, Core};
 use crate::record::Kind;
 
@@ -214,12 +214,17 @@ impl HttpSink {
         self.core.get().http_lane.prepare();
     }
 
-    /// The inbound request id header's value when it is a safe id, else a new UUIDv7.
-    pub fn request_id(&self, headers: Option<&Bound<'_, PyAny>>, unix_us: i64) -> String {
+    /// The inbound request id header's value when it is a safe id, else a new UUIDv7; and
+    /// the W3C trace ids when the request carries a valid `traceparent`.
+    pub fn request_ids(
+        &self,
+        headers: Option<&Bound<'_, PyAny>>,
+        unix_us: i64,
+    ) -> (String, Option<TraceIds>) {
         let name = self.capture.request_id_header.as_deref().map(str::as_bytes);
-        headers
-            .and_then(|h| inbound_id(h, name))
-            .unwrap_or_else(|| http::new_request_id_at((unix_us / 1000) as u64))
+        let (id, trace) = headers.map(|h| inbound(h, name)).unwrap_or_default();
+        let id = id.unwrap_or_else(|| http::new_request_id_at((unix_us / 1000) as u64));
+        (id, trace)
     }
 
     /// Copies the finished exchange out of Python and puts it on the lane.
@@ -810,35 +815,49 @@ impl LaneInner {
     }
 }
 
-/// The inbound request id, when the `name` header holds a safe one.
-fn inbound_id(headers: &Bound<'_, PyAny>, name: Option<&[u8]>) -> Option<String> {
-    let (Some(name), Ok(list)) = (name, headers.cast::<PyList>()) else {
-        return None;
+fn is_traceparent(name: &[u8]) -> bool {
+    name.len() == 11 && name.eq_ignore_ascii_case(b"traceparent")
+}
+
+/// The inbound request id, when the `name` header holds a safe one, and the trace ids of
+/// the first `traceparent` header, when valid: one pass over the headers.
+fn inbound(headers: &Bound<'_, PyAny>, name: Option<&[u8]>) -> (Option<String>, Option<TraceIds>) {
+    let Ok(list) = headers.cast::<PyList>() else {
+        return (None, None);
     };
+    let safe_id =
+        |v: &[u8]| http::valid_request_id(v).then(|| String::from_utf8_lossy(v).into_owned());
+    // `None` until the header is seen; then what it held (itself maybe `None`).
+    let (mut id, mut trace) = (name.map_or(Some(None), |_| None), None);
     for item in list.iter() {
+        if id.is_some() && trace.is_some() {
+            break;
+        }
         if let Some((k, v)) = bytes_pair(&item) {
-            if k == name {
-                // Validated as ASCII.
-                return http::valid_request_id(v).then(|| String::from_utf8_lossy(v).into_owned());
+            if id.is_none() && Some(k) == name {
+                id = Some(safe_id(v));
+            } else if trace.is_none() && is_traceparent(k) {
+                trace = Some(TraceIds::parse(v));
             }
             continue;
         }
         let Ok(t) = item.cast::<PyTuple>() else {
             continue;
         };
-        let Ok(k) = t.get_borrowed_item(0) else {
+        let (Ok(k), Ok(v)) = (t.get_borrowed_item(0), t.get_borrowed_item(1)) else {
             continue;
         };
-        if k.cast::<PyBytes>().is_ok_and(|k| k.as_bytes() == name) {
-            let value = t.get_borrowed_item(1).ok();
-            let value = value.as_deref().and_then(|v| v.cast::<PyBytes>().ok());
-            return value
-                .map(|v| v.as_bytes())
-                .filter(|v| http::valid_request_id(v))
-                .map(|v| String::from_utf8_lossy(v).into_owned());
+        let (Ok(k), Ok(v)) = (k.cast::<PyBytes>(), v.cast::<PyBytes>()) else {
+            continue;
+        };
+        let (k, v) = (k.as_bytes(), v.as_bytes());
+        if id.is_none() && Some(k) == name {
+            id = Some(safe_id(v));
+        } else if trace.is_none() && is_traceparent(k) {
+            trace = Some(TraceIds::parse(v));
         }
     }
-    None
+    (id.flatten(), trace.flatten())
 }
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {

@@ -147,10 +147,14 @@ impl PyCore {
         options_json: &str,
         report: Py<PyAny>,
         request_id_var: Py<PyAny>,
+        trace_var: Py<PyAny>,
     ) -> PyResult<Self> {
         let context_var = py.import("contextvars")?.getattr("ContextVar")?;
         if !request_id_var.bind(py).is_instance(&context_var)? {
             return Err(PyValueError::new_err("request_id_var must be a ContextVar"));
+        }
+        if !trace_var.bind(py).is_instance(&context_var)? {
+            return Err(PyValueError::new_err("trace_var must be a ContextVar"));
         }
         let specs = parse_specs(specs_json).map_err(PyValueError::new_err)?;
         let options: PipelineOptions = serde_json::from_str(options_json)
@@ -163,6 +167,7 @@ impl PyCore {
             clock: clock::Clock::new(py)?,
             format_exception,
             request_id_var,
+            trace_var,
             max_message_bytes: options.max_message_bytes,
             max_field_bytes: options.max_field_bytes,
         };

@@ -51,8 +51,17 @@ pub const COLUMNS: &[(&str, &str)] = &[
     ("error", "boolean"),
 ];
 
-/// The columns every record fills (`ts` .. `fields`); the rest are http-only.
+/// The columns every record fills (`ts` .. `fields`); the rest are http-only, but for
+/// `trace_id` and `span_id`, which app records fill when they carry a trace.
 pub const APP_COLUMNS: usize = 14;
+
+/// `trace_id`, followed by `span_id`.
+const TRACE_COLUMN: usize = 25;
+
+/// Whether `r` needs more than the first [`APP_COLUMNS`].
+pub fn needs_all_columns(r: &Record) -> bool {
+    r.http.is_some() || r.trace_id.is_some() || r.span_id.is_some()
+}
 
 pub fn header(out: &mut Vec<u8>) {
     out.extend_from_slice(SIGNATURE);
@@ -200,7 +209,12 @@ pub fn row(out: &mut Vec<u8>, r: &Record, all_columns: bool) {
             out.push(h.error as u8);
         }
         None => {
-            for _ in 14..COLUMNS.len() {
+            for _ in APP_COLUMNS..TRACE_COLUMN {
+                null(out);
+            }
+            opt_text(out, r.trace_id.as_deref());
+            opt_text(out, r.span_id.as_deref());
+            for _ in TRACE_COLUMN + 2..COLUMNS.len() {
                 null(out);
             }
         }
@@ -342,6 +356,33 @@ mod tests {
     }
 
     #[test]
+    fn traced_app_record_fills_only_the_trace_columns() {
+        let mut r = Record::new(0, "INFO", 20, Kind::App, "m".into());
+        r.trace_id = Some("4bf92f3577b34da6a3ce929d0e0e4736".into());
+        r.span_id = Some("00f067aa0ba902b7".into());
+        let r = r.finish(100);
+        assert!(needs_all_columns(&r));
+        assert!(!needs_all_columns(
+            &Record::new(0, "INFO", 20, Kind::App, "m".into()).finish(100)
+        ));
+        let mut out = Vec::new();
+        encode([&r], &mut out);
+        let row = &parse(&out)[0];
+        assert_eq!(row.len(), COLUMNS.len());
+        assert_eq!(
+            row[col("trace_id")].as_deref(),
+            Some(&b"4bf92f3577b34da6a3ce929d0e0e4736"[..])
+        );
+        assert_eq!(
+            row[col("span_id")].as_deref(),
+            Some(&b"00f067aa0ba902b7"[..])
+        );
+        let others =
+            (col("method")..COLUMNS.len()).filter(|&i| i != col("trace_id") && i != col("span_id"));
+        assert!(others.into_iter().all(|i| row[i].is_none()));
+    }
+
+    #[test]
     fn app_only_rows_stop_after_fields() {
         let r = Record::new(0, "INFO", 20, Kind::App, "m".into()).finish(100);
         let mut out = Vec::new();
@@ -358,6 +399,8 @@ mod tests {
         // `row` hard-codes where the http part starts.
         assert_eq!(col("method"), 14);
         assert_eq!(COLUMNS[APP_COLUMNS - 1].0, "fields");
+        assert_eq!(COLUMNS[TRACE_COLUMN].0, "trace_id");
+        assert_eq!(COLUMNS[TRACE_COLUMN + 1].0, "span_id");
         assert_eq!(COLUMNS.last().unwrap().0, "error");
     }
 }

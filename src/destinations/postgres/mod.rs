@@ -313,7 +313,7 @@ async fn copy_rows(
     buf: &mut Vec<u8>,
     rows: &[&Record],
 ) -> Result<u64, sqlx::Error> {
-    let all_columns = rows.iter().any(|r| r.http.is_some());
+    let all_columns = rows.iter().any(|r| copy::needs_all_columns(r));
     let mut copy_in = conn.copy_in_raw(&sql[all_columns as usize]).await?;
     // Encoded and sent in slices, so the server parses and inserts the first rows while the
     // rest are still being encoded.
