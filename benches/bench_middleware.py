@@ -112,6 +112,27 @@ async def raw_app(scope: dict, receive: Any, send: Any) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+def items_app() -> FastAPI:
+    app = FastAPI()
+
+    @app.post("/items/{item_id}")
+    async def items(item_id: int, request: Request) -> Response:
+        data = await request.json()
+        data["id"] = item_id
+        return Response(json.dumps(data).encode(), media_type="application/json")
+
+    return app
+
+
+def add_variant(app: Any, variant: str, pipeline: Any) -> None:
+    if variant == "naive":
+        app.add_middleware(NaiveLogger)
+    elif variant == "floor":
+        app.add_middleware(FloorMiddleware)
+    elif variant == "logsluice":
+        app.add_middleware(logsluice.LoggingMiddleware, pipeline=pipeline)
+
+
 def make_app(variant: str, pipeline: Any = None, framework: str = "fastapi") -> Any:
     if framework == "raw":
         if variant == "naive":
@@ -121,21 +142,37 @@ def make_app(variant: str, pipeline: Any = None, framework: str = "fastapi") -> 
         if variant == "logsluice":
             return logsluice.LoggingMiddleware(raw_app, pipeline=pipeline)
         return raw_app
-    app = FastAPI()
-
-    @app.post("/items/{item_id}")
-    async def items(item_id: int, request: Request) -> Response:
-        data = await request.json()
-        data["id"] = item_id
-        return Response(json.dumps(data).encode(), media_type="application/json")
-
-    if variant == "naive":
-        app.add_middleware(NaiveLogger)
-    elif variant == "floor":
-        app.add_middleware(FloorMiddleware)
-    elif variant == "logsluice":
-        app.add_middleware(logsluice.LoggingMiddleware, pipeline=pipeline)
+    app = items_app()
+    add_variant(app, variant, pipeline)
     return app
+
+
+def make_apps(variants: list[str], pipeline: Any, framework: str) -> dict[str, Any]:
+    """One ASGI callable per variant. For FastAPI they share one app, its router, route and
+    endpoint objects, and differ only in the middleware stack `add_middleware` builds:
+    separate apps per variant made the no-middleware baseline itself move by microseconds
+    from one process to the next (where each app's objects landed in memory), more than
+    the floor's whole overhead."""
+    if framework == "raw":
+        return {v: make_app(v, pipeline, framework) for v in variants}
+    app = items_app()
+    stacks = {}
+    for v in variants:
+        app.user_middleware.clear()
+        app.middleware_stack = None
+        add_variant(app, v, pipeline)
+        stacks[v] = app.build_middleware_stack()
+    app.user_middleware.clear()
+
+    def entry(stack: Any) -> Any:
+        async def call(scope: dict, receive: Any, send: Any) -> None:
+            # What Starlette.__call__ does before its stack.
+            scope["app"] = app
+            await stack(scope, receive, send)
+
+        return call
+
+    return {v: entry(stacks[v]) for v in variants}
 
 
 async def drive(app: Any, n: int) -> tuple[float, float]:
@@ -196,7 +233,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         pipeline = logsluice.Pipeline(logsluice.LocalFiles(tmp))
         variants = ["none", "naive", "floor", "logsluice"]
-        apps = {v: make_app(v, pipeline, args.app) for v in variants}
+        apps = make_apps(variants, pipeline, args.app)
         loop = asyncio.new_event_loop()
         for v in variants:  # warm-up: imports, route compilation, the core's threads
             loop.run_until_complete(drive(apps[v], 300))

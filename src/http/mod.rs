@@ -266,30 +266,29 @@ pub fn new_request_id() -> String {
 pub fn new_request_id_at(unix_ms: u64) -> String {
     let ms = unix_ms & 0xFFFF_FFFF_FFFF;
     // The pid is mixed in: a forked worker starts with its parent's generator state.
-    let rand_b = fastrand::u64(..) ^ u64::from(pid()).rotate_left(29);
-    let rand_a = u64::from(fastrand::u16(..) & 0x0FFF);
+    let random = fastrand::u64(..);
+    let rand_b = random ^ u64::from(pid()).rotate_left(29);
+    let rand_a = (random >> 52) & 0x0FFF;
     let hi = (ms << 16) | 0x7000 | rand_a;
     let lo = (rand_b & 0x3FFF_FFFF_FFFF_FFFF) | 0x8000_0000_0000_0000;
     const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut digits = [0u8; 32];
-    for (i, word) in [hi, lo].into_iter().enumerate() {
-        for (j, byte) in word.to_be_bytes().into_iter().enumerate() {
-            digits[i * 16 + j * 2] = HEX[usize::from(byte >> 4)];
-            digits[i * 16 + j * 2 + 1] = HEX[usize::from(byte & 0xF)];
-        }
-    }
-    let mut out = String::with_capacity(36);
-    for (i, part) in [0..8, 8..12, 12..16, 16..20, 20..32]
+    let mut out = [b'-'; 36];
+    let mut at = 0;
+    for (i, byte) in hi
+        .to_be_bytes()
         .into_iter()
+        .chain(lo.to_be_bytes())
         .enumerate()
     {
-        if i > 0 {
-            out.push('-');
+        if matches!(i, 4 | 6 | 8 | 10) {
+            at += 1;
         }
-        // Only ASCII hex digits were written.
-        out.push_str(std::str::from_utf8(&digits[part]).unwrap_or_default());
+        out[at] = HEX[usize::from(byte >> 4)];
+        out[at + 1] = HEX[usize::from(byte & 0xF)];
+        at += 2;
     }
-    out
+    // Only ASCII hex digits and dashes were written.
+    std::str::from_utf8(&out).unwrap_or_default().to_owned()
 }
 
 fn content_headers(headers: &Headers) -> (String, String) {

@@ -482,23 +482,24 @@ impl Packed<'_> {
 /// A `(bytes, bytes)` tuple read through the C API: the shape every ASGI server uses for
 /// headers, read here for every header of every request.
 pub fn bytes_pair<'a>(item: &'a Bound<'_, PyAny>) -> Option<(&'a [u8], &'a [u8])> {
-    let t = item.cast::<PyTuple>().ok()?;
-    if t.len() != 2 {
-        return None;
-    }
-    // SAFETY: `t` is a live 2-tuple; PyTuple_GetItem returns borrowed references that live
-    // as long as the tuple, which outlives `'a`. PyBytes_AsString/Size are called only on
-    // objects that pass the bytes type check, and the buffer lives as long as the object.
+    let t = item.as_ptr();
+    // SAFETY: `t` is a live object. The tuple macros read it only after the type check; its
+    // items are borrowed references living as long as the tuple, which outlives `'a`. A
+    // bytes object's buffer lives as long as the object and never changes.
     unsafe {
+        if ffi::PyTuple_Check(t) == 0 || ffi::PyTuple_GET_SIZE(t) != 2 {
+            return None;
+        }
         let part = |i: ffi::Py_ssize_t| -> Option<&'a [u8]> {
-            let o = ffi::PyTuple_GetItem(t.as_ptr(), i);
-            if o.is_null() || ffi::PyBytes_Check(o) == 0 {
+            let o = ffi::PyTuple_GET_ITEM(t, i);
+            if ffi::PyBytes_Check(o) == 0 {
                 return None;
             }
-            let data = ffi::PyBytes_AsString(o);
-            let len = ffi::PyBytes_Size(o);
-            (!data.is_null() && len >= 0)
-                .then(|| std::slice::from_raw_parts(data.cast::<u8>(), len as usize))
+            let len = usize::try_from(ffi::Py_SIZE(o)).ok()?;
+            Some(std::slice::from_raw_parts(
+                ffi::PyBytes_AS_STRING(o).cast::<u8>(),
+                len,
+            ))
         };
         Some((part(0)?, part(1)?))
     }
