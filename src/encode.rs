@@ -184,10 +184,16 @@ fn write_ndjson_cached(out: &mut Vec<u8>, r: &Record, ts: &mut TsCache) {
 /// Encodes a whole batch into one buffer.
 pub fn encode_batch<'a, I: IntoIterator<Item = &'a Record>>(records: I, out: &mut Vec<u8>) {
     let mut ts = TsCache::default();
-    for r in records {
+    for (i, r) in records.into_iter().enumerate() {
+        if i % YIELD_EVERY == YIELD_EVERY - 1 {
+            crate::pipeline::let_application_run();
+        }
         write_ndjson_cached(out, r, &mut ts);
     }
 }
+
+/// Records encoded between two chances for the application's threads to run.
+const YIELD_EVERY: usize = 256;
 
 #[cfg(test)]
 mod tests {

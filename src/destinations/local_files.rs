@@ -18,6 +18,9 @@ use crate::config::LocalFilesConfig;
 use crate::encode::encode_batch;
 use crate::record::Record;
 
+/// Bytes per write system call.
+const WRITE_SLICE: usize = 256 << 10;
+
 struct Current {
     file: File,
     path: PathBuf,
@@ -184,7 +187,13 @@ impl Writer for LocalFiles {
         encode_batch(batch.iter().map(|r| &**r), &mut self.buf);
         self.ensure_file(self.buf.len() as u64)?;
         let cur = self.current.as_mut().expect("ensure_file opened a file");
-        if let Err(e) = cur.file.write_all(&self.buf) {
+        // In slices, with the application's threads let in between: one write of a 4 MB
+        // batch keeps a core in the kernel for milliseconds.
+        let written = self.buf.chunks(WRITE_SLICE).try_for_each(|slice| {
+            crate::pipeline::let_application_run();
+            cur.file.write_all(slice)
+        });
+        if let Err(e) = written {
             // Cut the partial batch back off so the retry writes it exactly once.
             let _ = cur.file.set_len(cur.bytes);
             let err = io_error("cannot write", &cur.path, e);

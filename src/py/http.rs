@@ -565,7 +565,12 @@ impl Batch {
     fn run(&mut self) {
         if let Some(core) = self.core.clone() {
             let mut pos = 0;
+            let mut done = 0usize;
             while let Some(len) = self.bytes.get(pos..pos + 4) {
+                done += 1;
+                if done.is_multiple_of(LANE_YIELD_EVERY) {
+                    crate::pipeline::let_application_run();
+                }
                 let len = u32::from_le_bytes(len.try_into().expect("4 bytes")) as usize;
                 let Some(job) = self.bytes.get(pos..pos + len) else {
                     break;
@@ -626,6 +631,8 @@ impl Batch {
 /// Jobs waiting at most this long before the lane's thread looks (it is not woken per
 /// job: a wake-up is a system call on the event loop's thread).
 const LANE_POLL: Duration = Duration::from_millis(20);
+/// Exchanges built between two chances for the application's threads to run.
+const LANE_YIELD_EVERY: usize = 64;
 /// Woken early when this many jobs wait.
 const LANE_WAKE_AT: usize = 256;
 const LANE_MAX_JOBS: usize = 20_000;

@@ -218,6 +218,7 @@ impl AzureBlob {
             if self.raw.len() >= CHUNK {
                 enc.write_all(&self.raw).map_err(gzip_error)?;
                 self.raw.clear();
+                crate::pipeline::let_application_run();
             }
         }
         enc.write_all(&self.raw).map_err(gzip_error)?;

@@ -224,7 +224,10 @@ pub fn row(out: &mut Vec<u8>, r: &Record, all_columns: bool) {
 /// Encodes a whole COPY stream for `records`.
 pub fn encode<'a, I: IntoIterator<Item = &'a Record>>(records: I, out: &mut Vec<u8>) {
     header(out);
-    for r in records {
+    for (i, r) in records.into_iter().enumerate() {
+        if i % 256 == 255 {
+            crate::pipeline::let_application_run();
+        }
         row(out, r, true);
     }
     trailer(out);
