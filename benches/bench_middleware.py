@@ -10,7 +10,7 @@ Side by side, in one run, interleaved in rounds so drift hits every variant alik
 
 Targets (issue 5): logsluice's overhead <= 2x the floor's; >= 20x smaller than naive's.
 
-    .venv/bin/python benches/bench_middleware.py [--requests 3000] [--rounds 5]
+    .venv/bin/python benches/bench_middleware.py [--requests 3000] [--rounds 7] [--processes 5]
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ import argparse
 import asyncio
 import json
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from typing import Any
@@ -216,66 +218,105 @@ async def drive(app: Any, n: int) -> tuple[float, float]:
     return elapsed
 
 
+def measure(app_kind: str, rounds: int, requests: int) -> dict:
+    """One process's medians: {"wall": {variant: us}, "cpu": {...}, "written": n, ...}."""
+    with tempfile.TemporaryDirectory() as tmp:
+        pipeline = logsluice.Pipeline(logsluice.LocalFiles(tmp))
+        variants = ["none", "naive", "floor", "logsluice"]
+        apps = make_apps(variants, pipeline, app_kind)
+        loop = asyncio.new_event_loop()
+        for v in variants:  # warm-up: imports, route compilation, the core's threads
+            loop.run_until_complete(drive(apps[v], 300))
+        wall: dict[str, list[float]] = {v: [] for v in variants}
+        cpu: dict[str, list[float]] = {v: [] for v in variants}
+        for _ in range(rounds):
+            for v in variants:
+                seconds, cpu_seconds = loop.run_until_complete(drive(apps[v], requests))
+                wall[v].append(seconds / requests * 1e6)
+                cpu[v].append(cpu_seconds / requests * 1e6)
+        loop.close()
+        pipeline.flush(timeout=60)
+        stats = pipeline.stats()
+        pipeline.close()
+    return {
+        "wall": {v: statistics.median(wall[v]) for v in variants},
+        "cpu": {v: statistics.median(cpu[v]) for v in variants},
+        "written": stats["local_files"]["written"],
+        "dropped": stats["local_files"]["dropped_total"],
+        "http": stats["http"],
+    }
+
+
+def ratios(m: dict[str, float]) -> tuple[float, float]:
+    """(logsluice overhead / floor overhead, naive overhead / logsluice overhead)."""
+    ours = m["logsluice"] - m["none"]
+    return ours / (m["floor"] - m["none"]), (m["naive"] - m["none"]) / ours
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--requests", type=int, default=3000, help="requests per variant per round")
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=5,
+        help="fresh processes, each measuring every variant; the figures are medians across them "
+        "(where a process's objects land in memory moves its timings by microseconds)",
+    )
     parser.add_argument(
         "--app",
         choices=("fastapi", "raw"),
         default="fastapi",
         help="fastapi (the issue's setup) or raw: a bare ASGI echo app, the middlewares' cost alone",
     )
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child:
+        print(json.dumps(measure(args.app, args.rounds, args.requests)))
+        return
 
-    with tempfile.TemporaryDirectory() as tmp:
-        pipeline = logsluice.Pipeline(logsluice.LocalFiles(tmp))
-        variants = ["none", "naive", "floor", "logsluice"]
-        apps = make_apps(variants, pipeline, args.app)
-        loop = asyncio.new_event_loop()
-        for v in variants:  # warm-up: imports, route compilation, the core's threads
-            loop.run_until_complete(drive(apps[v], 300))
-        wall: dict[str, list[float]] = {v: [] for v in variants}
-        cpu: dict[str, list[float]] = {v: [] for v in variants}
-        for _ in range(args.rounds):
-            for v in variants:
-                seconds, cpu_seconds = loop.run_until_complete(drive(apps[v], args.requests))
-                wall[v].append(seconds / args.requests * 1e6)
-                cpu[v].append(cpu_seconds / args.requests * 1e6)
-        loop.close()
-        pipeline.flush(timeout=60)
-        stats = pipeline.stats()
-        pipeline.close()
+    runs = []
+    for _ in range(args.processes):
+        out = subprocess.run(
+            [sys.executable, __file__, "--child", "--app", args.app]
+            + ["--rounds", str(args.rounds), "--requests", str(args.requests)],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+        runs.append(json.loads(out.strip().splitlines()[-1]))
 
+    variants = ["none", "naive", "floor", "logsluice"]
     print(
-        f"[{args.app}] POST /items/{{id}}, {len(BODY)} B JSON in and out; "
-        f"medians of {args.rounds} rounds x {args.requests}"
+        f"[{args.app}] POST /items/{{id}}, {len(BODY)} B JSON in and out; {args.processes} processes, "
+        f"each the medians of {args.rounds} interleaved rounds x {args.requests} requests"
     )
     print("wall: requests/s of the event loop; cpu: CPU time of the event loop's thread per request")
     print("(the pipeline's own threads, which redact, encode and write, run beside it)")
+    print("per variant: the median across processes")
     print(f"{'variant':<10} {'requests/s':>11} {'wall us':>8} {'+wall us':>9} {'cpu us':>8} {'+cpu us':>8}")
-    w = {v: statistics.median(wall[v]) for v in variants}
-    c = {v: statistics.median(cpu[v]) for v in variants}
+    w = {v: statistics.median(r["wall"][v] for r in runs) for v in variants}
+    c = {v: statistics.median(r["cpu"][v] for r in runs) for v in variants}
     for v in variants:
         print(
             f"{v:<10} {1e6 / w[v]:>11.0f} {w[v]:>8.1f} {w[v] - w['none']:>9.1f} "
             f"{c[v]:>8.1f} {c[v] - c['none']:>8.1f}"
         )
-    for label, m in (("wall", w), ("cpu", c)):
-        floor = m["floor"] - m["none"]
-        ours = m["logsluice"] - m["none"]
-        naive = m["naive"] - m["none"]
+    for label in ("wall", "cpu"):
+        per = [ratios(r[label]) for r in runs]
+        floor_x = statistics.median(p[0] for p in per)
+        naive_x = statistics.median(p[1] for p in per)
         print(
-            f"{label}: logsluice overhead / floor overhead = {ours / floor:.2f}x (target <= 2x); "
-            f"naive overhead / logsluice overhead = {naive / ours:.1f}x (target >= 20x)"
+            f"{label}: logsluice overhead / floor overhead = {floor_x:.2f}x (target <= 2x); "
+            f"naive overhead / logsluice overhead = {naive_x:.1f}x (target >= 20x); "
+            f"medians of the processes' ratios, each: {', '.join(f'{p[0]:.2f}' for p in per)}"
         )
-    local = stats["local_files"]
-    print(
-        f"records written by the pipeline: {local['written']} "
-        f"(dropped {local['dropped_total']}); middleware: {stats['http']}"
-    )
+    written = sum(r["written"] for r in runs)
+    dropped = sum(r["dropped"] for r in runs)
+    print(f"records written by the pipelines: {written} (dropped {dropped}); middleware: {runs[-1]['http']}")
 
 
 if __name__ == "__main__":

@@ -233,7 +233,10 @@ class LoggingMiddleware:
                 # The client went away (uvicorn's ClientDisconnected is an OSError).
                 ex.disconnected()
                 raise
-            ex.sent()
+            if out is message:
+                # A copy is only ever made of a response start (to echo the request id),
+                # which never completes the response: nothing to tell the exchange.
+                ex.sent()
 
         try:
             await self.app(scope, receive_copy, send_copy)
