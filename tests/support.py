@@ -9,6 +9,17 @@ from fastapi import BackgroundTasks, FastAPI
 from fastapi.testclient import TestClient
 
 
+def pages(reader, **query):
+    """Every page of `reader.query(**query)`, following the cursor to the end."""
+    cursor = None
+    while True:
+        page = reader.query(cursor=cursor, **query)
+        yield page
+        cursor = page.next
+        if not cursor:
+            return
+
+
 def wait_for(check, timeout=60.0, what="condition"):
     """Polls `check` (a wait, not a timed assertion: the timeout only bounds a hang)."""
     deadline = time.monotonic() + timeout

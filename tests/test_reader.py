@@ -20,7 +20,7 @@ import logsluice
 import psycopg
 import pytest
 from loguru import logger
-from support import shop_traffic, wait_for
+from support import pages, shop_traffic, wait_for
 
 N_REQUESTS = 120
 
@@ -69,13 +69,7 @@ def key(r):
 
 
 def everything(reader, **filters):
-    out, cursor = [], None
-    while True:
-        page = reader.query(limit=1000, cursor=cursor, **filters)
-        out.extend(page.records)
-        cursor = page.next
-        if not cursor:
-            return out
+    return [r for page in pages(reader, limit=1000, **filters) for r in page.records]
 
 
 def status_in(lo, hi):
@@ -206,16 +200,12 @@ def test_filters_request_trace_and_time_bounds(world):
 
 def test_keyset_pages_are_disjoint_and_complete(world):
     for reader in (world.pg, world.files):
-        seen, cursor, pages = [], None, 0
-        while True:
-            page = reader.query(limit=37, cursor=cursor)
+        seen, count = [], 0
+        for page in pages(reader, limit=37):
             seen.extend(r["id"] for r in page.records)
-            pages += 1
-            cursor = page.next
-            if not cursor:
-                break
+            count += 1
         assert len(seen) == len(set(seen)) == len(world.all)
-        assert pages == -(-len(world.all) // 37) or pages == -(-len(world.all) // 37) + 1
+        assert count == -(-len(world.all) // 37) or count == -(-len(world.all) // 37) + 1
 
 
 def test_request_view_with_background_task(world):
@@ -389,13 +379,7 @@ def test_paging_10k_records_while_new_ones_arrive(postgres, tmp_logs):
     t.start()
     try:
         for reader in (logsluice.Reader(postgres.dsn, table=table), logsluice.Reader(str(tmp_logs))):
-            seen, cursor = [], None
-            while True:
-                page = reader.query(limit=250, cursor=cursor)
-                seen.extend(page.records)
-                cursor = page.next
-                if not cursor:
-                    break
+            seen = [r for page in pages(reader, limit=250) for r in page.records]
             ids = [r["id"] for r in seen]
             assert len(ids) == len(set(ids))
             first = {r["message"] for r in seen if r["message"].startswith("first wave")}

@@ -15,7 +15,7 @@ from azure.storage.blob import BlobServiceClient, ContainerSasPermissions, gener
 from fastapi.testclient import TestClient
 from harness.azurite import ACCOUNT, KEY
 from loguru import logger
-from support import shop_traffic, wait_for
+from support import pages, shop_traffic, wait_for
 from test_reader import BAD, CASES, everything, key, read_ndjson, run_cli
 
 N_REQUESTS = 80
@@ -85,14 +85,10 @@ def test_blobs_were_written_per_kind_and_read_back_whole(world):
 
 
 def test_keyset_pages_are_disjoint_and_complete(world):
-    seen, cursor = [], None
-    while True:
-        page = world.blob.query(limit=37, cursor=cursor)
+    seen = []
+    for page in pages(world.blob, limit=37):
         assert not page.partial
         seen.extend(r["id"] for r in page.records)
-        cursor = page.next
-        if not cursor:
-            break
     assert len(seen) == len(set(seen)) == len(world.all)
 
 
@@ -333,13 +329,7 @@ def test_paging_a_few_thousand_records_without_duplicates_or_gaps(azurite, tmp_l
     t.start()
     try:
         for order in ("desc", "asc"):
-            seen, cursor = [], None
-            while True:
-                page = reader.query(limit=250, order=order, cursor=cursor, since="1h")
-                seen.extend(page.records)
-                cursor = page.next
-                if not cursor:
-                    break
+            seen = [r for page in pages(reader, limit=250, order=order, since="1h") for r in page.records]
             ids = [r["id"] for r in seen]
             assert len(ids) == len(set(ids))
             waves = sorted(int(r["message"].split()[1]) for r in seen if r["message"].startswith("wave"))
