@@ -1,7 +1,8 @@
 //! One HTTP request in flight, held natively: the ASGI middleware's `receive` and `send`
 //! wrappers call [`HttpExchange::received`] and [`HttpExchange::sending`] with each
-//! message, bodies are copied into Rust buffers as they pass, and the finished exchange
-//! goes onto the pipeline's HTTP lane without building any Python object on the way.
+//! message, bodies are kept (one message: the server's `bytes`) or copied (several) as
+//! they pass, and the finished exchange is packed onto the pipeline's HTTP lane without
+//! building any Python object on the way.
 //!
 //! Keeping this bookkeeping out of Python is what makes the middleware cheap: a Python
 //! object with thirty attributes costs more per request than everything done here.

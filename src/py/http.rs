@@ -1,5 +1,5 @@
-//! The ASGI middleware's hand-off: `HttpSink.write(...)` copies the exchange (bytes and
-//! small scalars, plus the ASGI scope) out of Python and puts it on this pipeline's HTTP
+//! The ASGI middleware's hand-off: when an exchange finishes, [`HttpSink::hand_off`] packs
+//! it (scalars, strings, headers, bodies) into the current batch of this pipeline's HTTP
 //! lane; the lane's thread redacts it, builds the record and routes it to the
 //! destinations' queues, without the GIL and off the event loop. One `HttpSink` per
 //! middleware holds its redaction settings, parsed once.
@@ -254,7 +254,7 @@ impl HttpSink {
         };
         SCRATCH.with_borrow_mut(|buf| {
             buf.clear();
-            // The job's length, filled in last.
+            // The job's length, filled in by the push.
             buf.extend_from_slice(&0u32.to_le_bytes());
             buf.extend_from_slice(&(Arc::as_ptr(&self.inner) as usize).to_le_bytes());
             scalars.write(buf);
@@ -274,13 +274,16 @@ impl HttpSink {
             p.put_obj(parts.request_id);
             p.put_headers(get(intern!(py, "headers")));
             p.put_headers(parts.response_headers.cloned());
-            p.put_opt_bytes(parts.request_body);
-            p.put_opt_bytes(parts.response_body);
-            let len = p.buf.len() as u32;
-            p.buf[..4].copy_from_slice(&len.to_le_bytes());
-            pycore
-                .http_lane
-                .push(p.buf, &self.inner, &core, pycore.options.max_message_bytes);
+            // The bodies (most of the bytes) go straight from the exchange to the lane:
+            // copying them needs no Python, so it may happen under the lane's lock.
+            let bodies = [parts.request_body, parts.response_body];
+            pycore.http_lane.push(
+                p.buf,
+                bodies,
+                &self.inner,
+                &core,
+                pycore.options.max_message_bytes,
+            );
         });
     }
 }
@@ -721,18 +724,26 @@ impl Lane {
     }
 
     /// Copies one packed exchange onto the current batch, or drops it (counted) when the
-    /// lane is full.
+    /// lane is full. `packed` starts with room for the job's length, filled in here; the
+    /// bodies follow it.
     fn push(
         &self,
-        packed: &[u8],
+        packed: &mut [u8],
+        bodies: [Body<'_>; 2],
         redactor: &Arc<Redactor>,
         core: &Arc<Core>,
         max_message_bytes: usize,
     ) {
+        let size = packed.len()
+            + bodies
+                .iter()
+                .map(|b| 4 + b.map_or(0, <[u8]>::len))
+                .sum::<usize>();
+        packed[..4].copy_from_slice(&(size as u32).to_le_bytes());
         let inner = self.inner();
         let mut q = inner.queue.lock();
         let b = &mut q.batch;
-        if b.jobs >= LANE_MAX_JOBS || b.bytes.len() + packed.len() > LANE_MAX_BYTES {
+        if b.jobs >= LANE_MAX_JOBS || b.bytes.len() + size > LANE_MAX_BYTES {
             drop(q);
             self.dropped.fetch_add(1, Ordering::Relaxed);
             return;
@@ -744,7 +755,11 @@ impl Lane {
             b.core = Some(core.clone());
             b.max_message_bytes = max_message_bytes;
         }
+        b.bytes.reserve(size);
         b.bytes.extend_from_slice(packed);
+        for body in bodies {
+            Packed { buf: &mut b.bytes }.put_opt_bytes(body);
+        }
         b.jobs += 1;
         self.next_at
             .store(b.bytes.as_ptr() as usize + b.bytes.len(), Ordering::Relaxed);
