@@ -105,7 +105,10 @@ pub struct HttpExchange {
     scope: Py<PyDict>,
     /// The request id (also set in the request's context by the middleware).
     rid: Py<PyString>,
-    rid_text: String,
+    /// `scope["method"]` and `scope["headers"]` as the request came in (read once: the
+    /// record and the HEAD check need them).
+    method: Option<Py<PyAny>>,
+    headers: Option<Py<PyAny>>,
     /// Resets the request id context variable when the app call ends.
     token: Option<Py<PyAny>>,
     /// Resets the trace context variable, when the request came with a `traceparent`.
@@ -175,13 +178,13 @@ impl HttpExchange {
         let s = sink.get();
         let start_us = now_us();
         s.prepare();
-        let (rid, trace) = s.request_ids(get(scope, intern!(py, "headers")).as_ref(), start_us);
+        let headers = get(scope, intern!(py, "headers"));
+        let (rid_obj, trace) = s.request_ids(py, headers.as_ref(), start_us);
         let none = || py.None();
         let cap = s.capture.max_body;
         let entry_path = scope
             .get_item(intern!(py, "path"))?
             .map_or_else(none, Bound::unbind);
-        let rid_obj = PyString::new(py, &rid);
         // Last of what can fail: a request id set here must be reset by `end`.
         let token = set_request_id(s.ctx(), rid_obj.as_any())?;
         let trace_token = enter_trace(s, py, trace);
@@ -192,7 +195,8 @@ impl HttpExchange {
             sink: sink.clone().unbind(),
             mw: mw.clone().unbind(),
             rid: rid_obj.unbind(),
-            rid_text: rid,
+            method: get(scope, intern!(py, "method")).map(Bound::unbind),
+            headers: headers.map(Bound::unbind),
             app: get(scope, intern!(py, "app")).map_or_else(none, Bound::unbind),
             root_path: get(scope, intern!(py, "root_path")).map_or_else(
                 || intern!(py, "").clone().into_any().unbind(),
@@ -225,8 +229,14 @@ impl HttpExchange {
     }
 
     fn is_head(&self, py: Python<'_>) -> bool {
-        get(self.scope.bind(py), intern!(py, "method"))
-            .is_some_and(|m| m.cast::<PyString>().is_ok_and(|m| m == "HEAD"))
+        self.method
+            .as_ref()
+            .is_some_and(|m| m.bind(py).cast::<PyString>().is_ok_and(|m| m == "HEAD"))
+    }
+
+    fn rid_text<'a>(&'a self, py: Python<'a>) -> &'a str {
+        // Made by `begin` from ASCII: the UTF-8 form is the string's own buffer.
+        utf8(self.rid.bind(py)).unwrap_or_default()
     }
 
     /// Route, sample rate and whether to copy bodies: decided once, as late as possible
@@ -251,7 +261,7 @@ impl HttpExchange {
         } else if self.rate >= 1.0 {
             true
         } else {
-            sample_point(&self.rid_text) < self.rate
+            sample_point(self.rid_text(py)) < self.rate
         };
         self.request.capture = self.sampled_in && c.capture_request;
         self.response.capture = self.sampled_in && c.capture_response && !self.is_head(py);
@@ -413,7 +423,10 @@ impl HttpExchange {
             Some(n) => n.bind(py).clone(),
             None => PyBytes::new(py, name),
         };
-        let echo = PyTuple::new(py, [echo_name, PyBytes::new(py, self.rid_text.as_bytes())])?;
+        let echo = PyTuple::new(
+            py,
+            [echo_name, PyBytes::new(py, self.rid_text(py).as_bytes())],
+        )?;
         list.append(echo)?;
         let copy = message.copy()?;
         copy.set_item(intern!(py, "headers"), &list)?;
@@ -529,6 +542,8 @@ impl HttpExchange {
             scalars,
             super::http::Parts {
                 scope,
+                method: self.method.as_ref().map(|m| m.bind(py)),
+                request_headers: self.headers.as_ref().map(|h| h.bind(py)),
                 path: &self.full_path(py),
                 route: route.bind(py),
                 request_id: self.rid.bind(py).as_any(),
@@ -643,7 +658,6 @@ impl HttpExchange {
     }
 
     fn __repr__(&self, py: Python<'_>) -> String {
-        let _ = py;
-        format!("<logsluice http exchange {}>", self.rid_text)
+        format!("<logsluice http exchange {}>", self.rid_text(py))
     }
 }

@@ -216,14 +216,19 @@ impl HttpSink {
 
     /// The inbound request id header's value when it is a safe id, else a new UUIDv7; and
     /// the W3C trace ids when the request carries a valid `traceparent`.
-    pub fn request_ids(
+    pub fn request_ids<'py>(
         &self,
-        headers: Option<&Bound<'_, PyAny>>,
+        py: Python<'py>,
+        headers: Option<&Bound<'py, PyAny>>,
         unix_us: i64,
-    ) -> (String, Option<TraceIds>) {
+    ) -> (Bound<'py, PyString>, Option<TraceIds>) {
         let name = self.capture.request_id_header.as_deref().map(str::as_bytes);
         let (id, trace) = headers.map(|h| inbound(h, name)).unwrap_or_default();
-        let id = id.unwrap_or_else(|| http::new_request_id_at((unix_us / 1000) as u64));
+        let id = id.unwrap_or_else(|| {
+            let new = http::request_id_bytes_at((unix_us / 1000) as u64);
+            // Hex digits and dashes only.
+            PyString::new(py, std::str::from_utf8(&new).unwrap_or_default())
+        });
         (id, trace)
     }
 
@@ -260,20 +265,21 @@ impl HttpSink {
             scalars.write(buf);
             let mut p = Packed { buf };
             p.put_text(exception.as_deref());
-            p.put_opt(get(intern!(py, "method")));
-            p.put_opt(get(intern!(py, "scheme")));
-            p.put_opt(get(intern!(py, "http_version")));
+            p.put_opt(parts.method);
+            p.put_opt(get(intern!(py, "scheme")).as_ref());
+            p.put_opt(get(intern!(py, "http_version")).as_ref());
             p.put_obj(parts.path);
-            p.put_opt(get(intern!(py, "query_string")));
-            p.put_opt(Some(parts.route.clone()));
+            p.put_opt(get(intern!(py, "query_string")).as_ref());
+            p.put_opt(Some(parts.route));
             p.put_opt(
                 get(intern!(py, "client"))
                     .filter(|c| !c.is_none())
-                    .and_then(|c| c.get_item(0).ok()),
+                    .and_then(|c| c.get_item(0).ok())
+                    .as_ref(),
             );
             p.put_obj(parts.request_id);
-            p.put_headers(get(intern!(py, "headers")));
-            p.put_headers(parts.response_headers.cloned());
+            p.put_headers(parts.request_headers);
+            p.put_headers(parts.response_headers);
             // The bodies (most of the bytes) go straight from the exchange to the lane:
             // copying them needs no Python, so it may happen under the lane's lock.
             let bodies = [parts.request_body, parts.response_body];
@@ -291,6 +297,9 @@ impl HttpSink {
 /// What a finished exchange hands off besides its scalars.
 pub struct Parts<'a, 'py> {
     pub scope: &'a Bound<'py, PyDict>,
+    pub method: Option<&'a Bound<'py, PyAny>>,
+    /// As they came in (an inner middleware may replace the scope's).
+    pub request_headers: Option<&'a Bound<'py, PyAny>>,
     pub path: &'a Bound<'py, PyAny>,
     pub route: &'a Bound<'py, PyAny>,
     pub request_id: &'a Bound<'py, PyAny>,
@@ -431,56 +440,75 @@ impl Packed<'_> {
         }
     }
 
-    fn put_opt(&mut self, obj: Option<Bound<'_, PyAny>>) {
+    fn put_opt(&mut self, obj: Option<&Bound<'_, PyAny>>) {
         match obj.filter(|o| !o.is_none()) {
-            Some(o) => self.put_obj(&o),
+            Some(o) => self.put_obj(o),
             None => self.none(),
         }
     }
 
     /// At most 200 `(name, value)` pairs.
-    fn put_headers(&mut self, obj: Option<Bound<'_, PyAny>>) {
+    fn put_headers(&mut self, obj: Option<&Bound<'_, PyAny>>) {
         let at = self.buf.len();
         self.buf.extend_from_slice(&0u32.to_le_bytes());
         let Some(obj) = obj.filter(|o| !o.is_none()) else {
             return;
         };
         let mut n = 0u32;
-        // Servers and frameworks pass lists: read them without the iterator protocol.
-        let items: Box<dyn Iterator<Item = Bound<'_, PyAny>>> = match obj.cast::<PyList>() {
-            Ok(list) => Box::new(list.iter()),
-            Err(_) => match obj.try_iter() {
-                Ok(iter) => Box::new(iter.flatten()),
-                Err(_) => return,
-            },
-        };
-        for item in items.take(200) {
-            if let Some((k, v)) = bytes_pair(&item) {
-                self.put(k);
-                self.put(v);
-                n += 1;
-                continue;
+        // Servers and frameworks pass lists of `(bytes, bytes)` tuples.
+        if let Ok(list) = obj.cast::<PyList>() {
+            for item in list.iter().take(MAX_HEADERS) {
+                n += u32::from(self.put_header(&item));
             }
-            // Servers send `(name, value)` tuples: read them without the generic protocol.
-            if let Ok(t) = item.cast::<PyTuple>() {
-                if t.len() == 2 {
-                    if let (Ok(k), Ok(v)) = (t.get_borrowed_item(0), t.get_borrowed_item(1)) {
-                        self.put_obj(&k);
-                        self.put_obj(&v);
-                        n += 1;
-                    }
-                    continue;
-                }
-            }
-            if let (Ok(k), Ok(v)) = (item.get_item(0), item.get_item(1)) {
-                self.put_obj(&k);
-                self.put_obj(&v);
-                n += 1;
-            }
+        } else {
+            n = self.put_headers_iter(obj);
         }
         self.buf[at..at + 4].copy_from_slice(&n.to_le_bytes());
     }
+
+    /// Headers given as some other iterable.
+    #[cold]
+    fn put_headers_iter(&mut self, obj: &Bound<'_, PyAny>) -> u32 {
+        let Ok(iter) = obj.try_iter() else {
+            return 0;
+        };
+        let mut n = 0;
+        for item in iter.flatten().take(MAX_HEADERS) {
+            n += u32::from(self.put_header(&item));
+        }
+        n
+    }
+
+    /// One `(name, value)` pair; false when `item` is not one.
+    fn put_header(&mut self, item: &Bound<'_, PyAny>) -> bool {
+        match bytes_pair(item) {
+            Some((k, v)) => {
+                self.put(k);
+                self.put(v);
+                true
+            }
+            None => self.put_header_obj(item),
+        }
+    }
+
+    /// A pair of something other than `bytes`: stored as their text.
+    #[cold]
+    fn put_header_obj(&mut self, item: &Bound<'_, PyAny>) -> bool {
+        let pair = match item.cast::<PyTuple>() {
+            Ok(t) if t.len() == 2 => t.get_item(0).and_then(|k| Ok((k, t.get_item(1)?))),
+            _ => item.get_item(0).and_then(|k| Ok((k, item.get_item(1)?))),
+        };
+        let Ok((k, v)) = pair else {
+            return false;
+        };
+        self.put_obj(&k);
+        self.put_obj(&v);
+        true
+    }
 }
+
+/// The most headers kept of a request or a response.
+const MAX_HEADERS: usize = 200;
 
 /// A `(bytes, bytes)` tuple read through the C API: the shape every ASGI server uses for
 /// headers, read here for every header of every request.
@@ -844,40 +872,47 @@ fn is_traceparent(name: &[u8]) -> bool {
 
 /// The inbound request id, when the `name` header holds a safe one, and the trace ids of
 /// the first `traceparent` header, when valid: one pass over the headers.
-fn inbound(headers: &Bound<'_, PyAny>, name: Option<&[u8]>) -> (Option<String>, Option<TraceIds>) {
+fn inbound<'py>(
+    headers: &Bound<'py, PyAny>,
+    name: Option<&[u8]>,
+) -> (Option<Bound<'py, PyString>>, Option<TraceIds>) {
     let Ok(list) = headers.cast::<PyList>() else {
         return (None, None);
     };
-    let safe_id =
-        |v: &[u8]| http::valid_request_id(v).then(|| String::from_utf8_lossy(v).into_owned());
+    let py = headers.py();
+    // A valid id is ASCII: the conversion cannot fail.
+    let safe_id = |v: &[u8]| {
+        http::valid_request_id(v)
+            .then(|| std::str::from_utf8(v).ok().map(|v| PyString::new(py, v)))
+            .flatten()
+    };
     // `None` until the header is seen; then what it held (itself maybe `None`).
     let (mut id, mut trace) = (name.map_or(Some(None), |_| None), None);
-    for item in list.iter() {
-        if id.is_some() && trace.is_some() {
-            break;
-        }
-        if let Some((k, v)) = bytes_pair(&item) {
-            if id.is_none() && Some(k) == name {
-                id = Some(safe_id(v));
-            } else if trace.is_none() && is_traceparent(k) {
-                trace = Some(TraceIds::parse(v));
-            }
-            continue;
-        }
-        let Ok(t) = item.cast::<PyTuple>() else {
-            continue;
-        };
-        let (Ok(k), Ok(v)) = (t.get_borrowed_item(0), t.get_borrowed_item(1)) else {
-            continue;
-        };
-        let (Ok(k), Ok(v)) = (k.cast::<PyBytes>(), v.cast::<PyBytes>()) else {
-            continue;
-        };
-        let (k, v) = (k.as_bytes(), v.as_bytes());
+    let mut note = |k: &[u8], v: &[u8]| {
         if id.is_none() && Some(k) == name {
             id = Some(safe_id(v));
         } else if trace.is_none() && is_traceparent(k) {
             trace = Some(TraceIds::parse(v));
+        }
+        id.is_some() && trace.is_some()
+    };
+    for item in list.iter() {
+        let done = if let Some((k, v)) = bytes_pair(&item) {
+            note(k, v)
+        } else {
+            let Ok(t) = item.cast::<PyTuple>() else {
+                continue;
+            };
+            let (Ok(k), Ok(v)) = (t.get_borrowed_item(0), t.get_borrowed_item(1)) else {
+                continue;
+            };
+            let (Ok(k), Ok(v)) = (k.cast::<PyBytes>(), v.cast::<PyBytes>()) else {
+                continue;
+            };
+            note(k.as_bytes(), v.as_bytes())
+        };
+        if done {
+            break;
         }
     }
     (id.flatten(), trace.flatten())
