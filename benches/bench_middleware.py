@@ -10,7 +10,7 @@ Side by side, in one run, interleaved in rounds so drift hits every variant alik
 
 Targets (issue 5): logsluice's overhead <= 2x the floor's; >= 20x smaller than naive's.
 
-    .venv/bin/python benches/bench_middleware.py [--requests 3000] [--rounds 7] [--processes 5]
+    .venv/bin/python benches/bench_middleware.py [--requests 1500] [--rounds 16] [--processes 5]
 """
 
 from __future__ import annotations
@@ -219,7 +219,10 @@ async def drive(app: Any, n: int) -> tuple[float, float]:
 
 
 def measure(app_kind: str, rounds: int, requests: int) -> dict:
-    """One process's medians: {"wall": {variant: us}, "cpu": {...}, "written": n, ...}."""
+    """One process's figures: per variant the median time per request ({"wall": {variant: us},
+    "cpu": {...}}) and the median of its overhead paired by round ({"wall_over": ..., "cpu_over":
+    ...}: each round's time minus the same round's no-middleware time, so drift between
+    rounds cancels); the variants run in a rotated order, so none always follows the same one."""
     with tempfile.TemporaryDirectory() as tmp:
         pipeline = logsluice.Pipeline(logsluice.LocalFiles(tmp))
         variants = ["none", "naive", "floor", "logsluice"]
@@ -227,38 +230,38 @@ def measure(app_kind: str, rounds: int, requests: int) -> dict:
         loop = asyncio.new_event_loop()
         for v in variants:  # warm-up: imports, route compilation, the core's threads
             loop.run_until_complete(drive(apps[v], 300))
-        wall: dict[str, list[float]] = {v: [] for v in variants}
-        cpu: dict[str, list[float]] = {v: [] for v in variants}
-        for _ in range(rounds):
-            for v in variants:
+        times: dict[str, dict[str, list[float]]] = {k: {v: [] for v in variants} for k in ("wall", "cpu")}
+        for r in range(rounds):
+            turn = r % len(variants)
+            for v in variants[turn:] + variants[:turn]:
                 seconds, cpu_seconds = loop.run_until_complete(drive(apps[v], requests))
-                wall[v].append(seconds / requests * 1e6)
-                cpu[v].append(cpu_seconds / requests * 1e6)
+                times["wall"][v].append(seconds / requests * 1e6)
+                times["cpu"][v].append(cpu_seconds / requests * 1e6)
         loop.close()
         pipeline.flush(timeout=60)
         stats = pipeline.stats()
         pipeline.close()
-    return {
-        "wall": {v: statistics.median(wall[v]) for v in variants},
-        "cpu": {v: statistics.median(cpu[v]) for v in variants},
-        "written": stats["local_files"]["written"],
-        "dropped": stats["local_files"]["dropped_total"],
-        "http": stats["http"],
-    }
+    out: dict = {"written": stats["local_files"]["written"], "dropped": stats["local_files"]["dropped_total"]}
+    out["http"] = stats["http"]
+    for k, per in times.items():
+        out[k] = {v: statistics.median(per[v]) for v in variants}
+        out[f"{k}_over"] = {
+            v: statistics.median(t - n for t, n in zip(per[v], per["none"], strict=True)) for v in variants
+        }
+    return out
 
 
-def ratios(m: dict[str, float]) -> tuple[float, float]:
+def ratios(over: dict[str, float]) -> tuple[float, float]:
     """(logsluice overhead / floor overhead, naive overhead / logsluice overhead)."""
-    ours = m["logsluice"] - m["none"]
-    return ours / (m["floor"] - m["none"]), (m["naive"] - m["none"]) / ours
+    return over["logsluice"] / over["floor"], over["naive"] / over["logsluice"]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--requests", type=int, default=3000, help="requests per variant per round")
-    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--requests", type=int, default=1500, help="requests per variant per round")
+    parser.add_argument("--rounds", type=int, default=16)
     parser.add_argument(
         "--processes",
         type=int,
@@ -292,21 +295,20 @@ def main() -> None:
     variants = ["none", "naive", "floor", "logsluice"]
     print(
         f"[{args.app}] POST /items/{{id}}, {len(BODY)} B JSON in and out; {args.processes} processes, "
-        f"each the medians of {args.rounds} interleaved rounds x {args.requests} requests"
+        f"each {args.rounds} interleaved rounds x {args.requests} requests (variants in rotated order)"
     )
     print("wall: requests/s of the event loop; cpu: CPU time of the event loop's thread per request")
     print("(the pipeline's own threads, which redact, encode and write, run beside it)")
-    print("per variant: the median across processes")
+    print("per variant: the median across processes; +us: the median of the overheads paired by round")
     print(f"{'variant':<10} {'requests/s':>11} {'wall us':>8} {'+wall us':>9} {'cpu us':>8} {'+cpu us':>8}")
-    w = {v: statistics.median(r["wall"][v] for r in runs) for v in variants}
-    c = {v: statistics.median(r["cpu"][v] for r in runs) for v in variants}
+    w, c, wo, co = (
+        {v: statistics.median(r[key][v] for r in runs) for v in variants}
+        for key in ("wall", "cpu", "wall_over", "cpu_over")
+    )
     for v in variants:
-        print(
-            f"{v:<10} {1e6 / w[v]:>11.0f} {w[v]:>8.1f} {w[v] - w['none']:>9.1f} "
-            f"{c[v]:>8.1f} {c[v] - c['none']:>8.1f}"
-        )
+        print(f"{v:<10} {1e6 / w[v]:>11.0f} {w[v]:>8.1f} {wo[v]:>9.2f} {c[v]:>8.1f} {co[v]:>8.2f}")
     for label in ("wall", "cpu"):
-        per = [ratios(r[label]) for r in runs]
+        per = [ratios(r[f"{label}_over"]) for r in runs]
         floor_x = statistics.median(p[0] for p in per)
         naive_x = statistics.median(p[1] for p in per)
         print(
