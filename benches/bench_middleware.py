@@ -10,7 +10,7 @@ Side by side, in one run, interleaved in rounds so drift hits every variant alik
 
 Targets (issue 5): logsluice's overhead <= 2x the floor's; >= 20x smaller than naive's.
 
-    .venv/bin/python benches/bench_middleware.py [--requests 1500] [--rounds 16] [--processes 5]
+    .venv/bin/python benches/bench_middleware.py [--requests 1500] [--rounds 16] [--processes 9]
 """
 
 from __future__ import annotations
@@ -265,7 +265,7 @@ def main() -> None:
     parser.add_argument(
         "--processes",
         type=int,
-        default=5,
+        default=9,
         help="fresh processes, each measuring every variant; the figures are medians across them "
         "(where a process's objects land in memory moves its timings by microseconds)",
     )

@@ -2,7 +2,8 @@
 adds per request on the event loop's thread, as callgrind counts it.
 
 Timings on a shared 2-core machine move with whatever else runs; instruction counts do not
-(the same binary and inputs give the same count whatever the load). They are not seconds
+(the same binary and inputs give the same count whatever the load; string hashing is pinned
+with PYTHONHASHSEED=0 so that dictionaries probe alike). They are not seconds
 (cache misses and branch mispredictions cost nothing here), so they complement
 bench_middleware.py rather than replace it. Same app, same variants, same request.
 
@@ -62,6 +63,8 @@ def main_thread_instructions(variant: str, n: int, framework: str) -> int:
             check=True,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            # String hashing pinned: dictionaries probe alike from run to run.
+            env={**os.environ, "PYTHONHASHSEED": "0"},
         )
         # Thread 1 is the interpreter's main thread: the event loop's.
         (main,) = [f for f in glob.glob(out + "*") if f.endswith("-01")]

@@ -395,14 +395,35 @@ impl HttpExchange {
                 .and_then(|k| k.cast_into::<PyBytes>().ok())
                 .is_some_and(|k| k.as_bytes().eq_ignore_ascii_case(name)),
         };
-        // Servers' and frameworks' headers are lists: copied in one call.
+        let echo_name = match &sink.capture.echo_name {
+            Some(n) => n.bind(py).clone(),
+            None => PyBytes::new(py, name),
+        };
+        let echo = PyTuple::new(
+            py,
+            [echo_name, PyBytes::new(py, self.rid_text(py).as_bytes())],
+        )?
+        .into_any();
+        // Servers' and frameworks' headers are lists: copied with room for the echo, in
+        // one allocation.
         let list = match headers.as_ref().map(|h| h.cast::<PyList>()) {
             Some(Ok(h)) => {
                 if h.iter().any(|item| already(&item)) {
                     self.response_headers = headers.map(Bound::unbind);
                     return Ok(None);
                 }
-                h.get_slice(0, h.len())
+                let n = h.len();
+                PyList::new(
+                    py,
+                    // Indexes below the length of a list we hold the GIL on cannot fail.
+                    (0..=n).map(|i| {
+                        if i < n {
+                            h.get_item(i).unwrap_or_else(|_| echo.clone())
+                        } else {
+                            echo.clone()
+                        }
+                    }),
+                )?
             }
             Some(Err(_)) => {
                 let h = headers.as_ref().expect("matched Some");
@@ -415,19 +436,11 @@ impl HttpExchange {
                     }
                     pairs.push(item);
                 }
+                pairs.push(echo);
                 PyList::new(py, pairs)?
             }
-            None => PyList::empty(py),
+            None => PyList::new(py, [echo])?,
         };
-        let echo_name = match &sink.capture.echo_name {
-            Some(n) => n.bind(py).clone(),
-            None => PyBytes::new(py, name),
-        };
-        let echo = PyTuple::new(
-            py,
-            [echo_name, PyBytes::new(py, self.rid_text(py).as_bytes())],
-        )?;
-        list.append(echo)?;
         let copy = message.copy()?;
         copy.set_item(intern!(py, "headers"), &list)?;
         self.response_headers = Some(list.into_any().unbind());
