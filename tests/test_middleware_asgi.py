@@ -73,6 +73,28 @@ def test_multi_chunk_and_one_byte_bodies_pass_through_and_are_captured(pipeline,
     assert rec["status"] == 200 and rec["level"] == "INFO" and rec["kind"] == "http"
 
 
+def test_request_headers_and_method_are_recorded_as_they_came_in(pipeline, tmp_logs):
+    """An inner middleware that replaces `scope["headers"]` and `scope["method"]` (as
+    method-override and header-rewriting middlewares do) does not change the record: it shows
+    the request the server received."""
+    received: list = []
+    inner = echo_app(received)
+
+    async def rewriting(scope, receive, send):
+        scope["headers"] = [(b"x-rewritten", b"yes")]
+        scope["method"] = "PUT"
+        await inner(scope, receive, send)
+
+    mw = LoggingMiddleware(rewriting, pipeline=pipeline)
+    headers = [(b"content-type", b"text/plain"), (b"x-original", b"1")]
+    client = call(mw, scope("/echo", "POST", headers), [b"body"])
+    assert client.body == b"body"
+    rec = only(pipeline, tmp_logs)
+    assert rec["method"] == "POST"
+    assert rec["request_headers"]["x-original"] == "1"
+    assert "x-rewritten" not in rec["request_headers"]
+
+
 def test_capture_stops_at_the_cap_with_marker_and_full_size(pipeline, tmp_logs):
     received: list = []
     mw = LoggingMiddleware(echo_app(received), pipeline=pipeline, max_body_bytes=100)
