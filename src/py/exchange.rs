@@ -224,8 +224,7 @@ impl HttpExchange {
     }
 
     fn internal_error(&self, py: Python<'_>, e: &PyErr) {
-        let name = e.get_type(py).name().map(|n| n.to_string()).ok();
-        self.sink.get().counters.internal_error(name);
+        self.sink.get().counters.internal_error(py, e);
     }
 
     fn is_head(&self, py: Python<'_>) -> bool {
@@ -599,8 +598,7 @@ fn enter_trace(sink: &HttpSink, py: Python<'_>, trace: Option<TraceIds>) -> Opti
     match set_trace(sink.ctx(), py, &trace?) {
         Ok(token) => Some(token.unbind()),
         Err(e) => {
-            let name = e.get_type(py).name().map(|n| n.to_string()).ok();
-            sink.counters.internal_error(name);
+            sink.counters.internal_error(py, &e);
             None
         }
     }

@@ -111,9 +111,10 @@ impl Counters {
     pub fn rate_limited(&self) {
         bump(&self.rate_limited);
     }
-    pub fn internal_error(&self, name: Option<String>) {
+    /// Counts a failure of the middleware's own, remembering the exception's type name.
+    pub fn internal_error(&self, py: Python<'_>, e: &PyErr) {
         self.internal_errors.fetch_add(1, Ordering::Relaxed);
-        *self.last_internal_error.lock() = name;
+        *self.last_internal_error.lock() = e.get_type(py).name().map(|n| n.to_string()).ok();
     }
 }
 
