@@ -95,6 +95,33 @@ def test_request_headers_and_method_are_recorded_as_they_came_in(pipeline, tmp_l
     assert "x-rewritten" not in rec["request_headers"]
 
 
+def test_headers_in_other_shapes_are_echoed_and_recorded(pipeline, tmp_logs):
+    """Headers as a tuple instead of a list, a pair as a list, a pair of `str`: not what
+    servers send, but what a hand-written app may; the id is still echoed and the headers
+    recorded (as text), and the app's own objects are left as they were."""
+    response_headers = ((b"content-type", b"text/plain"), [b"x-list", b"yes"], ("x-str", "text"))
+
+    async def app(scope, receive, send):
+        await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": response_headers})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    request_headers = [(b"content-type", b"text/plain"), [b"x-list-in", b"1"]]
+    client = call(
+        LoggingMiddleware(app, pipeline=pipeline), scope("/shapes", "POST", request_headers), [b"x"]
+    )
+    start = client.sent[0]
+    sent = [tuple(h) for h in start["headers"]]
+    assert sent[:3] == [tuple(h) for h in response_headers]
+    assert sent[3][0] == b"x-request-id" and len(sent) == 4
+    assert len(response_headers) == 3
+    rec = only(pipeline, tmp_logs)
+    assert rec["response_headers"]["x-list"] == "yes"
+    assert rec["response_headers"]["x-str"] == "text"
+    assert rec["response_headers"]["x-request-id"] == sent[3][1].decode() == rec["request_id"]
+    assert rec["request_headers"]["x-list-in"] == "1"
+
+
 def test_capture_stops_at_the_cap_with_marker_and_full_size(pipeline, tmp_logs):
     received: list = []
     mw = LoggingMiddleware(echo_app(received), pipeline=pipeline, max_body_bytes=100)

@@ -405,27 +405,27 @@ impl HttpExchange {
         .into_any();
         // Servers' and frameworks' headers are lists: copied with room for the echo, in
         // one allocation.
-        let list = match headers.as_ref().map(|h| h.cast::<PyList>()) {
-            Some(Ok(h)) => {
-                if h.iter().any(|item| already(&item)) {
+        let list = match headers.as_ref().map(|h| (h, h.cast::<PyList>())) {
+            None => PyList::new(py, [echo])?,
+            Some((_, Ok(list))) => {
+                if list.iter().any(|item| already(&item)) {
                     self.response_headers = headers.map(Bound::unbind);
                     return Ok(None);
                 }
-                let n = h.len();
+                let n = list.len();
                 PyList::new(
                     py,
                     // Indexes below the length of a list we hold the GIL on cannot fail.
                     (0..=n).map(|i| {
                         if i < n {
-                            h.get_item(i).unwrap_or_else(|_| echo.clone())
+                            list.get_item(i).unwrap_or_else(|_| echo.clone())
                         } else {
                             echo.clone()
                         }
                     }),
                 )?
             }
-            Some(Err(_)) => {
-                let h = headers.as_ref().expect("matched Some");
+            Some((h, Err(_))) => {
                 let mut pairs: Vec<Bound<'py, PyAny>> = Vec::with_capacity(16);
                 for item in h.try_iter()? {
                     let item = item?;
@@ -438,7 +438,6 @@ impl HttpExchange {
                 pairs.push(echo);
                 PyList::new(py, pairs)?
             }
-            None => PyList::new(py, [echo])?,
         };
         let copy = message.copy()?;
         copy.set_item(intern!(py, "headers"), &list)?;

@@ -495,11 +495,7 @@ impl Packed<'_> {
     /// A pair of something other than `bytes`: stored as their text.
     #[cold]
     fn put_header_obj(&mut self, item: &Bound<'_, PyAny>) -> bool {
-        let pair = match item.cast::<PyTuple>() {
-            Ok(t) if t.len() == 2 => t.get_item(0).and_then(|k| Ok((k, t.get_item(1)?))),
-            _ => item.get_item(0).and_then(|k| Ok((k, item.get_item(1)?))),
-        };
-        let Ok((k, v)) = pair else {
+        let (Ok(k), Ok(v)) = (item.get_item(0), item.get_item(1)) else {
             return false;
         };
         self.put_obj(&k);
