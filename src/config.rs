@@ -88,6 +88,12 @@ impl Common {
         if self.name.is_empty() {
             return Err("name must not be empty".into());
         }
+        if self.name == RESERVED_NAME {
+            return Err(format!(
+                "name={RESERVED_NAME:?} is reserved (Pipeline.stats() reports the middleware's \
+                 counters under it); choose another name="
+            ));
+        }
         if self.kinds.is_empty() {
             return Err("kinds must name at least one of 'app', 'http'".into());
         }
@@ -310,6 +316,9 @@ impl Default for PipelineOptions {
     }
 }
 
+/// The key of the middleware's counters in `Pipeline.stats()`, beside the destinations'.
+const RESERVED_NAME: &str = "http";
+
 pub fn parse_specs(json: &str) -> Result<Vec<DestinationSpec>, String> {
     let specs: Vec<DestinationSpec> = serde_json::from_str(json)
         .map_err(|e| format!("invalid destination configuration: {e}"))?;
@@ -347,6 +356,12 @@ mod tests {
             r#"[{"common":{"name":"a","batch_max_delay":-1},"target":{"type":"local_files"}}]"#
         )
         .is_err());
+    }
+
+    #[test]
+    fn the_middleware_counters_name_is_reserved() {
+        let spec = r#"[{"common":{"name":"http"},"target":{"type":"local_files"}}]"#;
+        assert!(parse_specs(spec).unwrap_err().contains("reserved"));
     }
 
     #[test]

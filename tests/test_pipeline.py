@@ -315,12 +315,15 @@ def test_bad_configuration_raises_clear_errors(tmp_path):
         logsluice.Pipeline(logsluice.LocalFiles(tmp_path / "a"), logsluice.LocalFiles(tmp_path / "b"))
     with pytest.raises(ValueError, match="kinds"):
         logsluice.LocalFiles(tmp_path, kinds=["audit"])
+    # Pipeline.stats() reports the middleware's counters under "http".
+    with pytest.raises(ValueError, match="name=.http. is reserved"):
+        logsluice.LocalFiles(tmp_path, name="http")
 
 
 def test_routing_by_level_and_kind(tmp_path, loguru):
     everything = logsluice.LocalFiles(tmp_path / "all", name="all")
     errors = logsluice.LocalFiles(tmp_path / "errors", name="errors", min_level="ERROR")
-    http_only = logsluice.LocalFiles(tmp_path / "http", name="http", kinds=["http"])
+    http_only = logsluice.LocalFiles(tmp_path / "http", name="http_only", kinds=["http"])
     pipeline = logsluice.Pipeline(everything, errors, http_only)
     pipeline.attach(loguru, level="DEBUG")
     loguru.debug("d")
@@ -330,7 +333,7 @@ def test_routing_by_level_and_kind(tmp_path, loguru):
     assert [r["message"] for r in read_records(tmp_path / "all")] == ["d", "w", "e"]
     assert [r["message"] for r in read_records(tmp_path / "errors")] == ["e"]
     assert read_records(tmp_path / "http") == []
-    assert pipeline.stats()["http"]["accepted"] == 0
+    assert pipeline.stats()["http_only"]["accepted"] == 0
 
 
 def _child_logs(directory: str, tag: str, n: int) -> int:

@@ -98,6 +98,11 @@ class Destination:
         self.name = name or self.default_name
         if not isinstance(self.name, str) or not self.name.strip():
             raise ValueError(f"name must be a non-empty string, got {name!r}")
+        if self.name == "http":
+            raise ValueError(
+                "name='http' is reserved (Pipeline.stats() reports the middleware's counters under it); "
+                "choose another name="
+            )
         self.min_level = level_number(min_level)
         kinds = [kinds] if isinstance(kinds, str) else list(kinds)
         bad = [k for k in kinds if k not in KINDS]
