@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import logging
 import math
 import re
 import time
@@ -22,6 +23,8 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Optional
 
 from . import _core
+
+_log = logging.getLogger("logsluice")
 
 UNMATCHED_ROUTE = "<unmatched>"
 """The ``route`` of requests no route matched (404s, for example)."""
@@ -199,9 +202,6 @@ class LoggingMiddleware:
         self._sink = _core.HttpSink(core, json.dumps(config))
         self._rate_cache: dict[Optional[str], tuple[float, bool]] = {}
         self._template_cache: dict[str, str] = {}
-        # Failures before the native exchange exists (it counts its own).
-        self._internal_errors = 0
-        self._last_internal_error: Optional[str] = None
         register = getattr(pipeline, "_register_http", None)
         if register is not None:
             register(self)
@@ -252,18 +252,18 @@ class LoggingMiddleware:
         """``seen == kept + sampled_out + excluded + rate_limited`` once requests finish
         (requests whose hand-off failed count only in ``seen`` and ``internal_errors``)."""
         counts, _ = self._sink.counters()
-        out = dict(counts)
-        out["internal_errors"] += self._internal_errors
-        return out
+        return dict(counts)
 
     @property
     def last_internal_error(self) -> Optional[str]:
         """The type name of the last internal failure (never seen by the app)."""
-        return self._last_internal_error or self._sink.counters()[1]
+        return self._sink.counters()[1]
 
     def _internal_error(self, e: BaseException) -> None:
-        self._internal_errors += 1
-        self._last_internal_error = type(e).__name__
+        try:
+            self._sink.internal_error(type(e).__name__)
+        except Exception:  # noqa: BLE001 - the app must not see it either
+            _log.exception("logsluice: the middleware could not count an internal error (%r)", e)
 
     # -- identity and sampling -----------------------------------------------------------
 

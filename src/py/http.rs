@@ -113,8 +113,12 @@ impl Counters {
     }
     /// Counts a failure of the middleware's own, remembering the exception's type name.
     pub fn internal_error(&self, py: Python<'_>, e: &PyErr) {
+        self.internal_error_named(e.get_type(py).name().map(|n| n.to_string()).ok());
+    }
+
+    fn internal_error_named(&self, type_name: Option<String>) {
         self.internal_errors.fetch_add(1, Ordering::Relaxed);
-        *self.last_internal_error.lock() = e.get_type(py).name().map(|n| n.to_string()).ok();
+        *self.last_internal_error.lock() = type_name;
     }
 }
 
@@ -181,6 +185,12 @@ impl HttpSink {
         middleware: &Bound<'_, PyAny>,
     ) -> PyResult<HttpExchange> {
         HttpExchange::begin(slf, scope, middleware)
+    }
+
+    /// Counts a failure the Python half of the middleware caught (its exception's type
+    /// name), beside the exchange's own.
+    fn internal_error(&self, type_name: String) {
+        self.counters.internal_error_named(Some(type_name));
     }
 
     /// `{"seen": n, "kept": n, ...}` and the type name of the last internal error.
