@@ -305,6 +305,10 @@ pub struct DestinationSpec {
 pub struct PipelineOptions {
     pub max_message_bytes: usize,
     pub max_field_bytes: usize,
+    /// The middleware's finished requests waiting for redaction, at most (more are
+    /// dropped and counted as `handoff_dropped`): by count and by their bytes.
+    pub handoff_max_requests: usize,
+    pub handoff_max_bytes: usize,
 }
 
 impl Default for PipelineOptions {
@@ -312,6 +316,8 @@ impl Default for PipelineOptions {
         PipelineOptions {
             max_message_bytes: 64 << 10,
             max_field_bytes: 64 << 10,
+            handoff_max_requests: 20_000,
+            handoff_max_bytes: 64 << 20,
         }
     }
 }

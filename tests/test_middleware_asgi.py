@@ -539,6 +539,33 @@ def test_internal_failure_of_the_hand_off_never_reaches_the_app(pipeline, tmp_lo
     assert http_records(pipeline, tmp_logs) == []
 
 
+def test_a_full_hand_off_drops_requests_counts_them_and_the_app_never_waits(tmp_logs):
+    # Room for 5 finished requests between two looks of the redaction thread (every 20 ms,
+    # or at 256 waiting): a burst of 2,000 requests in one event loop overflows it.
+    p = logsluice.Pipeline(logsluice.LocalFiles(tmp_logs), handoff_max_requests=5)
+    mw = LoggingMiddleware(echo_app([]), pipeline=p)
+    n = 2000
+
+    async def burst() -> list[int]:
+        statuses = []
+        for i in range(n):
+            client = Client([b"x"])
+            await mw(scope(f"/{i}", "POST"), client.receive, client.send)
+            statuses.append(client.status)
+        return statuses
+
+    assert asyncio.run(burst()) == [200] * n
+    records = http_records(p, tmp_logs)
+    http = p.stats()["http"]
+    p.close()
+    assert http["seen"] == http["kept"] == n
+    assert 0 < http["handoff_dropped"] < n
+    assert http["handoff_waiting"] == 0
+    # Every request is either stored or counted as dropped: none is lost silently.
+    assert len(records) + http["handoff_dropped"] == n
+    assert len({r["path"] for r in records}) == len(records)
+
+
 def test_internal_failure_while_sampling_keeps_the_request(pipeline, tmp_logs):
     mw = LoggingMiddleware(echo_app([]), pipeline=pipeline, sample={"/other": 0.0})
 

@@ -315,6 +315,10 @@ def test_bad_configuration_raises_clear_errors(tmp_path):
         logsluice.Pipeline(logsluice.LocalFiles(tmp_path / "a"), logsluice.LocalFiles(tmp_path / "b"))
     with pytest.raises(ValueError, match="kinds"):
         logsluice.LocalFiles(tmp_path, kinds=["audit"])
+    with pytest.raises(ValueError, match="handoff_max_requests must be a whole number >= 1"):
+        logsluice.Pipeline(logsluice.LocalFiles(tmp_path), handoff_max_requests=0)
+    with pytest.raises(ValueError, match="handoff_max_bytes must be a whole number of bytes >= 1048576"):
+        logsluice.Pipeline(logsluice.LocalFiles(tmp_path), handoff_max_bytes=4096)
     # Pipeline.stats() reports the middleware's counters under "http".
     with pytest.raises(ValueError, match="name=.http. is reserved"):
         logsluice.LocalFiles(tmp_path, name="http")

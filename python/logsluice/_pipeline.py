@@ -17,7 +17,20 @@ from .destinations import ENV_BUILDERS, Destination, LocalFiles, level_number
 
 _log = logging.getLogger("logsluice")
 
-PIPELINE_DEFAULTS: dict[str, int] = {"max_message_bytes": 64 * 1024, "max_field_bytes": 64 * 1024}
+PIPELINE_DEFAULTS: dict[str, int] = {
+    "max_message_bytes": 64 * 1024,
+    "max_field_bytes": 64 * 1024,
+    "handoff_max_requests": 20_000,
+    "handoff_max_bytes": 64 << 20,
+}
+# The least each option takes: a message cap below 64 bytes would cut every record, and a
+# hand-off smaller than one request with full bodies would drop every request.
+_PIPELINE_MINIMUMS: dict[str, int] = {
+    "max_message_bytes": 64,
+    "max_field_bytes": 64,
+    "handoff_max_requests": 1,
+    "handoff_max_bytes": 1 << 20,
+}
 
 
 def _report(level: int, message: str) -> None:
@@ -44,7 +57,8 @@ class LoggingHandler(logging.Handler):
 class Pipeline:
     """Delivers log records to destinations in batches, off the caller's thread.
 
-    ``Pipeline(*destinations, max_message_bytes=65536, max_field_bytes=65536)``. With no
+    ``Pipeline(*destinations, max_message_bytes=65536, max_field_bytes=65536,
+    handoff_max_requests=20000, handoff_max_bytes=64 MiB)``. With no
     destination, records go to ``LocalFiles("./logs")``. No thread starts until the first
     record arrives; a forked child starts its own core on first use.
     """
@@ -61,8 +75,10 @@ class Pipeline:
                 raise ValueError(f"Pipeline takes destinations such as logsluice.LocalFiles(...), got {d!r}")
         opts = {**PIPELINE_DEFAULTS, **options}
         for key, value in opts.items():
-            if isinstance(value, bool) or not isinstance(value, int) or value < 64:
-                raise ValueError(f"Pipeline: {key} must be a whole number of bytes >= 64, got {value!r}")
+            least = _PIPELINE_MINIMUMS[key]
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                unit = "" if key == "handoff_max_requests" else " of bytes"
+                raise ValueError(f"Pipeline: {key} must be a whole number{unit} >= {least}, got {value!r}")
         self.destinations: tuple[Destination, ...] = destinations or (LocalFiles("./logs"),)
         specs = json.dumps([d._spec() for d in self.destinations])
         self._core = _core.Core(specs, json.dumps(opts), _report, _context.request_id, _context.trace)

@@ -25,6 +25,7 @@ use serde::Deserialize;
 use super::convert;
 use super::exchange::HttpExchange;
 use super::PyCore;
+use crate::config::PipelineOptions;
 use crate::http::redact::{Redactor, Rules, DEFAULT_HEADERS, DEFAULT_KEYS};
 use crate::http::{self, Exchange, Headers, TraceIds};
 use crate::pipeline::{fork_generation, reporting, Core};
@@ -294,13 +295,9 @@ impl HttpSink {
             // The bodies (most of the bytes) go straight from the exchange to the lane:
             // copying them needs no Python, so it may happen under the lane's lock.
             let bodies = [parts.request_body, parts.response_body];
-            pycore.http_lane.push(
-                p.buf,
-                bodies,
-                &self.inner,
-                &core,
-                pycore.options.max_message_bytes,
-            );
+            pycore
+                .http_lane
+                .push(p.buf, bodies, &self.inner, &core, &pycore.options);
         });
     }
 }
@@ -673,8 +670,6 @@ const LANE_POLL: Duration = Duration::from_millis(20);
 const LANE_YIELD_EVERY: usize = 64;
 /// Woken early when this many jobs wait.
 const LANE_WAKE_AT: usize = 256;
-const LANE_MAX_JOBS: usize = 20_000;
-const LANE_MAX_BYTES: usize = 64 << 20;
 /// The most a batch's byte buffer keeps between batches.
 const BATCH_KEEP_BYTES: usize = 4 << 20;
 /// Cache lines asked for when a request begins: an exchange with 1 KB bodies each way.
@@ -767,7 +762,7 @@ impl Lane {
         bodies: [Body<'_>; 2],
         redactor: &Arc<Redactor>,
         core: &Arc<Core>,
-        max_message_bytes: usize,
+        options: &PipelineOptions,
     ) {
         let size = packed.len()
             + bodies
@@ -778,7 +773,9 @@ impl Lane {
         let inner = self.inner();
         let mut q = inner.queue.lock();
         let b = &mut q.batch;
-        if b.jobs >= LANE_MAX_JOBS || b.bytes.len() + size > LANE_MAX_BYTES {
+        if b.jobs >= options.handoff_max_requests
+            || b.bytes.len() + size > options.handoff_max_bytes
+        {
             drop(q);
             self.dropped.fetch_add(1, Ordering::Relaxed);
             return;
@@ -788,7 +785,7 @@ impl Lane {
         }
         if b.core.is_none() {
             b.core = Some(core.clone());
-            b.max_message_bytes = max_message_bytes;
+            b.max_message_bytes = options.max_message_bytes;
         }
         b.bytes.reserve(size);
         b.bytes.extend_from_slice(packed);
