@@ -849,6 +849,8 @@ def test_configuration_errors_are_clear(pipeline):
         LoggingMiddleware(echo_app([]), pipeline=pipeline, sample={"/x": 2})
     with pytest.raises(ValueError, match="max_body_bytes"):
         LoggingMiddleware(echo_app([]), pipeline=pipeline, max_body_bytes=-1)
+    with pytest.raises(ValueError, match="does not fit the pipeline's handoff_max_bytes=67108864"):
+        LoggingMiddleware(echo_app([]), pipeline=pipeline, max_body_bytes=40 << 20)
     with pytest.raises(ValueError, match="redact_headers"):
         LoggingMiddleware(echo_app([]), pipeline=pipeline, redact_headers="authorization")
     with pytest.raises(ValueError, match="trusted_proxies"):

@@ -79,6 +79,7 @@ class Pipeline:
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 unit = "" if key == "handoff_max_requests" else " of bytes"
                 raise ValueError(f"Pipeline: {key} must be a whole number{unit} >= {least}, got {value!r}")
+        self._options = opts
         self.destinations: tuple[Destination, ...] = destinations or (LocalFiles("./logs"),)
         specs = json.dumps([d._spec() for d in self.destinations])
         self._core = _core.Core(specs, json.dumps(opts), _report, _context.request_id, _context.trace)

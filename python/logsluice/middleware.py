@@ -167,6 +167,14 @@ class LoggingMiddleware:
         self._route_buckets: dict[str, _Bucket] = {}
         if isinstance(max_body_bytes, bool) or not isinstance(max_body_bytes, int) or max_body_bytes < 0:
             raise ValueError(f"max_body_bytes must be a whole number >= 0, got {max_body_bytes!r}")
+        handoff_max_bytes = getattr(pipeline, "_options", {}).get("handoff_max_bytes")
+        if handoff_max_bytes is not None and 2 * max_body_bytes + 64 * 1024 > handoff_max_bytes:
+            # A request with both bodies at the cap would never fit: every such record dropped.
+            raise ValueError(
+                f"max_body_bytes={max_body_bytes} does not fit the pipeline's handoff_max_bytes="
+                f"{handoff_max_bytes}: both bodies at the cap plus 64 KiB of headers must fit; "
+                "raise handoff_max_bytes or lower max_body_bytes"
+            )
         if request_id_header is not None and not (isinstance(request_id_header, str) and request_id_header):
             raise ValueError(f"request_id_header must be a header name or None, got {request_id_header!r}")
         try:
