@@ -19,7 +19,7 @@ use pyo3::exceptions::PyValueError;
 use pyo3::ffi;
 use pyo3::intern;
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
+use pyo3::types::{PyBytes, PyDict, PyList, PyString};
 use serde::Deserialize;
 
 use super::convert;
@@ -515,14 +515,15 @@ impl Packed<'_> {
 const MAX_HEADERS: usize = 200;
 
 /// A `(bytes, bytes)` tuple read through the C API: the shape every ASGI server uses for
-/// headers, read here for every header of every request.
+/// headers, read here for every header of every request. A longer tuple gives its first two
+/// items (what every reader of headers here has always taken from one).
 pub fn bytes_pair<'a>(item: &'a Bound<'_, PyAny>) -> Option<(&'a [u8], &'a [u8])> {
     let t = item.as_ptr();
     // SAFETY: `t` is a live object. The tuple macros read it only after the type check; its
     // items are borrowed references living as long as the tuple, which outlives `'a`. A
     // bytes object's buffer lives as long as the object and never changes.
     unsafe {
-        if ffi::PyTuple_Check(t) == 0 || ffi::PyTuple_GET_SIZE(t) != 2 {
+        if ffi::PyTuple_Check(t) == 0 || ffi::PyTuple_GET_SIZE(t) < 2 {
             return None;
         }
         let part = |i: ffi::Py_ssize_t| -> Option<&'a [u8]> {
@@ -901,22 +902,10 @@ fn inbound<'py>(
         id.is_some() && trace.is_some()
     };
     for item in list.iter() {
-        let done = if let Some((k, v)) = bytes_pair(&item) {
-            note(k, v)
-        } else {
-            let Ok(t) = item.cast::<PyTuple>() else {
-                continue;
-            };
-            let (Ok(k), Ok(v)) = (t.get_borrowed_item(0), t.get_borrowed_item(1)) else {
-                continue;
-            };
-            let (Ok(k), Ok(v)) = (k.cast::<PyBytes>(), v.cast::<PyBytes>()) else {
-                continue;
-            };
-            note(k.as_bytes(), v.as_bytes())
-        };
-        if done {
-            break;
+        if let Some((k, v)) = bytes_pair(&item) {
+            if note(k, v) {
+                break;
+            }
         }
     }
     (id.flatten(), trace.flatten())
