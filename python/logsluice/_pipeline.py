@@ -23,13 +23,14 @@ PIPELINE_DEFAULTS: dict[str, int] = {
     "handoff_max_requests": 20_000,
     "handoff_max_bytes": 64 << 20,
 }
-# The least each option takes: a message cap below 64 bytes would cut every record, and a
-# hand-off smaller than one request with full bodies would drop every request.
-_PIPELINE_MINIMUMS: dict[str, int] = {
-    "max_message_bytes": 64,
-    "max_field_bytes": 64,
-    "handoff_max_requests": 1,
-    "handoff_max_bytes": 1 << 20,
+# The least each option takes, and what it counts: a message cap below 64 bytes would cut
+# every record, and a hand-off smaller than one request with full bodies would drop every
+# request.
+_PIPELINE_MINIMUMS: dict[str, tuple[int, str]] = {
+    "max_message_bytes": (64, " of bytes"),
+    "max_field_bytes": (64, " of bytes"),
+    "handoff_max_requests": (1, ""),
+    "handoff_max_bytes": (1 << 20, " of bytes"),
 }
 
 
@@ -75,9 +76,8 @@ class Pipeline:
                 raise ValueError(f"Pipeline takes destinations such as logsluice.LocalFiles(...), got {d!r}")
         opts = {**PIPELINE_DEFAULTS, **options}
         for key, value in opts.items():
-            least = _PIPELINE_MINIMUMS[key]
+            least, unit = _PIPELINE_MINIMUMS[key]
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
-                unit = "" if key == "handoff_max_requests" else " of bytes"
                 raise ValueError(f"Pipeline: {key} must be a whole number{unit} >= {least}, got {value!r}")
         self._options = opts
         self.destinations: tuple[Destination, ...] = destinations or (LocalFiles("./logs"),)
