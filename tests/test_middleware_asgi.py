@@ -539,7 +539,7 @@ def test_internal_failure_of_the_hand_off_never_reaches_the_app(pipeline, tmp_lo
     assert http_records(pipeline, tmp_logs) == []
 
 
-def test_a_full_hand_off_drops_requests_counts_them_and_the_app_never_waits(tmp_logs):
+def test_a_full_hand_off_drops_requests_counts_them_and_every_response_still_goes_out(tmp_logs):
     # Room for 5 finished requests between two looks of the redaction thread (every 20 ms,
     # or at 256 waiting): a burst of 2,000 requests in one event loop overflows it.
     p = logsluice.Pipeline(logsluice.LocalFiles(tmp_logs), handoff_max_requests=5)
