@@ -7,6 +7,8 @@ import asyncio
 import atexit
 import json
 import logging
+import multiprocessing.util
+import time
 import weakref
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -86,6 +88,9 @@ class Pipeline:
         self._handler_ids: list[int] = []
         self._http_middlewares: weakref.WeakSet[Any] = weakref.WeakSet()
         self._close_callbacks: list[Any] = []
+        # Held until closed: the sinks and handlers it hands out hold only the core, so a
+        # pipeline nobody keeps (``Pipeline(...).attach(logger)``) must still be closed,
+        # and its records flushed, at exit.
         _live_pipelines.add(self)
 
     @classmethod
@@ -174,6 +179,7 @@ class Pipeline:
         (reason ``closed``) and reported on the ``logsluice`` logger. Safe to call twice."""
         if self._core.closed:
             return
+        _live_pipelines.discard(self)
         for callback in self._close_callbacks:
             try:
                 callback()  # e.g. a viewer ending its live streams
@@ -208,13 +214,18 @@ class Pipeline:
         return f"Pipeline({', '.join(repr(d) for d in self.destinations)})"
 
 
-_live_pipelines: weakref.WeakSet[Pipeline] = weakref.WeakSet()
+_live_pipelines: set[Pipeline] = set()
+
+# Every pipeline closing at exit shares this budget: one per pipeline could hold exit for
+# ten seconds per unreachable store.
+_EXIT_CLOSE_SECONDS = 10.0
 
 
 def _close_all_at_exit() -> None:
+    deadline = time.monotonic() + _EXIT_CLOSE_SECONDS
     for pipeline in list(_live_pipelines):
         try:
-            pipeline.close()
+            pipeline.close(timeout=max(0.0, deadline - time.monotonic()))
         except Exception:  # noqa: BLE001 - exit must go on for the other pipelines
             _log.exception("logsluice: closing a pipeline at exit failed")
     _core._mark_interpreter_exit()
@@ -223,5 +234,23 @@ def _close_all_at_exit() -> None:
 # Registered at import (no thread is started): it runs before the interpreter tears down,
 # while the core may still take the GIL to report.
 atexit.register(_close_all_at_exit)
+
+
+class _ForkedChildHook:
+    """A key for multiprocessing's after-fork registry (it holds its keys weakly)."""
+
+
+_FORKED_CHILD_HOOK = _ForkedChildHook()
+
+
+def _close_at_multiprocessing_exit(_: object) -> None:
+    # A multiprocessing child (Process, pools, ProcessPoolExecutor) ends with os._exit:
+    # atexit never runs there, but multiprocessing's own exit runs its finalizers.
+    multiprocessing.util.Finalize(None, _close_all_at_exit, exitpriority=0)
+
+
+# Runs in each multiprocessing child started by fork, after multiprocessing cleared the
+# finalizers the child inherited.
+multiprocessing.util.register_after_fork(_FORKED_CHILD_HOOK, _close_at_multiprocessing_exit)
 
 __all__ = ["Pipeline", "LoggingHandler"]
