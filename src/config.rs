@@ -105,8 +105,21 @@ impl Common {
     }
 
     pub fn secs(v: f64) -> Duration {
-        Duration::from_secs_f64(v.max(0.0))
+        seconds(v)
     }
+}
+
+/// The longest wait any option or call turns into (about 31 years): long enough to mean
+/// "forever", short enough that a deadline `Instant::now() + d` cannot overflow.
+const MAX_SECONDS: f64 = 1e9;
+
+/// Seconds as a `Duration`, saturating: negative or NaN is zero, anything huge (infinity
+/// included) is [`MAX_SECONDS`]. `Duration::from_secs_f64` panics on those instead.
+pub fn seconds(v: f64) -> Duration {
+    if v.is_nan() || v <= 0.0 {
+        return Duration::ZERO;
+    }
+    Duration::from_secs_f64(v.min(MAX_SECONDS))
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -287,6 +300,7 @@ impl Target {
     pub fn validate(&self) -> Result<(), String> {
         match self {
             Target::AzureBlob(cfg) => crate::destinations::azure_blob::validate(cfg),
+            Target::Postgres(cfg) => crate::destinations::postgres::validate(cfg),
             _ => Ok(()),
         }
     }
@@ -349,6 +363,18 @@ pub fn parse_specs(json: &str) -> Result<Vec<DestinationSpec>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn seconds_saturate_instead_of_panicking() {
+        assert_eq!(seconds(f64::NAN), Duration::ZERO);
+        assert_eq!(seconds(-1.0), Duration::ZERO);
+        assert_eq!(seconds(0.25), Duration::from_millis(250));
+        for huge in [1e20, f64::INFINITY] {
+            assert_eq!(seconds(huge), Duration::from_secs(1_000_000_000));
+            // The deadlines built from them must not overflow either.
+            let _ = std::time::Instant::now() + seconds(huge);
+        }
+    }
 
     #[test]
     fn defaults_fill_in_and_unknown_keys_fail() {

@@ -203,10 +203,16 @@ pub fn clean_bytes(bytes: &[u8]) -> String {
 /// Cuts `s` to at most `max` bytes on a character boundary and appends a visible marker
 /// with the original size, so a reader knows the text was cut and by how much.
 pub fn truncate_in_place(s: &mut String, max: usize) {
+    let original = s.len();
+    truncate_from(s, max, original);
+}
+
+/// [`truncate_in_place`] for text decoded from only the start of a larger value: the
+/// marker gives the value's size, `original`, not the decoded part's.
+pub fn truncate_from(s: &mut String, max: usize, original: usize) {
     if s.len() <= max {
         return;
     }
-    let original = s.len();
     let mut cut = max;
     while !s.is_char_boundary(cut) {
         cut -= 1;

@@ -322,6 +322,10 @@ def test_bad_configuration_raises_clear_errors(tmp_path):
     # Pipeline.stats() reports the middleware's counters under "http".
     with pytest.raises(ValueError, match="name=.http. is reserved"):
         logsluice.LocalFiles(tmp_path, name="http")
+    # A DSN the driver cannot use fails here, not as a stream of failed batches later.
+    with pytest.raises(ValueError, match="invalid DSN") as bad_dsn:
+        logsluice.Pipeline(logsluice.Postgres("postgresql://app:s3cret@127.0.0.1:1/db?sslmode=bogus"))
+    assert "s3cret" not in str(bad_dsn.value)
 
 
 def test_routing_by_level_and_kind(tmp_path, loguru):
@@ -403,6 +407,114 @@ for i in range(1000):
 """
     subprocess.run([sys.executable, "-c", script], check=True, timeout=60)
     assert len(read_records(tmp_path)) == 1000
+
+
+def test_exit_delivers_from_a_pipeline_nobody_holds_and_from_multiprocessing_children(tmp_path):
+    # Children of multiprocessing end with os._exit (no atexit); the pipeline object itself
+    # is gone once setup() returns: only the sink and the handler hold its core.
+    script = tmp_path / "app.py"
+    logs = tmp_path / "logs"
+    script.write_text(
+        f"""
+import gc, logging, multiprocessing
+import logsluice
+from loguru import logger
+
+def setup():
+    logger.remove()
+    pipeline = logsluice.Pipeline(logsluice.LocalFiles({str(logs)!r}))
+    pipeline.attach(logger, level="INFO")
+    logging.getLogger().addHandler(pipeline.logging_handler())
+    logging.getLogger().setLevel(logging.INFO)
+
+def work(tag):
+    logger.info("loguru {{}}", tag)
+    logging.getLogger("app").info("stdlib %s", tag)
+
+if __name__ == "__main__":
+    setup()
+    gc.collect()
+    work("parent")
+    fork = multiprocessing.get_context("fork")
+    children = [fork.Process(target=work, args=(f"process{{i}}",)) for i in range(3)]
+    for child in children:
+        child.start()
+    for child in children:
+        child.join()
+    assert [child.exitcode for child in children] == [0, 0, 0]
+    pool = fork.Pool(2)
+    pool.map(work, [f"pool{{i}}" for i in range(4)])
+    pool.close()
+    pool.join()
+"""
+    )
+    subprocess.run([sys.executable, str(script)], check=True, timeout=120, cwd=tmp_path)
+    messages = sorted(r["message"] for r in read_records(logs))
+    tags = ["parent"] + [f"process{i}" for i in range(3)] + [f"pool{i}" for i in range(4)]
+    assert messages == sorted(f"{kind} {tag}" for tag in tags for kind in ("loguru", "stdlib"))
+
+
+def test_a_dict_that_changes_while_it_is_logged_is_stored_without_raising(tmp_logs, loguru):
+    class Grows:
+        """Adds a key to the dict (or an attribute to the object) that holds it when shown."""
+
+        def __init__(self, owner):
+            self.owner = owner
+
+        def __repr__(self):
+            if isinstance(self.owner, dict):
+                self.owner[f"added{len(self.owner)}"] = 1
+            else:
+                setattr(self.owner, f"added{len(vars(self.owner))}", 1)
+            return "grows"
+
+    class AttachGrows(logging.Filter):
+        def filter(self, record):
+            record.grows = Grows(record)
+            return True
+
+    pipeline = logsluice.Pipeline(logsluice.LocalFiles(tmp_logs))
+    pipeline.attach(loguru, level="INFO")
+    state = {"user": "ada"}
+    state["grows"] = Grows(state)
+    loguru.bind(state=state).info("loguru state")
+    stdlib = logging.getLogger("test.grows")
+    stdlib.propagate = False
+    stdlib.addHandler(pipeline.logging_handler())
+    stdlib.addFilter(AttachGrows())
+    stdlib.warning("stdlib state", extra={"state": {"user": "bob"}})
+    pipeline.close()
+    by_msg = {r["message"]: r for r in read_records(tmp_logs)}
+    assert by_msg["loguru state"]["fields"]["state"]["user"] == "ada"
+    assert by_msg["loguru state"]["fields"]["state"]["grows"] == "grows"
+    assert by_msg["stdlib state"]["fields"]["state"] == {"user": "bob"}
+    assert by_msg["stdlib state"]["fields"]["grows"] == "grows"
+
+
+def test_odd_levels_huge_durations_and_long_bytes_are_kept(tmp_logs, loguru):
+    forever = 1e20  # also what float("inf") becomes: a wait that never ends, not a crash
+    dest = logsluice.LocalFiles(
+        tmp_logs, min_level="WARNING", batch_max_delay=forever, retry_max=forever, breaker_cooldown=forever
+    )
+    pipeline = logsluice.Pipeline(dest, max_field_bytes=1000)
+    pipeline.attach(loguru, level="WARNING")
+    try:
+        loguru.level("PAGE_ONCALL", no=70_000)
+    except ValueError:
+        pass  # defined by an earlier run in this process
+    loguru.log("PAGE_ONCALL", "paged")
+    stdlib = logging.getLogger("test.levels")
+    stdlib.propagate = False
+    stdlib.addHandler(pipeline.logging_handler())
+    stdlib.log(70_000, "stdlib paged")
+    stdlib.log(2**70, "stdlib beyond 64 bits")
+    loguru.bind(blob=b"y" * 100_000).warning("long bytes")
+    pipeline.flush(timeout=float("inf"))
+    pipeline.close(timeout=float("inf"))
+    by_msg = {r["message"]: r for r in read_records(tmp_logs)}
+    assert [by_msg[m]["level_no"] for m in ("paged", "stdlib paged", "stdlib beyond 64 bits")] == [65535] * 3
+    assert by_msg["long bytes"]["fields"]["blob"].endswith("…[truncated, 100000 bytes]")
+    assert_accounted(pipeline.stats())
 
 
 def test_lifespan_closes_the_pipeline(tmp_logs, loguru):

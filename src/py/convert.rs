@@ -172,8 +172,12 @@ pub fn push_json(out: &mut Vec<u8>, obj: &Bound<'_, PyAny>, max: usize, depth: u
         push_array(out, t.iter(), max, depth);
     } else if let Ok(b) = obj.cast::<PyBytes>() {
         let bytes = b.as_bytes();
-        let s = crate::record::clean_bytes(&bytes[..bytes.len().min(max + 4)]);
-        push_json_str(out, &s, max);
+        // Only what can be kept is decoded; the marker gives the full size.
+        let mut s = crate::record::clean_bytes(&bytes[..bytes.len().min(max + 4)]);
+        let original = s.len().max(bytes.len());
+        crate::record::truncate_from(&mut s, max, original);
+        // Writing a str into a Vec cannot fail.
+        let _ = serde_json::to_writer(out, &s);
     } else {
         push_repr(out, obj, max);
     }
@@ -198,11 +202,37 @@ fn push_array<'py>(
 /// Extras that have their own column instead of a place in `fields`.
 const OWN_COLUMNS: &[&str] = &["request_id", "trace_id", "span_id"];
 
+/// A dict's items, read with `PyDict_Next`. PyO3's iterator panics when the dict changes
+/// size while it is read, and that happens here: a value's `__repr__`, or another thread
+/// between two items, may add or remove keys of a dict the app is logging. `PyDict_Next`
+/// bounds-checks against the dict's current table, so a changed dict gives its items as
+/// they are now (some perhaps skipped or twice), never a panic in the app's logging call.
+pub fn dict_items<'a, 'py>(
+    d: &'a Bound<'py, PyDict>,
+) -> impl Iterator<Item = (Bound<'py, PyAny>, Bound<'py, PyAny>)> + 'a {
+    let mut pos: ffi::Py_ssize_t = 0;
+    std::iter::from_fn(move || {
+        let (mut k, mut v) = (std::ptr::null_mut(), std::ptr::null_mut());
+        // SAFETY: the GIL is held (we have a `Bound`); both borrowed references become
+        // strong ones before any Python code can run and change the dict.
+        unsafe {
+            if ffi::PyDict_Next(d.as_ptr(), &mut pos, &mut k, &mut v) == 0 {
+                return None;
+            }
+            let py = d.py();
+            Some((
+                Bound::from_borrowed_ptr(py, k),
+                Bound::from_borrowed_ptr(py, v),
+            ))
+        }
+    })
+}
+
 /// Writes a dict as a JSON object, leaving out `skip` (keys that have their own column).
 fn push_object(out: &mut Vec<u8>, d: &Bound<'_, PyDict>, max: usize, depth: usize, skip: &[&str]) {
     out.push(b'{');
     let mut first = true;
-    for (k, v) in d.iter().take(MAX_ITEMS) {
+    for (k, v) in dict_items(d).take(MAX_ITEMS) {
         let key = match k.cast::<PyString>() {
             Ok(s) => str_text(s).into_owned(),
             Err(_) => text(&k),
@@ -230,6 +260,19 @@ fn get_text(d: &Bound<'_, PyDict>, key: &Bound<'_, PyString>) -> String {
         .filter(|v| !v.is_none())
         .map(|v| text(&v))
         .unwrap_or_default()
+}
+
+/// A level number as the core keeps it: Python allows any int (Loguru's custom levels,
+/// `logging.log(70000, ...)`), the record holds 0..=65535, so larger levels count as the
+/// highest, not as 0 (which would put them under every `min_level` and lose them).
+pub fn level_number(v: Option<Bound<'_, PyAny>>) -> u16 {
+    let Some(v) = v else { return 0 };
+    match v.extract::<i64>() {
+        Ok(n) => n.clamp(0, i64::from(u16::MAX)) as u16,
+        // An int beyond 64 bits.
+        Err(_) if v.cast::<PyInt>().is_ok() && v.gt(0).unwrap_or(false) => u16::MAX,
+        Err(_) => 0,
+    }
 }
 
 fn int_attr<T: for<'a, 'py> FromPyObject<'a, 'py> + Default>(
@@ -382,7 +425,7 @@ pub fn loguru_level(record: &Bound<'_, PyDict>) -> (String, u16) {
                 .getattr(intern!(py, "name"))
                 .map(|n| text(&n))
                 .unwrap_or_default();
-            (name, int_attr::<u16>(&level, intern!(py, "no")))
+            (name, level_number(level.getattr(intern!(py, "no")).ok()))
         }
         None => (String::new(), 0),
     }
@@ -498,9 +541,7 @@ pub fn from_logging(ctx: &Ctx, rec: &Bound<'_, PyAny>) -> Record {
             attr_text(rec, intern!(py, "msg"))
         ),
     };
-    let level_no = attr_of(rec, intern!(py, "levelno"))
-        .and_then(|v| v.extract().ok())
-        .unwrap_or(0);
+    let level_no = level_number(attr_of(rec, intern!(py, "levelno")));
     let ts = attr_of(rec, intern!(py, "created"))
         .and_then(|v| v.extract::<f64>().ok())
         .map_or_else(now_micros, micros);
@@ -551,7 +592,7 @@ pub fn from_logging(ctx: &Ctx, rec: &Bound<'_, PyAny>) -> Record {
             get(&dict, intern!(py, "span_id")),
         );
         let mut json = vec![b'{'];
-        for (k, v) in dict.iter() {
+        for (k, v) in dict_items(&dict).take(MAX_ITEMS + LOGRECORD_ATTRS.len()) {
             let key = text(&k);
             if LOGRECORD_ATTRS.contains(&key.as_str()) {
                 continue;

@@ -815,7 +815,7 @@ impl Lane {
             return timeout;
         };
         let start = Instant::now();
-        let limit = Duration::from_secs_f64(timeout.max(0.0));
+        let limit = crate::config::seconds(timeout);
         py.detach(|| {
             let deadline = start + limit;
             let mut q = inner.queue.lock();

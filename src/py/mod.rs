@@ -136,6 +136,46 @@ impl PyCore {
         };
         self.submit(py, &core, record);
     }
+
+    fn submit_logging(&self, py: Python<'_>, record: &Bound<'_, PyAny>) {
+        if reporting() {
+            return;
+        }
+        let core = self.core();
+        let level_no = convert::level_number(record.getattr(intern!(py, "levelno")).ok());
+        if !core.wants(level_no, Kind::App) {
+            return;
+        }
+        let rec = convert::from_logging(&self.ctx, record);
+        self.submit(py, &core, rec);
+    }
+
+    /// Runs one of the write methods. A bug of ours on an odd record (a panic) must not
+    /// reach the app's logging call as `PanicException` (a BaseException: neither Loguru's
+    /// `catch` nor logging's error handling stops it), nor lose the record unseen: a notice
+    /// saying what happened is stored in its place.
+    fn guarded(&self, py: Python<'_>, write: impl FnOnce()) {
+        let Err(panic) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(write)) else {
+            return;
+        };
+        let why = panic
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        let notice = Record::new(
+            convert::now_micros(),
+            "WARNING",
+            30,
+            Kind::App,
+            format!("logsluice could not read a log record ({why}); this notice takes its place"),
+        )
+        .finish(self.options.max_message_bytes);
+        let core = self.core();
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.submit(py, &core, notice)
+        }));
+    }
 }
 
 #[pymethods]
@@ -185,24 +225,12 @@ impl PyCore {
 
     /// Hands one Loguru message to the core. Never raises.
     fn write_loguru(&self, py: Python<'_>, message: &Bound<'_, PyAny>) {
-        self.submit_loguru(py, message);
+        self.guarded(py, || self.submit_loguru(py, message));
     }
 
     /// Hands one `logging.LogRecord` to the core. Never raises.
     fn write_logging(&self, py: Python<'_>, record: &Bound<'_, PyAny>) {
-        if reporting() {
-            return;
-        }
-        let core = self.core();
-        let level_no: u16 = record
-            .getattr(intern!(py, "levelno"))
-            .and_then(|v| v.extract())
-            .unwrap_or(0);
-        if !core.wants(level_no, Kind::App) {
-            return;
-        }
-        let rec = convert::from_logging(&self.ctx, record);
-        self.submit(py, &core, rec);
+        self.guarded(py, || self.submit_logging(py, record));
     }
 
     /// `(waiting, dropped)`: HTTP exchanges not yet redacted, and those a full lane dropped.
@@ -261,7 +289,7 @@ impl PyCore {
         else {
             return Ok(());
         };
-        let timeout = Duration::from_secs_f64(timeout.max(0.0));
+        let timeout = crate::config::seconds(timeout);
         py.detach(|| core.flush(timeout)).map_err(|pending| {
             PyTimeoutError::new_err(format!(
                 "flush timed out; still pending: {}",
@@ -280,7 +308,7 @@ impl PyCore {
             .slot
             .load_full()
             .filter(|c| c.generation == fork_generation())?;
-        let timeout = Duration::from_secs_f64(timeout.max(0.0));
+        let timeout = crate::config::seconds(timeout);
         py.detach(|| core.close(timeout))
             .err()
             .map(|p| pending_text(&p))

@@ -133,7 +133,9 @@ impl PyReader {
     fn new(py: Python<'_>, spec_json: &str) -> PyResult<Self> {
         let spec: SourceSpec = serde_json::from_str(spec_json)
             .map_err(|e| PyValueError::new_err(format!("invalid reader source: {e}")))?;
-        let secs = |v: f64| Duration::from_secs_f64(v.clamp(0.001, 25.0));
+        let secs = |v: f64| {
+            crate::config::seconds(v).clamp(Duration::from_millis(1), Duration::from_secs(25))
+        };
         let reader = py
             .detach(|| -> Result<Reader, ReadError> {
                 Ok(match spec {
@@ -319,7 +321,7 @@ impl PyReader {
     fn wait_wakeup(&self, py: Python<'_>, seen: u64, timeout: f64) -> PyResult<u64> {
         let inner = self.inner.clone();
         self.pg()?;
-        let timeout = Duration::from_secs_f64(timeout.clamp(0.0, 60.0));
+        let timeout = crate::config::seconds(timeout).min(Duration::from_secs(60));
         Ok(py.detach(move || pg_of(&inner).wakeups().wait(seen, timeout)))
     }
 

@@ -245,7 +245,22 @@ struct Inner {
 }
 
 fn secs(v: f64) -> Duration {
-    Duration::from_secs_f64(v.max(0.001))
+    crate::config::seconds(v).max(Duration::from_millis(1))
+}
+
+/// The DSN's connection options, or why it cannot be used (its password scrubbed).
+fn connect_options(cfg: &PostgresConfig) -> Result<PgConnectOptions, String> {
+    PgConnectOptions::from_str(&cfg.dsn).map_err(|e| {
+        let message = format!("invalid DSN {}: {e}", redact_dsn(&cfg.dsn));
+        scrub(&dsn_secrets(&cfg.dsn), message)
+    })
+}
+
+/// What can be checked without connecting: the names and the DSN (at construction, so a
+/// typo is a `ValueError` there, not a stream of failed batches).
+pub fn validate(cfg: &PostgresConfig) -> Result<(), String> {
+    Names::new(&cfg.schema, &cfg.table)?;
+    connect_options(cfg).map(drop)
 }
 
 impl Postgres {
@@ -254,10 +269,12 @@ impl Postgres {
         let names = Names::new(&cfg.schema, &cfg.table).map_err(WriteError::permanent)?;
         let secrets = dsn_secrets(&cfg.dsn);
         let target = redact_dsn(&cfg.dsn);
-        let scrub = |m: String| scrub(&secrets, m);
-        let statement_ms = (cfg.statement_timeout * 1000.0).round().max(1.0) as u64;
-        let opts = PgConnectOptions::from_str(&cfg.dsn)
-            .map_err(|e| WriteError::permanent(scrub(format!("invalid DSN {target}: {e}"))))?
+        // PostgreSQL takes at most i32::MAX milliseconds.
+        let statement_ms = (cfg.statement_timeout * 1000.0)
+            .round()
+            .clamp(1.0, f64::from(i32::MAX)) as u64;
+        let opts = connect_options(&cfg)
+            .map_err(WriteError::permanent)?
             .application_name(&cfg.application_name)
             .options([("statement_timeout", format!("{statement_ms}"))]);
         let rt = tokio::runtime::Builder::new_current_thread()
