@@ -119,6 +119,9 @@ impl LocalFiles {
     }
 
     /// Keeps the newest `keep` finished files of this prefix; names sort by creation time.
+    /// Other processes may write to the same directory: the newest plain file of each live
+    /// process is its open file, never finished, never removed (a removed open file would
+    /// swallow that process's next writes).
     fn prune(&self) {
         if self.cfg.keep == 0 {
             return;
@@ -138,8 +141,25 @@ impl LocalFiles {
             })
             .collect();
         files.sort();
-        let excess = files.len().saturating_sub(self.cfg.keep);
-        for old in &files[..excess] {
+        // Newest first: the first plain file met of a live process is its open one.
+        let mut settled = std::collections::HashSet::new();
+        let mut finished: Vec<&PathBuf> = files
+            .iter()
+            .rev()
+            .filter(|p| {
+                let plain = p.extension().is_some_and(|e| e == "ndjson");
+                let open = match writer_pid(p) {
+                    Some(pid) if plain && pid != std::process::id() && settled.insert(pid) => {
+                        is_alive(pid)
+                    }
+                    _ => false,
+                };
+                !open
+            })
+            .collect();
+        finished.reverse();
+        let excess = finished.len().saturating_sub(self.cfg.keep);
+        for old in &finished[..excess] {
             let _ = fs::remove_file(old);
         }
     }
@@ -160,6 +180,26 @@ impl LocalFiles {
         }
         Ok(())
     }
+}
+
+/// The process that wrote a file: names are `{prefix}-{time}-{pid}-{seq}.ndjson[.gz]`.
+fn writer_pid(path: &Path) -> Option<u32> {
+    let name = path.file_name()?.to_str()?;
+    let stem = name.strip_suffix(".gz").unwrap_or(name);
+    let stem = stem.strip_suffix(".ndjson")?;
+    let mut parts = stem.rsplitn(3, '-');
+    let _seq = parts.next()?;
+    parts.next()?.parse().ok()
+}
+
+fn is_alive(pid: u32) -> bool {
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return false;
+    };
+    // SAFETY: signal 0 only checks that the process exists; nothing is sent.
+    let r = unsafe { libc::kill(pid, 0) };
+    // EPERM: it exists, under another user.
+    r == 0 || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
 }
 
 fn gzip_file(path: &Path) -> io::Result<()> {
@@ -290,6 +330,35 @@ mod tests {
         assert!(text
             .lines()
             .all(|l| serde_json::from_str::<serde_json::Value>(l).is_ok()));
+    }
+
+    #[test]
+    fn keep_never_removes_another_live_process_open_file() {
+        let tmp = crate::scratch::ScratchDir::new().unwrap();
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let dead = child.id();
+        child.wait().unwrap();
+        // Older than anything ours: a long-lived process (pid 1) and one that has exited.
+        let live = "logsluice-20000101T000000.000000Z-1-0001.ndjson";
+        let gone = format!("logsluice-20000101T000001.000000Z-{dead}-0001.ndjson");
+        for name in [live, gone.as_str()] {
+            fs::write(tmp.path().join(name), "{}\n").unwrap();
+        }
+        let mut w = LocalFiles::open(LocalFilesConfig {
+            max_file_bytes: 2000,
+            keep: 2,
+            ..cfg(tmp.path())
+        })
+        .unwrap();
+        for _ in 0..10 {
+            w.write_batch(&batch(10), Duration::from_secs(1)).unwrap();
+        }
+        w.close().unwrap();
+        let files = names(tmp.path());
+        assert!(files.iter().any(|n| n == live), "{files:?}");
+        assert!(!files.contains(&gone), "{files:?}");
+        // Ours: two finished files and the last one, besides the live process's open one.
+        assert_eq!(files.len(), 4, "{files:?}");
     }
 
     #[test]
