@@ -197,6 +197,21 @@ def test_every_message_reaches_the_server_unmodified_and_in_order(pipeline, tmp_
     assert rec["response_headers"]["x-dup"] == "1, 2"
 
 
+def test_a_file_sent_by_path_is_finished_with_its_size(pipeline, tmp_logs, tmp_path):
+    # What FileResponse sends when the server offers the pathsend extension.
+    report = tmp_path / "report.bin"
+    report.write_bytes(b"x" * 5000)
+
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"5000")]})
+        await send({"type": "http.response.pathsend", "path": str(report)})
+
+    client = call(LoggingMiddleware(app, pipeline=pipeline), scope("/report"))
+    assert client.sent[1] == {"type": "http.response.pathsend", "path": str(report)}
+    rec = only(pipeline, tmp_logs)
+    assert rec["status"] == 200 and rec["response_size"] == 5000 and rec["error"] is False
+
+
 def test_existing_request_id_header_is_not_duplicated(pipeline, tmp_logs):
     async def app(scope, receive, send):
         await send({"type": "http.response.start", "status": 200, "headers": [(b"X-Request-ID", b"mine")]})
@@ -607,6 +622,17 @@ def test_sampling_exclusions_tail_rules_and_stats(pipeline, tmp_logs):
     assert stats["handoff_waiting"] == 0 and stats["handoff_dropped"] == 0
 
 
+def test_rules_on_concrete_paths_apply_to_those_paths_only(pipeline, tmp_logs):
+    # The rules match paths of a route whose template they do not name; whichever path
+    # came first must not decide for the route's other paths.
+    app = make_fastapi(pipeline, sample={"/items/42": 0.0}, exclude=["/items/7*"])
+    for path in ("/items/42", "/items/1", "/items/70", "/items/2", "/items/42"):
+        call(app, scope(path))
+    assert sorted(r["path"] for r in http_records(pipeline, tmp_logs)) == ["/items/1", "/items/2"]
+    stats = pipeline.stats()["http"]
+    assert (stats["sampled_out"], stats["excluded"], stats["kept"]) == (2, 1, 2)
+
+
 def test_tail_rules_keep_errors_of_sampled_out_routes_without_bodies(pipeline, tmp_logs):
     async def app(scope, receive, send):
         await receive()
@@ -648,6 +674,17 @@ def test_per_route_rate_limit(pipeline, tmp_logs):
         call(app, scope(path))
     assert pipeline.stats()["http"]["rate_limited"] == 1
     assert [r["path"] for r in http_records(pipeline, tmp_logs)] == ["/items/1", "/health"]
+
+
+def test_a_route_over_its_own_limit_leaves_the_global_budget_to_the_others(pipeline, tmp_logs):
+    app = make_fastapi(pipeline, rate_limit=3, route_rate_limit=1e-6)
+    for path in ["/items/1"] * 20 + ["/health", "/fail"]:
+        try:
+            call(app, scope(path))
+        except RuntimeError:
+            pass  # /fail raises: an error, from the separate (unlimited) error bucket
+    assert [r["path"] for r in http_records(pipeline, tmp_logs)] == ["/items/1", "/health", "/fail"]
+    assert pipeline.stats()["http"]["rate_limited"] == 19
 
 
 # -- redaction and content policy ---------------------------------------------------------
@@ -758,6 +795,7 @@ def test_bodies_of_401_and_403_are_not_captured_by_default(pipeline, tmp_logs):
     first, second = http_records(pipeline, tmp_logs)
     assert first["request_body"] is None and first["response_body"] is None and first["level"] == "WARNING"
     assert second["request_body"] == "pw"
+    assert second["response_body"] == '{"detail": "bad password hunter2"}'
 
 
 def test_redaction_lists_extend_or_replace(pipeline, tmp_logs):

@@ -64,10 +64,45 @@ class _Pattern:
             rx = _glob(text)
         self.regex = re.compile(rx + r"\Z")
 
-    def matches(self, route: Optional[str], path: str) -> bool:
-        if route is not None and (route == self.text or self.regex.match(route)):
-            return True
+    def matches_route(self, route: Optional[str]) -> bool:
+        return route is not None and (route == self.text or self.regex.match(route) is not None)
+
+    def matches_path(self, path: str) -> bool:
         return self.regex.match(path) is not None
+
+
+class _RoutePlan:
+    """The sampling decision for one route template, with what still depends on the
+    concrete path: patterns may match either, so only the route's part can be cached."""
+
+    __slots__ = ("excluded", "exclude_by_path", "rules_by_path", "result")
+
+    def __init__(
+        self,
+        route: Optional[str],
+        exclude: list[_Pattern],
+        rules: list[tuple[_Pattern, float]],
+        default_rate: float,
+    ) -> None:
+        self.excluded = any(p.matches_route(route) for p in exclude)
+        self.exclude_by_path = [p for p in exclude if not p.matches_route(route)]
+        # Rules are tried in order: those before the first that matches the route can
+        # still win by the path.
+        self.rules_by_path: list[tuple[_Pattern, float]] = []
+        self.result = (default_rate, False)
+        for pattern, rate in rules:
+            if pattern.matches_route(route):
+                self.result = (rate, False)
+                break
+            self.rules_by_path.append((pattern, rate))
+
+    def decide(self, path: str) -> tuple[float, bool]:
+        if self.excluded or any(p.matches_path(path) for p in self.exclude_by_path):
+            return (0.0, True)
+        for pattern, rate in self.rules_by_path:
+            if pattern.matches_path(path):
+                return (rate, False)
+        return self.result
 
 
 def _glob(text: str) -> str:
@@ -84,11 +119,15 @@ class _Bucket:
         self.tokens = max(rate, 1.0)
         self.stamp = time.monotonic()
 
-    def take(self, now: float) -> bool:
+    def ready(self, now: float) -> bool:
+        """Refills for the time passed; whether a token is there to take."""
         if now > self.stamp:
             self.tokens = min(max(self.rate, 1.0), self.tokens + (now - self.stamp) * self.rate)
             self.stamp = now
-        if self.tokens >= 1.0:
+        return self.tokens >= 1.0
+
+    def take(self, now: float) -> bool:
+        if self.ready(now):
             self.tokens -= 1.0
             return True
         return False
@@ -208,7 +247,7 @@ class LoggingMiddleware:
             },
         }
         self._sink = _core.HttpSink(core, json.dumps(config))
-        self._rate_cache: dict[Optional[str], tuple[float, bool]] = {}
+        self._rate_cache: dict[Optional[str], _RoutePlan] = {}
         self._template_cache: dict[str, str] = {}
         register = getattr(pipeline, "_register_http", None)
         if register is not None:
@@ -276,23 +315,16 @@ class LoggingMiddleware:
     # -- identity and sampling -----------------------------------------------------------
 
     def _rate_for(self, route: Optional[str], path: str) -> tuple[float, bool]:
-        """(sample rate, excluded) for a request; cached per route template."""
-        cached = self._rate_cache.get(route) if route is not None and route != UNMATCHED_ROUTE else None
-        if cached is not None:
-            return cached
-        result = (self._default_rate, False)
-        if any(p.matches(route, path) for p in self._exclude):
-            result = (0.0, True)
-        else:
-            for pattern, rate in self._rules:
-                if pattern.matches(route, path):
-                    result = (rate, False)
-                    break
-        if route is not None and route != UNMATCHED_ROUTE:
-            if len(self._rate_cache) > 4096:
-                self._rate_cache.clear()
-            self._rate_cache[route] = result
-        return result
+        """(sample rate, excluded) for a request; the route's part cached per template."""
+        cacheable = route is not None and route != UNMATCHED_ROUTE
+        plan = self._rate_cache.get(route) if cacheable else None
+        if plan is None:
+            plan = _RoutePlan(route, self._exclude, self._rules, self._default_rate)
+            if cacheable:
+                if len(self._rate_cache) > 4096:
+                    self._rate_cache.clear()
+                self._rate_cache[route] = plan
+        return plan.decide(path)
 
     def _decide(self, scope: Scope, entry: _Entry, full_path: str) -> tuple[str, float, bool]:
         """(route, sample rate, excluded), asked by the native exchange when sampling
@@ -342,15 +374,20 @@ class LoggingMiddleware:
         now = time.monotonic()
         if tail:
             return self._error_bucket is None or self._error_bucket.take(now)
-        if self._global_bucket is not None and not self._global_bucket.take(now):
-            return False
+        buckets = [] if self._global_bucket is None else [self._global_bucket]
         if self._route_rate_limit is not None:
             bucket = self._route_buckets.get(route)
             if bucket is None:
                 if len(self._route_buckets) > 4096:
                     self._route_buckets.clear()
                 bucket = self._route_buckets[route] = _Bucket(self._route_rate_limit)
-            return bucket.take(now)
+            buckets.append(bucket)
+        # A token is spent only when every bucket has one: a route over its own limit
+        # must not use up the global budget of the others.
+        if not all(b.ready(now) for b in buckets):
+            return False
+        for b in buckets:
+            b.tokens -= 1.0
         return True
 
 

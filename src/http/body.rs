@@ -213,7 +213,7 @@ pub fn store(
                 &String::from_utf8_lossy(body),
             ))
             .into_owned(),
-        Kind::Text => r.scrub(&String::from_utf8_lossy(body)).into_owned(),
+        Kind::Text => redact_text(r, &String::from_utf8_lossy(body)),
         Kind::Unknown => unreachable!(),
     };
     crate::record::strip_nul(&mut text);
@@ -227,6 +227,31 @@ pub fn store(
         text: Some(text),
         note,
     }
+}
+
+/// A body declared as plain text (or undeclared) is often JSON or a form all the same
+/// (`sendBeacon`, CORS-simple `fetch`, clients that forget the header), and the app may
+/// parse it as such: its sensitive keys are redacted whatever the declared type. The
+/// key-by-key JSON pass also catches `key: value` lines of YAML and prose.
+fn redact_text(r: &Redactor, text: &str) -> String {
+    let start = text.trim_start();
+    if start.starts_with('{') || start.starts_with('[') {
+        r.redact_json(text)
+    } else if looks_like_form(text) {
+        r.redact_urlencoded(text, &r.body_keys)
+    } else {
+        r.redact_key_values(text)
+    }
+}
+
+/// `a=1&b=2`: one line of `key=value` pairs.
+fn looks_like_form(text: &str) -> bool {
+    let text = text.trim_end();
+    text.contains('=')
+        && !text.bytes().any(|c| c.is_ascii_whitespace())
+        && text
+            .split('&')
+            .all(|pair| pair.split_once('=').is_some_and(|(k, _)| !k.is_empty()))
 }
 
 fn boundary_of(content_type: &str) -> Option<String> {
@@ -295,7 +320,13 @@ fn multipart_summary(r: &Redactor, content_type: &str, body: &[u8], truncated: b
             };
             if k.trim().eq_ignore_ascii_case("content-disposition") {
                 name = disposition_param(v, "name");
-                filename = disposition_param(v, "filename");
+                // RFC 6266/5987: `filename*=UTF-8''r%C3%A9sum%C3%A9.pdf` names a file too.
+                filename = disposition_param(v, "filename").or_else(|| {
+                    disposition_param(v, "filename*").map(|f| {
+                        let encoded = f.splitn(3, '\'').nth(2).unwrap_or(&f);
+                        super::redact::percent_decode(encoded).into_owned()
+                    })
+                });
             } else if k.trim().eq_ignore_ascii_case("content-type") {
                 ctype = Some(v.trim().to_owned());
             }
@@ -368,6 +399,74 @@ mod tests {
     fn unknown_type_text_is_sniffed() {
         let s = store(&r(), "", "", br#"{"token": "abc"}"#, 16);
         assert_eq!(s.text.unwrap(), r#"{"token": "[REDACTED]"}"#);
+    }
+
+    #[test]
+    fn sensitive_keys_are_redacted_whatever_the_declared_type() {
+        let big = Redactor {
+            max_body_bytes: 4096,
+            ..Redactor::default()
+        };
+        let text =
+            |ct: &str, body: &[u8]| store(&big, ct, "", body, body.len() as u64).text.unwrap();
+        let cases: [(&str, &[u8], &str); 6] = [
+            // What sendBeacon and CORS-simple fetch send, and the app parses as JSON.
+            (
+                "text/plain;charset=UTF-8",
+                br#"{"user":"ada","password":"hunter2"}"#,
+                r#"{"user":"ada","password":"[REDACTED]"}"#,
+            ),
+            (
+                "text/json",
+                br#"{"token": 1}"#,
+                r#"{"token": "[REDACTED]"}"#,
+            ),
+            (
+                "",
+                b"user=ada&password=hunter2",
+                "user=ada&password=[REDACTED]",
+            ),
+            (
+                "text/plain",
+                b"user=ada&passwd=hunter2\n",
+                "user=ada&passwd=[REDACTED]",
+            ),
+            // A Python dict's repr sent as JSON: not JSON, still redacted.
+            (
+                "application/json",
+                b"{'user': 'ada', 'password': 'hunter2'}",
+                r#"{'user': 'ada', 'password': "[REDACTED]"}"#,
+            ),
+            (
+                "text/plain",
+                b"don't log it: password: hunter2\nuser: ada",
+                "don't log it: password: [REDACTED]\nuser: ada",
+            ),
+        ];
+        for (ct, body, want) in cases {
+            assert_eq!(text(ct, body), want, "{ct}");
+        }
+    }
+
+    #[test]
+    fn a_part_named_with_filename_star_is_a_file() {
+        let body = b"--b\r\nContent-Disposition: form-data; name=\"upload\"; filename*=UTF-8''r%C3%A9sum%C3%A9.txt\r\nContent-Type: text/plain\r\n\r\nprivate notes\r\n--b--\r\n";
+        let big = Redactor {
+            max_body_bytes: 4096,
+            ..Redactor::default()
+        };
+        let s = store(
+            &big,
+            "multipart/form-data; boundary=b",
+            "",
+            body,
+            body.len() as u64,
+        );
+        let v: Value = serde_json::from_str(&s.text.unwrap()).unwrap();
+        let part = &v["multipart"][0];
+        assert_eq!(part["filename"], "résumé.txt");
+        assert_eq!(part["size"], 13);
+        assert!(part.get("value").is_none(), "{part}");
     }
 
     #[test]

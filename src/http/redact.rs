@@ -227,18 +227,30 @@ impl Redactor {
     }
 
     /// Redacts the values of sensitive keys at any depth. Works token by token, so it
-    /// also handles truncated or slightly broken JSON (bare keys, missing ends): what it
-    /// cannot parse it still scrubs, it never stores a secret raw.
+    /// also handles truncated or slightly broken JSON (bare keys, missing ends, Python's
+    /// single-quoted dict syntax): what it cannot parse it still scrubs, it never stores a
+    /// secret raw.
     pub fn redact_json(&self, text: &str) -> String {
+        self.redact_keys(text, "\"")
+    }
+
+    /// [`Self::redact_json`] for text that is not JSON (plain text, YAML, logs): the same
+    /// `key: value` pairs redacted, the replacement left unquoted.
+    pub fn redact_key_values(&self, text: &str) -> String {
+        self.redact_keys(text, "")
+    }
+
+    fn redact_keys(&self, text: &str, quote: &str) -> String {
         let b = text.as_bytes();
         let mut out = String::with_capacity(text.len());
         let mut i = 0;
         let mut copied = 0;
         while i < b.len() {
             let c = b[i];
-            let (start, end, key) = if c == b'"' {
+            let quoted = c == b'"' || (c == b'\'' && opens_value(b, i));
+            let (start, end, key) = if quoted {
                 let end = string_end(b, i);
-                let inner_end = if end > i + 1 && b[end - 1] == b'"' {
+                let inner_end = if end > i + 1 && b[end - 1] == c {
                     end - 1
                 } else {
                     end
@@ -260,22 +272,22 @@ impl Redactor {
                     let value_start = skip_ws(b, colon + 1);
                     let value_end = value_end(b, value_start);
                     out.push_str(&text[copied..value_start]);
-                    out.push('"');
+                    out.push_str(quote);
                     out.push_str(REDACTED);
-                    out.push('"');
+                    out.push_str(quote);
                     copied = value_end;
                     i = value_end;
                     continue;
                 }
-            } else if self.scrub_values && c != b'"' {
+            } else if self.scrub_values && !quoted {
                 // A bare number that is a card number: replaced by a string so valid JSON
                 // stays valid.
                 let word = &text[start..end];
                 if word.len() >= 13 && word.bytes().all(|d| d.is_ascii_digit()) && luhn(word) {
                     out.push_str(&text[copied..start]);
-                    out.push('"');
+                    out.push_str(quote);
                     out.push_str(CARD);
-                    out.push('"');
+                    out.push_str(quote);
                     copied = end;
                 }
             }
@@ -310,12 +322,21 @@ fn skip_ws(b: &[u8], mut i: usize) -> usize {
     i
 }
 
-/// Index just past the closing quote of the string starting at `start` (or the end).
+/// A single quote where a JSON string could start (after `{ [ , :` or at the start):
+/// Python's dict syntax. An apostrophe inside prose (`don't`) is not one.
+fn opens_value(b: &[u8], i: usize) -> bool {
+    let before = b[..i].iter().rev().find(|c| !c.is_ascii_whitespace());
+    matches!(before, None | Some(b'{' | b'[' | b',' | b':'))
+}
+
+/// Index just past the closing quote of the string starting at `start` (or the end); the
+/// quote is the one at `start`, `"` or `'`.
 fn string_end(b: &[u8], start: usize) -> usize {
+    let quote = b[start];
     let mut i = start + 1;
     while i < b.len() {
-        match memchr::memchr2(b'"', b'\\', &b[i..]) {
-            Some(p) if b[i + p] == b'"' => return i + p + 1,
+        match memchr::memchr2(quote, b'\\', &b[i..]) {
+            Some(p) if b[i + p] == quote => return i + p + 1,
             Some(p) => i += p + 2,
             None => break,
         }
@@ -331,12 +352,17 @@ fn value_end(b: &[u8], i: usize) -> usize {
     }
     match b[i] {
         b'"' => string_end(b, i),
+        b'\'' if opens_value(b, i) => string_end(b, i),
         b'{' | b'[' => {
             let mut depth = 0usize;
             let mut j = i;
             while j < b.len() {
                 match b[j] {
                     b'"' => {
+                        j = string_end(b, j);
+                        continue;
+                    }
+                    b'\'' if opens_value(b, j) => {
                         j = string_end(b, j);
                         continue;
                     }

@@ -23,9 +23,11 @@ use crate::http::{flags, TraceIds};
 /// The `route` of requests no route matched; `middleware.UNMATCHED_ROUTE` in Python.
 pub const UNMATCHED_ROUTE: &str = "<unmatched>";
 
-/// Statuses whose response body is never stored (none exists, or authentication failed
-/// and `capture_auth_failure_bodies` is off: the redactor decides that one later).
-const NO_RESPONSE_CAPTURE: [u16; 4] = [204, 304, 401, 403];
+/// Statuses whose response has no body to copy.
+const NO_RESPONSE_BODY: [u16; 2] = [204, 304];
+/// Authentication failures: their response bodies are copied only with
+/// `capture_auth_failure_bodies`.
+const AUTH_FAILURE: [u16; 2] = [401, 403];
 
 /// A body as it passes: the first `cap` bytes, the full size, and when it began.
 #[derive(Default)]
@@ -378,10 +380,12 @@ impl HttpExchange {
         if !self.decided {
             self.decide(py);
         }
-        if NO_RESPONSE_CAPTURE.contains(&self.status) {
+        let sink = self.sink.get();
+        if NO_RESPONSE_BODY.contains(&self.status)
+            || (AUTH_FAILURE.contains(&self.status) && !sink.capture.auth_failure_bodies)
+        {
             self.response.capture = false;
         }
-        let sink = self.sink.get();
         let Some(name) = sink.capture.echo_header.as_deref() else {
             self.response_headers = headers.map(Bound::unbind);
             return Ok(None);
@@ -475,6 +479,12 @@ impl HttpExchange {
             self.response.size += count;
             self.last = !truthy(get(message, intern!(py, "more_body"))) && !self.trailers;
         } else if kind == "http.response.pathsend" {
+            // The server sends the whole file: its size is what went out.
+            let size = get(message, intern!(py, "path"))
+                .and_then(|p| p.extract::<std::path::PathBuf>().ok())
+                .and_then(|p| std::fs::metadata(p).ok())
+                .map_or(0, |m| m.len());
+            self.response.size += size;
             self.last = !self.trailers;
         }
         Ok(None)

@@ -65,6 +65,9 @@ pub struct CaptureConfig {
     pub keep_all: bool,
     /// Rate limits are set: the middleware's token buckets are asked.
     pub limited: bool,
+    /// Response bodies of 401 and 403 are copied too (`capture_auth_failure_bodies`).
+    #[serde(skip)]
+    pub auth_failure_bodies: bool,
     #[serde(skip)]
     pub echo_header: Option<Vec<u8>>,
     /// The same name as a Python `bytes`, made once.
@@ -150,6 +153,7 @@ impl HttpSink {
             .as_ref()
             .filter(|_| c.capture.echo)
             .map(|h| h.as_bytes().to_vec());
+        c.capture.auth_failure_bodies = c.capture_auth_failure_bodies;
         c.capture.echo_name = c
             .capture
             .echo_header
