@@ -18,6 +18,8 @@ from logsluice import _context
 from logsluice.middleware import UNMATCHED_ROUTE, LoggingMiddleware
 from loguru import logger
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import ClientDisconnect
 from starlette.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
 
@@ -300,6 +302,34 @@ def test_send_failing_because_the_client_left_is_a_499_not_an_error(pipeline, tm
         asyncio.run(LoggingMiddleware(app, pipeline=pipeline)(scope("/s"), receive, gone))
     rec = only(pipeline, tmp_logs)
     assert rec["status"] == 499 and rec["level"] == "WARNING" and rec["exception"] is None
+
+
+def test_a_client_leaving_mid_upload_is_a_499_not_an_app_error(pipeline, tmp_logs):
+    async def upload(request: Request) -> Response:
+        await request.body()  # raises ClientDisconnect: the client left mid-upload
+        return Response("stored")
+
+    messages = [
+        {"type": "http.request", "body": b"first half", "more_body": True},
+        {"type": "http.disconnect"},
+    ]
+
+    async def receive():
+        return messages.pop(0)
+
+    async def send(message):
+        pass  # what servers do with messages for a client that left (Starlette sends its 500)
+
+    # Where add_middleware puts it: inside Starlette's error middleware, which sends the 500.
+    app = Starlette(
+        routes=[Route("/upload", upload, methods=["POST"])],
+        middleware=[Middleware(LoggingMiddleware, pipeline=pipeline)],
+    )
+    with pytest.raises(ClientDisconnect):
+        asyncio.run(app(scope("/upload", "POST"), receive, send))
+    rec = only(pipeline, tmp_logs)
+    assert rec["status"] == 499 and rec["level"] == "WARNING" and rec["exception"] is None
+    assert rec["fields"]["disconnected"] is True
 
 
 def test_app_returning_without_response_is_a_500_record(pipeline, tmp_logs):

@@ -494,12 +494,13 @@ impl HttpExchange {
         let duration_ms = self.t0.elapsed().as_secs_f64() * 1000.0;
         let mut exc = exc.filter(|e| !e.is_none());
         if let Some(e) = exc {
-            // A cancelled request, or a send that failed because the client left, is a
-            // disconnect (499), not an application error.
+            // A cancelled request, or a send or body read that failed because the client
+            // left (Starlette's `ClientDisconnect` mid-upload), is a disconnect (499), not
+            // an application error.
             let cancelled = e.is_instance(cancelled_error(py)?)?;
-            if cancelled
-                || (self.flags & flags::DISCONNECTED != 0 && e.is_instance_of::<PyOSError>())
-            {
+            let left = self.flags & flags::DISCONNECTED != 0
+                && (e.is_instance_of::<PyOSError>() || is_client_disconnect(e));
+            if cancelled || left {
                 self.flags |= flags::DISCONNECTED;
                 exc = None;
             } else {
@@ -611,6 +612,13 @@ fn enter_trace(sink: &HttpSink, py: Python<'_>, trace: Option<TraceIds>) -> Opti
             None
         }
     }
+}
+
+/// Starlette's `ClientDisconnect`, known by name: the middleware does not need Starlette.
+fn is_client_disconnect(e: &Bound<'_, PyAny>) -> bool {
+    e.get_type()
+        .name()
+        .is_ok_and(|n| n.to_str().is_ok_and(|n| n == "ClientDisconnect"))
 }
 
 fn cancelled_error(py: Python<'_>) -> PyResult<&Bound<'_, PyType>> {
