@@ -319,7 +319,7 @@ pub struct DestinationSpec {
 pub struct PipelineOptions {
     pub max_message_bytes: usize,
     pub max_field_bytes: usize,
-    /// The middleware's finished requests waiting for redaction, at most (more are
+    /// The middleware's finished requests waiting for or under redaction, at most (more are
     /// dropped and counted as `handoff_dropped`): by count and by their bytes.
     pub handoff_max_requests: usize,
     pub handoff_max_bytes: usize,

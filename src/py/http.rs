@@ -685,6 +685,9 @@ struct LaneQueue {
     batch: Batch,
     /// The batch the lane's thread handed back, emptied, for the next swap.
     spare: Option<Batch>,
+    /// The batch the lane's thread is redacting: it counts against the bounds too.
+    running_jobs: usize,
+    running_bytes: usize,
     submitted: u64,
     done: u64,
 }
@@ -777,9 +780,10 @@ impl Lane {
         packed[..4].copy_from_slice(&(size as u32).to_le_bytes());
         let inner = self.inner();
         let mut q = inner.queue.lock();
+        let (running_jobs, running_bytes) = (q.running_jobs, q.running_bytes);
         let b = &mut q.batch;
-        if b.jobs >= options.handoff_max_requests
-            || b.bytes.len() + size > options.handoff_max_bytes
+        if b.jobs + running_jobs >= options.handoff_max_requests
+            || b.bytes.len() + running_bytes + size > options.handoff_max_bytes
         {
             drop(q);
             self.dropped.fetch_add(1, Ordering::Relaxed);
@@ -859,6 +863,8 @@ impl LaneInner {
                 }
                 let next = q.spare.take().unwrap_or_default();
                 let batch = std::mem::replace(&mut q.batch, next);
+                q.running_jobs = batch.jobs;
+                q.running_bytes = batch.bytes.len();
                 // The core and the message limit stay with the batch being filled.
                 q.batch.core = batch.core.clone();
                 q.batch.max_message_bytes = batch.max_message_bytes;
@@ -868,6 +874,7 @@ impl LaneInner {
             batch.run();
             let mut q = self.queue.lock();
             q.done += n;
+            (q.running_jobs, q.running_bytes) = (0, 0);
             q.spare = Some(std::mem::take(&mut batch));
             drop(q);
             self.finished.notify_all();
