@@ -412,6 +412,10 @@ def make_fastapi(pipeline, **options):
     async def order(user_id: int, order_id: int):
         return {"user": user_id, "order": order_id}
 
+    @inner.get("/files/{name:path}")
+    async def user_file(user_id: int, name: str):
+        return {"user": user_id, "file": name}
+
     router.include_router(inner)
     app.include_router(router)
 
@@ -444,6 +448,8 @@ def make_fastapi(pipeline, **options):
     [
         ("/items/3", "/items/{item_id}"),
         ("/users/1/orders/2", "/users/{user_id}/orders/{order_id}"),
+        # Converters kept, as for routes outside included routers.
+        ("/users/1/files/a/b.txt", "/users/{user_id}/files/{name:path}"),
         ("/v1/things/x", "/v1/things/{thing}"),
         ("/tenants/acme/things/x", "/tenants/{tenant}/things/{thing}"),
         ("/nope", UNMATCHED_ROUTE),

@@ -343,9 +343,12 @@ class LoggingMiddleware:
             if fastapi_scope is not None:
                 ctx = fastapi_scope.get("effective_route_context")
                 if ctx is not None:
-                    inner = getattr(getattr(ctx, "starlette_route", None), "path_format", None) or getattr(
-                        ctx, "path_format", None
-                    )
+                    # The template as declared (`/files/{p:path}`), as scope["route"].path
+                    # gives it for routes outside included routers.
+                    for source in (getattr(ctx, "starlette_route", None), ctx):
+                        inner = getattr(source, "path", None) or getattr(source, "path_format", None)
+                        if inner:
+                            break
             if inner is None:
                 route = scope.get("route")
                 if route is not None:
