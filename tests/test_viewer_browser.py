@@ -179,6 +179,21 @@ def test_filter_by_level_and_click_to_filter(site, browser):
     assert len(rows(browser)) >= 6  # the browser's /favicon.ico request is logged too
 
 
+def test_click_to_filter_on_field_values_that_look_like_numbers(site, browser):
+    # A string of digits stays a string and a float a number, so the filter finds its record.
+    logger.bind(order_no="1042", price=9.99).info("order checkout-7 paid")
+    site.pipeline.flush()
+    for field in ("order_no", "price"):
+        open_page(browser, site, "text=checkout-7")
+        wait(browser, lambda d: messages(d) == ["order checkout-7 paid"], "the record listed")
+        rows(browser)[0].find_element(By.CSS_SELECTOR, "td.ts").click()
+        wait(browser, lambda d: d.find_element(By.ID, "panel").is_displayed(), "the record panel")
+        value = f"//dt[text()='fields.{field}']/following-sibling::dd[1]"
+        browser.find_element(By.XPATH, value + "//button[@title='only records with this value']").click()
+        wait(browser, lambda d, f=field: f"field.{f}=" in d.current_url, "the click added a field filter")
+        wait(browser, lambda d: messages(d) == ["order checkout-7 paid"], "the filter matches its own record")
+
+
 def test_histogram_coloured_by_level_zooms_on_click(site, browser):
     open_page(browser, site)
     bars = wait(

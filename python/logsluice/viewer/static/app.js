@@ -90,11 +90,23 @@
     if (values.length) state.exclude[name] = values; else delete state.exclude[name];
   }
 
+  // A field filter's text as the value it stands for: JSON when it reads as JSON (42, 9.99,
+  // true, null, "42", {...}), else the text itself. Long digit runs stay text: a JS number
+  // would lose their digits.
   function typed(v) {
-    if (/^-?\d{1,15}$/.test(v)) return Number(v);
-    if (v === "true") return true;
-    if (v === "false") return false;
-    return v;
+    if (/^-?\d{16,}$/.test(v)) return v;
+    try {
+      return JSON.parse(v);
+    } catch (e) {
+      return v;
+    }
+  }
+
+  // The text typed() reads back as `value`: a string that would read as something else
+  // ("42", "true") is quoted.
+  function filterText(value) {
+    if (typeof value === "string") return typed(value) === value ? value : JSON.stringify(value);
+    return show(value);
   }
 
   function syncForm() {
@@ -250,10 +262,13 @@
   }
 
   function applyValue(key, value, exclude) {
-    value = show(value);
     if (key.startsWith("fields.")) {
-      state.fields[key.slice(7)] = { op: exclude ? "ne" : "eq", value };
-    } else if (exclude && EXCLUDABLE.includes(key)) {
+      state.fields[key.slice(7)] = { op: exclude ? "ne" : "eq", value: filterText(value) };
+      reload();
+      return;
+    }
+    value = show(value);
+    if (exclude && EXCLUDABLE.includes(key)) {
       addExclusion(key, value);
     } else if (exclude) {
       notice(key + " values can be included, not excluded.", false);
