@@ -297,6 +297,13 @@ class Subscription:
         self.close()
 
 
+def _delivery_key(rid: Any) -> Any:
+    """A record's id as it stays across rotation: LocalFiles gzips a finished file under a
+    new name (``x.ndjson:311`` is then ``x.ndjson.gz:311``, the same offset), and the
+    tail's lookback reads it again there."""
+    return rid.replace(".ndjson.gz:", ".ndjson:", 1) if isinstance(rid, str) else rid
+
+
 class _Poller:
     """One polling thread per (reader, filters): every subscriber with the same filters
     shares its queries, so 100 open tails cost one query per wake-up.
@@ -366,7 +373,7 @@ class _Poller:
             self.polls += 1
             records = page["records"]
             for r in records:
-                rid = r.get("id")
+                rid = _delivery_key(r.get("id"))
                 if rid in self.seen:
                     continue
                 ts = _parse_ts(r.get("ts"))

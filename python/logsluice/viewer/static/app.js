@@ -358,7 +358,8 @@
   }
 
   function appendRecord(r, atTop) {
-    const key = r.id !== undefined ? String(r.id) : null;
+    // LocalFiles gzips a finished file under a new name: the same record, read again.
+    const key = r.id !== undefined ? String(r.id).replace(".ndjson.gz:", ".ndjson:") : null;
     if (key !== null) {
       if (state.ids.has(key)) return;
       state.ids.add(key);
