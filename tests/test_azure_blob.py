@@ -489,13 +489,42 @@ def test_entra_id_default_credential_is_wired_but_not_reachable_here():
         ({"connection_string": "UseDevelopmentStorage=true", "name_template": "{nope}{host}"}, "unknown"),
         ({"connection_string": "UseDevelopmentStorage=true", "prefix": "/abs"}, "prefix"),
         ({"connection_string": "UseDevelopmentStorage=true", "block_size": 0}, "block_size"),
+        (
+            {
+                "connection_string": "UseDevelopmentStorage=true",
+                "prefix": "svc/",
+                "name_template": "{kind}/{yyyy}/{host}-{pid}-{start}-{seq}{ext}",
+            },
+            "has no {prefix}",
+        ),
+        # A connection string in the wrong place: refused without echoing its key.
+        (
+            {"container_url": "DefaultEndpointsProtocol=http;AccountName=a;AccountKey=c2VjcmV0/a2V5=="},
+            "https://",
+        ),
     ],
 )
 def test_bad_options_raise_value_errors(kwargs, message):
     args = dict(kwargs)
     cs = args.pop("connection_string", None)
-    with pytest.raises(ValueError, match=re.escape(message)):
+    with pytest.raises(ValueError, match=re.escape(message)) as raised:
         logsluice.AzureBlob(cs, **args)
+    assert "a2V5" not in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    "template, message",
+    [
+        ("{prefix}{kind}/{yyyy}/{host}-{pid}-{start}-{seq}.json", "must end with {ext}"),
+        ("{prefix}{yyyy}/{mm}/{host}-{pid}-{start}-{seq}-{kind}{ext}", "{kind} must come before"),
+        ("{prefix}{kind}/{HH}/{host}-{pid}-{start}-{seq}{ext}", "{HH} needs {dd}"),
+    ],
+)
+def test_names_the_reader_could_not_list_once_are_refused(template, message):
+    # Written, such names were missed by the Reader (no .ndjson ending) or read twice.
+    dest = logsluice.AzureBlob("UseDevelopmentStorage=true", name_template=template)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        logsluice.Pipeline(dest)
 
 
 def test_malformed_connection_strings_fail_at_pipeline_without_echoing_secrets():

@@ -446,6 +446,30 @@ def test_tail_sees_interleaved_commits(postgres):
         sub2.close()
 
 
+def test_an_id_from_before_compressed_rotation_still_finds_the_record_and_its_context(tmp_logs):
+    pipeline = logsluice.Pipeline(
+        logsluice.LocalFiles(tmp_logs, max_file_bytes=2_000, compress=True, batch_max_delay=0.01)
+    )
+    logger.remove()
+    pipeline.attach(logger)
+    for i in range(3):
+        logger.info("m{}", i)
+    pipeline.flush()
+    reader = logsluice.Reader(str(tmp_logs))
+    old = reader.query(text="m1").records[0]["id"]
+    assert old.endswith(".ndjson:" + old.rsplit(":", 1)[1])
+    for i in range(3, 30):
+        logger.info("m{}", i)
+        pipeline.flush()
+    pipeline.close()
+    logger.remove()
+    found = reader.get(old)
+    assert found["message"] == "m1" and found["id"] == old.replace(".ndjson:", ".ndjson.gz:")
+    ctx = reader.context(old, before=1, after=2)
+    assert [r["message"] for r in ctx["before"]] == ["m0"]
+    assert [r["message"] for r in ctx["after"]] == ["m2", "m3"]
+
+
 @pytest.mark.parametrize("compress", [False, True])
 def test_tail_follows_local_files_across_rotation(tmp_logs, compress):
     # Compressed rotation renames each finished file (.ndjson -> .ndjson.gz): records read
@@ -583,6 +607,7 @@ def test_cli_strips_terminal_escapes(tmp_logs):
     assert "\x1b" not in r.stdout and "\x07" not in r.stdout and "\x9b" not in r.stdout
     r = run_cli("query", "--source", str(tmp_logs), "--json")
     assert json.loads(r.stdout)["message"].startswith("evil \x1b[2J")  # JSON keeps the data, escaped
+    assert "\x1b" not in r.stdout and "\x9b" not in r.stdout and "\\u009b31m" in r.stdout
 
 
 def test_reader_from_env_and_secrets(world, monkeypatch):

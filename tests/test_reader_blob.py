@@ -8,6 +8,7 @@ import datetime as dt
 import json
 import threading
 import uuid
+from urllib.parse import quote
 
 import logsluice
 import pytest
@@ -389,6 +390,12 @@ def test_viewer_on_a_blob_reader(world):
     rid = body["records"][0]["request_id"]
     r = client.get(f"/api/requests/{rid}")
     assert r.status_code == 200 and r.json()["access"]["status"] == 500
+    # Blob record ids hold slashes: the page sends them encoded, the server sees them decoded.
+    record_id = body["records"][0]["id"]
+    assert "/" in record_id
+    r = client.get(f"/api/records/{quote(record_id, safe='')}/context", params={"before": 1, "after": 1})
+    assert r.status_code == 200, r.text
+    assert r.json()["record"]["id"] == record_id
     assert client.get("/api/records", params={"status": "6xx"}).status_code == 400
 
 
@@ -425,3 +432,42 @@ def test_viewer_sse_stream_over_a_blob_reader(azurite):
         view.close()
         logger.remove(handler)
         pipeline.close()
+
+
+def test_an_endpoint_that_never_answers_ends_the_call_near_max_seconds():
+    # Takes connections, never answers: the SDK's own timeouts are off, so the call's
+    # deadline must end it (a stalled viewer request or tail poller otherwise hangs).
+    import socket
+
+    server = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+
+    def accept() -> None:
+        while True:
+            try:
+                held.append(server.accept()[0])
+            except OSError:
+                return
+
+    threading.Thread(target=accept, daemon=True).start()
+    port = server.getsockname()[1]
+    endpoint = f"http://127.0.0.1:{port}/{ACCOUNT}"
+    cs = f"DefaultEndpointsProtocol=http;AccountName={ACCOUNT};AccountKey={KEY};BlobEndpoint={endpoint};"
+    reader = logsluice.Reader(cs, container="logs", max_seconds=1.0)
+    outcome: list[BaseException] = []
+
+    def query() -> None:
+        try:
+            reader.query(since="1h")
+        except Exception as e:  # noqa: BLE001 - the test looks at it
+            outcome.append(e)
+
+    worker = threading.Thread(target=query, daemon=True)
+    worker.start()
+    worker.join(timeout=30)
+    server.close()
+    for conn in held:
+        conn.close()
+    assert not worker.is_alive(), "the query still waits on an endpoint that never answers"
+    assert outcome and "no answer within max_seconds" in str(outcome[0])
+    assert KEY not in str(outcome[0])

@@ -125,6 +125,12 @@ class AzureBlob(Destination):
         if container_url is not None:
             if container is not None:
                 raise ValueError("AzureBlob: container_url already names the container; drop container=")
+            if not isinstance(container_url, str) or not container_url.startswith(("https://", "http://")):
+                # Never echoed: a connection string passed here by mistake holds the account key.
+                raise ValueError(
+                    "AzureBlob: container_url must be an https:// URL of the container (with a SAS or "
+                    "a credential=); a connection string goes in connection_string="
+                )
             container = urlsplit(container_url).path.rstrip("/").rsplit("/", 1)[-1]
         container = "logs" if container is None else container
         if not isinstance(container, str) or not _CONTAINER.match(container):
@@ -155,6 +161,11 @@ class AzureBlob(Destination):
             raise ValueError(
                 "AzureBlob: name_template must contain {host}, {pid}, {start} and {seq} so names never "
                 f"collide; missing: {', '.join(missing)}"
+            )
+        if prefix and "{prefix}" not in name_template:
+            raise ValueError(
+                f"AzureBlob: prefix={prefix!r} is set but name_template has no {{prefix}}: the prefix "
+                "would be left out of every name"
             )
         self.block_size = int(_check_number("block_size", block_size))
         if (

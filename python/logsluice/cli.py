@@ -52,6 +52,14 @@ def _print_read_commands(args: argparse.Namespace) -> None:
 
 # C0 and C1 controls (ESC, BEL, CSI ...) except tab; newlines are shown as "⏎" in text output.
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def json_line(value: Any) -> str:
+    """JSON for the terminal: non-ASCII text kept readable, but DEL and the C1 controls (U+007F to
+    U+009F, CSI among them) escaped like C0 ones, which JSON always escapes."""
+    return re.sub(r"[\x7f-\x9f]", lambda m: f"\\u{ord(m.group()):04x}", json.dumps(value, ensure_ascii=False))
+
+
 _COLOURS = {
     "TRACE": "2",
     "DEBUG": "36",
@@ -180,7 +188,7 @@ class _Out:
                 print(f"-- {r.count} records skipped ({r.since} .. {r.until}) --", flush=True)
             return
         if self.json:
-            print(json.dumps(r, ensure_ascii=False), flush=True)
+            print(json_line(r), flush=True)
             return
         level = clean(r.get("level"))
         if r.get("kind") == "http":
@@ -270,7 +278,7 @@ def cmd_summary(args: argparse.Namespace) -> int:
     filters.setdefault("since", "24h")
     s = reader.summary(by=args.by, bucket=args.bucket, **filters)
     if args.json:
-        print(json.dumps(s, ensure_ascii=False))
+        print(json_line(s))
         return 0
 
     def ms(v: Any) -> str:

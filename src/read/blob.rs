@@ -126,7 +126,24 @@ struct Budget {
     deadline: Instant,
 }
 
+/// How long past its call's deadline one request may go unanswered: the SDK's own
+/// timeouts are off (`build_client`), and an endpoint that takes connections but never
+/// answers must not hold the caller (or a tail's poller) for ever.
+const STALL_GRACE: Duration = Duration::from_secs(2);
+
 impl Budget {
+    /// `fut`, or an error once the call's deadline and the grace have passed.
+    async fn answered<T>(
+        &self,
+        what: &str,
+        fut: impl std::future::Future<Output = T>,
+    ) -> Result<T, ReadError> {
+        let limit = tokio::time::Instant::from_std(self.deadline + STALL_GRACE);
+        tokio::time::timeout_at(limit, fut)
+            .await
+            .map_err(|_| ReadError::Failed(format!("{what}: no answer within max_seconds")))
+    }
+
     fn new(cfg: &BlobConfig) -> Self {
         Budget {
             bytes: AtomicU64::new(cfg.max_bytes),
@@ -413,7 +430,12 @@ impl BlobStore {
         (lo, hi)
     }
 
-    async fn list(&self, prefix: &str, unit: &Unit) -> Result<Vec<BlobInfo>, ReadError> {
+    async fn list(
+        &self,
+        prefix: &str,
+        unit: &Unit,
+        budget: &Budget,
+    ) -> Result<Vec<BlobInfo>, ReadError> {
         let opts = BlobContainerClientListBlobsOptions {
             prefix: Some(prefix.to_owned()),
             include: Some(vec![ListBlobsIncludeItem::Metadata]),
@@ -426,7 +448,7 @@ impl BlobStore {
             .into_pages();
         let mut out = Vec::new();
         loop {
-            let page = match pages.next().await {
+            let page = match budget.answered("listing blobs", pages.next()).await? {
                 None => break,
                 Some(Ok(p)) => p,
                 Some(Err(e)) if e.http_status() == Some(StatusCode::NotFound) => break,
@@ -453,9 +475,10 @@ impl BlobStore {
     }
 
     /// Lists every prefix of a unit (one per kind) at once.
-    async fn list_unit(&self, unit: &Unit) -> Result<Vec<BlobInfo>, ReadError> {
+    async fn list_unit(&self, unit: &Unit, budget: &Budget) -> Result<Vec<BlobInfo>, ReadError> {
         let lists =
-            futures::future::try_join_all(unit.prefixes.iter().map(|p| self.list(p, unit))).await?;
+            futures::future::try_join_all(unit.prefixes.iter().map(|p| self.list(p, unit, budget)))
+                .await?;
         Ok(lists.into_iter().flatten().collect())
     }
 
@@ -471,7 +494,9 @@ impl BlobStore {
             parallel: NonZero::new(1),
             ..Default::default()
         };
-        let result = match self.client.blob_client(name).download(Some(opts)).await {
+        let blob = self.client.blob_client(name);
+        let download = blob.download(Some(opts));
+        let result = match budget.answered("downloading a blob", download).await? {
             Ok(r) => r,
             // Deleted (retention) since the listing: nothing to read.
             Err(e) if e.http_status() == Some(StatusCode::NotFound) => return Ok(true),
@@ -484,7 +509,12 @@ impl BlobStore {
             offset: 0,
             on_line,
         });
-        while let Some(chunk) = body.next().await {
+        loop {
+            let Ok(next) = budget.answered("downloading a blob", body.next()).await else {
+                // Stalled midway: what came so far stands, the rest is left unread.
+                return Ok(false);
+            };
+            let Some(chunk) = next else { break };
             let chunk = chunk.map_err(|e| self.fail("downloading a blob", &e))?;
             self.stats
                 .bytes_downloaded
@@ -552,7 +582,7 @@ impl BlobStore {
                     return Ok(Some(left));
                 }
                 let mut blobs: Vec<BlobInfo> = self
-                    .list_unit(unit)
+                    .list_unit(unit, &budget)
                     .await?
                     .into_iter()
                     .filter(|b| b.hi >= lo && b.lo <= hi)
@@ -636,7 +666,7 @@ impl BlobStore {
             let mut blobs = Vec::new();
             for unit in &units {
                 blobs.extend(
-                    self.list_unit(unit)
+                    self.list_unit(unit, &budget)
                         .await?
                         .into_iter()
                         .filter(|b| b.hi >= lo && b.lo <= hi),
@@ -703,7 +733,7 @@ impl BlobStore {
         let listed = self.rt.block_on(async {
             let mut listed: Vec<BlobInfo> = Vec::new();
             for unit in &units {
-                listed.extend(self.list_unit(unit).await?);
+                listed.extend(self.list_unit(unit, &budget).await?);
             }
             let fresh: Vec<&BlobInfo> = listed
                 .iter()

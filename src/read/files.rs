@@ -525,7 +525,10 @@ impl FilesStore {
             let Ok(mut rec) = serde_json::from_slice::<Map<String, Value>>(&line) else {
                 return Ok(None);
             };
-            rec.insert("id".into(), Value::String(format!("{name}:{offset}")));
+            // The id of where it is now (`.gz` after a compressed rotation), as queries
+            // give it: neighbours are ordered by it (`context` of an old id).
+            let found = path.file_name().and_then(|n| n.to_str()).unwrap_or(name);
+            rec.insert("id".into(), Value::String(format!("{found}:{offset}")));
             return Ok(Some(rec));
         }
         Ok(None)

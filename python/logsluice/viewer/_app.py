@@ -354,7 +354,8 @@ class Viewer:
             await self._status(send)
         elif path == "/api/stream":
             await self._sse(scope, receive, send, params)
-        elif (m := re.fullmatch(r"/api/records/([^/]+)/context", path)) is not None:
+        # Blob record ids hold slashes (`app/2026/11/24/….ndjson.gz:1260`), decoded from %2F.
+        elif (m := re.fullmatch(r"/api/records/(.+)/context", path)) is not None:
             await self._context(send, m.group(1), params)
         elif (m := re.fullmatch(r"/api/requests/([^/]+)", path)) is not None:
             await self._request(send, m.group(1), params)

@@ -44,6 +44,13 @@ pub fn validate(cfg: &AzureBlobConfig) -> Result<(), String> {
     conn::resolve(cfg)?;
     Template::parse(&cfg.name_template)?;
     naming::check_prefix(&cfg.prefix)?;
+    if !cfg.prefix.is_empty() && !cfg.name_template.contains("{prefix}") {
+        return Err(format!(
+            "prefix {:?} is set but name_template has no {{prefix}}: the prefix would be left \
+             out of every name",
+            cfg.prefix
+        ));
+    }
     if cfg.compression_level > 9 {
         return Err(format!(
             "compression_level must be 0..9, got {}",

@@ -112,6 +112,7 @@ impl Template {
         if s.starts_with('/') {
             return Err("name_template must not start with '/'".into());
         }
+        check_readable(&pieces)?;
         let has = |p: Piece| pieces.contains(&p);
         let granularity = if has(Piece::Minute) {
             Granularity::Minute
@@ -298,6 +299,51 @@ pub fn start_id(now: DateTime<Utc>) -> String {
 }
 
 /// Checks a prefix: blob names must not start with '/' and should not contain '\' or '..'.
+/// What the Reader needs of a name: it finds blobs by their `.ndjson[.gz]` ending, lists
+/// each kind by the name up to the first per-writer token, and each time bucket by the
+/// time tokens from the year down. A name it could not list once and only once is refused
+/// here, not written and then missed or read twice.
+fn check_readable(pieces: &[Piece]) -> Result<(), String> {
+    if pieces.last() != Some(&Piece::Ext) {
+        return Err(
+            "name_template must end with {ext} (.ndjson or .ndjson.gz): the Reader \
+                    finds blobs by that ending"
+                .into(),
+        );
+    }
+    let writer = pieces
+        .iter()
+        .position(|p| matches!(p, Piece::Host | Piece::Pid | Piece::Start | Piece::Seq));
+    let kind = pieces.iter().position(|p| *p == Piece::Kind);
+    if let (Some(kind), Some(writer)) = (kind, writer) {
+        if kind > writer {
+            return Err(
+                "name_template: {kind} must come before {host}, {pid}, {start} and \
+                        {seq} (the Reader lists each kind by the name before them)"
+                    .into(),
+            );
+        }
+    }
+    const TIME: [(Piece, &str); 5] = [
+        (Piece::Year, "{yyyy}"),
+        (Piece::Month, "{mm}"),
+        (Piece::Day, "{dd}"),
+        (Piece::Hour, "{HH}"),
+        (Piece::Minute, "{MM}"),
+    ];
+    for pair in TIME.windows(2) {
+        let ((coarse, coarse_name), (fine, fine_name)) = (&pair[0], &pair[1]);
+        if pieces.contains(fine) && !pieces.contains(coarse) {
+            return Err(format!(
+                "name_template: {fine_name} needs {coarse_name}: a time token needs every \
+                 coarser one ({{yyyy}} {{mm}} {{dd}} {{HH}} {{MM}}), or one name would stand \
+                 for many periods"
+            ));
+        }
+    }
+    Ok(())
+}
+
 pub fn check_prefix(prefix: &str) -> Result<(), String> {
     if prefix.starts_with('/') || prefix.contains('\\') || prefix.split('/').any(|p| p == "..") {
         return Err(format!(
@@ -350,19 +396,19 @@ mod tests {
             t.bucket_range(ts),
             (1_795_453_200_000_000, 1_795_453_200_000_000 + 3_600_000_000)
         );
-        let late = Template::parse("{yyyy}/{host}/{HH}-{pid}{start}{seq}").unwrap();
+        let late = Template::parse("{yyyy}/{host}/{mm}-{pid}{start}{seq}{ext}").unwrap();
         assert_eq!(
             late.list_prefix("", Kind::App, ts),
             ("2026/".to_owned(), false)
         );
-        let m = Template::parse("{yyyy}-{mm}/{host}{pid}{start}{seq}").unwrap();
+        let m = Template::parse("{yyyy}-{mm}/{host}{pid}{start}{seq}{ext}").unwrap();
         let (a, b) = m.bucket_range(ts);
         assert_eq!(b - a, 30 * 86_400_000_000);
     }
 
     #[test]
     fn custom_templates() {
-        let t = Template::parse("{yyyy}-{mm}/{host}_{pid}_{start}_{seq}.json").unwrap();
+        let t = Template::parse("{yyyy}-{mm}/{host}_{pid}_{start}_{seq}{ext}").unwrap();
         assert_eq!(t.granularity, Granularity::Month);
         assert!(!t.by_kind);
         let jan = 1_767_225_600_000_000; // 2026-01-01
@@ -370,9 +416,9 @@ mod tests {
         assert_ne!(t.bucket(jan), t.bucket(jan + 31 * 86_400_000_000));
         assert_eq!(
             t.render(&id(), Kind::App, jan, 1),
-            "2026-01/web-1_42_20261123T170000000000Z00ff_000001.json"
+            "2026-01/web-1_42_20261123T170000000000Z00ff_000001.ndjson.gz"
         );
-        let m = Template::parse("{MM}/{host}{pid}{start}{seq}").unwrap();
+        let m = Template::parse("{yyyy}{mm}{dd}{HH}{MM}/{host}{pid}{start}{seq}{ext}").unwrap();
         assert_eq!(m.granularity, Granularity::Minute);
     }
 
@@ -387,6 +433,26 @@ mod tests {
         assert!(Template::parse("{host}{pid}{start}{seq").is_err());
         assert!(Template::parse("}{host}{pid}{start}{seq}").is_err());
         assert!(Template::parse("/{host}{pid}{start}{seq}").is_err());
+        // Names the Reader could not list once and only once.
+        for (bad, why) in [
+            ("{host}{pid}{start}{seq}.json", "{ext}"),
+            ("{host}{pid}{start}{seq}", "{ext}"),
+            (
+                "{yyyy}/{host}-{pid}-{start}-{seq}-{kind}{ext}",
+                "{kind} must come before",
+            ),
+            (
+                "{kind}/{HH}/{host}{pid}{start}{seq}{ext}",
+                "{HH} needs {dd}",
+            ),
+            (
+                "{yyyy}/{dd}/{host}{pid}{start}{seq}{ext}",
+                "{dd} needs {mm}",
+            ),
+        ] {
+            let err = Template::parse(bad).unwrap_err();
+            assert!(err.contains(why), "{bad}: {err}");
+        }
     }
 
     #[test]
