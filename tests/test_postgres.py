@@ -10,11 +10,14 @@ import multiprocessing
 import os
 import subprocess
 import threading
+import time
 import uuid
 from pathlib import Path
 
 import logsluice
+import psycopg
 import pytest
+from harness.postgres import APP_DB, SUPERUSER
 from logsluice.postgres import parse_duration
 from loguru import logger
 from support import wait_for
@@ -48,8 +51,9 @@ def relnames(postgres, prefix):
     return {r[0] for r in rows}
 
 
-def count(postgres, table, where="true"):
-    return postgres.psql(f"select count(*) from {table} where {where}")[0][0]
+def count(postgres, table, where="true", distinct=False):
+    what = "distinct message" if distinct else "*"
+    return postgres.psql(f"select count({what}) from {table} where {where}")[0][0]
 
 
 def accounted(stats):
@@ -326,6 +330,54 @@ def test_bad_identifiers_are_refused_at_construction(kwargs):
         logsluice.Postgres("postgresql://app:pw@127.0.0.1:5432/app", **kwargs)
 
 
+def test_a_mostly_bad_batch_keeps_its_good_rows_when_isolation_runs_out_of_time(
+    postgres, table, log, tmp_path
+):
+    # Isolation takes round trips per bad row: when they outlast its time (4 attempts),
+    # the good rows found are committed and the rest counted invalid, never all lost.
+    dead = tmp_path / "dead"
+    destination = logsluice.Postgres(
+        postgres.dsn, table=table, dead_letter_dir=dead, batch_max_delay=60, attempt_timeout=0.5
+    )
+    pipeline = logsluice.Pipeline(destination)
+    pipeline.attach(log)
+    log.info("create the table first")
+    pipeline.flush(30)
+    postgres.psql(f"alter table {table} add constraint no_poison check (message not like '%POISON%')")
+    for i in range(4000):
+        log.info("POISON {}" if i % 2 else "good {}", i)
+    pipeline.flush(120)
+    stats = pipeline.stats()["postgres"]
+    pipeline.close()
+    good = count(postgres, table, "message like 'good %'")
+    assert 0 < good <= 2000 and count(postgres, table, "message like 'POISON%'") == 0
+    assert stats["dropped"]["failed"] == 0 and stats["retries"] == 0
+    assert stats["written"] == 1 + good and stats["dropped"]["invalid"] == 4000 - good and accounted(stats)
+    assert count(postgres, table, "message like 'good %'", distinct=True) == good  # none twice
+    lines = [json.loads(line) for f in dead.iterdir() for line in f.read_text().splitlines()]
+    assert len(lines) == 4000 - good
+
+
+def test_a_copy_outliving_its_attempt_is_not_committed_beside_the_retry(postgres, table, log):
+    destination = logsluice.Postgres(
+        postgres.dsn, table=table, attempt_timeout=1.0, retry_initial=0.1, retry_max=0.2, max_retries=5
+    )
+    pipeline = logsluice.Pipeline(destination)
+    pipeline.attach(log)
+    log.info("warm-up")
+    pipeline.flush(30)
+    # A transaction holding the lock until the block ends.
+    with psycopg.connect(host=str(postgres.dir), port=postgres.port, user=SUPERUSER, dbname=APP_DB) as conn:
+        # Today's partition: the COPY starts, takes the rows, then waits routing them.
+        today = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d")
+        conn.execute(f"LOCK TABLE {table}_app_{today} IN ACCESS EXCLUSIVE MODE")
+        log.info("only once")
+        time.sleep(3)  # attempts time out while their COPY waits for the lock
+    pipeline.flush(30)
+    pipeline.close()
+    assert sorted(r[0] for r in postgres.psql(f"select message from {table}")) == ["only once", "warm-up"]
+
+
 def test_construction_validates_and_masks():
     with pytest.raises(ValueError) as e:
         logsluice.Postgres(f"mysql://app:{SECRET}@h/db")
@@ -341,6 +393,19 @@ def test_construction_validates_and_masks():
     d = logsluice.Postgres(f"postgresql://app:{SECRET}@h/db?password={SECRET}")
     assert SECRET not in repr(d) and SECRET not in d.dsn
     assert d._spec()["target"]["dsn"].count(SECRET) == 2
+    # Passwords holding URL delimiters unencoded are masked too.
+    for odd in ("pa/ss", "pa?ss", "pa#ss", "12345/abc"):
+        dsn = f"postgresql://app:{odd}@db:5432/app"
+        try:
+            shown = repr(logsluice.Postgres(dsn))
+        except ValueError as e:
+            shown = str(e)
+        assert odd not in shown and odd.split("/")[-1] not in shown.split("@")[0], shown
+        with pytest.raises(Exception) as raised:
+            logsluice.Reader(dsn).query()
+        assert odd not in str(raised.value)
+    with pytest.raises(ValueError, match="finite"):
+        logsluice.Postgres("postgresql://h/db", retention=float("inf"))
 
 
 def worker_creates_and_writes(dsn, table, barrier, n):
@@ -466,6 +531,25 @@ def test_plain_table_without_partitions(postgres, table, log):
     assert postgres.psql(f"select relkind::text from pg_class where relname = '{table}'") == [("r",)]
     # Retention ran right after the first write (it deletes in chunks on a plain table).
     assert {r[0] for r in postgres.psql(f"select message from {table}")} == {"new"}
+
+
+def test_a_table_numbered_by_int4_is_read_and_a_retention_beyond_the_calendar_keeps_all(postgres, table, log):
+    # The owner's table: ids as `integer` (serial). A retention of a billion days is "forever",
+    # not an overflow that kills the writer.
+    pipeline = logsluice.Pipeline(
+        logsluice.Postgres(postgres.dsn, table=table, partition=None, retention="1000000000d")
+    )
+    pipeline.attach(log)
+    log.info("first")
+    pipeline.flush(30)
+    postgres.psql(f"alter table {table} alter column id type integer")
+    log.info("second")
+    pipeline.flush(30)
+    stats = pipeline.stats()["postgres"]
+    pipeline.close()
+    assert stats["written"] == 2 and accounted(stats)
+    records = logsluice.Reader(postgres.dsn, table=table).query(order="asc").records
+    assert [r["message"] for r in records] == ["first", "second"]
 
 
 def test_routing_everything_to_files_warnings_to_postgres(postgres, table, log, tmp_logs):

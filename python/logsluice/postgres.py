@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -21,22 +22,25 @@ Duration = Union[str, int, float, _dt.timedelta]
 
 def redact_dsn(dsn: str) -> str:
     """The DSN with its password (user info or ``password=`` parameter) replaced by ``***``."""
-    try:
-        parts = urlsplit(dsn)
-    except ValueError:
+    scheme, sep, rest = dsn.partition("://") if isinstance(dsn, str) else ("", "", "")
+    if not sep:
         return "<unparseable DSN>"
-    netloc = parts.netloc
+    # A password may hold '/', '?' or '#' unencoded: the user info runs to the last '@'.
+    at = max(rest.rfind("@"), 0)
+    ends = [i for i in (rest.find(c, at) for c in "/?#") if i >= 0]
+    end = min(ends) if ends else len(rest)
+    netloc, tail = rest[:end], rest[end:]
     if "@" in netloc:
         userinfo, host = netloc.rsplit("@", 1)
         if ":" in userinfo:
             netloc = f"{userinfo.split(':', 1)[0]}:***@{host}"
+    path, qmark, query = tail.partition("?")
     query = "&".join(
         f"{p.split('=', 1)[0]}=***" if p.split("=", 1)[0].lower() == "password" and "=" in p else p
-        for p in parts.query.split("&")
+        for p in query.split("&")
         if p
     )
-    out = f"{parts.scheme}://{netloc}{parts.path}"
-    return f"{out}?{query}" if query else out
+    return f"{scheme}://{netloc}{path}" + (f"?{query}" if query else "")
 
 
 def parse_duration(value: Duration, what: str = "retention") -> float:
@@ -52,8 +56,8 @@ def parse_duration(value: Duration, what: str = "retention") -> float:
         raise ValueError(
             f"{what} must be like '7d', '12h', '30m', a timedelta or a number of days; got {value!r}"
         )
-    if not seconds > 0:
-        raise ValueError(f"{what} must be positive, got {value!r}")
+    if not seconds > 0 or not math.isfinite(seconds):
+        raise ValueError(f"{what} must be positive and finite (None keeps everything), got {value!r}")
     return seconds
 
 

@@ -348,8 +348,9 @@ fn row_record(row: &PgRow) -> Result<Map<String, Value>, sqlx::Error> {
 /// The slowest requests of each (group key, bucket).
 type SlowByGroup = std::collections::HashMap<(String, Option<i64>), Vec<(f64, Value)>>;
 
+/// `id::bigint`: a table its owner made may number rows with `serial` (int4).
 const SELECT: &str =
-    "SELECT id, (extract(epoch FROM ts) * 1000000)::bigint, to_jsonb(l)::text FROM";
+    "SELECT id::bigint, (extract(epoch FROM ts) * 1000000)::bigint, to_jsonb(l)::text FROM";
 
 fn is_timeout(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(d) if d.code().as_deref() == Some("57014"))
@@ -587,7 +588,7 @@ impl PgStore {
             w = sql.where_clause(),
         );
         let slow = format!(
-            "SELECT k, b, id, (extract(epoch FROM ts) * 1000000)::bigint, duration_ms, status, method, path, request_id FROM (\
+            "SELECT k, b, id::bigint, (extract(epoch FROM ts) * 1000000)::bigint, duration_ms, status, method, path, request_id FROM (\
              SELECT jsonb_build_object({keys})::text AS k, {bucket} AS b, id, ts, duration_ms, status, method, path, request_id, \
              row_number() OVER (PARTITION BY {group_by} ORDER BY duration_ms DESC) AS rn \
              FROM {t} {w} {and} duration_ms IS NOT NULL) s WHERE rn <= {n}",

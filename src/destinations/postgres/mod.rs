@@ -17,7 +17,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use chrono::{TimeDelta, Utc};
+use chrono::Utc;
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgDatabaseError};
 use sqlx::{AssertSqlSafe, Connection, Row};
 
@@ -32,6 +32,10 @@ const US_PER_DAY: i64 = 86_400_000_000;
 /// Line-number hints used per batch before isolation falls back to halving, which bounds
 /// the work for a batch made entirely of bad records to O(n log n).
 const MAX_LINE_HINTS: usize = 16;
+/// How many attempts' time a batch refused for its data may spend isolating its bad
+/// records (each costs a few round trips); what is not sorted out by then is counted as
+/// invalid, the good records found are kept.
+const ISOLATION_ATTEMPTS: u32 = 4;
 /// COPY data is sent whenever this much is encoded.
 const SEND_SLICE_BYTES: usize = 256 << 10;
 /// Rows removed per DELETE when a plain (unpartitioned) table applies retention.
@@ -65,8 +69,7 @@ pub fn redact_dsn(dsn: &str) -> String {
         Some(i) => (&dsn[..i + 3], &dsn[i + 3..]),
         None => return "<unparseable DSN>".into(),
     };
-    let auth_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let (authority, tail) = rest.split_at(auth_end);
+    let (authority, tail) = rest.split_at(authority_end(rest));
     let authority = match authority.rfind('@') {
         Some(at) => {
             let (userinfo, host) = authority.split_at(at);
@@ -93,6 +96,16 @@ pub fn redact_dsn(dsn: &str) -> String {
     format!("{scheme}{authority}{tail}")
 }
 
+/// Where the `user:password@host:port` part of a DSN (after `://`) ends. A password may
+/// hold `/`, `?` or `#` unencoded, so the user info runs to the last `@`: cutting at the
+/// first `/` would leave such a password unmasked.
+fn authority_end(rest: &str) -> usize {
+    let from = rest.rfind('@').unwrap_or(0);
+    rest[from..]
+        .find(['/', '?', '#'])
+        .map_or(rest.len(), |i| from + i)
+}
+
 fn percent_decode(s: &str) -> String {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
@@ -116,7 +129,7 @@ fn percent_decode(s: &str) -> String {
 pub(crate) fn dsn_secrets(dsn: &str) -> Vec<String> {
     let mut out = Vec::new();
     let rest = dsn.split_once("://").map_or(dsn, |(_, r)| r);
-    let authority = &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())];
+    let authority = &rest[..authority_end(rest)];
     if let Some((userinfo, _)) = authority.rsplit_once('@') {
         if let Some((_, pw)) = userinfo.split_once(':') {
             out.push(pw.to_owned());
@@ -324,6 +337,27 @@ async fn exec(conn: &mut PgConnection, sql: String) -> Result<(), sqlx::Error> {
         .map(|_| ())
 }
 
+/// One COPY in its own transaction. A COPY still waiting (on a lock) when the attempt
+/// gives up completes later on the server; as an implicit transaction it would then commit
+/// beside the retry's copy. In a transaction it finds the client gone at COMMIT and is
+/// rolled back.
+async fn copy_committed(
+    conn: &mut PgConnection,
+    sql: &[String; 2],
+    buf: &mut Vec<u8>,
+    rows: &[&Record],
+) -> Result<(), sqlx::Error> {
+    exec(conn, "BEGIN".into()).await?;
+    match copy_rows(conn, sql, buf, rows).await {
+        Ok(_) => exec(conn, "COMMIT".into()).await,
+        Err(e) => {
+            // Ends the failed transaction; if the connection broke, the error says so.
+            let _ = exec(conn, "ROLLBACK".into()).await;
+            Err(e)
+        }
+    }
+}
+
 async fn copy_rows(
     conn: &mut PgConnection,
     sql: &[String; 2],
@@ -456,7 +490,52 @@ impl Inner {
         Ok(())
     }
 
-    async fn write(&mut self, batch: &[Arc<Record>]) -> Result<Outcome, WriteError> {
+    /// One attempt: the COPY (with connecting and schema work) within `timeout`; a batch
+    /// that failed on its data gets [`ISOLATION_ATTEMPTS`] times as long to sort out its bad
+    /// records, which take many round trips (cut short, every good record would be lost).
+    async fn write(
+        &mut self,
+        batch: &[Arc<Record>],
+        timeout: Duration,
+    ) -> Result<Outcome, WriteError> {
+        let rows: Vec<&Record> = batch.iter().map(|r| &**r).collect();
+        let copied = tokio::time::timeout(timeout, self.copy_batch(batch, &rows)).await;
+        let (message, line) = match copied {
+            Err(_) => return Err(self.timed_out(timeout)),
+            Ok(Err(e)) => return Err(e),
+            Ok(Ok(None)) => return Ok(Outcome::default()),
+            Ok(Ok(Some(data_error))) => data_error,
+        };
+        // Checked between statements; the hard limit, one attempt later, is for a
+        // statement that never returns.
+        let limit = timeout * ISOLATION_ATTEMPTS;
+        let isolating = self.isolate(&rows, message, line, Instant::now() + limit);
+        let outcome = match tokio::time::timeout(limit + timeout, isolating).await {
+            Err(_) => return Err(self.timed_out(limit + timeout)),
+            Ok(r) => r?,
+        };
+        if self.buf.capacity() > 32 << 20 {
+            self.buf = Vec::with_capacity(1 << 20);
+        }
+        Ok(outcome)
+    }
+
+    /// Cut off mid-conversation: the connection's state is unknown.
+    fn timed_out(&mut self, after: Duration) -> WriteError {
+        self.conn = None;
+        self.layout = None;
+        WriteError::transient(format!(
+            "attempt timed out after {:.1}s",
+            after.as_secs_f64()
+        ))
+    }
+
+    /// The batch in one COPY; `Some((message, line))` when the server refused its data.
+    async fn copy_batch(
+        &mut self,
+        batch: &[Arc<Record>],
+        rows: &[&Record],
+    ) -> Result<Option<(String, Option<usize>)>, WriteError> {
         self.connect().await?;
         let layout = self.ensure_schema().await?;
         if layout == Layout::Daily {
@@ -464,11 +543,10 @@ impl Inner {
                 return Err(self.fail(classify(&e)));
             }
         }
-        let rows: Vec<&Record> = batch.iter().map(|r| &**r).collect();
         let conn = self.conn.as_mut().expect("connected");
-        let first = copy_rows(conn, &self.copy_sql, &mut self.buf, &rows).await;
-        let outcome = match first {
-            Ok(_) => Outcome::default(),
+        let first = copy_committed(conn, &self.copy_sql, &mut self.buf, rows).await;
+        match first {
+            Ok(_) => Ok(None),
             Err(e) => match classify(&e) {
                 // A partition dropped by another process's retention, or one this process
                 // believed existed: refresh and try once more before suspecting the data.
@@ -478,24 +556,18 @@ impl Inner {
                         return Err(self.fail(classify(&e)));
                     }
                     let conn = self.conn.as_mut().expect("connected");
-                    match copy_rows(conn, &self.copy_sql, &mut self.buf, &rows).await {
-                        Ok(_) => Outcome::default(),
+                    match copy_committed(conn, &self.copy_sql, &mut self.buf, rows).await {
+                        Ok(_) => Ok(None),
                         Err(e) => match classify(&e) {
-                            Failure::Data { message, line, .. } => {
-                                self.isolate(&rows, message, line).await?
-                            }
-                            f => return Err(self.fail(f)),
+                            Failure::Data { message, line, .. } => Ok(Some((message, line))),
+                            f => Err(self.fail(f)),
                         },
                     }
                 }
-                Failure::Data { message, line, .. } => self.isolate(&rows, message, line).await?,
-                f => return Err(self.fail(f)),
+                Failure::Data { message, line, .. } => Ok(Some((message, line))),
+                f => Err(self.fail(f)),
             },
-        };
-        if self.buf.capacity() > 32 << 20 {
-            self.buf = Vec::with_capacity(1 << 20);
         }
-        Ok(outcome)
     }
 
     /// Writes every good record of a batch that failed with a data error, in one
@@ -507,6 +579,7 @@ impl Inner {
         rows: &[&Record],
         first_message: String,
         first_line: Option<usize>,
+        deadline: Instant,
     ) -> Result<Outcome, WriteError> {
         let mut bad: Vec<(usize, String)> = Vec::new();
         let mut hints = 0;
@@ -527,14 +600,24 @@ impl Inner {
                 if set.is_empty() {
                     continue;
                 }
+                if Instant::now() > deadline {
+                    // Out of time: the good records found so far are committed, the rest
+                    // counted as invalid (and dead-lettered) rather than all retried, lost.
+                    for i in set.into_iter().chain(stack.drain(..).flatten()) {
+                        bad.push((i, "not isolated within the time limit".into()));
+                    }
+                    break;
+                }
                 let subset: Vec<&Record> = set.iter().map(|&i| rows[i]).collect();
                 exec(conn, "SAVEPOINT logsluice_split".into()).await?;
                 match copy_rows(conn, &self.copy_sql, &mut self.buf, &subset).await {
                     Ok(_) => exec(conn, "RELEASE SAVEPOINT logsluice_split".into()).await?,
                     Err(e) => match classify(&e) {
                         Failure::Data { message, line, .. } => {
-                            exec(conn, "ROLLBACK TO SAVEPOINT logsluice_split".into()).await?;
-                            exec(conn, "RELEASE SAVEPOINT logsluice_split".into()).await?;
+                            // One round trip for both.
+                            let undo = "ROLLBACK TO SAVEPOINT logsluice_split; \
+                                        RELEASE SAVEPOINT logsluice_split";
+                            exec(conn, undo.into()).await?;
                             split(&mut stack, &mut bad, &mut hints, set, message, line);
                         }
                         _ => return Err(e),
@@ -993,7 +1076,9 @@ async fn maintenance(
                 let Some(&keep) = cfg.retention.get(&kind) else {
                     continue;
                 };
-                let cutoff = now - TimeDelta::milliseconds((keep * 1000.0) as i64);
+                let Some(cutoff) = schema::cutoff(now, keep) else {
+                    continue;
+                };
                 let sql = format!(
                     "DELETE FROM {t} WHERE ctid = ANY(ARRAY(SELECT ctid FROM {t} WHERE \"kind\" = $1 AND \"ts\" < to_timestamp($2) LIMIT $3))",
                     t = names.qualified()
@@ -1026,9 +1111,9 @@ impl Writer for Postgres {
     ) -> Result<Outcome, WriteError> {
         let Postgres { rt, inner } = self;
         let _guard = rt.enter();
-        let result = rt.block_on(async {
-            let r = tokio::time::timeout(timeout, inner.write(batch)).await;
-            if r.as_ref().is_ok_and(Result::is_ok) {
+        rt.block_on(async {
+            let r = inner.write(batch, timeout).await;
+            if r.is_ok() {
                 inner.notify_pending = true;
                 if tokio::time::timeout(timeout, inner.notify(false))
                     .await
@@ -1038,7 +1123,7 @@ impl Writer for Postgres {
                     inner.layout = None;
                 }
             }
-            if r.as_ref().is_ok_and(Result::is_ok)
+            if r.is_ok()
                 && tokio::time::timeout(timeout, inner.maintain())
                     .await
                     .is_err()
@@ -1048,19 +1133,7 @@ impl Writer for Postgres {
                 inner.layout = None;
             }
             r
-        });
-        match result {
-            Ok(r) => r,
-            Err(_) => {
-                // Cut off mid-conversation: the connection's state is unknown.
-                inner.conn = None;
-                inner.layout = None;
-                Err(WriteError::transient(format!(
-                    "attempt timed out after {:.1}s",
-                    timeout.as_secs_f64()
-                )))
-            }
-        }
+        })
     }
 
     fn idle(&mut self) {

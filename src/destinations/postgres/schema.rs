@@ -296,8 +296,17 @@ pub fn expired(day: NaiveDate, now: DateTime<Utc>, retention_secs: f64) -> bool 
     let end = (day + TimeDelta::days(1))
         .and_hms_opt(0, 0, 0)
         .map(|d| d.and_utc());
-    let keep = TimeDelta::milliseconds((retention_secs * 1000.0) as i64);
-    end.is_some_and(|end| end <= now - keep)
+    end.is_some_and(|end| cutoff(now, retention_secs).is_some_and(|cut| end <= cut))
+}
+
+/// `now - retention`, or `None` when that is before the earliest time a timestamp holds
+/// (a retention of a million years keeps everything; it must not panic the writer).
+pub fn cutoff(now: DateTime<Utc>, retention_secs: f64) -> Option<DateTime<Utc>> {
+    let ms = retention_secs * 1000.0;
+    if !ms.is_finite() || ms >= i64::MAX as f64 {
+        return None;
+    }
+    now.checked_sub_signed(TimeDelta::try_milliseconds(ms as i64)?)
 }
 
 /// Compares the table's columns (name -> `format_type`) with what logsluice writes.
