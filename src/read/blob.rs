@@ -865,7 +865,7 @@ mod tests {
         let one = s.units(&[Kind::Http], t0, t0 + h - 1, false).unwrap();
         assert_eq!(one.len(), 1);
         assert!(s.units(&[Kind::App], t0, t0 + 5000 * h, false).is_err());
-        let coarse = store("{yyyy}/{host}/{HH}{pid}{start}{seq}{ext}");
+        let coarse = store("{yyyy}/{host}/{mm}{pid}{start}{seq}{ext}");
         let units = coarse.units(&[Kind::App], t0, t0 + 5 * h, false).unwrap();
         assert_eq!(units.len(), 1);
         assert_eq!((units[0].lo, units[0].hi), (i64::MIN, i64::MAX));
