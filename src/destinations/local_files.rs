@@ -304,21 +304,26 @@ mod tests {
         v
     }
 
-    #[test]
-    fn writes_lines_and_rotates_by_size_with_gzip_and_keep() {
-        let tmp = crate::scratch::ScratchDir::new().unwrap();
-        let mut w = LocalFiles::open(LocalFilesConfig {
-            max_file_bytes: 2000,
-            compress: true,
-            keep: 3,
-            ..cfg(tmp.path())
-        })
-        .unwrap();
+    /// Ten batches of ten records through a writer that is then closed; the file names.
+    fn ten_batches(cfg: LocalFilesConfig) -> Vec<String> {
+        let dir = PathBuf::from(&cfg.directory);
+        let mut w = LocalFiles::open(cfg).unwrap();
         for _ in 0..10 {
             w.write_batch(&batch(10), Duration::from_secs(1)).unwrap();
         }
         w.close().unwrap();
-        let files = names(tmp.path());
+        names(&dir)
+    }
+
+    #[test]
+    fn writes_lines_and_rotates_by_size_with_gzip_and_keep() {
+        let tmp = crate::scratch::ScratchDir::new().unwrap();
+        let files = ten_batches(LocalFilesConfig {
+            max_file_bytes: 2000,
+            compress: true,
+            keep: 3,
+            ..cfg(tmp.path())
+        });
         assert_eq!(files.len(), 4, "{files:?}");
         assert!(files[..3].iter().all(|n| n.ends_with(".ndjson.gz")));
         assert!(files[3].ends_with(".ndjson"));
@@ -344,17 +349,11 @@ mod tests {
         for name in [live, gone.as_str()] {
             fs::write(tmp.path().join(name), "{}\n").unwrap();
         }
-        let mut w = LocalFiles::open(LocalFilesConfig {
+        let files = ten_batches(LocalFilesConfig {
             max_file_bytes: 2000,
             keep: 2,
             ..cfg(tmp.path())
-        })
-        .unwrap();
-        for _ in 0..10 {
-            w.write_batch(&batch(10), Duration::from_secs(1)).unwrap();
-        }
-        w.close().unwrap();
-        let files = names(tmp.path());
+        });
         assert!(files.iter().any(|n| n == live), "{files:?}");
         assert!(!files.contains(&gone), "{files:?}");
         // Ours: two finished files and the last one, besides the live process's open one.
