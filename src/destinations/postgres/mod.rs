@@ -29,9 +29,12 @@ use crate::record::{Kind, Record};
 use schema::{Layout, Names, KINDS};
 
 const US_PER_DAY: i64 = 86_400_000_000;
-/// Line-number hints used per batch before isolation falls back to halving, which bounds
-/// the work for a batch made entirely of bad records to O(n log n).
-const MAX_LINE_HINTS: usize = 16;
+/// Line-number hints used per batch before isolation falls back to halving. A hint finds
+/// one offender per COPY (halving needs about 2·log2(n/bad) of them); what follows it goes
+/// on in pieces of [`HINT_PIECE`] rows, so each hint resends at most that many rows, and a
+/// batch made entirely of bad records costs O(hints · piece + n log n) rows.
+const MAX_LINE_HINTS: usize = 1024;
+const HINT_PIECE: usize = 256;
 /// How many attempts' time a batch refused for its data may spend isolating its bad
 /// records (each costs a few round trips); what is not sorted out by then is counted as
 /// invalid, the good records found are kept.
@@ -769,8 +772,18 @@ fn split(
         Some(l) if *hints < MAX_LINE_HINTS => {
             *hints += 1;
             bad.push((set[l - 1], message));
-            stack.push(set[l..].to_vec());
-            stack.push(set[..l - 1].to_vec());
+            let mut pieces: Vec<Vec<usize>> =
+                set[l..].chunks(HINT_PIECE).map(<[usize]>::to_vec).collect();
+            // The rows before the offender (rolled back with it) go again with the next
+            // piece: one COPY per offender, not two, while they stay small.
+            let before = set[..l - 1].to_vec();
+            match pieces.first_mut() {
+                Some(first) if before.len() <= HINT_PIECE => {
+                    first.splice(0..0, before);
+                }
+                _ => pieces.insert(0, before),
+            }
+            stack.extend(pieces.into_iter().rev());
         }
         _ => {
             let mid = set.len() / 2;
@@ -1277,7 +1290,21 @@ mod tests {
             Some(4),
         );
         assert_eq!(bad, vec![(3, "m".to_string())]);
-        assert_eq!(stack, vec![vec![4, 5, 6, 7, 8, 9], vec![0, 1, 2]]);
+        assert_eq!(stack, vec![vec![0, 1, 2, 4, 5, 6, 7, 8, 9]]);
+        // What follows an offender goes on in pieces, the first piece tried first.
+        stack.clear();
+        split(
+            &mut stack,
+            &mut bad,
+            &mut hints,
+            (0..(2 * HINT_PIECE + 10)).collect(),
+            "m".into(),
+            Some(5),
+        );
+        let sizes: Vec<usize> = stack.iter().map(Vec::len).collect();
+        assert_eq!(sizes, [5, HINT_PIECE, HINT_PIECE + 4]);
+        assert_eq!(stack[2][..5], [0, 1, 2, 3, 5]);
+        stack.clear();
         hints = MAX_LINE_HINTS;
         split(
             &mut stack,
