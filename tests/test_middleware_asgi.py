@@ -286,6 +286,21 @@ def test_client_disconnect_is_a_499_record(pipeline, tmp_logs):
     assert rec["status"] == 499 and rec["fields"]["disconnected"] is True and rec["level"] == "WARNING"
 
 
+def test_a_stream_closed_after_the_client_left_is_still_a_499(pipeline, tmp_logs):
+    # What Starlette's BaseHTTPMiddleware does to a stream whose client left: it sends the
+    # closing empty body after the disconnect. The client never got the response.
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"data: first\n\n", "more_body": True})
+        assert (await receive())["type"] == "http.request"
+        assert (await receive())["type"] == "http.disconnect"
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    call(LoggingMiddleware(app, pipeline=pipeline), scope("/events"), [b""], disconnect=True)
+    rec = only(pipeline, tmp_logs)
+    assert rec["status"] == 499 and rec["level"] == "WARNING" and rec["fields"]["disconnected"] is True
+
+
 def test_send_failing_because_the_client_left_is_a_499_not_an_error(pipeline, tmp_logs):
     async def app(scope, receive, send):
         await send({"type": "http.response.start", "status": 200, "headers": []})

@@ -581,10 +581,15 @@ impl HttpExchange {
 }
 
 impl HttpExchange {
-    /// The last message went out.
+    /// The last message went out: the record is finished now, not when the app returns
+    /// (background tasks run after that, inside the app call).
     fn complete(&mut self, py: Python<'_>) {
         if !self.done {
-            self.flags |= flags::COMPLETE;
+            // A client that left first (the disconnect came in before the last message,
+            // e.g. a BaseHTTPMiddleware's closing empty body) never got the response.
+            if self.flags & flags::DISCONNECTED == 0 {
+                self.flags |= flags::COMPLETE;
+            }
             self.finish(py, None);
         }
     }
