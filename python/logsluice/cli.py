@@ -35,17 +35,32 @@ def _print_read_commands(args: argparse.Namespace) -> None:
     except (ValueError, RuntimeError):
         return
     source = f" --source {args.dir}" if args.dir else ""
+    cmd = _command_name()
     print("\nread it back:")
-    print(f"  logsluice query{source} --since 1h --min-level error")
-    print(f"  logsluice query{source} --since 1h --json | head -3")
-    print(f"  logsluice summary{source} --since 1h --by level")
-    print(f"  logsluice tail{source}")
+    print(f"  {cmd} query{source} --since 1h --min-level error")
+    print(f"  {cmd} query{source} --since 1h --json | head -3")
+    print(f"  {cmd} summary{source} --since 1h --by level")
+    print(f"  {cmd} tail{source}")
     if newest_error:
-        print(f"  logsluice context{source} {newest_error[0]['id']}")
+        print(f"  {cmd} context{source} {newest_error[0]['id']}")
     if newest_http:
-        print(f"  logsluice request{source} {newest_http[0]['request_id']}")
+        print(f"  {cmd} request{source} {newest_http[0]['request_id']}")
     else:
-        print(f"  logsluice request{source} latest --status 5xx")
+        print(f"  {cmd} request{source} latest --status 5xx")
+
+
+def _command_name() -> str:
+    """How to run this CLI from here: `logsluice` when it is on PATH, else the script next
+    to this interpreter (a virtualenv nobody activated), as a path relative to here."""
+    import shutil
+
+    if shutil.which("logsluice"):
+        return "logsluice"
+    script = os.path.join(os.path.dirname(sys.executable), "logsluice")
+    if not os.path.exists(script):
+        return "logsluice"
+    relative = os.path.relpath(script)
+    return relative if relative.startswith(".") else os.path.join(".", relative)
 
 
 # -- reading ---------------------------------------------------------------------------
@@ -193,8 +208,7 @@ class _Out:
         level = clean(r.get("level"))
         if r.get("kind") == "http":
             duration = r.get("duration_ms") or 0.0
-            detail = f"{clean(r.get('method'))} {clean(r.get('path'))} {r.get('status')} {duration:.1f}ms"
-            body = f"{detail}  {clean(r.get('message'))}"
+            body = f"{clean(r.get('method'))} {clean(r.get('path'))} {r.get('status')} {duration:.1f}ms"
         else:
             body = clean(r.get("message"))
         rid = f" [{clean(r.get('request_id'))}]" if r.get("request_id") else ""
