@@ -208,6 +208,19 @@ def test_keyset_pages_are_disjoint_and_complete(world):
         assert count == -(-len(world.all) // 37) or count == -(-len(world.all) // 37) + 1
 
 
+def test_a_request_without_access_record_is_in_progress_only_while_recent():
+    from logsluice.reader import RequestView
+
+    def at(seconds_ago):
+        when = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=seconds_ago)
+        return {"ts": when.isoformat().replace("+00:00", "Z"), "message": "m"}
+
+    assert RequestView("r", None, [at(2)], []).in_progress
+    # Long over and never recorded: sampled out, excluded or rate limited.
+    assert not RequestView("r", None, [at(3600)], []).in_progress
+    assert not RequestView("r", {"status": 200}, [at(2)], []).in_progress
+
+
 def test_request_view_with_background_task(world):
     rid = world.request_ids[10]  # /items/10 schedules a background task
     for reader in (world.pg, world.files):

@@ -258,7 +258,12 @@ def cmd_request(args: argparse.Namespace) -> int:
     if view.access is None and not view.records:
         raise _BadInput(f"no records for request {clean(rid)}")
     if not args.json:
-        state = "in progress (no access record yet)" if view.in_progress else ""
+        if view.access is not None:
+            state = ""
+        elif view.in_progress:
+            state = "in progress (no access record yet)"
+        else:
+            state = "(no access record: sampled out, excluded or rate limited)"
         print(f"request {clean(rid)} {state}".rstrip())
     for r in ([view.access] if view.access else []) + view.records:
         out.record(r)

@@ -141,10 +141,16 @@ class Page:
         return f"Page({len(self.records)} records, next={'…' if self.next else None}, partial={self.partial})"
 
 
+# A request with app records and no access record is taken as still running while its newest
+# record is this recent; an older one was sampled out, excluded or rate limited.
+IN_PROGRESS_SECONDS = 300.0
+
+
 class RequestView:
     """What happened to one request: the ``access`` record (kind http, or None while the
-    request is still running), the app ``records`` with its request id in time order, the
-    ``trace`` records sharing its trace id (other request ids), and ``in_progress``."""
+    request is still running or when it was not kept), the app ``records`` with its request id
+    in time order, the ``trace`` records sharing its trace id (other request ids), and
+    ``in_progress``: no access record and app records from the last five minutes."""
 
     __slots__ = ("access", "in_progress", "records", "request_id", "trace")
 
@@ -159,7 +165,9 @@ class RequestView:
         self.access = access
         self.records = records
         self.trace = trace
-        self.in_progress = access is None and bool(records)
+        newest = max((_parse_ts(r.get("ts")) for r in records), default=None)
+        recent = newest is not None and time.time() - newest < IN_PROGRESS_SECONDS
+        self.in_progress = access is None and recent
 
     def to_dict(self) -> dict[str, Any]:
         return {

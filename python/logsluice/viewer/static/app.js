@@ -604,6 +604,7 @@
       const access = res.access || res.access_record || null;
       const records = res.records || res.app_records || [];
       if (res.in_progress) body.appendChild(el("p", "muted", "in progress: no access record yet"));
+      else if (!access) body.appendChild(el("p", "muted", "no access record: sampled out, excluded or rate limited"));
       body.appendChild(el("h3", null, "access record"));
       if (access) {
         body.appendChild(fieldList(access));
