@@ -552,6 +552,13 @@ def test_a_table_numbered_by_int4_is_read_and_a_retention_beyond_the_calendar_ke
     assert [r["message"] for r in records] == ["first", "second"]
 
 
+def test_reader_errors_give_the_server_message_and_sqlstate(postgres, table):
+    with pytest.raises(RuntimeError) as raised:
+        logsluice.Reader(postgres.dsn, table=table).query()  # never created
+    message = str(raised.value)
+    assert "does not exist" in message and "SQLSTATE 42P01" in message and " at line " not in message
+
+
 def test_routing_everything_to_files_warnings_to_postgres(postgres, table, log, tmp_logs):
     pipeline = logsluice.Pipeline(
         logsluice.LocalFiles(tmp_logs),

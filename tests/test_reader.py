@@ -608,6 +608,11 @@ def test_cli_bad_input_exits_2_with_one_line(world, args):
     assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
 
 
+def test_cli_says_when_the_source_directory_does_not_exist(tmp_path):
+    r = run_cli("query", "--source", str(tmp_path / "logz"))
+    assert r.returncode == 2 and "no such directory" in r.stderr and r.stdout == ""
+
+
 def test_cli_strips_terminal_escapes(tmp_logs):
     pipeline = logsluice.Pipeline(logsluice.LocalFiles(tmp_logs))
     logger.remove()

@@ -120,6 +120,10 @@ def _reader(args: argparse.Namespace) -> Any:
             options["schema"] = args.schema
         if not args.source.startswith(("postgresql://", "postgres://")):
             options = {"container": args.container} if args.container else {}
+            looks_like_path = "://" not in args.source and "=" not in args.source
+            if looks_like_path and not os.path.isdir(args.source):
+                # A typo must not look like "no logs".
+                raise _BadInput(f"--source {clean(args.source)}: no such directory")
         return Reader(args.source, **options)
     return Reader.from_env()
 

@@ -437,9 +437,18 @@ impl PgStore {
     }
 
     fn fail(&self, e: sqlx::Error) -> ReadError {
+        // The server's message and SQLSTATE, as the writer reports them (sqlx's own display
+        // appends the server's source line: "… at line 1371").
+        let message = match &e {
+            sqlx::Error::Database(db) => match db.code() {
+                Some(code) => format!("{} (SQLSTATE {code})", db.message()),
+                None => db.message().to_owned(),
+            },
+            other => other.to_string(),
+        };
         ReadError::Failed(scrub(
             &self.secrets,
-            format!("PostgreSQL {}: {e}", self.target),
+            format!("PostgreSQL {}: {message}", self.target),
         ))
     }
 
