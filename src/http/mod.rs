@@ -27,6 +27,10 @@ pub mod flags {
     pub const SAMPLED_OUT: u32 = 8;
     pub const REQUEST_BODY_TIMEOUT: u32 = 16;
     pub const RESPONSE_BODY_TIMEOUT: u32 = 32;
+    /// The body went as a file (`http.response.pathsend`): its size is the response's
+    /// `Content-Length`, read when the record is built (no file system call on the event
+    /// loop's thread).
+    pub const PATHSEND: u32 = 64;
 }
 
 pub type Headers = Vec<(Vec<u8>, Vec<u8>)>;
@@ -307,6 +311,16 @@ fn hex16(x: u64) -> [u8; 16] {
     out
 }
 
+/// What a response sent as a file declared for it (nothing for other responses).
+fn file_size(ex: &Exchange) -> u64 {
+    if !ex.has(flags::PATHSEND) {
+        return 0;
+    }
+    header(&ex.response_headers, "content-length")
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0)
+}
+
 fn content_headers(headers: &Headers) -> (String, String) {
     (
         header(headers, "content-type")
@@ -322,6 +336,7 @@ fn content_headers(headers: &Headers) -> (String, String) {
 pub fn build_record(r: &Redactor, ex: Exchange, max_message_bytes: usize) -> Record {
     let status = ex.final_status();
     let (level, level_no) = ex.level();
+    let file_size = file_size(&ex);
     let complete = ex.has(flags::COMPLETE);
     // Tokens in paths (`/reset/<jwt>`) are scrubbed like any captured text.
     let mut path = r.scrub(&ex.path).into_owned();
@@ -430,7 +445,7 @@ pub fn build_record(r: &Redactor, ex: Exchange, max_message_bytes: usize) -> Rec
         request_body,
         response_body,
         request_size: Some(ex.request_size),
-        response_size: (ex.status != 0).then_some(ex.response_size),
+        response_size: (ex.status != 0).then_some(ex.response_size + file_size),
         sample_rate: ex.sample_rate,
         error,
     }));

@@ -479,12 +479,7 @@ impl HttpExchange {
             self.response.size += count;
             self.last = !truthy(get(message, intern!(py, "more_body"))) && !self.trailers;
         } else if kind == "http.response.pathsend" {
-            // The server sends the whole file: its size is what went out.
-            let size = get(message, intern!(py, "path"))
-                .and_then(|p| p.extract::<std::path::PathBuf>().ok())
-                .and_then(|p| std::fs::metadata(p).ok())
-                .map_or(0, |m| m.len());
-            self.response.size += size;
+            self.flags |= flags::PATHSEND;
             self.last = !self.trailers;
         }
         Ok(None)
