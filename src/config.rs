@@ -103,10 +103,6 @@ impl Common {
     pub fn wants(&self, level_no: u16, kind: Kind) -> bool {
         level_no >= self.min_level && self.kinds.contains(&kind)
     }
-
-    pub fn secs(v: f64) -> Duration {
-        seconds(v)
-    }
 }
 
 /// The longest wait any option or call turns into (about 31 years): long enough to mean

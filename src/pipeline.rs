@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 
 use crate::breaker::{self, Breaker};
-use crate::config::{Common, DestinationSpec, OnFull, PipelineOptions, Target};
+use crate::config::{seconds, Common, DestinationSpec, OnFull, PipelineOptions, Target};
 use crate::destinations::{self, ErrorKind, Writer};
 use crate::metrics::DropReason;
 use crate::queue::{Limits, Next, Queue, Snapshot};
@@ -130,7 +130,7 @@ impl Core {
                 max_bytes: c.queue_max_bytes,
                 batch_records: c.batch_max_records,
                 batch_bytes: c.batch_max_bytes,
-                batch_delay: Common::secs(c.batch_max_delay),
+                batch_delay: seconds(c.batch_max_delay),
             }));
             let dest = Arc::new(Destination {
                 common: spec.common.clone(),
@@ -193,7 +193,7 @@ impl Core {
 
     pub fn wait_for_room(blocked: Vec<Blocked>) {
         for b in blocked {
-            let timeout = Common::secs(b.dest.common.block_timeout);
+            let timeout = seconds(b.dest.common.block_timeout);
             b.dest.queue.push_wait(b.record, timeout);
         }
     }
@@ -287,10 +287,10 @@ pub fn let_application_run() {
 fn run(dest: Arc<Destination>, target: Target) {
     yield_to_application();
     let c = &dest.common;
-    let mut breaker = Breaker::new(c.breaker_threshold, Common::secs(c.breaker_cooldown));
+    let mut breaker = Breaker::new(c.breaker_threshold, seconds(c.breaker_cooldown));
     let backoff = Backoff {
-        initial: Common::secs(c.retry_initial),
-        max: Common::secs(c.retry_max),
+        initial: seconds(c.retry_initial),
+        max: seconds(c.retry_max),
     };
     let mut writer: Option<Box<dyn Writer>> = None;
     loop {
@@ -347,7 +347,7 @@ fn deliver(
     if was_open {
         dest.queue.with_state(|s| s.breaker = "half_open");
     }
-    let timeout = Common::secs(dest.common.attempt_timeout);
+    let timeout = seconds(dest.common.attempt_timeout);
     let mut attempt = 0;
     loop {
         let result = match writer.as_mut() {

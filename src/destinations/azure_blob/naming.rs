@@ -298,7 +298,6 @@ pub fn start_id(now: DateTime<Utc>) -> String {
     )
 }
 
-/// Checks a prefix: blob names must not start with '/' and should not contain '\' or '..'.
 /// What the Reader needs of a name: it finds blobs by their `.ndjson[.gz]` ending, lists
 /// each kind by the name up to the first per-writer token, and each time bucket by the
 /// time tokens from the year down. A name it could not list once and only once is refused
@@ -344,6 +343,7 @@ fn check_readable(pieces: &[Piece]) -> Result<(), String> {
     Ok(())
 }
 
+/// Checks a prefix: blob names must not start with '/' and should not contain '\' or '..'.
 pub fn check_prefix(prefix: &str) -> Result<(), String> {
     if prefix.starts_with('/') || prefix.contains('\\') || prefix.split('/').any(|p| p == "..") {
         return Err(format!(
