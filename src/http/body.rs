@@ -177,12 +177,9 @@ pub fn store(
     let over_cap = body.len() > r.max_body_bytes;
     let body = &body[..body.len().min(r.max_body_bytes)];
     let kind = match classify(content_type) {
+        // Untyped text: XML by its declaration; JSON and forms are sniffed by `redact_text`.
         Kind::Unknown if looks_textual(body) => {
-            let start = body.iter().position(|c| !c.is_ascii_whitespace());
-            let rest = &body[start.unwrap_or(body.len())..];
-            if matches!(rest.first(), Some(b'{') | Some(b'[')) {
-                Kind::Json
-            } else if rest.starts_with(b"<?xml") {
+            if body.trim_ascii_start().starts_with(b"<?xml") {
                 Kind::Xml
             } else {
                 Kind::Text
