@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from typing import Any, Optional, Union
 from urllib.parse import urlsplit
 
+from . import _core
 from .destinations import ENV_BUILDERS, KINDS, Destination
 
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
@@ -22,25 +23,7 @@ Duration = Union[str, int, float, _dt.timedelta]
 
 def redact_dsn(dsn: str) -> str:
     """The DSN with its password (user info or ``password=`` parameter) replaced by ``***``."""
-    scheme, sep, rest = dsn.partition("://") if isinstance(dsn, str) else ("", "", "")
-    if not sep:
-        return "<unparseable DSN>"
-    # A password may hold '/', '?' or '#' unencoded: the user info runs to the last '@'.
-    at = max(rest.rfind("@"), 0)
-    ends = [i for i in (rest.find(c, at) for c in "/?#") if i >= 0]
-    end = min(ends) if ends else len(rest)
-    netloc, tail = rest[:end], rest[end:]
-    if "@" in netloc:
-        userinfo, host = netloc.rsplit("@", 1)
-        if ":" in userinfo:
-            netloc = f"{userinfo.split(':', 1)[0]}:***@{host}"
-    path, qmark, query = tail.partition("?")
-    query = "&".join(
-        f"{p.split('=', 1)[0]}=***" if p.split("=", 1)[0].lower() == "password" and "=" in p else p
-        for p in query.split("&")
-        if p
-    )
-    return f"{scheme}://{netloc}{path}" + (f"?{query}" if query else "")
+    return _core.redact_dsn(dsn) if isinstance(dsn, str) else "<unparseable DSN>"
 
 
 def parse_duration(value: Duration, what: str = "retention") -> float:

@@ -33,6 +33,12 @@ fn _mark_interpreter_exit() {
     PYTHON_EXITING.store(true, Ordering::SeqCst);
 }
 
+/// The DSN with its password masked: the one implementation, for Python's messages too.
+#[pyfunction]
+fn redact_dsn(dsn: &str) -> String {
+    crate::destinations::postgres::redact_dsn(dsn)
+}
+
 fn reporter(report: Py<PyAny>) -> Reporter {
     Arc::new(move |level: u16, message: &str| {
         if PYTHON_EXITING.load(Ordering::SeqCst) {
@@ -380,6 +386,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyCore>()?;
     m.add_class::<LoguruSink>()?;
     m.add_function(wrap_pyfunction!(_mark_interpreter_exit, m)?)?;
+    m.add_function(wrap_pyfunction!(redact_dsn, m)?)?;
     http::register(m)?;
     read::register(m)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;

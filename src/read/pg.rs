@@ -16,7 +16,7 @@ use super::filter::{FieldOp, Filter};
 use super::summary::{group_value, Spec, MAX_GROUPS};
 use super::{Found, ReadError, Scan};
 use crate::destinations::postgres::schema::{quote, Names};
-use crate::destinations::postgres::{dsn_secrets, redact_dsn, scrub};
+use crate::destinations::postgres::{dsn_secrets, redact_dsn, scrub, server_message};
 use crate::encode::ts_string;
 
 /// The http-only columns: dropped from app records so every store returns the same shape.
@@ -437,13 +437,8 @@ impl PgStore {
     }
 
     fn fail(&self, e: sqlx::Error) -> ReadError {
-        // The server's message and SQLSTATE, as the writer reports them (sqlx's own display
-        // appends the server's source line: "… at line 1371").
         let message = match &e {
-            sqlx::Error::Database(db) => match db.code() {
-                Some(code) => format!("{} (SQLSTATE {code})", db.message()),
-                None => db.message().to_owned(),
-            },
+            sqlx::Error::Database(db) => server_message(db.as_ref()),
             other => other.to_string(),
         };
         ReadError::Failed(scrub(

@@ -190,11 +190,21 @@ fn copy_line(context: &str) -> Option<usize> {
     })
 }
 
+/// The server's message and SQLSTATE (`… (SQLSTATE 42P01)`), as every error from the
+/// server is reported: sqlx's own display appends the server's source line instead.
+pub(crate) fn server_message(db: &dyn sqlx::error::DatabaseError) -> String {
+    format!(
+        "{} (SQLSTATE {})",
+        db.message(),
+        db.code().unwrap_or_default()
+    )
+}
+
 fn classify(e: &sqlx::Error) -> Failure {
     match e {
         sqlx::Error::Database(db) => {
             let code = db.code().map(|c| c.into_owned()).unwrap_or_default();
-            let message = format!("{} (SQLSTATE {code})", db.message());
+            let message = server_message(db.as_ref());
             let class = code.get(..2).unwrap_or("");
             match (class, code.as_str()) {
                 ("22" | "23", _) => Failure::Data {
