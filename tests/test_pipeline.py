@@ -480,9 +480,14 @@ def test_a_dict_that_changes_while_it_is_logged_is_stored_without_raising(tmp_lo
     loguru.bind(state=state).info("loguru state")
     stdlib = logging.getLogger("test.grows")
     stdlib.propagate = False
-    stdlib.addHandler(pipeline.logging_handler())
-    stdlib.addFilter(AttachGrows())
-    stdlib.warning("stdlib state", extra={"state": {"user": "bob"}})
+    handler, grows = pipeline.logging_handler(), AttachGrows()
+    stdlib.addHandler(handler)
+    stdlib.addFilter(grows)
+    try:
+        stdlib.warning("stdlib state", extra={"state": {"user": "bob"}})
+    finally:
+        stdlib.removeHandler(handler)
+        stdlib.removeFilter(grows)
     pipeline.close()
     by_msg = {r["message"]: r for r in read_records(tmp_logs)}
     assert by_msg["loguru state"]["fields"]["state"]["user"] == "ada"
@@ -505,9 +510,13 @@ def test_odd_levels_huge_durations_and_long_bytes_are_kept(tmp_logs, loguru):
     loguru.log("PAGE_ONCALL", "paged")
     stdlib = logging.getLogger("test.levels")
     stdlib.propagate = False
-    stdlib.addHandler(pipeline.logging_handler())
-    stdlib.log(70_000, "stdlib paged")
-    stdlib.log(2**70, "stdlib beyond 64 bits")
+    handler = pipeline.logging_handler()
+    stdlib.addHandler(handler)
+    try:
+        stdlib.log(70_000, "stdlib paged")
+        stdlib.log(2**70, "stdlib beyond 64 bits")
+    finally:
+        stdlib.removeHandler(handler)
     loguru.bind(blob=b"y" * 100_000).warning("long bytes")
     pipeline.flush(timeout=float("inf"))
     pipeline.close(timeout=float("inf"))

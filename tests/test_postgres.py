@@ -356,6 +356,8 @@ def test_a_mostly_bad_batch_keeps_its_good_rows_when_isolation_runs_out_of_time(
     assert count(postgres, table, "message like 'good %'", distinct=True) == good  # none twice
     lines = [json.loads(line) for f in dead.iterdir() for line in f.read_text().splitlines()]
     assert len(lines) == 4000 - good
+    # The time limit is what ended it (not a finished isolation that happened to be quick).
+    assert any(r["logsluice_error"] == "not isolated within the time limit" for r in lines)
 
 
 def test_a_copy_outliving_its_attempt_is_not_committed_beside_the_retry(postgres, table, log):
