@@ -597,10 +597,14 @@ impl Inner {
         let mut bad: Vec<(usize, String)> = Vec::new();
         let mut hints = 0;
         let mut stack: Vec<Vec<usize>> = Vec::new();
+        // Rows the server accepted before an offender (rolled back with it): known good,
+        // written together, a piece at a time, and at the latest when time runs out.
+        let mut good: Vec<usize> = Vec::new();
         let all: Vec<usize> = (0..rows.len()).collect();
         split(
             &mut stack,
             &mut bad,
+            &mut good,
             &mut hints,
             all,
             first_message,
@@ -609,17 +613,26 @@ impl Inner {
         let conn = self.conn.as_mut().expect("connected");
         let result: Result<(), sqlx::Error> = async {
             exec(conn, "BEGIN".into()).await?;
-            while let Some(set) = stack.pop() {
+            loop {
+                let late = Instant::now() > deadline;
+                let set =
+                    if !good.is_empty() && (late || good.len() >= HINT_PIECE || stack.is_empty()) {
+                        std::mem::take(&mut good)
+                    } else if late {
+                        // Out of time: the good records found are committed, the rest counted
+                        // as invalid (and dead-lettered) rather than all retried and lost.
+                        for i in stack.drain(..).flatten() {
+                            bad.push((i, "not isolated within the time limit".into()));
+                        }
+                        break;
+                    } else {
+                        match stack.pop() {
+                            Some(set) => set,
+                            None => break,
+                        }
+                    };
                 if set.is_empty() {
                     continue;
-                }
-                if Instant::now() > deadline {
-                    // Out of time: the good records found so far are committed, the rest
-                    // counted as invalid (and dead-lettered) rather than all retried, lost.
-                    for i in set.into_iter().chain(stack.drain(..).flatten()) {
-                        bad.push((i, "not isolated within the time limit".into()));
-                    }
-                    break;
                 }
                 let subset: Vec<&Record> = set.iter().map(|&i| rows[i]).collect();
                 exec(conn, "SAVEPOINT logsluice_split".into()).await?;
@@ -631,7 +644,9 @@ impl Inner {
                             let undo = "ROLLBACK TO SAVEPOINT logsluice_split; \
                                         RELEASE SAVEPOINT logsluice_split";
                             exec(conn, undo.into()).await?;
-                            split(&mut stack, &mut bad, &mut hints, set, message, line);
+                            split(
+                                &mut stack, &mut bad, &mut good, &mut hints, set, message, line,
+                            );
                         }
                         _ => return Err(e),
                     },
@@ -769,6 +784,7 @@ impl Inner {
 fn split(
     stack: &mut Vec<Vec<usize>>,
     bad: &mut Vec<(usize, String)>,
+    good: &mut Vec<usize>,
     hints: &mut usize,
     set: Vec<usize>,
     message: String,
@@ -782,18 +798,8 @@ fn split(
         Some(l) if *hints < MAX_LINE_HINTS => {
             *hints += 1;
             bad.push((set[l - 1], message));
-            let mut pieces: Vec<Vec<usize>> =
-                set[l..].chunks(HINT_PIECE).map(<[usize]>::to_vec).collect();
-            // The rows before the offender (rolled back with it) go again with the next
-            // piece: one COPY per offender, not two, while they stay small.
-            let before = set[..l - 1].to_vec();
-            match pieces.first_mut() {
-                Some(first) if before.len() <= HINT_PIECE => {
-                    first.splice(0..0, before);
-                }
-                _ => pieces.insert(0, before),
-            }
-            stack.extend(pieces.into_iter().rev());
+            good.extend_from_slice(&set[..l - 1]);
+            stack.extend(set[l..].chunks(HINT_PIECE).rev().map(<[usize]>::to_vec));
         }
         _ => {
             let mid = set.len() / 2;
@@ -1290,43 +1296,41 @@ mod tests {
     fn split_uses_hints_then_halves() {
         let mut stack = Vec::new();
         let mut bad = Vec::new();
+        let mut good = Vec::new();
         let mut hints = 0;
-        split(
-            &mut stack,
-            &mut bad,
-            &mut hints,
-            (0..10).collect(),
-            "m".into(),
-            Some(4),
-        );
-        assert_eq!(bad, vec![(3, "m".to_string())]);
-        assert_eq!(stack, vec![vec![0, 1, 2, 4, 5, 6, 7, 8, 9]]);
+        let mut run = |stack: &mut Vec<Vec<usize>>, hints: &mut usize, set: Vec<usize>, line| {
+            split(stack, &mut bad, &mut good, hints, set, "m".into(), line);
+        };
+        run(&mut stack, &mut hints, (0..10).collect(), Some(4));
+        assert_eq!(stack, vec![vec![4, 5, 6, 7, 8, 9]]);
         // What follows an offender goes on in pieces, the first piece tried first.
         stack.clear();
-        split(
+        run(
             &mut stack,
-            &mut bad,
             &mut hints,
             (0..(2 * HINT_PIECE + 10)).collect(),
-            "m".into(),
             Some(5),
         );
         let sizes: Vec<usize> = stack.iter().map(Vec::len).collect();
-        assert_eq!(sizes, [5, HINT_PIECE, HINT_PIECE + 4]);
-        assert_eq!(stack[2][..5], [0, 1, 2, 3, 5]);
+        assert_eq!(sizes, [5, HINT_PIECE, HINT_PIECE]);
+        assert_eq!(stack[2][0], 5);
         stack.clear();
         hints = MAX_LINE_HINTS;
+        run(&mut stack, &mut hints, (0..4).collect(), Some(2));
+        assert_eq!(stack.pop(), Some(vec![0, 1]));
+        assert_eq!(stack.pop(), Some(vec![2, 3]));
+        // The offenders named by hints, and the rows the server took before each.
+        assert_eq!(bad, vec![(3, "m".to_string()), (4, "m".to_string())]);
+        assert_eq!(good, vec![0, 1, 2, 0, 1, 2, 3]);
         split(
             &mut stack,
             &mut bad,
+            &mut good,
             &mut hints,
-            (0..4).collect(),
-            "m".into(),
-            Some(2),
+            vec![7],
+            "x".into(),
+            None,
         );
-        assert_eq!(stack.pop(), Some(vec![0, 1]));
-        assert_eq!(stack.pop(), Some(vec![2, 3]));
-        split(&mut stack, &mut bad, &mut hints, vec![7], "x".into(), None);
         assert_eq!(bad.last(), Some(&(7, "x".to_string())));
     }
 }
