@@ -561,6 +561,44 @@ def test_request_id_joins_app_logs_and_background_tasks(pipeline, tmp_logs):
     assert access["request_id"] == "req-42"
 
 
+def test_an_exception_after_the_response_is_an_error_record_of_the_request(pipeline, tmp_logs):
+    app = FastAPI()
+
+    def background():
+        raise ValueError("boom in background")
+
+    @app.get("/work/{n}")
+    async def work(n: int, tasks: BackgroundTasks):
+        tasks.add_task(background)
+        return {"ok": n}
+
+    app.add_middleware(LoggingMiddleware, pipeline=pipeline)
+    client = Client([b""])
+    request = scope("/work/7", headers=[(b"x-request-id", b"req-late")])
+    with pytest.raises(ValueError, match="boom in background"):
+        asyncio.run(app(request, client.receive, client.send))
+    assert client.status == 200 and client.body == b'{"ok":7}'
+    pipeline.flush()
+    records = read_records(tmp_logs)
+    (access,) = [r for r in records if r["kind"] == "http"]
+    assert access["status"] == 200 and access["exception"] is None and access["request_id"] == "req-late"
+    (late,) = [r for r in records if r["kind"] == "app"]
+    assert late["level"] == "ERROR" and late["logger"] == "logsluice.middleware"
+    assert late["request_id"] == "req-late"
+    assert late["message"].startswith("ValueError raised after the response to GET /work/7 was sent")
+    assert "Traceback" in late["exception"] and "ValueError: boom in background" in late["exception"]
+    assert late["fields"] == {"method": "GET", "path": "/work/7"}
+
+
+def test_an_exception_before_the_response_ends_is_only_in_the_access_record(pipeline, tmp_logs):
+    with pytest.raises(RuntimeError, match="failed"):
+        call(make_fastapi(pipeline), scope("/fail"))
+    pipeline.flush()
+    records = read_records(tmp_logs)
+    assert [r["kind"] for r in records] == ["http"]
+    assert "RuntimeError: failed" in records[0]["exception"]
+
+
 @pytest.mark.parametrize("inbound", [b"has space", b"x" * 200, b"<script>", "é".encode()])
 def test_unsafe_inbound_request_ids_are_replaced(pipeline, tmp_logs, inbound):
     client = call(

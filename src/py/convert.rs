@@ -612,6 +612,27 @@ pub fn from_logging(ctx: &Ctx, rec: &Bound<'_, PyAny>) -> Record {
     r.finish(ctx.max_message_bytes)
 }
 
+/// A record logsluice itself writes for the app (a request's late exception): joined to
+/// the current request through the context, as the app's own records are.
+pub fn own_record(
+    ctx: &Ctx,
+    py: Python<'_>,
+    level: (&str, u16),
+    logger: &str,
+    message: String,
+    exception: Option<String>,
+    fields_json: Box<str>,
+) -> Record {
+    let mut r = Record::new(now_micros(), level.0, level.1, Kind::App, message);
+    r.logger = logger.to_owned();
+    r.exception = exception;
+    r.process = std::process::id();
+    r.fields_json = fields_json;
+    r.request_id = request_id(ctx, py, None);
+    (r.trace_id, r.span_id) = trace_ids(ctx, py, (None, None));
+    r.finish(ctx.max_message_bytes)
+}
+
 pub fn now_micros() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -489,13 +489,7 @@ impl HttpExchange {
         let duration_ms = self.t0.elapsed().as_secs_f64() * 1000.0;
         let mut exc = exc.filter(|e| !e.is_none());
         if let Some(e) = exc {
-            // A cancelled request, or a send or body read that failed because the client
-            // left (Starlette's `ClientDisconnect` mid-upload), is a disconnect (499), not
-            // an application error.
-            let cancelled = e.is_instance(cancelled_error(py)?)?;
-            let left = self.flags & flags::DISCONNECTED != 0
-                && (e.is_instance_of::<PyOSError>() || is_client_disconnect(e));
-            if cancelled || left {
+            if self.client_left(py, e)? {
                 self.flags |= flags::DISCONNECTED;
                 exc = None;
             } else {
@@ -576,6 +570,31 @@ impl HttpExchange {
 }
 
 impl HttpExchange {
+    /// A cancelled request, or a send or body read that failed because the client left
+    /// (Starlette's `ClientDisconnect` mid-upload): a disconnect (499), not an app error.
+    fn client_left(&self, py: Python<'_>, e: &Bound<'_, PyAny>) -> PyResult<bool> {
+        Ok(e.is_instance(cancelled_error(py)?)?
+            || (self.flags & flags::DISCONNECTED != 0
+                && (e.is_instance_of::<PyOSError>() || is_client_disconnect(e))))
+    }
+
+    /// The app raised after its response was finished (in a background task, most often):
+    /// the access record is handed off already, so the exception is stored as an ERROR
+    /// app record of the request, written while its id is still in the context. The
+    /// server logs it too, but after the request's context ended: without the id.
+    fn raised_late(&self, py: Python<'_>, e: &Bound<'_, PyAny>) {
+        match self.client_left(py, e) {
+            Ok(true) => {}
+            Ok(false) => {
+                let sink = self.sink.get();
+                let path = self.full_path(py);
+                let method = self.method.as_ref().map(|m| m.bind(py).clone());
+                sink.late_exception(py, e, method.as_ref(), &path);
+            }
+            Err(err) => self.internal_error(py, &err),
+        }
+    }
+
     /// The last message went out: the record is finished now, not when the app returns
     /// (background tasks run after that, inside the app call).
     fn complete(&mut self, py: Python<'_>) {
@@ -672,7 +691,10 @@ impl HttpExchange {
     /// the request id context variable. Never raises.
     #[pyo3(signature = (exception=None))]
     fn end(&mut self, py: Python<'_>, exception: Option<&Bound<'_, PyAny>>) {
-        self.finish(py, exception);
+        match exception.filter(|e| !e.is_none()) {
+            Some(e) if self.done => self.raised_late(py, e),
+            _ => self.finish(py, exception),
+        }
         if let Some(token) = self.trace_token.take() {
             if let Err(e) = reset_trace(self.sink.get().ctx(), token.bind(py)) {
                 self.internal_error(py, &e);

@@ -248,6 +248,48 @@ impl HttpSink {
         (id, trace)
     }
 
+    /// Stores an exception the app raised after its response was finished as an ERROR
+    /// app record of the current request (see `HttpExchange::raised_late`).
+    pub fn late_exception(
+        &self,
+        py: Python<'_>,
+        exc: &Bound<'_, PyAny>,
+        method: Option<&Bound<'_, PyAny>>,
+        path: &Bound<'_, PyAny>,
+    ) {
+        if reporting() {
+            return;
+        }
+        let pycore = self.core.get();
+        let core = pycore.core();
+        if !core.wants(40, Kind::App) {
+            return;
+        }
+        let traceback = exc
+            .getattr(intern!(py, "__traceback__"))
+            .unwrap_or_else(|_| py.None().into_bound(py));
+        let exception =
+            convert::format_exception(&pycore.ctx, py, exc.get_type().as_any(), exc, &traceback);
+        let text = |v: Option<&Bound<'_, PyAny>>| v.map(convert::text).unwrap_or_default();
+        let kind = exc
+            .get_type()
+            .name()
+            .map(|n| convert::text(&n))
+            .unwrap_or_default();
+        let (method, path) = (text(method), self.scrub(&text(Some(path))));
+        let fields = serde_json::json!({ "method": method, "path": path }).to_string();
+        let record = convert::own_record(
+            &pycore.ctx,
+            py,
+            ("ERROR", 40),
+            "logsluice.middleware",
+            format!("{kind} raised after the response to {method} {path} was sent (in a background task?)"),
+            exception,
+            fields.into_boxed_str(),
+        );
+        pycore.submit(py, &core, record);
+    }
+
     /// Copies the finished exchange out of Python and puts it on the lane.
     pub fn hand_off<'py>(&self, py: Python<'py>, scalars: Scalars, parts: Parts<'_, 'py>) {
         if reporting() {
