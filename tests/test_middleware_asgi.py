@@ -984,3 +984,15 @@ def test_configuration_errors_are_clear(pipeline):
         LoggingMiddleware(echo_app([]), pipeline=pipeline, trusted_proxies=["10.0.0.0/33"])
     with pytest.raises(ValueError, match="request_id_header"):
         LoggingMiddleware(echo_app([]), pipeline=pipeline, request_id_header="X-Réquest-ID")
+    # The name goes out in every response: a server refuses the whole response over it.
+    for bad_name in ("X Req", "bad:header", "x-id\r\n"):
+        with pytest.raises(ValueError, match="request_id_header must be an HTTP header name"):
+            LoggingMiddleware(echo_app([]), pipeline=pipeline, request_id_header=bad_name)
+    # A string is not a yes/no: "false" would have turned capture on.
+    for flag in ("capture_request_body", "capture_response_body", "scrub_values", "echo_request_id"):
+        with pytest.raises(ValueError, match=f"{flag} must be True or False, got 'false'"):
+            LoggingMiddleware(echo_app([]), pipeline=pipeline, **{flag: "false"})
+    with pytest.raises(ValueError, match="max_user_agent_bytes must be a whole number"):
+        LoggingMiddleware(echo_app([]), pipeline=pipeline, max_user_agent_bytes=0.5)
+    with pytest.raises(ValueError, match="sample must be a mapping"):
+        LoggingMiddleware(echo_app([]), pipeline=pipeline, sample="abc")

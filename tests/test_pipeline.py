@@ -326,6 +326,92 @@ def test_bad_configuration_raises_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="invalid DSN") as bad_dsn:
         logsluice.Pipeline(logsluice.Postgres("postgresql://app:s3cret@127.0.0.1:1/db?sslmode=bogus"))
     assert "s3cret" not in str(bad_dsn.value)
+    # The same mistakes on the reading side are bad input too (the CLI's exit code 2).
+    with pytest.raises(ValueError, match="invalid DSN") as bad_dsn:
+        logsluice.Reader("postgresql://app:s3cret@127.0.0.1:1/db?sslmode=bogus")
+    assert "s3cret" not in str(bad_dsn.value)
+    with pytest.raises(ValueError, match="table must be letters"):
+        logsluice.Reader("postgresql://app@127.0.0.1:1/db", table="x;y")
+
+
+def test_options_of_the_wrong_kind_are_refused_not_coerced(tmp_path, monkeypatch):
+    # "no" is a true string: gzip would have been on.
+    for flag in ("compress", "fsync"):
+        with pytest.raises(ValueError, match=f"{flag} must be True or False, got 'no'"):
+            logsluice.LocalFiles(tmp_path, **{flag: "no"})
+    with pytest.raises(ValueError, match="create_table must be True or False"):
+        logsluice.Postgres("postgresql://app@127.0.0.1/db", create_table="false")
+    with pytest.raises(ValueError, match="create_container must be True or False"):
+        logsluice.AzureBlob("UseDevelopmentStorage=true", create_container=0)
+    # 0.5 bytes became 0: a new file for every batch.
+    with pytest.raises(ValueError, match="max_file_bytes must be a whole number"):
+        logsluice.LocalFiles(tmp_path, max_file_bytes=0.5)
+    # Beyond what the core holds: the error names the option, not a parser's column.
+    with pytest.raises(ValueError, match="queue_max_records must be at most"):
+        logsluice.LocalFiles(tmp_path, queue_max_records=10**30)
+    with pytest.raises(ValueError, match="max_retries must be at most 4294967295"):
+        logsluice.LocalFiles(tmp_path, max_retries=10**12)
+    with pytest.raises(ValueError, match="connect_timeout must be a positive number"):
+        logsluice.Postgres("postgresql://app@127.0.0.1/db", connect_timeout=float("nan"))
+    # Never, as the core's other durations saturate (it was a JSON parser's error).
+    never = logsluice.Postgres("postgresql://app@127.0.0.1/db", connect_timeout=float("inf"))
+    logsluice.Pipeline(never).close(timeout=0)
+    with pytest.raises(ValueError, match="min_level must be a level from 0 to 65535"):
+        logsluice.LocalFiles(tmp_path, min_level=70000)
+    with pytest.raises(ValueError, match="kinds must be a non-empty subset"):
+        logsluice.LocalFiles(tmp_path, kinds=None)
+    for bad in ({"name": ""}, {"prefix": 5}, {"directory": 5}, {"directory": ""}):
+        with pytest.raises(ValueError):
+            logsluice.LocalFiles(**{"directory": tmp_path, **bad})
+    with pytest.raises(ValueError, match="application_name must be a string"):
+        logsluice.Postgres("postgresql://app@127.0.0.1/db", application_name=None)
+    with pytest.raises(ValueError, match="dead_letter_dir: cannot create directory"):
+        logsluice.Postgres("postgresql://app@127.0.0.1/db", dead_letter_dir="/proc/nope")
+    # Environment variables: numbers are levels too, and a misspelt yes/no is an error naming it.
+    monkeypatch.setenv("LOGSLUICE_DIR", str(tmp_path))
+    monkeypatch.setenv("LOGSLUICE_DIR_MIN_LEVEL", "30")
+    pipeline = logsluice.Pipeline.from_env()
+    assert pipeline.destinations[0].min_level == 30
+    pipeline.close()
+    monkeypatch.setenv("LOGSLUICE_DIR_MIN_LEVEL", "LOUD")
+    with pytest.raises(ValueError, match="LOGSLUICE_DIR_MIN_LEVEL='LOUD' is not a level"):
+        logsluice.Pipeline.from_env()
+    monkeypatch.delenv("LOGSLUICE_DIR")
+    monkeypatch.setenv("LOGSLUICE_POSTGRES_DSN", "postgresql://app@127.0.0.1/db")
+    monkeypatch.setenv("LOGSLUICE_POSTGRES_CREATE_TABLE", "flase")
+    with pytest.raises(ValueError, match="LOGSLUICE_POSTGRES_CREATE_TABLE must be one of"):
+        logsluice.Pipeline.from_env()
+    monkeypatch.setenv("LOGSLUICE_POSTGRES_CREATE_TABLE", "off")
+    monkeypatch.setenv("LOGSLUICE_POSTGRES_MIN_LEVEL", "40")
+    pipeline = logsluice.Pipeline.from_env()
+    (pg,) = pipeline.destinations
+    assert pg.create_table is False and pg.min_level == 40
+    pipeline.close(timeout=0)
+
+
+def test_flush_and_close_timeouts_and_attach_levels(tmp_path, loguru):
+    pipeline = logsluice.Pipeline(logsluice.LocalFiles(tmp_path))
+    for bad in (-1, float("nan"), "5"):
+        with pytest.raises(ValueError, match="timeout must be a number of seconds >= 0"):
+            pipeline.flush(bad)
+        with pytest.raises(ValueError, match="timeout must be a number of seconds >= 0"):
+            pipeline.close(bad)
+    # Any case and the WARN alias, as destinations' min_level takes them.
+    pipeline.attach(loguru, level="warn")
+    loguru.info("below")
+    loguru.warning("kept")
+    with pytest.raises(ValueError, match="attach.. sets catch itself"):
+        pipeline.attach(loguru, catch=False)
+    pipeline.close()
+    assert [r["message"] for r in read_records(tmp_path)] == ["kept"]
+
+
+def test_a_stdlib_record_without_a_logger_name_is_stored(tmp_path):
+    pipeline = logsluice.Pipeline(logsluice.LocalFiles(tmp_path))
+    handler = pipeline.logging_handler()
+    handler.handle(logging.makeLogRecord({"msg": "no name", "levelno": 20}))
+    pipeline.close()
+    assert [r["message"] for r in read_records(tmp_path)] == ["no name"]
 
 
 def test_routing_by_level_and_kind(tmp_path, loguru):

@@ -40,6 +40,19 @@ def _report(level: int, message: str) -> None:
     _log.log(level, message)
 
 
+_LOGURU_LEVELS = {
+    **{name: name for name in ("TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL")},
+    "WARN": "WARNING",
+    "FATAL": "CRITICAL",
+}
+
+
+def _timeout(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise ValueError(f"timeout must be a number of seconds >= 0 (inf waits for good), got {value!r}")
+    return float(value)
+
+
 class LoggingHandler(logging.Handler):
     """A stdlib handler feeding the pipeline, so uvicorn's and libraries' logs flow in too."""
 
@@ -49,7 +62,8 @@ class LoggingHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         # The core reports its own trouble on "logsluice"; feeding that back would loop.
-        if record.name == "logsluice" or record.name.startswith("logsluice."):
+        name = record.name
+        if isinstance(name, str) and (name == "logsluice" or name.startswith("logsluice.")):
             return
         self._core.write_logging(record)
 
@@ -113,20 +127,17 @@ class Pipeline:
         ``diagnose=False`` (Loguru's default would store local variable values: secrets).
         Extra keyword arguments (``filter=...``) go to ``logger.add``.
         """
-        reserved = {"format", "diagnose", "enqueue", "serialize", "colorize", "backtrace"} & set(filters)
+        reserved = {"format", "diagnose", "enqueue", "serialize", "colorize", "backtrace", "catch"} & set(
+            filters
+        )
         if reserved:
             raise ValueError(
                 f"attach() sets {', '.join(sorted(reserved))} itself; pass only level and filter"
             )
-        if not isinstance(level, str) or level.upper() not in (
-            "TRACE",
-            "DEBUG",
-            "INFO",
-            "SUCCESS",
-            "WARNING",
-            "ERROR",
-            "CRITICAL",
-        ):
+        if isinstance(level, str) and level.strip().upper() in _LOGURU_LEVELS:
+            # Loguru's names are upper-case; destinations take any case, and so does attach.
+            level = _LOGURU_LEVELS[level.strip().upper()]
+        elif not isinstance(level, str):
             level_number(level, "level")
         handler_id: int = logger.add(
             self.loguru_sink,
@@ -172,11 +183,15 @@ class Pipeline:
     def flush(self, timeout: float = 5.0) -> None:
         """Returns once everything accepted before the call is written or counted as dropped;
         raises ``TimeoutError`` naming what is still pending."""
-        self._core.flush(timeout)
+        self._core.flush(_timeout(timeout))
 
     def close(self, timeout: float = 10.0) -> None:
-        """Flushes and stops. Records not written within ``timeout`` are counted as dropped
-        (reason ``closed``) and reported on the ``logsluice`` logger. Safe to call twice."""
+        """Flushes and stops, waiting at most ``timeout`` seconds. What is not written by then is
+        reported on the ``logsluice`` logger and counted as dropped (reason ``closed``): records
+        still queued as soon as their destination's writer is free, those of a write already
+        under way if that write fails (it may still succeed, within ``attempt_timeout``). Safe
+        to call twice."""
+        timeout = _timeout(timeout)
         if self._core.closed:
             return
         _live_pipelines.discard(self)

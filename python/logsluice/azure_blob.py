@@ -7,7 +7,7 @@ import re
 from typing import Any, Optional
 from urllib.parse import urlsplit, urlunsplit
 
-from .destinations import ENV_BUILDERS, Destination, _check_number
+from .destinations import ENV_BUILDERS, Destination, check_flag, env_level
 
 DEFAULT_NAME_TEMPLATE = "{prefix}{kind}/{yyyy}/{mm}/{dd}/{HH}/{host}-{pid}-{start}-{seq}{ext}"
 ENTRA_CREDENTIALS = ("default", "environment", "workload_identity", "managed_identity", "azure_cli")
@@ -167,7 +167,11 @@ class AzureBlob(Destination):
                 f"AzureBlob: prefix={prefix!r} is set but name_template has no {{prefix}}: the prefix "
                 "would be left out of every name"
             )
-        self.block_size = int(_check_number("block_size", block_size))
+        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
+            raise ValueError(
+                f"AzureBlob: block_size must be a positive whole number of bytes, got {block_size!r}"
+            )
+        self.block_size = block_size
         if (
             isinstance(max_concurrency, bool)
             or not isinstance(max_concurrency, int)
@@ -184,7 +188,7 @@ class AzureBlob(Destination):
         self.compression = compression if compression == "gzip" else None
         self.compression_level = compression_level
         self.name_template = name_template
-        self.create_container = bool(create_container)
+        self.create_container = check_flag("AzureBlob: create_container", create_container)
         self.max_concurrency = max_concurrency
 
     @property
@@ -237,7 +241,7 @@ def _azure_blob_from_env() -> Optional[Destination]:
     env = {k: v for k, v in os.environ.items() if v.strip()}
     common: dict[str, Any] = {
         "prefix": env.get("LOGSLUICE_AZURE_PREFIX", ""),
-        "min_level": env.get("LOGSLUICE_AZURE_MIN_LEVEL", 0),
+        "min_level": env_level("LOGSLUICE_AZURE_MIN_LEVEL"),
     }
     container = env.get("LOGSLUICE_AZURE_CONTAINER")
     if "AZURE_STORAGE_CONNECTION_STRING" in env:

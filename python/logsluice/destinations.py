@@ -11,6 +11,8 @@ from typing import Any, ClassVar, Optional, Union
 LEVELS = {"TRACE": 5, "DEBUG": 10, "INFO": 20, "SUCCESS": 25, "WARNING": 30, "ERROR": 40, "CRITICAL": 50}
 _ALIASES = {"WARN": "WARNING", "FATAL": "CRITICAL"}
 KINDS = ("app", "http")
+# Levels are stored as 16-bit numbers (higher ones as this).
+MAX_LEVEL = 65535
 
 # Options every destination takes, with their defaults (documented in the README).
 COMMON_DEFAULTS: dict[str, Any] = {
@@ -37,6 +39,9 @@ _INTS = {
     "breaker_threshold",
 }
 _MAY_BE_ZERO = {"block_timeout", "breaker_cooldown", "max_retries"}
+# What the core's fields hold (counts are 32- or 64-bit).
+_INT_LIMITS = {"max_retries": 2**32 - 1, "breaker_threshold": 2**32 - 1}
+_INT_LIMIT = 2**63 - 1
 
 
 def level_number(level: Union[str, int], what: str = "min_level") -> int:
@@ -44,9 +49,12 @@ def level_number(level: Union[str, int], what: str = "min_level") -> int:
     if isinstance(level, bool):
         raise ValueError(f"{what} must be a level name or number, got {level!r}")
     if isinstance(level, int):
-        if level < 0:
-            raise ValueError(f"{what} must not be negative, got {level}")
+        if not 0 <= level <= MAX_LEVEL:
+            raise ValueError(f"{what} must be a level from 0 to {MAX_LEVEL}, got {level}")
         return level
+    if isinstance(level, str) and level.strip().isdigit():
+        # Environment variables hold numbers as text.
+        return level_number(int(level.strip()), what)
     if isinstance(level, str):
         name = level.strip().upper()
         name = _ALIASES.get(name, name)
@@ -66,7 +74,51 @@ def _check_number(name: str, value: Any) -> Union[int, float]:
         raise ValueError(
             f"{name} must be {'zero or more' if name in _MAY_BE_ZERO else 'positive'}, got {value!r}"
         )
+    limit = _INT_LIMITS.get(name, _INT_LIMIT)
+    if name in _INTS and value > limit:
+        raise ValueError(f"{name} must be at most {limit}, got {value!r}")
     return value
+
+
+def check_flag(what: str, value: Any) -> bool:
+    """A yes/no option: only True or False (a string such as "false" is a mistake, not
+    a true value)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{what} must be True or False, got {value!r}")
+    return value
+
+
+def env_flag(variable: str) -> Optional[bool]:
+    """A yes/no environment variable (``1/true/yes/on``, ``0/false/no/off``), None when unset."""
+    text = os.environ.get(variable, "").strip().lower()
+    if not text:
+        return None
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{variable} must be one of 1, true, yes, on, 0, false, no, off; got {text!r}")
+
+
+def env_level(variable: str) -> int:
+    """A level environment variable (a name or a number), 0 when unset."""
+    text = os.environ.get(variable, "").strip()
+    return level_number(text, variable) if text else 0
+
+
+def writable_directory(what: str, directory: Any) -> str:
+    """The absolute path of ``directory``, created if missing; a ValueError when it cannot
+    be created or written."""
+    if not isinstance(directory, (str, os.PathLike)) or not os.fspath(directory):
+        raise ValueError(f"{what} must be a directory path, got {directory!r}")
+    path = os.path.abspath(os.fspath(directory))
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"{what}: cannot create directory {path!r}: {e.strerror}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ValueError(f"{what}: directory {path!r} is not writable by this process")
+    return path
 
 
 # Functions that build a destination from environment variables (or return None); each
@@ -95,7 +147,7 @@ class Destination:
         if unknown:
             known = ", ".join(sorted(COMMON_DEFAULTS))
             raise ValueError(f"{type(self).__name__}: unknown option(s) {', '.join(unknown)}; known: {known}")
-        self.name = name or self.default_name
+        self.name = self.default_name if name is None else name
         if not isinstance(self.name, str) or not self.name.strip():
             raise ValueError(f"name must be a non-empty string, got {name!r}")
         if self.name == "http":
@@ -104,9 +156,11 @@ class Destination:
                 "choose another name="
             )
         self.min_level = level_number(min_level)
-        kinds = [kinds] if isinstance(kinds, str) else list(kinds)
+        given = kinds
+        kinds = [kinds] if isinstance(kinds, str) else list(kinds) if isinstance(kinds, Iterable) else []
         bad = [k for k in kinds if k not in KINDS]
         if bad or not kinds:
+            kinds = given
             raise ValueError(f"kinds must be a non-empty subset of {KINDS}, got {kinds!r}")
         self.kinds = kinds
         common = {**COMMON_DEFAULTS, **self.defaults, **options}
@@ -154,18 +208,12 @@ class LocalFiles(Destination):
         **options: Any,
     ) -> None:
         super().__init__(**options)
-        self.directory = os.path.abspath(os.fspath(directory))
-        try:
-            os.makedirs(self.directory, exist_ok=True)
-        except OSError as e:
-            raise ValueError(
-                f"LocalFiles: cannot create directory {self.directory!r}: {e.strerror}"
-            ) from None
-        if not os.access(self.directory, os.W_OK | os.X_OK):
-            raise ValueError(f"LocalFiles: directory {self.directory!r} is not writable by this process")
-        if not prefix or any(c in prefix for c in "/\\\0"):
+        self.directory = writable_directory("LocalFiles: directory", directory)
+        if not isinstance(prefix, str) or not prefix or any(c in prefix for c in "/\\\0"):
             raise ValueError(f"LocalFiles: prefix must be a plain file name part, got {prefix!r}")
         self.prefix = prefix
+        if isinstance(max_file_bytes, float):
+            raise ValueError(f"LocalFiles: max_file_bytes must be a whole number, got {max_file_bytes!r}")
         self.max_file_bytes = int(_check_number("max_file_bytes", max_file_bytes))
         rotations = {"hourly": 3600, "daily": 86400, None: 0}
         if isinstance(rotate, int) and not isinstance(rotate, bool) and rotate > 0:
@@ -177,8 +225,8 @@ class LocalFiles(Destination):
         if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
             raise ValueError(f"LocalFiles: keep must be a positive whole number or None, got {keep!r}")
         self.keep = keep or 0
-        self.compress = bool(compress)
-        self.fsync = bool(fsync)
+        self.compress = check_flag("LocalFiles: compress", compress)
+        self.fsync = check_flag("LocalFiles: fsync", fsync)
 
     def _target(self) -> dict[str, Any]:
         return {
@@ -216,7 +264,7 @@ def _local_files_from_env() -> Optional[Destination]:
     directory = os.environ.get("LOGSLUICE_DIR")
     if not directory:
         return None
-    return LocalFiles(directory, min_level=os.environ.get("LOGSLUICE_DIR_MIN_LEVEL") or 0)
+    return LocalFiles(directory, min_level=env_level("LOGSLUICE_DIR_MIN_LEVEL"))
 
 
 ENV_BUILDERS.append(_local_files_from_env)

@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Optional
 
 from . import _core
+from .destinations import check_flag
 
 _log = logging.getLogger("logsluice")
 
@@ -43,6 +44,10 @@ Send = Callable[[Message], Any]
 # (scope["app"], scope["root_path"], scope["path"]) as they were when the request entered:
 # routers rewrite the shared scope on the way in.
 _Entry = tuple[Any, str, str]
+
+
+# RFC 9110 token characters.
+_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 
 
 class _Pattern:
@@ -194,6 +199,8 @@ class LoggingMiddleware:
         if not isinstance(core, _core.Core):
             raise ValueError(f"LoggingMiddleware needs pipeline=logsluice.Pipeline(...), got {pipeline!r}")
         self.app = app
+        if sample is not None and not isinstance(sample, Mapping):
+            raise ValueError(f"sample must be a mapping of route patterns to rates, got {sample!r}")
         sample = dict(sample or {})
         self._rules = [(_Pattern(p), _rate(f"sample[{p!r}]", r)) for p, r in sample.items()]
         self._default_rate = _rate("default_sample_rate", default_sample_rate)
@@ -216,31 +223,40 @@ class LoggingMiddleware:
             )
         if request_id_header is not None and not (isinstance(request_id_header, str) and request_id_header):
             raise ValueError(f"request_id_header must be a header name or None, got {request_id_header!r}")
-        try:
-            request_id_header and request_id_header.encode("ascii")
-        except UnicodeEncodeError:
-            raise ValueError(f"request_id_header must be ASCII, got {request_id_header!r}") from None
-        base_headers = list(DEFAULT_REDACT_HEADERS) if redact_defaults else []
+        if request_id_header is not None and not _HEADER_NAME.fullmatch(request_id_header):
+            # The name goes out in every response: servers refuse an invalid one (h11 fails
+            # the whole response).
+            raise ValueError(
+                f"request_id_header must be an HTTP header name (letters, digits and "
+                f"!#$%&'*+-.^_`|~), got {request_id_header!r}"
+            )
+        base_headers = list(DEFAULT_REDACT_HEADERS) if check_flag("redact_defaults", redact_defaults) else []
         base_keys = list(DEFAULT_REDACT_KEYS) if redact_defaults else []
+        if isinstance(max_user_agent_bytes, float):
+            raise ValueError(f"max_user_agent_bytes must be a whole number, got {max_user_agent_bytes!r}")
         keep_all = not self._rules and not self._exclude and self._default_rate >= 1.0
         config = {
             "headers": base_headers + _names("redact_headers", redact_headers),
             "query": base_keys + _names("redact_query", redact_query),
             "body_keys": base_keys + _names("redact_body_keys", redact_body_keys),
-            "scrub_values": bool(scrub_values),
-            "capture_auth_failure_bodies": bool(capture_auth_failure_bodies),
+            "scrub_values": check_flag("scrub_values", scrub_values),
+            "capture_auth_failure_bodies": check_flag(
+                "capture_auth_failure_bodies", capture_auth_failure_bodies
+            ),
             "max_body_bytes": max(max_body_bytes, 1),
             "max_user_agent_bytes": int(_positive("max_user_agent_bytes", max_user_agent_bytes)),
             "trusted_proxies": _names("trusted_proxies", trusted_proxies),
             "capture": {
                 "max_body": max_body_bytes,
-                "capture_request": bool(capture_request_body) and max_body_bytes > 0,
-                "capture_response": bool(capture_response_body) and max_body_bytes > 0,
+                "capture_request": check_flag("capture_request_body", capture_request_body)
+                and max_body_bytes > 0,
+                "capture_response": check_flag("capture_response_body", capture_response_body)
+                and max_body_bytes > 0,
                 "request_timeout": float(_positive("request_body_timeout", request_body_timeout)),
                 "response_timeout": float(_positive("response_body_timeout", response_body_timeout)),
                 "slow_ms": float(_positive("slow_request_ms", slow_request_ms)),
                 "request_id_header": request_id_header,
-                "echo": bool(echo_request_id) and request_id_header is not None,
+                "echo": check_flag("echo_request_id", echo_request_id) and request_id_header is not None,
                 # Every request kept: no route is needed until the record is built.
                 "keep_all": keep_all,
                 "limited": bool(self._rate_limit or self._route_rate_limit or error_rate_limit),

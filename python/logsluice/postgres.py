@@ -11,7 +11,15 @@ from typing import Any, Optional, Union
 from urllib.parse import urlsplit
 
 from . import _core
-from .destinations import ENV_BUILDERS, KINDS, Destination
+from .destinations import (
+    ENV_BUILDERS,
+    KINDS,
+    Destination,
+    check_flag,
+    env_flag,
+    env_level,
+    writable_directory,
+)
 
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*\Z", re.IGNORECASE)
@@ -123,9 +131,11 @@ class Postgres(Destination):
         else:
             seconds = parse_duration(retention)
             self.retention = {k: seconds for k in KINDS}
-        self.create_table = bool(create_table)
+        self.create_table = check_flag("Postgres: create_table", create_table)
         self.dead_letter_dir = (
-            None if dead_letter_dir is None else os.path.abspath(os.fspath(dead_letter_dir))
+            None
+            if dead_letter_dir is None
+            else writable_directory("Postgres: dead_letter_dir", dead_letter_dir)
         )
         if isinstance(premake_days, bool) or not isinstance(premake_days, int) or not 0 <= premake_days <= 60:
             raise ValueError(f"Postgres: premake_days must be a whole number 0..60, got {premake_days!r}")
@@ -137,10 +147,13 @@ class Postgres(Destination):
         ):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise ValueError(f"Postgres: {key} must be a positive number of seconds, got {value!r}")
-        self.maintenance_interval = float(maintenance_interval)
-        self.connect_timeout = float(connect_timeout)
-        self.statement_timeout = float(statement_timeout)
-        self.application_name = str(application_name)
+        # inf means never; the core saturates long durations (JSON has no infinity).
+        self.maintenance_interval = min(float(maintenance_interval), 1e9)
+        self.connect_timeout = min(float(connect_timeout), 1e9)
+        self.statement_timeout = min(float(statement_timeout), 1e9)
+        if not isinstance(application_name, str):
+            raise ValueError(f"Postgres: application_name must be a string, got {application_name!r}")
+        self.application_name = application_name
         if not isinstance(notify, bool):
             raise ValueError(f"Postgres: notify must be True or False, got {notify!r}")
         self.notify = notify
@@ -191,8 +204,7 @@ def _postgres_from_env() -> Optional[Destination]:
         kwargs["table"] = env["LOGSLUICE_POSTGRES_TABLE"]
     if env.get("LOGSLUICE_POSTGRES_SCHEMA"):
         kwargs["schema"] = env["LOGSLUICE_POSTGRES_SCHEMA"]
-    if env.get("LOGSLUICE_POSTGRES_MIN_LEVEL"):
-        kwargs["min_level"] = env["LOGSLUICE_POSTGRES_MIN_LEVEL"]
+    kwargs["min_level"] = env_level("LOGSLUICE_POSTGRES_MIN_LEVEL")
     if env.get("LOGSLUICE_POSTGRES_KINDS"):
         kwargs["kinds"] = [k.strip() for k in env["LOGSLUICE_POSTGRES_KINDS"].split(",") if k.strip()]
     if env.get("LOGSLUICE_POSTGRES_RETENTION"):
@@ -200,9 +212,9 @@ def _postgres_from_env() -> Optional[Destination]:
     if env.get("LOGSLUICE_POSTGRES_PARTITION"):
         value = env["LOGSLUICE_POSTGRES_PARTITION"].strip().lower()
         kwargs["partition"] = None if value in ("none", "") else value
-    if env.get("LOGSLUICE_POSTGRES_CREATE_TABLE"):
-        create = env["LOGSLUICE_POSTGRES_CREATE_TABLE"].strip().lower()
-        kwargs["create_table"] = create not in ("0", "false", "no", "off")
+    create = env_flag("LOGSLUICE_POSTGRES_CREATE_TABLE")
+    if create is not None:
+        kwargs["create_table"] = create
     if env.get("LOGSLUICE_POSTGRES_DEAD_LETTER_DIR"):
         kwargs["dead_letter_dir"] = env["LOGSLUICE_POSTGRES_DEAD_LETTER_DIR"]
     return Postgres(dsn, **kwargs)

@@ -12,7 +12,7 @@ use sqlx::{AssertSqlSafe, Postgres, Row};
 
 use super::cursor::Pos;
 use super::exclude::Exclude;
-use super::filter::{FieldOp, Filter};
+use super::filter::{BadInput, FieldOp, Filter};
 use super::summary::{group_value, Spec, MAX_GROUPS};
 use super::{Found, ReadError, Scan};
 use crate::destinations::postgres::schema::{quote, Names};
@@ -358,11 +358,13 @@ fn is_timeout(e: &sqlx::Error) -> bool {
 
 impl PgStore {
     pub fn open(cfg: PgConfig) -> Result<PgStore, ReadError> {
-        let names = Names::new(&cfg.schema, &cfg.table).map_err(ReadError::Failed)?;
+        // A bad name or DSN is the caller's input to fix, not a failure to retry.
+        let names =
+            Names::new(&cfg.schema, &cfg.table).map_err(|m| ReadError::from(BadInput(m)))?;
         let target = redact_dsn(&cfg.dsn);
         let ms = cfg.statement_timeout.as_millis().max(1);
         let opts = PgConnectOptions::from_str(&cfg.dsn)
-            .map_err(|_| ReadError::Failed(format!("invalid DSN {target}")))?
+            .map_err(|_| ReadError::from(BadInput(format!("invalid DSN {target}"))))?
             .application_name("logsluice-reader")
             .options([("statement_timeout", format!("{ms}"))]);
         let secrets = dsn_secrets(&cfg.dsn);
