@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import multiprocessing
 import os
@@ -610,6 +611,59 @@ def test_odd_levels_huge_durations_and_long_bytes_are_kept(tmp_logs, loguru):
     assert [by_msg[m]["level_no"] for m in ("paged", "stdlib paged", "stdlib beyond 64 bits")] == [65535] * 3
     assert by_msg["long bytes"]["fields"]["blob"].endswith("…[truncated, 100000 bytes]")
     assert_accounted(pipeline.stats())
+
+
+def test_cyclic_shared_and_huge_extras_cost_a_bounded_record(tmp_logs, loguru):
+    pipeline = logsluice.Pipeline(logsluice.LocalFiles(tmp_logs), max_field_bytes=1000)
+    pipeline.attach(loguru)
+    looped: list = []
+    looped.extend([looped] * 4)  # each level four times itself: 4**16 values unbounded
+
+    def tree(n, parent=None):
+        node = {"parent": parent, "children": []}
+        node["children"] = [tree(n - 1, node) for _ in range(3)] if n else []
+        return node
+
+    shared = ["x" * 900] * 50
+    fan = [shared] * 50  # no cycle, 2,500 strings of 900 bytes
+    loguru.bind(looped=looped).info("looped")
+    loguru.bind(node=tree(5)).info("tree")
+    loguru.bind(fan=fan).info("fan")
+    loguru.bind(many={f"k{i}": i for i in range(1500)}, items=list(range(1500))).info("many")
+    pipeline.close()
+    by_msg = {r["message"]: r for r in read_records(tmp_logs)}
+    assert by_msg["looped"]["fields"]["looped"] == ["<cycle: list>"] * 4
+    assert by_msg["tree"]["fields"]["node"]["children"][0]["parent"] == "<cycle: dict>"
+    # The record's fields end at 16 x max_field_bytes, and say so.
+    fan_json = json.dumps(by_msg["fan"]["fields"], ensure_ascii=False)
+    assert 16_000 <= len(fan_json) < 20_000 and "…[truncated, 50 items]" in fan_json
+    many = by_msg["many"]["fields"]
+    assert len(many["many"]) == 1001 and many["many"]["…"] == "…[truncated, 1500 items]"
+    assert len(many["items"]) == 1001 and many["items"][-1] == "…[truncated, 1500 items]"
+
+
+def test_keys_that_change_when_written_do_not_overwrite_each_other(tmp_logs, loguru):
+    pipeline = logsluice.Pipeline(logsluice.LocalFiles(tmp_logs))
+    pipeline.attach(loguru)
+    stdlib = logging.getLogger("test.keys")
+    stdlib.propagate = False
+    handler = pipeline.logging_handler()
+    stdlib.addHandler(handler)
+    try:
+        loguru.bind(d={1: "int", "1": "str"}, k={"a\x00": "nul", "a": "plain"}).info("dup")
+        # Before Python 3.12 taskName is not a LogRecord attribute: it is the app's extra.
+        stdlib.warning("stdlib", extra={"taskName": "mine", "big": 10**5000})
+    finally:
+        stdlib.removeHandler(handler)
+    pipeline.close()
+    by_msg = {r["message"]: r for r in read_records(tmp_logs)}
+    assert by_msg["dup"]["fields"]["d"] == {"1#2": "int", "1": "str"}
+    assert by_msg["dup"]["fields"]["k"] == {"a#2": "nul", "a": "plain"}
+    fields = by_msg["stdlib"]["fields"]
+    if sys.version_info < (3, 12):
+        assert fields["taskName"] == "mine"
+    # Past Python's 4300-digit limit for str(): hexadecimal, every digit kept.
+    assert fields["big"] == hex(10**5000)
 
 
 def test_lifespan_closes_the_pipeline(tmp_logs, loguru):

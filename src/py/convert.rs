@@ -25,6 +25,8 @@ pub struct Ctx {
 
 const MAX_DEPTH: usize = 16;
 const MAX_ITEMS: usize = 1000;
+/// A record's `fields` stop taking values past this many times `max_field_bytes`.
+const FIELDS_PER_RECORD: usize = 16;
 
 extern "C" {
     // Exported by every CPython 3.7+, outside the limited API: reads a ContextVar through
@@ -139,9 +141,33 @@ fn push_repr(out: &mut Vec<u8>, obj: &Bound<'_, PyAny>, max: usize) {
     push_json_str(out, &s, max);
 }
 
-/// Writes a Python value as JSON: containers recursively (bounded in depth and items),
-/// everything JSON cannot hold as its capped `repr`.
-pub fn push_json(out: &mut Vec<u8>, obj: &Bound<'_, PyAny>, max: usize, depth: usize) {
+/// One record's `fields` as they are written: the cap on each string, the size past which
+/// containers take no more items, and the containers on the path to the current value (one
+/// met again inside itself is a cycle). A shared or cyclic structure costs at most this.
+pub struct Walk {
+    max: usize,
+    end: usize,
+    path: Vec<usize>,
+}
+
+impl Walk {
+    pub fn new(max_field_bytes: usize) -> Self {
+        Walk {
+            max: max_field_bytes,
+            end: max_field_bytes.saturating_mul(FIELDS_PER_RECORD),
+            path: Vec::new(),
+        }
+    }
+
+    fn full(&self, out: &[u8]) -> bool {
+        out.len() >= self.end
+    }
+}
+
+/// Writes a Python value as JSON: containers recursively (bounded in depth, items and the
+/// record's budget, cycles cut), everything JSON cannot hold as its capped `repr`.
+pub fn push_json(out: &mut Vec<u8>, obj: &Bound<'_, PyAny>, walk: &mut Walk, depth: usize) {
+    let max = walk.max;
     if obj.is_none() {
         out.extend_from_slice(b"null");
     } else if let Ok(s) = obj.cast::<PyString>() {
@@ -155,21 +181,13 @@ pub fn push_json(out: &mut Vec<u8>, obj: &Bound<'_, PyAny>, max: usize, depth: u
             out.extend_from_slice(itoa::Buffer::new().format(u).as_bytes());
         } else {
             // Beyond 64 bits: JSON readers would lose precision, so keep the digits as text.
-            push_json_str(out, &text(obj), max);
+            push_json_str(out, &big_int_text(obj), max);
         }
     } else if let Ok(f) = obj.cast::<PyFloat>() {
         match serde_json::Number::from_f64(f.value()) {
             Some(n) => out.extend_from_slice(n.to_string().as_bytes()),
             None => push_json_str(out, &f.value().to_string(), max),
         }
-    } else if depth >= MAX_DEPTH {
-        push_repr(out, obj, max);
-    } else if let Ok(d) = obj.cast::<PyDict>() {
-        push_object(out, d, max, depth, &[]);
-    } else if let Ok(l) = obj.cast::<PyList>() {
-        push_array(out, l.iter(), max, depth);
-    } else if let Ok(t) = obj.cast::<PyTuple>() {
-        push_array(out, t.iter(), max, depth);
     } else if let Ok(b) = obj.cast::<PyBytes>() {
         let bytes = b.as_bytes();
         // Only what can be kept is decoded; the marker gives the full size.
@@ -178,23 +196,68 @@ pub fn push_json(out: &mut Vec<u8>, obj: &Bound<'_, PyAny>, max: usize, depth: u
         crate::record::truncate_from(&mut s, max, original);
         // Writing a str into a Vec cannot fail.
         let _ = serde_json::to_writer(out, &s);
+    } else if depth >= MAX_DEPTH {
+        push_repr(out, obj, max);
+    } else if obj.cast::<PyDict>().is_ok()
+        || obj.cast::<PyList>().is_ok()
+        || obj.cast::<PyTuple>().is_ok()
+    {
+        let at = obj.as_ptr() as usize;
+        if walk.path.contains(&at) {
+            push_json_str(out, &format!("<cycle: {}>", type_name(obj)), max);
+            return;
+        }
+        walk.path.push(at);
+        if let Ok(d) = obj.cast::<PyDict>() {
+            push_object(out, d, walk, depth, |_| false);
+        } else if let Ok(l) = obj.cast::<PyList>() {
+            push_array(out, l.iter(), l.len(), walk, depth);
+        } else if let Ok(t) = obj.cast::<PyTuple>() {
+            push_array(out, t.iter(), t.len(), walk, depth);
+        }
+        walk.path.pop();
     } else {
         push_repr(out, obj, max);
     }
 }
 
+/// An int too large for 64 bits, as decimal digits; past Python's digit limit for
+/// `str()` (4300 by default), as hexadecimal, which has none.
+fn big_int_text(obj: &Bound<'_, PyAny>) -> String {
+    match obj.str() {
+        Ok(s) => str_text(&s).into_owned(),
+        Err(_) => obj
+            .py()
+            .import(intern!(obj.py(), "builtins"))
+            .and_then(|b| b.getattr(intern!(obj.py(), "hex")))
+            .and_then(|hex| hex.call1((obj,)))
+            .map(|h| text(&h))
+            .unwrap_or_else(|_| format!("<unprintable {}>", type_name(obj))),
+    }
+}
+
+/// Says how many items a container had when not all of them were written.
+fn truncated_items(len: usize) -> String {
+    format!("…[truncated, {len} items]")
+}
+
 fn push_array<'py>(
     out: &mut Vec<u8>,
     items: impl Iterator<Item = Bound<'py, PyAny>>,
-    max: usize,
+    len: usize,
+    walk: &mut Walk,
     depth: usize,
 ) {
     out.push(b'[');
-    for (i, v) in items.take(MAX_ITEMS).enumerate() {
+    for (i, v) in items.enumerate() {
         if i > 0 {
             out.push(b',');
         }
-        push_json(out, &v, max, depth + 1);
+        if i == MAX_ITEMS || walk.full(out) {
+            push_json_str(out, &truncated_items(len), 256);
+            break;
+        }
+        push_json(out, &v, walk, depth + 1);
     }
     out.push(b']');
 }
@@ -228,27 +291,71 @@ pub fn dict_items<'a, 'py>(
     })
 }
 
-/// Writes a dict as a JSON object, leaving out `skip` (keys that have their own column).
-fn push_object(out: &mut Vec<u8>, d: &Bound<'_, PyDict>, max: usize, depth: usize, skip: &[&str]) {
+/// Writes a dict as a JSON object, leaving out the keys `skip` names (those with a column
+/// or a meaning of their own). Keys that had to change to be written (not a `str`, NULs,
+/// lone surrogates, over 256 bytes) get a `#2`-style suffix when they meet another key:
+/// every value stays readable, where JSON readers would keep only the last of two.
+fn push_object(
+    out: &mut Vec<u8>,
+    d: &Bound<'_, PyDict>,
+    walk: &mut Walk,
+    depth: usize,
+    skip: impl Fn(&str) -> bool,
+) {
     out.push(b'{');
-    let mut first = true;
-    for (k, v) in dict_items(d).take(MAX_ITEMS) {
+    let (mut written, mut taken) = (0usize, None::<std::collections::HashSet<String>>);
+    for (k, v) in dict_items(d) {
         let key = match k.cast::<PyString>() {
-            Ok(s) => str_text(s).into_owned(),
-            Err(_) => text(&k),
+            Ok(s) => str_text(s),
+            Err(_) => Cow::Owned(text(&k)),
         };
-        if skip.contains(&key.as_str()) {
+        if skip(&key) {
             continue;
         }
-        if !first {
+        if written > 0 {
             out.push(b',');
         }
-        first = false;
-        push_json_str(out, &key, 256);
+        if written == MAX_ITEMS || walk.full(out) {
+            push_json_str(out, "…", 256);
+            out.push(b':');
+            push_json_str(out, &truncated_items(d.len()), 256);
+            break;
+        }
+        written += 1;
+        let changed = matches!(key, Cow::Owned(_)) || key.len() > 256;
+        if changed {
+            let taken = taken.get_or_insert_with(|| plain_keys(d));
+            let key = unique_key(taken, capped(key.into_owned(), 256));
+            push_json_str(out, &key, usize::MAX);
+            taken.insert(key);
+        } else {
+            push_json_str(out, &key, 256);
+        }
         out.push(b':');
-        push_json(out, &v, max, depth + 1);
+        push_json(out, &v, walk, depth + 1);
     }
     out.push(b'}');
+}
+
+/// The keys of `d` written as they are (`str`, clean, up to 256 bytes).
+fn plain_keys(d: &Bound<'_, PyDict>) -> std::collections::HashSet<String> {
+    dict_items(d)
+        .filter_map(|(k, _)| {
+            let s = k.cast_into::<PyString>().ok()?;
+            let t = utf8(&s)?;
+            (t.len() <= 256 && !t.contains('\0')).then(|| t.to_owned())
+        })
+        .collect()
+}
+
+fn unique_key(taken: &std::collections::HashSet<String>, key: String) -> String {
+    if !taken.contains(&key) {
+        return key;
+    }
+    (2..)
+        .map(|n| format!("{key}#{n}"))
+        .find(|k| !taken.contains(k))
+        .unwrap_or(key)
 }
 
 fn get<'py>(d: &Bound<'py, PyDict>, key: &Bound<'py, PyString>) -> Option<Bound<'py, PyAny>> {
@@ -482,7 +589,8 @@ pub fn from_loguru(ctx: &Ctx, record: &Bound<'_, PyDict>, level: (String, u16)) 
                     get(d, intern!(py, "span_id")),
                 );
                 let mut json = Vec::with_capacity(64);
-                push_object(&mut json, d, ctx.max_field_bytes, 0, OWN_COLUMNS);
+                let mut walk = Walk::new(ctx.max_field_bytes);
+                push_object(&mut json, d, &mut walk, 0, |k| OWN_COLUMNS.contains(&k));
                 r.fields_json = into_json(json);
             }
         }
@@ -591,20 +699,17 @@ pub fn from_logging(ctx: &Ctx, rec: &Bound<'_, PyAny>) -> Record {
             get(&dict, intern!(py, "trace_id")),
             get(&dict, intern!(py, "span_id")),
         );
-        let mut json = vec![b'{'];
-        for (k, v) in dict_items(&dict).take(MAX_ITEMS + LOGRECORD_ATTRS.len()) {
-            let key = text(&k);
-            if LOGRECORD_ATTRS.contains(&key.as_str()) {
-                continue;
-            }
-            if json.len() > 1 {
-                json.push(b',');
-            }
-            push_json_str(&mut json, &key, 256);
-            json.push(b':');
-            push_json(&mut json, &v, ctx.max_field_bytes, 1);
-        }
-        json.push(b'}');
+        // `taskName` is a LogRecord attribute from Python 3.12 on; before, it is an extra.
+        let task_name_attr = py.version_info() >= (3, 12);
+        let attr = |k: &str| LOGRECORD_ATTRS.contains(&k) && (task_name_attr || k != "taskName");
+        let mut json = Vec::with_capacity(64);
+        push_object(
+            &mut json,
+            &dict,
+            &mut Walk::new(ctx.max_field_bytes),
+            0,
+            attr,
+        );
         r.fields_json = into_json(json);
     }
     r.request_id = request_id(ctx, py, explicit_id);
