@@ -205,9 +205,9 @@ impl Core {
         let targets: Vec<u64> = self.dests.iter().map(|d| d.queue.request_flush()).collect();
         let mut pending = Vec::new();
         for (d, target) in self.dests.iter().zip(targets) {
-            if !d.queue.wait_resolved(target, deadline) {
-                let resolved = d.queue.with_state(|s| s.counters.resolved());
-                pending.push((d.common.name.clone(), target.saturating_sub(resolved)));
+            let left = d.queue.wait_settled(target, deadline);
+            if left > 0 {
+                pending.push((d.common.name.clone(), left));
             }
         }
         if pending.is_empty() {

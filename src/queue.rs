@@ -35,7 +35,12 @@ pub struct State {
     /// Records taken by the batcher and not yet resolved.
     pub in_batch: u64,
     pub counters: Counters,
-    /// Everything accepted up to this count must be written without waiting for age.
+    /// Records ever queued (a drop at the door never is), and how many of those their
+    /// batch has settled: a flush waits on these, so drops counted after the flush began
+    /// (a full queue, other threads still logging) cannot stand in for older records.
+    enqueued: u64,
+    settled: u64,
+    /// Everything queued up to this count must be written without waiting for age.
     flush_upto: u64,
     closed: bool,
     pub breaker: &'static str,
@@ -67,6 +72,8 @@ impl Queue {
                 oldest_at: None,
                 in_batch: 0,
                 counters: Counters::default(),
+                enqueued: 0,
+                settled: 0,
                 flush_upto: 0,
                 closed: false,
                 breaker: "closed",
@@ -95,6 +102,7 @@ impl Queue {
         s.items.push_back(rec);
         s.bytes += size;
         s.counters.accepted += 1;
+        s.enqueued += 1;
         // Wake the batcher only when it has something new to decide, not on every record.
         was_empty
             || s.items.len() == self.limits.batch_records
@@ -170,7 +178,7 @@ impl Queue {
                 continue;
             }
             let age_deadline = s.oldest_at.unwrap_or_else(Instant::now) + self.limits.batch_delay;
-            let flushing = s.flush_upto > s.counters.resolved() + s.in_batch;
+            let flushing = s.flush_upto > s.settled + s.in_batch;
             let due = s.closed
                 || flushing
                 || s.items.len() >= self.limits.batch_records
@@ -235,6 +243,7 @@ impl Queue {
     ) {
         let mut s = self.state.lock();
         s.in_batch -= taken as u64;
+        s.settled += taken as u64;
         s.taken_bytes -= taken_bytes;
         s.counters.written += written;
         for &(reason, n) in dropped {
@@ -251,25 +260,26 @@ impl Queue {
         f(&mut self.state.lock())
     }
 
-    /// Asks the batcher to write everything accepted so far; returns that count.
+    /// Asks the batcher to write everything queued so far; returns the mark to wait for.
     pub fn request_flush(&self) -> u64 {
         let mut s = self.state.lock();
-        let target = s.counters.accepted;
+        let target = s.enqueued;
         s.flush_upto = s.flush_upto.max(target);
         drop(s);
         self.not_empty.notify_one();
         target
     }
 
-    /// Waits until `target` records are resolved; false on timeout.
-    pub fn wait_resolved(&self, target: u64, deadline: Instant) -> bool {
+    /// Waits until the records queued up to the mark `target` are written or dropped;
+    /// returns how many of them are still not (0: all settled).
+    pub fn wait_settled(&self, target: u64, deadline: Instant) -> u64 {
         let mut s = self.state.lock();
-        while s.counters.resolved() < target {
+        while s.settled < target {
             if self.resolved.wait_until(&mut s, deadline).timed_out() {
-                return s.counters.resolved() >= target;
+                break;
             }
         }
-        true
+        target.saturating_sub(s.settled)
     }
 
     pub fn close(&self) {
@@ -371,7 +381,28 @@ mod tests {
             panic!("due by flush")
         };
         q.resolve(b.len(), 1, 0, &[(DropReason::Failed, 1)], Duration::ZERO);
-        assert!(q.wait_resolved(target, Instant::now()));
+        assert_eq!(q.wait_settled(target, Instant::now()), 0);
+        invariant(&q);
+    }
+
+    #[test]
+    fn a_flush_waits_for_queued_records_not_for_later_drops() {
+        let q = Queue::new(limits());
+        q.push(rec(1));
+        let target = q.request_flush();
+        let Next::Batch(b) = q.next_batch(Duration::from_millis(20)) else {
+            panic!("due by flush")
+        };
+        // Another thread goes on logging into a closed (or full) queue: every record is
+        // counted dropped at once, and `resolved()` passes the flush's mark.
+        q.close();
+        for _ in 0..5 {
+            q.push(rec(1));
+        }
+        assert!(q.snapshot().counters.resolved() >= target);
+        assert_eq!(q.wait_settled(target, Instant::now()), 1);
+        q.resolve(b.len(), 1, 1, &[], Duration::ZERO);
+        assert_eq!(q.wait_settled(target, Instant::now()), 0);
         invariant(&q);
     }
 
