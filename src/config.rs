@@ -54,7 +54,7 @@ impl Default for Common {
             retry_max: 10.0,
             attempt_timeout: 30.0,
             breaker_threshold: 5,
-            breaker_cooldown: 60.0,
+            breaker_cooldown: 10.0,
         }
     }
 }

@@ -191,10 +191,13 @@ impl Core {
         blocked
     }
 
+    /// Waits for room in each full queue, all from one start: a record blocked at two
+    /// destinations waits `block_timeout` once, not once per destination.
     pub fn wait_for_room(blocked: Vec<Blocked>) {
+        let start = Instant::now();
         for b in blocked {
-            let timeout = seconds(b.dest.common.block_timeout);
-            b.dest.queue.push_wait(b.record, timeout);
+            let deadline = start + seconds(b.dest.common.block_timeout);
+            b.dest.queue.push_wait(b.record, deadline);
         }
     }
 
@@ -231,8 +234,14 @@ impl Core {
             }
             d.queue.close();
         }
-        // Past the deadline, a writer stuck in I/O is left behind rather than hanging exit.
-        let grace = deadline.max(Instant::now() + Duration::from_millis(500));
+        // Past the deadline, a writer stuck in I/O is left behind rather than hanging exit,
+        // and what it held is counted dropped now. Once everything was written, writers
+        // get a moment to close their files even when the caller gave no time.
+        let grace = if flushed.is_ok() {
+            deadline.max(Instant::now() + Duration::from_millis(500))
+        } else {
+            deadline
+        };
         for d in &self.dests {
             let handle = d.thread.lock().take();
             if let Some(handle) = handle {
@@ -241,6 +250,8 @@ impl Core {
                 }
                 if handle.is_finished() {
                     let _ = handle.join();
+                } else {
+                    d.queue.abandon();
                 }
             }
         }

@@ -43,6 +43,17 @@ pub struct State {
     /// Everything queued up to this count must be written without waiting for age.
     flush_upto: u64,
     closed: bool,
+    /// A blocking push waited its whole time for room and none came: later ones drop at
+    /// once until the writer settles a batch (the app's logging calls are serialised by
+    /// their handler's lock, so each waiting in turn would multiply the wait).
+    starved: bool,
+    /// The batch the writer is on (split off and not yet settled), and how many batches
+    /// it has started.
+    writing: (u64, usize),
+    batches_started: u64,
+    /// Closed with its writer left behind in I/O: the batches it starts after this one
+    /// were counted dropped (`closed`) then, and are not counted again.
+    abandoned_after: Option<u64>,
     pub breaker: &'static str,
 }
 
@@ -76,6 +87,10 @@ impl Queue {
                 settled: 0,
                 flush_upto: 0,
                 closed: false,
+                starved: false,
+                writing: (0, 0),
+                batches_started: 0,
+                abandoned_after: None,
                 breaker: "closed",
             }),
             limits,
@@ -119,12 +134,13 @@ impl Queue {
         self.admit(self.state.lock(), rec, false)
     }
 
-    /// Waits up to `timeout` for room (the `on_full="block"` policy), then drops and counts.
-    pub fn push_wait(&self, rec: Arc<Record>, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
+    /// Waits until `deadline` for room (the `on_full="block"` policy), then drops and
+    /// counts; drops at once while an earlier wait found no room in its time.
+    pub fn push_wait(&self, rec: Arc<Record>, deadline: Instant) {
         let mut s = self.state.lock();
-        while !s.closed && !self.has_room(&s, rec.size) {
+        while !s.closed && !s.starved && !self.has_room(&s, rec.size) {
             if self.not_full.wait_until(&mut s, deadline).timed_out() {
+                s.starved = !self.has_room(&s, rec.size);
                 break;
             }
         }
@@ -205,8 +221,16 @@ impl Queue {
     }
 
     /// Cuts the next batch off the front of what `next_batch` handed out, within the
-    /// batch limits (at least one record). Runs outside the lock.
+    /// batch limits (at least one record); the writer is on it until `resolve`.
     pub fn split_batch(&self, taken: &mut VecDeque<Arc<Record>>) -> (Vec<Arc<Record>>, usize) {
+        let (batch, bytes) = self.cut(taken);
+        let mut s = self.state.lock();
+        s.writing = (batch.len() as u64, bytes);
+        s.batches_started += 1;
+        (batch, bytes)
+    }
+
+    fn cut(&self, taken: &mut VecDeque<Arc<Record>>) -> (Vec<Arc<Record>>, usize) {
         let mut batch = Vec::with_capacity(taken.len().min(self.limits.batch_records));
         let mut bytes = 0;
         while let Some(front) = taken.front() {
@@ -242,6 +266,11 @@ impl Queue {
         latency: Duration,
     ) {
         let mut s = self.state.lock();
+        s.writing = (0, 0);
+        if s.abandoned_after.is_some_and(|a| s.batches_started > a) {
+            return;
+        }
+        s.starved = false;
         s.in_batch -= taken as u64;
         s.settled += taken as u64;
         s.taken_bytes -= taken_bytes;
@@ -280,6 +309,33 @@ impl Queue {
             }
         }
         target.saturating_sub(s.settled)
+    }
+
+    /// Closes the books of a destination whose writer is left behind in I/O at close:
+    /// everything it holds besides the batch it is writing is counted dropped (`closed`)
+    /// now, so no more than that batch is in flight when `close` returns; that batch
+    /// settles when its write ends. Returns how many were counted.
+    pub fn abandon(&self) -> u64 {
+        let mut s = self.state.lock();
+        if s.abandoned_after.is_some() {
+            return 0;
+        }
+        let (writing, writing_bytes) = s.writing;
+        let queued = s.items.len() as u64;
+        let held = s.in_batch - writing;
+        s.items.clear();
+        s.bytes = 0;
+        s.in_batch = writing;
+        s.taken_bytes = writing_bytes;
+        // Settled from a flush's point of view: none of them will be written.
+        s.settled = s.enqueued - writing;
+        s.counters.drop(DropReason::Closed, queued + held);
+        s.abandoned_after = Some(s.batches_started);
+        s.closed = true;
+        drop(s);
+        self.resolved.notify_all();
+        self.not_full.notify_all();
+        queued + held
     }
 
     pub fn close(&self) {
@@ -427,7 +483,9 @@ mod tests {
             q.push(rec(1));
         }
         let q2 = q.clone();
-        let t = std::thread::spawn(move || q2.push_wait(rec(1), Duration::from_secs(5)));
+        let t = std::thread::spawn(move || {
+            q2.push_wait(rec(1), Instant::now() + Duration::from_secs(5))
+        });
         std::thread::sleep(Duration::from_millis(50));
         let Next::Batch(mut taken) = q.next_batch(Duration::ZERO) else {
             panic!()
@@ -440,12 +498,59 @@ mod tests {
         q.resolve(batch.len(), bytes, 2, &[], Duration::ZERO);
         t.join().unwrap();
         assert_eq!(q.snapshot().queue_records, 1);
-        q.push_wait(rec(1), Duration::from_millis(10));
-        q.push_wait(rec(1), Duration::from_millis(10));
-        assert_eq!(
-            q.snapshot().counters.dropped[DropReason::QueueFull as usize],
-            1
+        let soon = || Instant::now() + Duration::from_millis(10);
+        q.push_wait(rec(1), soon());
+        q.push_wait(rec(1), soon());
+        let full = |q: &Queue| q.snapshot().counters.dropped[DropReason::QueueFull as usize];
+        assert_eq!(full(&q), 1);
+        invariant(&q);
+        // That wait found no room: the next ones drop at once, not after their own wait
+        // (callers queue behind their logging handler's lock).
+        let t0 = Instant::now();
+        q.push_wait(rec(1), t0 + Duration::from_secs(30));
+        assert!(t0.elapsed() < Duration::from_secs(29));
+        assert_eq!(full(&q), 2);
+        // Settling a batch makes room, and waiting makes sense again.
+        let (rest, bytes) = q.split_batch(&mut taken);
+        q.resolve(rest.len(), bytes, 1, &[], Duration::ZERO);
+        q.push_wait(rec(1), soon());
+        assert_eq!(full(&q), 2);
+        invariant(&q);
+    }
+
+    #[test]
+    fn abandoning_counts_what_is_in_flight_once() {
+        let q = Queue::new(Limits {
+            max_records: 10,
+            ..limits()
+        });
+        q.push(rec(1));
+        q.push(rec(1));
+        q.push(rec(1));
+        let Next::Batch(mut taken) = q.next_batch(Duration::ZERO) else {
+            panic!()
+        };
+        q.push(rec(1));
+        let (batch, bytes) = q.split_batch(&mut taken); // 2 of the 3 taken, in I/O
+        assert_eq!(batch.len(), 2);
+        // One queued, one taken but not yet being written: dropped now.
+        assert_eq!(q.abandon(), 2);
+        let closed = |q: &Queue| q.snapshot().counters.dropped[DropReason::Closed as usize];
+        assert_eq!((q.snapshot().in_flight, closed(&q)), (2, 2));
+        invariant(&q);
+        // The write under way ends and counts; what the writer does after is not counted
+        // again (it was dropped as closed already).
+        q.resolve(batch.len(), bytes, 2, &[], Duration::ZERO);
+        let (rest, bytes) = q.split_batch(&mut taken);
+        q.resolve(
+            rest.len(),
+            bytes,
+            0,
+            &[(DropReason::Closed, 1)],
+            Duration::ZERO,
         );
+        let s = q.snapshot();
+        assert_eq!((s.counters.written, closed(&q), s.in_flight), (2, 2, 0));
         invariant(&q);
     }
 }

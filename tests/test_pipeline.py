@@ -242,6 +242,10 @@ def test_flush_and_close_time_out_and_account_for_everything(tmp_path, loguru):
     for i in range(3):
         loguru.info("queued {}", i)
     pipeline.close(timeout=0.2)
+    # When close returns, only the write under way is still in flight: what waited behind
+    # it is counted dropped already (the process may exit now).
+    s = pipeline.stats()["controlled"]
+    assert (s["in_flight"], s["dropped"]["closed"]) == (5, 3)
     pipeline.close(timeout=0.2)  # idempotent
     assert pipeline.closed
     set_mode(tmp_path, "ok")  # the stalled attempt completes; what waited behind it is dropped

@@ -187,10 +187,9 @@ class Pipeline:
 
     def close(self, timeout: float = 10.0) -> None:
         """Flushes and stops, waiting at most ``timeout`` seconds. What is not written by then is
-        reported on the ``logsluice`` logger and counted as dropped (reason ``closed``): records
-        still queued as soon as their destination's writer is free, those of a write already
-        under way if that write fails (it may still succeed, within ``attempt_timeout``). Safe
-        to call twice."""
+        reported on the ``logsluice`` logger and counted as dropped (reason ``closed``) before
+        this returns, except a write already under way: it may still succeed (within
+        ``attempt_timeout``) and is counted when it ends. Safe to call twice."""
         timeout = _timeout(timeout)
         if self._core.closed:
             return

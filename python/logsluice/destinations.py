@@ -28,7 +28,7 @@ COMMON_DEFAULTS: dict[str, Any] = {
     "retry_max": 10.0,
     "attempt_timeout": 30.0,
     "breaker_threshold": 5,
-    "breaker_cooldown": 60.0,
+    "breaker_cooldown": 10.0,
 }
 _INTS = {
     "queue_max_records",
