@@ -419,6 +419,46 @@ def test_a_stdlib_record_without_a_logger_name_is_stored(tmp_path):
     assert [r["message"] for r in read_records(tmp_path)] == ["no name"]
 
 
+def test_request_ids_survive_queue_threads_when_captured_at_creation(tmp_logs, loguru):
+    import logging.handlers
+    import queue
+
+    from logsluice import _context
+
+    pipeline = logsluice.Pipeline(logsluice.LocalFiles(tmp_logs))
+    # Written on Loguru's queue thread and on a QueueListener's: the request's context is
+    # not there, so the ids are copied into each record as it is created.
+    loguru.add(pipeline.loguru_sink, enqueue=True, format="{message}", level="INFO")
+    patched = loguru.patch(logsluice.capture_request_context)
+    records: queue.Queue = queue.Queue()
+    queue_handler = logging.handlers.QueueHandler(records)
+    queue_handler.addFilter(logsluice.capture_request_context)
+    listener = logging.handlers.QueueListener(records, pipeline.logging_handler())
+    listener.start()
+    stdlib = logging.getLogger("test.queued")
+    stdlib.propagate = False
+    stdlib.setLevel(logging.INFO)
+    stdlib.addHandler(queue_handler)
+    rid_token = _context.request_id.set("req-queued")
+    trace_token = _context.trace.set(("0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331"))
+    try:
+        patched.info("loguru queued")
+        stdlib.info("stdlib queued")
+        patched.bind(request_id="own").info("explicit id kept")
+    finally:
+        _context.request_id.reset(rid_token)
+        _context.trace.reset(trace_token)
+        stdlib.removeHandler(queue_handler)
+        listener.stop()
+        loguru.complete()
+    pipeline.close()
+    by_msg = {r["message"]: r for r in read_records(tmp_logs)}
+    for message in ("loguru queued", "stdlib queued"):
+        assert by_msg[message]["request_id"] == "req-queued"
+        assert by_msg[message]["trace_id"] == "0af7651916cd43dd8448eb211c80319c"
+    assert by_msg["explicit id kept"]["request_id"] == "own"
+
+
 def test_routing_by_level_and_kind(tmp_path, loguru):
     everything = logsluice.LocalFiles(tmp_path / "all", name="all")
     errors = logsluice.LocalFiles(tmp_path / "errors", name="errors", min_level="ERROR")

@@ -10,6 +10,7 @@ files, batched and off the request path, in bounded memory.
 
 from __future__ import annotations
 
+from ._context import capture_request_context
 from ._core import __version__
 from ._pipeline import LoggingHandler, Pipeline
 from .azure_blob import AzureBlob
@@ -31,5 +32,6 @@ __all__ = [
     "Reader",
     "RequestView",
     "__version__",
+    "capture_request_context",
     "viewer",
 ]
