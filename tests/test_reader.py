@@ -636,6 +636,10 @@ def test_reader_from_env_and_secrets(world, monkeypatch):
     monkeypatch.delenv("LOGSLUICE_POSTGRES_DSN")
     monkeypatch.setenv("LOGSLUICE_DIR", world.dir)
     assert logsluice.Reader.from_env().query(limit=1).records
+    # What production's PostgreSQL needs is left out for development's directory.
+    assert logsluice.Reader.from_env(statement_timeout=5, max_files=10).query(limit=1).records
+    with pytest.raises(ValueError, match="statement_timeout does not apply"):
+        logsluice.Reader(world.dir, statement_timeout=5)
     down = logsluice.Reader(re.sub(r"127\.0\.0\.1:\d+", "127.0.0.1:9", world.dsn), connect_timeout=1)
     with pytest.raises(RuntimeError) as e:
         down.query()
@@ -771,3 +775,203 @@ def test_cli_tail_follows_new_records(tmp_logs):
     numbers = [int(r["message"].split()[1]) for r in lines]
     assert all(r["message"].startswith("fresh ") for r in lines)
     assert numbers == list(range(numbers[0], numbers[0] + 5))
+
+
+def test_request_latest_is_the_newest_access_record(world):
+    """``request(request_id="latest")`` does what its docstring says, in the library: the CLI's
+    ``request latest`` and the viewer's ``/api/requests/latest`` are this call."""
+    import asyncio
+
+    http = [r for r in world.all if r["kind"] == "http"]
+    newest_ts = max(r["ts"] for r in http)
+    newest_5xx_ts = max(r["ts"] for r in http if r["status"] >= 500)
+    for reader in (world.pg, world.files):
+        view = reader.request(request_id="latest")
+        assert view.access is not None and view.access["ts"] == newest_ts
+        assert view.request_id == view.access["request_id"] != "latest"
+        assert view.records and all(r["request_id"] == view.request_id for r in view.records)
+        failed = reader.request("latest", status="5xx")
+        assert failed.access["status"] >= 500 and failed.access["ts"] == newest_5xx_ts
+        assert failed.request_id == reader.latest_request(status="5xx")
+        assert any("Payment FAILED" in r["message"] for r in failed.records)
+        nothing = reader.request("latest", path="/no/such/path")
+        assert nothing.access is None and nothing.records == [] and nothing.request_id == "latest"
+        with pytest.raises(ValueError, match="latest"):
+            reader.request(world.request_ids[3], status="5xx")  # filters go with "latest" only
+        assert asyncio.run(reader.arequest("latest", status="5xx")).request_id == failed.request_id
+    r = run_cli("request", "latest", "--path", "/no/such/path", "--source", world.dir)
+    assert r.returncode == 2 and "error: no request matches" in r.stderr
+
+
+FOLLOW_OPTIONS = [
+    ("poll_interval", 0),
+    ("poll_interval", -1),
+    ("poll_interval", float("nan")),
+    ("poll_interval", "x"),
+    ("lookback", "x"),
+    ("lookback", -1),
+    ("lookback", float("inf")),
+    ("max_buffer", 0),
+    ("max_buffer", -5),
+    ("max_buffer", 1.5),
+]
+
+
+@pytest.mark.parametrize("option,value", FOLLOW_OPTIONS, ids=[f"{o}={v!r}" for o, v in FOLLOW_OPTIONS])
+def test_tail_options_that_cannot_work_are_value_errors_at_call_time(tmp_logs, option, value):
+    # poll_interval=0 spun a thread at full CPU, lookback="x" or -1 never delivered (the poller
+    # swallowed the error), max_buffer=0 delivered only Gap markers: none of them may start.
+    reader = logsluice.Reader(str(tmp_logs))
+    for start in (reader.subscribe, reader.tail, reader.atail):
+        with pytest.raises(ValueError, match=option):
+            start(**{option: value})
+    assert reader.subscribers() == 0 and reader._pollers == {}
+    assert not [t for t in threading.enumerate() if t.name.startswith("logsluice-tail-") and t.is_alive()]
+
+
+def test_tail_options_at_their_limits_deliver(tmp_logs):
+    pipeline = logsluice.Pipeline(logsluice.LocalFiles(tmp_logs, batch_max_delay=0.02))
+    logger.remove()
+    pipeline.attach(logger)
+    reader = logsluice.Reader(str(tmp_logs))
+    got = []
+    try:
+        with reader.subscribe(poll_interval=0.01, lookback=0, max_buffer=1) as sub:
+            logger.info("one")
+            pipeline.flush()
+
+            def check():
+                got.extend(sub.get(timeout=0.2))
+                return bool(got)
+
+            wait_for(check, what="the record")
+    finally:
+        pipeline.close()
+        logger.remove()
+    assert [r["message"] for r in got] == ["one"]
+
+
+@pytest.mark.parametrize("interval", ["0", "-1", "nan", "soon"])
+def test_cli_tail_interval_that_cannot_work_exits_2(tmp_logs, interval):
+    r = subprocess.run(
+        [sys.executable, "-m", "logsluice.cli", "tail", "--source", str(tmp_logs), "--interval", interval],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=30,  # a tail that started would run until killed
+    )
+    assert r.returncode == 2 and r.stdout == ""
+    assert "error:" in r.stderr and "--interval" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+
+
+def test_an_unknown_filter_name_is_a_type_error_everywhere(tmp_logs):
+    """docs/reader.md: "an unknown filter name is a TypeError", as query() raises by itself."""
+    import asyncio
+
+    reader = logsluice.Reader(str(tmp_logs))
+    calls = {
+        "query": lambda: reader.query(bogus=1),
+        "summary": lambda: reader.summary(bogus=1),
+        "subscribe": lambda: reader.subscribe(bogus=1),
+        "tail": lambda: reader.tail(bogus=1),
+        "latest_request": lambda: reader.latest_request(bogus=1),
+        "request": lambda: reader.request("latest", bogus=1),
+    }
+    for name, call in calls.items():
+        with pytest.raises(TypeError, match="bogus") as e:
+            call()
+        assert f"{name}()" in str(e.value)
+
+    async def main():
+        for call in (
+            lambda: reader.aquery(bogus=1),
+            lambda: reader.asummary(bogus=1),
+            lambda: reader.arequest("latest", bogus=1),
+        ):
+            with pytest.raises(TypeError, match="bogus"):
+                await call()
+        with pytest.raises(TypeError, match="bogus"):
+            reader.atail(bogus=1)
+
+    asyncio.run(main())
+    assert reader.subscribers() == 0 and reader._pollers == {}
+
+
+def test_reader_refuses_a_directory_that_does_not_exist(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="no such directory"):
+        logsluice.Reader(str(tmp_path / "logz"))
+    (tmp_path / "a-file").write_text("not a directory")
+    with pytest.raises(ValueError, match="not a directory"):
+        logsluice.Reader(tmp_path / "a-file")
+    # The CLI has it from the Reader, also for a source it did not name itself.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LOGSLUICE_", "AZURE_STORAGE"))}
+    env["LOGSLUICE_DIR"] = str(tmp_path / "logz")
+    r = subprocess.run(
+        [sys.executable, "-m", "logsluice.cli", "query"],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+        timeout=60,
+    )
+    assert r.returncode == 2 and "error:" in r.stderr and "no such directory" in r.stderr and r.stdout == ""
+
+
+DSN = "postgresql://app@127.0.0.1:1/db"  # never connected to: a Reader opens its pool on first use
+CS = "UseDevelopmentStorage=true"
+URL = "https://account.blob.core.windows.net/logs"
+BAD_OPTIONS = [
+    (None, {"max_seconds": 0}, "max_seconds"),
+    (None, {"max_seconds": -1}, "max_seconds"),
+    (None, {"max_seconds": float("nan")}, "max_seconds"),
+    (None, {"max_seconds": 60}, "max_seconds"),  # the core caps scans at 25 s
+    (None, {"max_files": 0}, "max_files"),
+    (None, {"max_files": "x"}, "max_files"),
+    (None, {"slack_seconds": -1}, "slack_seconds"),
+    (None, {"slack_seconds": float("nan")}, "slack_seconds"),
+    (None, {"max_bytes": -1}, "max_bytes"),
+    (None, {"max_bytes": "x"}, "max_bytes"),
+    (None, {"max_bytes": 0}, "max_bytes"),
+    (CS, {"max_seconds": 0}, "max_seconds"),
+    (CS, {"max_bytes": -1}, "max_bytes"),
+    (None, {"table": "logs"}, "table does not apply"),
+    (None, {"schema": "public", "statement_timeout": 5}, "schema, statement_timeout do not apply"),
+    (None, {"container": "logs"}, "container does not apply"),
+    (None, {"listen": False}, "listen does not apply"),
+    (DSN, {"max_files": 3}, "max_files does not apply"),
+    (DSN, {"slack_seconds": 60}, "slack_seconds does not apply"),
+    (DSN, {"container": "logs"}, "container does not apply"),
+    (CS, {"credential": "default"}, "credential does not apply"),
+    (CS, {"table": "logs"}, "table does not apply"),
+    (CS, {"slack_seconds": 60}, "slack_seconds does not apply"),
+    (URL, {"container": "other"}, "container does not apply"),
+    (URL, {"statement_timeout": 5}, "statement_timeout does not apply"),
+]
+
+
+@pytest.mark.parametrize(
+    "source,options,match", BAD_OPTIONS, ids=[f"{s or 'dir'}-{o}" for s, o, _ in BAD_OPTIONS]
+)
+def test_reader_options_that_cannot_work_are_value_errors_naming_them(tmp_logs, source, options, match):
+    with pytest.raises(ValueError, match=match) as e:
+        logsluice.Reader(str(tmp_logs) if source is None else source, **options)
+    assert str(e.value).startswith("Reader: ")
+
+
+def test_reader_options_that_apply_are_taken(tmp_logs):
+    budgets = {"max_seconds": 25, "max_files": 1, "max_bytes": 1}
+    assert logsluice.Reader(str(tmp_logs), slack_seconds=0, **budgets).kind == "files"
+    assert logsluice.Reader(DSN, schema="s", table="t", statement_timeout=1, listen=False).kind == "postgres"
+    assert logsluice.Reader(CS, container="logs", prefix="p/", **budgets).kind == "blob"
+    assert logsluice.Reader(URL, credential="default", prefix="p/", **budgets).kind == "blob"
+    dest = logsluice.LocalFiles(tmp_logs)
+    with pytest.raises(ValueError, match="table does not apply"):
+        logsluice.Reader(dest, table="logs")
+    pg = logsluice.Postgres(DSN, table="mine")
+    with pytest.raises(ValueError, match="table does not apply to a Postgres destination"):
+        logsluice.Reader(pg, table="other")
+    blob = logsluice.AzureBlob(CS, container="logs")
+    assert logsluice.Reader(blob, max_seconds=1).kind == "blob"
+    with pytest.raises(ValueError, match="prefix does not apply to an AzureBlob destination"):
+        logsluice.Reader(blob, prefix="other/")

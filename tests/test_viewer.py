@@ -315,3 +315,109 @@ def test_viewer_status_after_pipeline_close(tmp_logs):
     pipeline.close()
     assert view._hub.closed
     wait_until(lambda: view._hub.closed, 5, "hub closed")
+
+
+# docs/viewer.md, as a user's module: what a type checker must accept (the package ships py.typed).
+DOCUMENTED_USAGE = """
+import os
+
+import logsluice
+from fastapi import FastAPI
+from starlette.applications import Starlette
+
+app = FastAPI()
+reader = logsluice.Reader.from_env()
+
+
+async def require_admin(conn: object) -> bool:
+    return bool(getattr(conn, "headers", None))
+
+
+app.mount("/logs", logsluice.viewer(reader, auth=require_admin))
+app.mount("/logs2", logsluice.viewer(reader, auth=logsluice.viewer.token_auth(os.environ["LOGS_TOKEN"])))
+Starlette().mount("/logs", logsluice.viewer(reader, auth=logsluice.viewer.token_auth()))
+token: str = logsluice.viewer.token_auth().token
+"""
+
+
+def test_documented_usage_type_checks_with_mypy(tmp_path):
+    api = pytest.importorskip("mypy.api", reason="mypy is not installed in this environment")
+    import sys
+
+    module = tmp_path / "documented_usage.py"
+    module.write_text(DOCUMENTED_USAGE)
+    out, err, code = api.run(
+        [str(module), "--python-executable", sys.executable, "--no-incremental", "--no-error-summary"]
+    )
+    assert code == 0, out + err
+
+
+def test_token_auth_is_a_declared_attribute_and_the_viewer_an_asgi_app():
+    """What a type checker reads (mypy is not needed to see it): ``logsluice.viewer.token_auth``
+    declared on the type of ``logsluice.viewer`` (an attribute set on a function afterwards is
+    invisible to mypy: '"def viewer(...)" has no attribute "token_auth"'), and the app's
+    ``__call__`` typed exactly as Starlette's ``ASGIApp`` (a ``dict`` scope is not a
+    ``MutableMapping`` parameter: arg-type on ``app.mount``)."""
+    import inspect
+    import typing
+
+    import starlette.types
+    from logsluice.viewer import TokenAuth, Viewer, token_auth
+
+    declared = inspect.getattr_static(type(logsluice.viewer), "token_auth")
+    assert isinstance(declared, staticmethod) and declared.__func__ is token_auth
+    assert logsluice.viewer.token_auth is token_auth
+    assert logsluice.viewer.TokenAuth is TokenAuth and logsluice.viewer.Viewer is Viewer
+    assert typing.get_type_hints(token_auth)["return"] is TokenAuth
+    assert typing.get_type_hints(TokenAuth)["token"] is str
+    auth = logsluice.viewer.token_auth(TOKEN)
+    assert auth.token == TOKEN and TOKEN not in repr(auth)
+    assert len(logsluice.viewer.token_auth().token) >= 16
+
+    hints = typing.get_type_hints(Viewer.__call__)
+    assert hints["scope"] == starlette.types.Scope
+    assert hints["receive"] == starlette.types.Receive
+    assert hints["send"] == starlette.types.Send
+    assert typing.get_type_hints(type(logsluice.viewer).__call__)["return"] is Viewer
+
+
+def test_the_documented_mount_serves_with_a_token(tmp_logs):
+    """The two documented lines, run: ``app.mount("/logs", logsluice.viewer(reader,
+    auth=logsluice.viewer.token_auth(token)))`` answers with the token and refuses without."""
+    from fastapi import FastAPI
+
+    app = FastAPI()
+    app.mount("/logs", logsluice.viewer(make_reader(tmp_logs), auth=logsluice.viewer.token_auth(TOKEN)))
+    with ServerThread(app) as server:
+        with client(server.base) as c:
+            assert c.get("/logs/api/records").status_code == 200
+        with client(server.base, token=None) as c:
+            assert c.get("/logs/api/records").status_code == 401
+
+
+def test_latest_request_is_the_readers_request_latest(tmp_logs):
+    """``/api/requests/latest?status=5xx`` is ``reader.arequest("latest", status="5xx")``: the
+    viewer has no lookup of its own (it used one through ``latest_request`` in a thread)."""
+    calls = []
+
+    class OnlyRequest:  # a reader with the documented async methods, and no latest_request
+        async def aquery(self, **kw):
+            return {"records": [], "next": None, "partial": False}
+
+        async def arequest(self, request_id, **kw):
+            calls.append((request_id, kw))
+            if kw.get("status") == "4xx":
+                return {"request_id": "latest", "access": None, "records": [], "trace": []}
+            return {"request_id": "r-1", "access": {"status": 503}, "records": [], "trace": []}
+
+    view = logsluice.viewer(OnlyRequest(), allow_anonymous=True)
+    with ServerThread(view) as server, httpx.Client(base_url=server.base) as c:
+        r = c.get("/api/requests/latest", params={"status": "5xx", "grace": "1m"})
+        assert r.status_code == 200, r.text
+        assert r.json()["request_id"] == "r-1"
+        none = c.get("/api/requests/latest", params={"status": "4xx"})
+        assert none.status_code == 404 and none.json() == {"error": "no request matches"}
+        # Filters go with "latest" only; the request id is what it finds.
+        assert c.get("/api/requests/r-1", params={"status": "5xx"}).status_code == 400
+        assert c.get("/api/requests/latest", params={"request_id": "x"}).status_code == 400
+    assert calls == [("latest", {"status": "5xx", "grace": "1m"}), ("latest", {"status": "4xx"})]

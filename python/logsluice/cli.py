@@ -120,10 +120,8 @@ def _reader(args: argparse.Namespace) -> Any:
             options["schema"] = args.schema
         if not args.source.startswith(("postgresql://", "postgres://")):
             options = {"container": args.container} if args.container else {}
-            looks_like_path = "://" not in args.source and "=" not in args.source
-            if looks_like_path and not os.path.isdir(args.source):
-                # A typo must not look like "no logs".
-                raise _BadInput(f"--source {clean(args.source)}: no such directory")
+        # The Reader refuses a directory that does not exist (a typo must not look like "no
+        # logs") and options that do not apply to the source.
         return Reader(args.source, **options)
     return Reader.from_env()
 
@@ -251,16 +249,15 @@ def cmd_tail(args: argparse.Namespace) -> int:
 
 
 def cmd_request(args: argparse.Namespace) -> int:
+    from .reader import LATEST
+
     reader = _reader(args)
     out = _Out(args)
-    rid = args.rid
-    if rid == "latest":
-        rid = reader.latest_request(**_filters(args))
-        if rid is None:
-            raise _BadInput("no request matches")
-    view = reader.request(rid)
+    # "latest" (with filters) is the Reader's: it picks the newest matching access record.
+    view = reader.request(args.rid, **_filters(args))
+    rid = view.request_id
     if view.access is None and not view.records:
-        raise _BadInput(f"no records for request {clean(rid)}")
+        raise _BadInput("no request matches" if rid == LATEST else f"no records for request {clean(rid)}")
     if not args.json:
         if view.access is not None:
             state = ""
@@ -364,6 +361,20 @@ def _add_filters(p: argparse.ArgumentParser, time: bool = True) -> None:
     )
 
 
+def _interval(text: str) -> float:
+    """``tail --interval``: the Reader's own check of a poll interval (0 would spin)."""
+    from .reader import check_poll_interval
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    try:
+        return check_poll_interval(value, "the poll interval")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message}\n")
@@ -400,7 +411,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     _add_source(p)
     _add_filters(p, time=False)
     p.add_argument("--since", help="start this far back (default: now)")
-    p.add_argument("--interval", type=float, default=0.5, help="poll interval in seconds (default 0.5)")
+    p.add_argument(
+        "--interval", type=_interval, default=0.5, help="poll interval in seconds, 0.01 or more (default 0.5)"
+    )
     p.set_defaults(func=cmd_tail)
 
     p = sub.add_parser("request", help="everything about one request")

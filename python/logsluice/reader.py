@@ -23,12 +23,13 @@ import datetime as _dt
 import functools
 import inspect
 import json
+import math
 import os
 import re
 import threading
 import time
 import weakref
-from collections.abc import AsyncIterator, Generator, Iterator, Mapping
+from collections.abc import AsyncIterator, Collection, Generator, Iterable, Iterator, Mapping
 from typing import Any, Optional, Union
 
 from . import _core
@@ -105,6 +106,70 @@ def _request(filters: Mapping[str, Any]) -> dict[str, Any]:
             value = _exclude(value)
         out[key] = value
     return out
+
+
+def _check_names(where: str, names: Iterable[str], allowed: Collection[str] = FILTER_NAMES) -> None:
+    """An unknown filter name is a TypeError, as for any Python keyword argument (``query()``
+    raises one by itself)."""
+    unknown = sorted(set(names) - set(allowed))
+    if unknown:
+        extra = sorted(n for n in set(allowed) - set(FILTER_NAMES) if not n.startswith("_"))
+        known = [n for n in FILTER_NAMES if n in allowed] + extra
+        raise TypeError(
+            f"{where}() got unexpected keyword argument(s) {', '.join(unknown)}; known: {', '.join(known)}"
+        )
+
+
+def _number(
+    where: str,
+    name: str,
+    value: Any,
+    *,
+    least: float,
+    most: Optional[float] = None,
+    above: bool = False,
+    whole: bool = False,
+) -> Any:
+    """``value`` as a finite number from ``least`` (exclusive when ``above``) to ``most``;
+    ``whole``: an int. Otherwise a ValueError naming the option."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and whole:
+        ok = isinstance(value, int) or float(value).is_integer()
+    if ok:
+        ok = (value > least if above else value >= least) and (most is None or value <= most)
+    if not ok:
+        what = "a whole number" if whole else "a number of seconds"
+        low = f"above {least:g}" if above else f">= {least:g}"
+        # (A bound that is only the store's integer width is not worth showing.)
+        bound = f"{low} and <= {most:g}" if most is not None and most < 1e15 else low
+        prefix = f"{where}: " if where else ""
+        raise ValueError(f"{prefix}{name} must be {what} {bound}, got {value!r}")
+    return int(value) if whole else float(value)
+
+
+# tail/subscribe: a poll at most every 10 ms (0 would spin), at least once a day; a look-back
+# of up to a day (each poll reads it again).
+POLL_INTERVAL_RANGE = (0.01, 86_400.0)
+MAX_LOOKBACK = 86_400.0
+
+
+def check_poll_interval(value: Any, name: str = "poll_interval", where: str = "") -> float:
+    """``value`` as a tail's poll interval in seconds; ValueError naming ``name`` otherwise."""
+    low, high = POLL_INTERVAL_RANGE
+    return float(_number(where, name, value, least=low, most=high))
+
+
+def _follow_options(
+    where: str, poll_interval: Any, lookback: Any, max_buffer: Any, filters: Mapping[str, Any]
+) -> tuple[float, float, int]:
+    """Checks a tail's own options (no I/O) before anything starts: a poller that spins, never
+    delivers or only delivers Gap markers must not start at all."""
+    _check_names(where, filters)
+    return (
+        check_poll_interval(poll_interval, where=where),
+        float(_number(where, "lookback", lookback, least=0.0, most=MAX_LOOKBACK)),
+        int(_number(where, "max_buffer", max_buffer, least=1, whole=True)),
+    )
 
 
 def _exclude(exclude: Optional[Mapping[str, Any]]) -> Optional[dict[str, Any]]:
@@ -455,6 +520,19 @@ class _Poller:
     start_at: float = 0.0
 
 
+def _existing_directory(path: str) -> str:
+    """The absolute path of a directory to read; a ValueError when there is none, so a typo
+    does not look like "no logs"."""
+    directory = os.path.abspath(path)
+    if not os.path.isdir(directory):
+        state = "is not a directory" if os.path.exists(directory) else "no such directory"
+        raise ValueError(
+            f"Reader: {path!r}: {state} (a source is a PostgreSQL DSN, a directory, "
+            "an Azure Storage connection string or a container URL)"
+        )
+    return directory
+
+
 def _parse_ts(text: Any) -> float:
     if not isinstance(text, str):
         return 0.0
@@ -462,6 +540,13 @@ def _parse_ts(text: Any) -> float:
         return _dt.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
     except ValueError:
         return 0.0
+
+
+# What each kind of source takes besides itself; anything else given does not apply.
+_SCAN_OPTIONS = ("max_bytes", "max_files", "max_seconds")
+_POSTGRES_OPTIONS = ("statement_timeout", "connect_timeout", "listen")
+_DSN_OPTIONS = ("schema", "table", *_POSTGRES_OPTIONS)
+_FILES_OPTIONS = (*_SCAN_OPTIONS, "slack_seconds")
 
 
 class Reader:
@@ -481,57 +566,103 @@ class Reader:
 
     Budgets: ``statement_timeout`` (seconds, PostgreSQL, at most 25), ``max_bytes``
     (decompressed), ``max_files`` (files or blobs one call may read) and ``max_seconds``
-    (file and blob scans). When a budget runs out, the page comes back with what was found,
-    ``partial=True`` and a cursor to continue.
+    (file and blob scans, at most 25). When a budget runs out, the page comes back with what
+    was found, ``partial=True`` and a cursor to continue.
 
     ``listen`` (PostgreSQL): tails also LISTEN, on one extra connection while any tail is
     open, for the NOTIFY hint the writer sends after each commit, and poll at once.
+
+    A directory that does not exist, a budget that cannot work (zero, negative, not a number)
+    or an option that does not apply to the kind of source (``table=`` for a directory,
+    ``credential=`` with a connection string) raises ``ValueError``. Options left out (None)
+    take their defaults: ``schema="public"``, ``table="logs"``, 10 s timeouts, ``max_seconds``
+    20, ``slack_seconds`` 300, ``container="logs"``, ``listen=True``, budgets of 2 GiB and
+    10 000 files.
     """
 
     def __init__(
         self,
         source: Any = None,
         *,
-        schema: str = "public",
-        table: str = "logs",
-        statement_timeout: float = 10.0,
-        connect_timeout: float = 10.0,
+        schema: Optional[str] = None,
+        table: Optional[str] = None,
+        statement_timeout: Optional[float] = None,
+        connect_timeout: Optional[float] = None,
         max_bytes: Optional[int] = None,
         max_files: Optional[int] = None,
-        max_seconds: float = 20.0,
-        slack_seconds: float = 300.0,
+        max_seconds: Optional[float] = None,
+        slack_seconds: Optional[float] = None,
         container: Optional[str] = None,
         prefix: Optional[str] = None,
         credential: Optional[str] = None,
         name_template: Optional[str] = None,
-        listen: bool = True,
+        listen: Optional[bool] = None,
     ) -> None:
+        given = {
+            name: value
+            for name, value in (
+                ("schema", schema),
+                ("table", table),
+                ("statement_timeout", statement_timeout),
+                ("connect_timeout", connect_timeout),
+                ("listen", listen),
+                ("container", container),
+                ("prefix", prefix),
+                ("credential", credential),
+                ("name_template", name_template),
+                ("max_bytes", max_bytes),
+                ("max_files", max_files),
+                ("max_seconds", max_seconds),
+                ("slack_seconds", slack_seconds),
+            )
+            if value is not None
+        }
+        for name in ("schema", "table", "container", "prefix", "credential", "name_template"):
+            if name in given and not isinstance(given[name], str):
+                raise ValueError(f"Reader: {name} must be a string, got {type(given[name]).__name__}")
         if source is None:
             source = "./logs"
         spec: dict[str, Any]
+        scan, postgres = _SCAN_OPTIONS, _POSTGRES_OPTIONS
+        applies: tuple[str, ...]
         type_name = type(source).__name__
         if type_name == "Postgres" and hasattr(source, "_dsn"):
             spec = {"type": "postgres", "dsn": source._dsn, "schema": source.schema, "table": source.table}
             self.description = f"postgres {source.dsn} {source.schema}.{source.table}"
+            what, applies = "a Postgres destination (it names its own schema and table)", postgres
         elif isinstance(source, LocalFiles):
-            spec = {"type": "files", "directory": source.directory}
+            spec = {"type": "files", "directory": _existing_directory(source.directory)}
             self.description = f"files {source.directory}"
+            what, applies = "a directory (LocalFiles) source", _FILES_OPTIONS
         elif type_name == "AzureBlob" and hasattr(source, "_target"):
             target = source._target()
             spec = {"type": "blob", **{k: target[k] for k in _BLOB_KEYS if target.get(k) is not None}}
             self.description = f"blob {source.location}"
+            what = "an AzureBlob destination (it names its own container, prefix, template and credential)"
+            applies = scan
         elif isinstance(source, (str, os.PathLike)):
             text = os.fspath(source)
+            if not isinstance(text, str):
+                raise ValueError("Reader: a source path must be text, not bytes")
             if text.startswith(("postgresql://", "postgres://")):
                 from .postgres import redact_dsn
 
-                spec = {"type": "postgres", "dsn": text, "schema": schema, "table": table}
-                self.description = f"postgres {redact_dsn(text)} {schema}.{table}"
+                spec = {
+                    "type": "postgres",
+                    "dsn": text,
+                    "schema": schema if schema is not None else "public",
+                    "table": table if table is not None else "logs",
+                }
+                self.description = f"postgres {redact_dsn(text)} {spec['schema']}.{spec['table']}"
+                what, applies = "a PostgreSQL source", _DSN_OPTIONS
             elif _CONNECTION_STRING.match(text):
                 from .azure_blob import _where_from_connection_string
 
-                spec = {"type": "blob", "connection_string": text, "container": container or "logs"}
+                box = given.get("container", "logs")
+                spec = {"type": "blob", "connection_string": text, "container": box}
                 self.description = f"blob {_where_from_connection_string(text)} container={spec['container']}"
+                what = "an Azure Storage connection string (its account key or SAS is the credential)"
+                applies = ("container", "prefix", "name_template", *scan)
             elif text.startswith(("https://", "http://")):
                 from .azure_blob import _without_query
 
@@ -539,38 +670,44 @@ class Reader:
                 if credential is not None:
                     spec["credential"] = credential
                 self.description = f"blob {_without_query(text)}"
+                what = "a container URL (the container is the URL's)"
+                applies = ("credential", "prefix", "name_template", *scan)
             else:
-                directory = os.path.abspath(text)
+                if not text.strip():
+                    raise ValueError("Reader: the source is empty: give a DSN, a directory or a container")
+                directory = _existing_directory(text)
                 spec = {"type": "files", "directory": directory}
                 self.description = f"files {directory}"
+                what, applies = "a directory (LocalFiles) source", _FILES_OPTIONS
         else:
             raise ValueError(f"Reader: source must be a DSN, a directory or a destination, got {type_name}")
+        wrong = [name for name in given if name not in applies]
+        if wrong:
+            verb = "does" if len(wrong) == 1 else "do"
+            raise ValueError(f"Reader: {', '.join(wrong)} {verb} not apply to {what}")
         if spec["type"] == "postgres":
-            timeouts = (("statement_timeout", statement_timeout), ("connect_timeout", connect_timeout))
-            for what, value in timeouts:
-                if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 25:
-                    raise ValueError(f"Reader: {what} must be seconds in (0, 25], got {value!r}")
-            spec["statement_timeout"] = float(statement_timeout)
-            spec["connect_timeout"] = float(connect_timeout)
+            for name, default in (("statement_timeout", 10.0), ("connect_timeout", 10.0)):
+                value = given.get(name, default)
+                spec[name] = _number("Reader", name, value, least=0.0, most=25.0, above=True)
         else:
-            if spec["type"] == "blob" and not isinstance(source, (str, os.PathLike)):
-                pass  # a destination carries its own container, prefix and template
-            elif spec["type"] == "blob":
-                for key, value in (("prefix", prefix), ("name_template", name_template)):
-                    if value is not None:
-                        spec[key] = value
-            if max_bytes is not None:
-                spec["max_bytes"] = int(max_bytes)
-            if max_files is not None:
-                spec["max_files"] = int(max_files)
-            spec["max_seconds"] = float(max_seconds)
+            for key in ("prefix", "name_template"):
+                if key in given:
+                    spec[key] = given[key]
+            spec["max_seconds"] = _number(
+                "Reader", "max_seconds", given.get("max_seconds", 20.0), least=0.0, most=25.0, above=True
+            )
+            for name in ("max_bytes", "max_files"):
+                if name in given:
+                    spec[name] = _number("Reader", name, given[name], least=1, most=2**63 - 1, whole=True)
             if spec["type"] == "files":
-                spec["slack_seconds"] = float(slack_seconds)
-        self.kind = spec["type"]
+                spec["slack_seconds"] = _number(
+                    "Reader", "slack_seconds", given.get("slack_seconds", 300.0), least=0.0
+                )
+        self.kind: str = spec["type"]
         self._core = _core.ReaderCore(json.dumps(spec))
         self._pollers: dict[str, _Poller] = {}
         self._pollers_lock = threading.Lock()
-        self._listen = bool(listen)
+        self._listen = bool(listen) if listen is not None else True
         self._waker: Optional[_Waker] = None
         weakref.finalize(self, _stop_pollers, self._pollers)
 
@@ -580,19 +717,25 @@ class Reader:
         ``LOGSLUICE_POSTGRES_SCHEMA``/``_TABLE``), else ``LOGSLUICE_DIR``, else the Azure Blob
         container of ``AZURE_STORAGE_CONNECTION_STRING``, ``LOGSLUICE_AZURE_CONTAINER_URL`` or
         ``LOGSLUICE_AZURE_ACCOUNT_URL`` (with ``LOGSLUICE_AZURE_CONTAINER``/``_PREFIX``), else
-        ``./logs``."""
+        ``./logs``. Options that do not apply to the source the environment picks are left
+        out (a ``statement_timeout`` for production's PostgreSQL, a directory in development)."""
         env = os.environ
+
+        def only(names: tuple[str, ...]) -> dict[str, Any]:
+            return {k: v for k, v in options.items() if k in names}
+
         if env.get("LOGSLUICE_POSTGRES_DSN"):
-            options.setdefault("schema", env.get("LOGSLUICE_POSTGRES_SCHEMA") or "public")
-            options.setdefault("table", env.get("LOGSLUICE_POSTGRES_TABLE") or "logs")
-            return cls(env["LOGSLUICE_POSTGRES_DSN"], **options)
+            chosen = only(_DSN_OPTIONS)
+            chosen.setdefault("schema", env.get("LOGSLUICE_POSTGRES_SCHEMA") or "public")
+            chosen.setdefault("table", env.get("LOGSLUICE_POSTGRES_TABLE") or "logs")
+            return cls(env["LOGSLUICE_POSTGRES_DSN"], **chosen)
         if not (env.get("LOGSLUICE_DIR") or "").strip():
             from .azure_blob import _azure_blob_from_env
 
             blob = _azure_blob_from_env()
             if blob is not None:
-                return cls(blob, **options)
-        return cls(env.get("LOGSLUICE_DIR") or "./logs", **options)
+                return cls(blob, **only(_SCAN_OPTIONS))
+        return cls(env.get("LOGSLUICE_DIR") or "./logs", **only(_FILES_OPTIONS))
 
     def __repr__(self) -> str:
         return f"Reader({self.description})"
@@ -717,19 +860,39 @@ class Reader:
         grace: TimeLike = "5m",
         search: TimeLike = "7d",
         limit: int = 1000,
+        **filters: Any,
     ) -> RequestView:
         """The access record of ``request_id``, then every app record with that request id
         (background tasks included, up to ``grace`` after the request started) and the
         records sharing its trace id. Time-ordered ids (UUIDv7, what the middleware makes)
         go straight to their time window; other ids are searched newest first within
-        ``search``. ``request_id="latest"`` picks the newest access record."""
-        return self._drive(self._request_steps(request_id, grace, search, limit))
+        ``search``. ``request_id="latest"`` picks the newest access record within ``search``
+        (or ``since``) that matches ``filters`` (e.g. ``status="5xx"``; filters go with
+        "latest" only); when none matches, the view's ``access`` is None and it has no
+        records."""
+        _check_names("request", filters, _LATEST_FILTERS)
+        return self._drive(self._request_steps(request_id, grace, search, limit, filters))
 
-    def _request_steps(self, request_id: str, grace: TimeLike, search: TimeLike, limit: int) -> _Steps:
+    def _request_steps(
+        self,
+        request_id: str,
+        grace: TimeLike,
+        search: TimeLike,
+        limit: int,
+        filters: Mapping[str, Any],
+    ) -> _Steps:
         if not isinstance(request_id, str) or not request_id.strip():
             raise ValueError("request_id must be a non-empty string")
         request_id = request_id.strip()
+        given = sorted(k for k, v in filters.items() if v is not None)
+        if given and request_id != LATEST:
+            raise ValueError(f"filters ({', '.join(given)}) do not apply to a request id, only to 'latest'")
         grace_s = _seconds(grace, "grace")
+        if request_id == LATEST:
+            newest = yield from self._latest_steps(filters, search)
+            if newest is None:
+                return RequestView(LATEST, None, [], [])
+            request_id = newest
         t = _uuid7_time(request_id)
         if t is not None:
             since, until = _iso(t - 60), _iso(t + grace_s)
@@ -750,10 +913,18 @@ class Reader:
         return RequestView(request_id, access, app, trace)
 
     def latest_request(self, **filters: Any) -> Optional[str]:
-        """The request id of the newest access record matching ``filters`` (e.g. status="5xx")."""
-        req = _request({"since": "7d", **filters, "kind": "http", "limit": 1})
-        page = self._page(req)
-        return page.records[0].get("request_id") if page.records else None
+        """The request id of the newest access record matching ``filters`` (e.g. status="5xx"),
+        within the last 7 days unless ``since`` says otherwise; what ``request("latest")``
+        shows."""
+        _check_names("latest_request", filters, _LATEST_FILTERS)
+        return self._drive(self._latest_steps(filters, "7d"))
+
+    def _latest_steps(self, filters: Mapping[str, Any], search: TimeLike) -> _Steps:
+        if filters.get("kind") not in (None, "http"):
+            raise ValueError("'latest' picks an access record: kind can only be 'http'")
+        page = yield ("page", _request({"since": search, **filters, "kind": "http", "limit": 1}))
+        newest = page.records[0].get("request_id") if page.records else None
+        return newest if isinstance(newest, str) and newest else None
 
     def _all(self, req: dict[str, Any], limit: int) -> _Steps:
         out: list[dict[str, Any]] = []
@@ -826,7 +997,8 @@ class Reader:
         "p99_ms", "avg_ms", "max_ms", "slowest": [...]}], "approximate", "partial"}``.
         By route, status or method only http records count. PostgreSQL percentiles are
         exact; file scans keep a bounded sample (``approximate`` says when it was cut)."""
-        return json.loads(self._core.summary(_summary_request(since, by, bucket, slowest, filters)))
+        text = _summary_request("summary", since, by, bucket, slowest, filters)
+        return json.loads(self._core.summary(text))
 
     def stats(self) -> dict[str, Any]:
         """Work done so far by a blob source: ``list_calls``, ``blobs_downloaded`` and
@@ -835,6 +1007,7 @@ class Reader:
 
     def explain(self, **filters: Any) -> str:
         """PostgreSQL: ``EXPLAIN (ANALYZE, BUFFERS)`` of the page query for ``filters``."""
+        _check_names("explain", filters, _QUERY_ARGS | {"_after"})
         return self._core.explain(json.dumps(_request(filters)))
 
     # -- live tail -------------------------------------------------------------------
@@ -850,20 +1023,28 @@ class Reader:
     ) -> Subscription:
         """A live follower of new records (written after this call, or from ``since``).
         Subscribers with the same filters share one polling thread; over PostgreSQL it also
-        polls as soon as a writer's NOTIFY hint arrives (see ``Reader(listen=...)``)."""
-        return self._drive(self._subscribe_steps(since, poll_interval, lookback, max_buffer, filters))
+        polls as soon as a writer's NOTIFY hint arrives (see ``Reader(listen=...)``).
+
+        ``poll_interval``: seconds between polls (0.01 to 86400); ``lookback``: seconds each
+        poll reads again for rows that commit late (0 to 86400); ``max_buffer``: records kept
+        for a subscriber that does not keep up (at least 1), beyond which a :class:`Gap`
+        counts them. Anything else is a ``ValueError``, raised here."""
+        return self._drive(
+            self._subscribe_steps("subscribe", since, poll_interval, lookback, max_buffer, filters)
+        )
 
     def _subscribe_steps(
         self,
+        where: str,
         since: TimeLike,
         poll_interval: float,
         lookback: float,
         max_buffer: int,
         filters: dict[str, Any],
     ) -> _Steps:
-        unknown = sorted(set(filters) - set(FILTER_NAMES))
-        if unknown:
-            raise ValueError(f"unknown filter(s) {', '.join(unknown)}")
+        poll_interval, lookback, max_buffer = _follow_options(
+            where, poll_interval, lookback, max_buffer, filters
+        )
         clean = _request(filters)
         clean.pop("since", None)
         clean.pop("until", None)
@@ -897,22 +1078,49 @@ class Reader:
             self._waker = _Waker(self._core, self._pollers, self._pollers_lock)
             self._waker.start()
 
-    def tail(self, *, poll_interval: float = 0.5, **filters: Any) -> Iterator[Any]:
+    def tail(
+        self,
+        *,
+        since: TimeLike = None,
+        poll_interval: float = 0.5,
+        lookback: float = 10.0,
+        max_buffer: int = 10_000,
+        **filters: Any,
+    ) -> Iterator[Any]:
         """Yields records as they land (and :class:`Gap` markers if the consumer fell far
-        behind). Same filters as :meth:`query` (plus ``since`` to start earlier)."""
-        sub = self.subscribe(poll_interval=poll_interval, **filters)
+        behind). Same filters as :meth:`query` (plus ``since`` to start earlier) and the
+        options of :meth:`subscribe`, checked at once (the tail starts on the first ``next``)."""
+        _follow_options("tail", poll_interval, lookback, max_buffer, filters)
+        return self._tail(since, poll_interval, lookback, max_buffer, filters)
+
+    def _tail(
+        self, since: TimeLike, poll_interval: float, lookback: float, max_buffer: int, filters: dict[str, Any]
+    ) -> Iterator[Any]:
+        sub = self._drive(self._subscribe_steps("tail", since, poll_interval, lookback, max_buffer, filters))
         try:
             while True:
                 yield from sub.get(timeout=1.0)
         finally:
             sub.close()
 
-    async def atail(self, *, poll_interval: float = 0.5, **filters: Any) -> AsyncIterator[Any]:
+    def atail(
+        self,
+        *,
+        since: TimeLike = None,
+        poll_interval: float = 0.5,
+        lookback: float = 10.0,
+        max_buffer: int = 10_000,
+        **filters: Any,
+    ) -> AsyncIterator[Any]:
         """:meth:`tail` for asyncio: waits without blocking the event loop."""
-        since = filters.pop("since", None)
-        lookback = filters.pop("lookback", 10.0)
-        max_buffer = filters.pop("max_buffer", 10_000)
-        sub = await self._adrive(self._subscribe_steps(since, poll_interval, lookback, max_buffer, filters))
+        _follow_options("atail", poll_interval, lookback, max_buffer, filters)
+        return self._atail(since, poll_interval, lookback, max_buffer, filters)
+
+    async def _atail(
+        self, since: TimeLike, poll_interval: float, lookback: float, max_buffer: int, filters: dict[str, Any]
+    ) -> AsyncIterator[Any]:
+        steps = self._subscribe_steps("atail", since, poll_interval, lookback, max_buffer, filters)
+        sub = await self._adrive(steps)
         try:
             while True:
                 for item in await sub.aget(timeout=1.0):
@@ -936,18 +1144,23 @@ class Reader:
 
     async def aquery(self, **kwargs: Any) -> Page:
         """:meth:`query`, awaitable."""
-        unknown = sorted(set(kwargs) - _QUERY_ARGS)
-        if unknown:
-            raise TypeError(f"aquery() got unexpected keyword argument(s) {', '.join(unknown)}")
+        _check_names("aquery", kwargs, _QUERY_ARGS)
         if kwargs.get("fields") is not None:
             kwargs["fields"] = dict(kwargs["fields"])
         return await self._apage(_request({"order": "desc", "limit": 100, **kwargs}))
 
     async def arequest(
-        self, request_id: str, *, grace: TimeLike = "5m", search: TimeLike = "7d", limit: int = 1000
+        self,
+        request_id: str,
+        *,
+        grace: TimeLike = "5m",
+        search: TimeLike = "7d",
+        limit: int = 1000,
+        **filters: Any,
     ) -> RequestView:
-        """:meth:`request`, awaitable."""
-        return await self._adrive(self._request_steps(request_id, grace, search, limit))
+        """:meth:`request`, awaitable (``"latest"`` too)."""
+        _check_names("arequest", filters, _LATEST_FILTERS)
+        return await self._adrive(self._request_steps(request_id, grace, search, limit, filters))
 
     async def acontext(
         self, record_id: Union[str, int], *, before: int = 50, after: int = 50, same: Optional[str] = None
@@ -965,7 +1178,7 @@ class Reader:
         **filters: Any,
     ) -> dict[str, Any]:
         """:meth:`summary`, awaitable."""
-        text = _summary_request(since, by, bucket, slowest, filters)
+        text = _summary_request("asummary", since, by, bucket, slowest, filters)
         if self.kind == "postgres":
             return json.loads(await self._core.asummary(text))
         return json.loads(await self._run(functools.partial(self._core.summary, text)))
@@ -981,6 +1194,10 @@ class Reader:
 
 _Steps = Generator[tuple[str, Any], Any, Any]
 _QUERY_ARGS = frozenset(inspect.signature(Reader.query).parameters) - {"self"}
+# request("latest", ...) and latest_request(): the filters (the request id is what they find).
+_LATEST_FILTERS = frozenset(FILTER_NAMES) - {"request_id"}
+# The request id that stands for the newest access record.
+LATEST = "latest"
 
 
 def _dumps(req: dict[str, Any]) -> str:
@@ -991,11 +1208,9 @@ def _dumps(req: dict[str, Any]) -> str:
 
 
 def _summary_request(
-    since: TimeLike, by: str, bucket: Optional[str], slowest: int, filters: dict[str, Any]
+    where: str, since: TimeLike, by: str, bucket: Optional[str], slowest: int, filters: dict[str, Any]
 ) -> str:
-    unknown = sorted(set(filters) - set(FILTER_NAMES))
-    if unknown:
-        raise ValueError(f"unknown filter(s) {', '.join(unknown)}")
+    _check_names(where, filters)
     req = _request({"since": since, **filters})
     req.update({"by": by, "bucket": bucket, "slowest": slowest})
     return _dumps(req)

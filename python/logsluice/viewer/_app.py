@@ -17,11 +17,11 @@ import secrets
 import signal
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any, Optional
 from urllib.parse import parse_qsl
 
-from ..reader import EXCLUDE_NAMES, FILTER_NAMES
+from ..reader import EXCLUDE_NAMES, FILTER_NAMES, LATEST
 from . import _stream
 from ._stream import dumps
 
@@ -67,6 +67,13 @@ CSV_COLUMNS = [
 ]
 TOKEN_COOKIE = "logsluice_token"
 
+# The ASGI interface as Starlette (``starlette.types``) and the ASGI spec type it: the viewer is
+# an ``ASGIApp`` wherever one is expected (``app.mount("/logs", viewer)`` type-checks).
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
 
 class BadRequest(ValueError):
     pass
@@ -77,7 +84,7 @@ class _Conn:
     ``starlette.requests.HTTPConnection`` (``scope``, ``headers``, ``cookies``, ``query_params``,
     ``client``, ``url.path``)."""
 
-    def __init__(self, scope: dict[str, Any]) -> None:
+    def __init__(self, scope: Scope) -> None:
         self.scope = scope
         self.headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         self.query_params = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1")))
@@ -91,7 +98,7 @@ class _Conn:
         self.url = _Url()
 
 
-def _connection(scope: dict[str, Any]) -> Any:
+def _connection(scope: Scope) -> Any:
     try:
         from starlette.requests import HTTPConnection
     except ImportError:
@@ -111,15 +118,21 @@ def _cookies(header: str) -> dict[str, str]:
 class TokenAuth:
     """``auth=token_auth("s3cret")``: accepts ``Authorization: Bearer s3cret``, the viewer's
     cookie, or ``?token=s3cret`` on the page (which the viewer trades for an HttpOnly cookie and
-    removes from the address bar)."""
+    removes from the address bar). ``.token`` is the token (to print it, or to hand it to a
+    client)."""
+
+    token: str
 
     def __init__(self, token: str) -> None:
         if not isinstance(token, str) or len(token) < 16:
             raise ValueError("token_auth: the token must be a string of at least 16 characters")
+        self.token = token
         self._token = token.encode()
 
     def matches(self, candidate: Optional[str]) -> bool:
-        return bool(candidate) and hmac.compare_digest(candidate.encode(), self._token)
+        if not candidate:
+            return False
+        return hmac.compare_digest(candidate.encode(), self._token)
 
     def __call__(self, conn: Any) -> bool:
         header = conn.headers.get("authorization") or ""
@@ -136,10 +149,7 @@ class TokenAuth:
 def token_auth(token: Optional[str] = None) -> TokenAuth:
     """An ``auth`` callable checking one shared token (a random one if none is given: read it
     back from ``.token``)."""
-    t = token or secrets.token_urlsafe(24)
-    auth = TokenAuth(t)
-    auth.token = t  # type: ignore[attr-defined]
-    return auth
+    return TokenAuth(token or secrets.token_urlsafe(24))
 
 
 # Viewers alive in this process: ended at process exit and on SIGTERM/SIGINT.
@@ -216,13 +226,13 @@ class Viewer:
             )
         if auth is not None and not callable(auth):
             raise ValueError("viewer: auth must be a callable taking the connection and returning a bool")
-        for name, value, least in (
+        for name, count, least in (
             ("max_subscribers", max_subscribers, 1),
             ("stream_buffer", stream_buffer, 1),
             ("export_max_records", export_max_records, 1),
         ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < least:
-                raise ValueError(f"viewer: {name} must be a whole number >= {least}, got {value!r}")
+            if isinstance(count, bool) or not isinstance(count, int) or count < least:
+                raise ValueError(f"viewer: {name} must be a whole number >= {least}, got {count!r}")
         for name, value in (
             ("heartbeat", heartbeat),
             ("max_stream_seconds", max_stream_seconds),
@@ -253,7 +263,13 @@ class Viewer:
             hook = getattr(pipeline, "_on_close", None)
             if callable(hook):
                 hub = weakref.ref(self._hub)
-                hook(lambda: (h := hub()) is not None and h.shutdown())
+
+                def end_streams() -> None:
+                    h = hub()
+                    if h is not None:
+                        h.shutdown()
+
+                hook(end_streams)
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -275,7 +291,7 @@ class Viewer:
 
     # -- ASGI -------------------------------------------------------------------------------------
 
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if kind == "lifespan":
             await self._lifespan(receive, send)
@@ -302,7 +318,7 @@ class Viewer:
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
-    async def _allowed(self, scope: dict[str, Any]) -> bool:
+    async def _allowed(self, scope: Scope) -> bool:
         if self.auth is None:
             return True
         try:
@@ -316,7 +332,7 @@ class Viewer:
             return False
         return bool(result)
 
-    def _origin_ok(self, scope: dict[str, Any]) -> bool:
+    def _origin_ok(self, scope: Scope) -> bool:
         headers = _headers(scope)
         origin = headers.get("origin")
         if origin is None:
@@ -327,7 +343,7 @@ class Viewer:
         host = headers.get("host", "").lower()
         return bool(host) and re.sub(r"^[a-z][a-z0-9+.-]*://", "", origin) == host
 
-    async def _http(self, scope: dict[str, Any], receive: Any, send: Any, path: str) -> None:
+    async def _http(self, scope: Scope, receive: Any, send: Any, path: str) -> None:
         method = scope.get("method", "GET")
         if method not in ("GET", "HEAD"):
             await _json(send, 405, {"error": "the viewer is read-only: GET only"}, [(b"allow", b"GET, HEAD")])
@@ -364,7 +380,7 @@ class Viewer:
         else:
             await _plain(send, 404, b"not found\n")
 
-    async def _serve_static(self, scope: dict[str, Any], send: Any, path: str) -> None:
+    async def _serve_static(self, scope: Scope, send: Any, path: str) -> None:
         name, ctype = STATIC_FILES[path]
         if path == "/" and isinstance(self.auth, TokenAuth):
             token = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1"))).get("token")
@@ -418,24 +434,20 @@ class Viewer:
             await _json(send, 200, _plain_data(result))
 
     async def _request(self, send: Any, request_id: str, params: dict[str, str]) -> None:
-        if request_id == "latest":
-            # /api/requests/latest?status=5xx: the newest request matching the filters.
-            latest = getattr(self.reader, "latest_request", None)
-            if not callable(latest):
-                raise BadRequest("this reader cannot look up the latest request")
-            filters = _filters(params, FILTERS)
-            loop = asyncio.get_running_loop()
-            found = await self._guard(send, lambda: loop.run_in_executor(None, lambda: latest(**filters)))
-            if found is _FAILED:
-                return
-            if not found:
-                await _json(send, 404, {"error": "no request matches"})
-                return
-            request_id, params = found, {}
-        kwargs = _filters(params, ("grace", "search"))
+        # /api/requests/latest?status=5xx: the Reader picks the newest access record matching
+        # the filters (filters go with "latest" only).
+        allowed: tuple[str, ...] = ("grace", "search")
+        if request_id == LATEST:
+            allowed += tuple(f for f in FILTERS if f != "request_id")
+        kwargs = _filters(params, allowed)
         result = await self._guard(send, lambda: self.reader.arequest(request_id, **kwargs))
-        if result is not _FAILED:
-            await _json(send, 200, _plain_data(result))
+        if result is _FAILED:
+            return
+        found = _attr(result, "access", None) is not None or bool(_attr(result, "records", None))
+        if request_id == LATEST and not found:
+            await _json(send, 404, {"error": "no request matches"})
+            return
+        await _json(send, 200, _plain_data(result))
 
     async def _summary(self, send: Any, params: dict[str, str]) -> None:
         kwargs = _filters(params, FILTERS + ("by", "bucket", "slowest"))
@@ -516,7 +528,7 @@ class Viewer:
         filters = _filters(params, FILTERS)
         return await asyncio.wait_for(self._hub.open(filters, last_event_id), self.request_timeout)
 
-    async def _sse(self, scope: dict[str, Any], receive: Any, send: Any, params: dict[str, str]) -> None:
+    async def _sse(self, scope: Scope, receive: Any, send: Any, params: dict[str, str]) -> None:
         _chain_signals()
         if self._hub.closed:
             await _json(send, 503, {"error": "the viewer is shutting down"}, [(b"retry-after", b"5")])
@@ -574,7 +586,7 @@ class Viewer:
         if not gone:
             await send({"type": "http.response.body", "body": b""})
 
-    async def _websocket(self, scope: dict[str, Any], receive: Any, send: Any, path: str) -> None:
+    async def _websocket(self, scope: Scope, receive: Any, send: Any, path: str) -> None:
         _chain_signals()
         first = await receive()
         if first.get("type") != "websocket.connect":
@@ -661,7 +673,7 @@ async def _run_until_disconnect(work: Any, receive: Any, disconnect: str) -> boo
     return left
 
 
-def _relative_path(scope: dict[str, Any]) -> str:
+def _relative_path(scope: Scope) -> str:
     path = scope.get("path", "")
     root = scope.get("root_path", "")
     # Starlette >= 0.33 keeps the full path and extends root_path; older mounts cut the path.
@@ -670,11 +682,11 @@ def _relative_path(scope: dict[str, Any]) -> str:
     return path
 
 
-def _headers(scope: dict[str, Any]) -> dict[str, str]:
+def _headers(scope: Scope) -> dict[str, str]:
     return {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
 
 
-def _params(scope: dict[str, Any]) -> dict[str, str]:
+def _params(scope: Scope) -> dict[str, str]:
     raw = scope.get("query_string", b"").decode("latin-1")
     try:
         pairs = parse_qsl(
@@ -857,27 +869,37 @@ async def _plain(
     await send({"type": "http.response.body", "body": body})
 
 
-def viewer(
-    reader: Any,
-    auth: Optional[Callable[[Any], Any]] = None,
-    pipeline: Any = None,
-    *,
-    allow_anonymous: bool = False,
-    **options: Any,
-) -> Viewer:
-    """A mountable ASGI app over ``reader``: ``app.mount("/logs", logsluice.viewer(reader, auth=...))``.
-
-    ``auth(connection)`` (sync or async) is called for every HTTP request and WebSocket; a false
-    result (or an exception) refuses with 401 / a WebSocket close. Without ``auth`` the call raises
-    unless ``allow_anonymous=True``. Options: ``allowed_origins`` (extra WebSocket origins),
-    ``max_subscribers`` (200 per process), ``heartbeat`` (15 s), ``max_stream_seconds`` (1800),
-    ``stream_buffer`` (1000 events per subscriber), ``resume_window`` (60 s),
-    ``request_timeout`` (25 s), ``export_max_records`` (100000).
-    """
-    return Viewer(reader, auth, pipeline, allow_anonymous=allow_anonymous, **options)
+_App = Viewer  # (inside the class below, ``Viewer`` names the attribute)
 
 
-# ``logsluice.viewer`` is this function; its helpers ride along as attributes.
-viewer.token_auth = token_auth  # type: ignore[attr-defined]
-viewer.Viewer = Viewer  # type: ignore[attr-defined]
-viewer.TokenAuth = TokenAuth  # type: ignore[attr-defined]
+class _ViewerFactory:
+    """``logsluice.viewer``: call it for the app, ``logsluice.viewer(reader, auth=...)``; its
+    helpers ride along as typed attributes: ``logsluice.viewer.token_auth(token)``,
+    ``logsluice.viewer.TokenAuth`` and ``logsluice.viewer.Viewer``."""
+
+    token_auth = staticmethod(token_auth)
+    TokenAuth = TokenAuth
+    Viewer = Viewer
+
+    def __call__(
+        self,
+        reader: Any,
+        auth: Optional[Callable[[Any], Any]] = None,
+        pipeline: Any = None,
+        *,
+        allow_anonymous: bool = False,
+        **options: Any,
+    ) -> _App:
+        """A mountable ASGI app over ``reader``: ``app.mount("/logs", logsluice.viewer(reader, auth=...))``.
+
+        ``auth(connection)`` (sync or async) is called for every HTTP request and WebSocket; a
+        false result (or an exception) refuses with 401 / a WebSocket close. Without ``auth`` the
+        call raises unless ``allow_anonymous=True``. Options: ``allowed_origins`` (extra WebSocket
+        origins), ``max_subscribers`` (200 per process), ``heartbeat`` (15 s),
+        ``max_stream_seconds`` (1800), ``stream_buffer`` (1000 events per subscriber),
+        ``resume_window`` (60 s), ``request_timeout`` (25 s), ``export_max_records`` (100000).
+        """
+        return _App(reader, auth, pipeline, allow_anonymous=allow_anonymous, **options)
+
+
+viewer = _ViewerFactory()
