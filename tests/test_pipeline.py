@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
 import multiprocessing
@@ -301,6 +302,120 @@ def test_rotation_by_size_with_gzip_and_keep(tmp_logs, loguru):
     assert files == sorted(files)
     numbers = [int(r["message"].rsplit(" ", 1)[1]) for r in read_records(tmp_logs)]
     assert numbers == sorted(numbers) and numbers[-1] == 1999  # the newest kept, in order
+
+
+def _records_by_file(directory: Path) -> dict[str, list[dict]]:
+    def records(path: Path) -> list[dict]:
+        with (gzip.open if path.name.endswith(".gz") else open)(path, "rt", encoding="utf-8") as f:
+            return [json.loads(line) for line in f]
+
+    return {path.name: records(path) for path in log_files(directory)}
+
+
+def test_keep_never_removes_the_open_file_of_another_destination_in_the_process(tmp_logs, loguru):
+    # One directory and prefix, one process: both destinations' files carry this pid.
+    everything = logsluice.LocalFiles(tmp_logs, name="all", max_file_bytes=20_000, keep=2, rotate=None)
+    errors = logsluice.LocalFiles(tmp_logs, name="errors", min_level="ERROR", keep=3, rotate=None)
+    pipeline = logsluice.Pipeline(everything, errors)
+    pipeline.attach(loguru, level="INFO")
+    filler = "x" * 300
+    for i in range(40):
+        # The error first: every batch of "all" holds fillers, so a file of only ERROR
+        # records is one of the errors destination's.
+        loguru.error("error {}", i)
+        for j in range(60):
+            loguru.info("filler {} {} {}", i, j, filler)
+        pipeline.flush(timeout=30)
+    pipeline.close()
+    stats = pipeline.stats()
+    assert stats["errors"]["written"] == 40 and stats["all"]["written"] == 40 * 61
+    files = _records_by_file(tmp_logs)
+    errors_files = {n: rs for n, rs in files.items() if all(r["level"] == "ERROR" for r in rs)}
+    on_disk = [r["message"] for rs in errors_files.values() for r in rs]
+    assert on_disk == [f"error {i}" for i in range(40)], sorted(files)
+    # "all" rotated dozens of times: two finished files kept, its last one, and the errors file.
+    assert len(errors_files) == 1 and len(files) == 4, sorted(files)
+
+
+_NAMESPACED_WRITER = """
+import json, os, sys, time
+import logsluice
+from loguru import logger
+
+directory, role = sys.argv[1], sys.argv[2]
+marker = lambda name: os.path.join(directory, "..", name)
+logger.remove()
+if role == "slow":
+    pipeline = logsluice.Pipeline(logsluice.LocalFiles(directory, rotate=None))
+else:
+    pipeline = logsluice.Pipeline(logsluice.LocalFiles(directory, max_file_bytes=20_000, keep=2, rotate=None))
+pipeline.attach(logger, level="INFO")
+if role == "slow":
+    for i in range(60):
+        logger.info("slow {}", i)
+        pipeline.flush(timeout=30)
+        if i == 0:
+            open(marker("slow-started"), "w").close()
+        time.sleep(0.03)
+    # Still open until the fast writer is done: once closed, the file is finished and the
+    # fast writer's keep may rightly remove it.
+    open(marker("slow-done"), "w").close()
+    while not os.path.exists(marker("fast-done")):
+        time.sleep(0.01)
+else:
+    i = 0
+    while not os.path.exists(marker("slow-done")) or i < 2000:
+        for _ in range(50):
+            logger.info("fast {} {}", i, "x" * 300)
+            i += 1
+        pipeline.flush(timeout=30)
+written = pipeline.stats()["local_files"]["written"]
+pipeline.close()
+if role == "fast":
+    open(marker("fast-done"), "w").close()
+print(json.dumps({"pid": os.getpid(), "written": written}))
+"""
+
+
+def _pid_namespaces_allowed() -> bool:
+    try:
+        probe = ["unshare", "-p", "-f", "--mount-proc", "true"]
+        return subprocess.run(probe, check=False, capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+@pytest.mark.skipif(not _pid_namespaces_allowed(), reason="needs unshare -p (pid namespaces)")
+def test_keep_never_removes_the_open_file_of_a_writer_in_another_pid_namespace(tmp_path):
+    # Two containers sharing a volume: both writers are pid 1, each in its own pid namespace,
+    # so neither the pid in a file name nor kill(pid, 0) says whose file is open.
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    script = tmp_path / "writer.py"
+    script.write_text(_NAMESPACED_WRITER)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+
+    def start(role: str) -> subprocess.Popen:
+        command = ["unshare", "-p", "-f", "--mount-proc", sys.executable, str(script), str(logs), role]
+        return subprocess.Popen(command, stdout=subprocess.PIPE, env=env, text=True)
+
+    slow = start("slow")
+    deadline = time.monotonic() + 30
+    while not (tmp_path / "slow-started").exists():
+        assert slow.poll() is None and time.monotonic() < deadline
+        time.sleep(0.01)
+    fast = start("fast")
+    fast_out, _ = fast.communicate(timeout=120)
+    slow_out, _ = slow.communicate(timeout=60)
+    assert slow.returncode == 0 and fast.returncode == 0
+    slow_stats, fast_stats = json.loads(slow_out), json.loads(fast_out)
+    assert slow_stats["pid"] == fast_stats["pid"] == 1
+    assert fast_stats["written"] >= 2000  # dozens of rotations of the fast writer, each pruning
+    records = read_records(logs)
+    assert {r["process"] for r in records} == {1}
+    slow_on_disk = [r["message"] for r in records if r["message"].startswith("slow ")]
+    assert slow_stats["written"] == 60
+    assert slow_on_disk == [f"slow {i}" for i in range(60)]
 
 
 def test_bad_configuration_raises_clear_errors(tmp_path):

@@ -1,10 +1,18 @@
 //! NDJSON files in a directory, one writer per process: rotation by size and by time with
 //! names that sort by creation time, optional gzip of rotated files, keep-last-N, fsync on
 //! close. A failed write is cut back off the file, so a retry never leaves half a batch.
+//!
+//! A writer holds an exclusive `flock` on its open file until the file is finished (synced,
+//! and compressed when asked). That lock, not the pid in the name, is what tells `keep` a file
+//! is still being written: it holds across pid namespaces (containers sharing a volume, where
+//! every writer may be pid 1) and between two destinations of one process (locks belong to
+//! open files, not to processes).
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufReader, BufWriter, Write};
+use std::ops::{Deref, DerefMut};
 use std::os::unix::fs::MetadataExt;
+use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,7 +30,7 @@ use crate::record::Record;
 const WRITE_SLICE: usize = 256 << 10;
 
 struct Current {
-    file: File,
+    file: LockedFile,
     path: PathBuf,
     bytes: u64,
     period: u64,
@@ -70,6 +78,30 @@ impl LocalFiles {
     }
 
     fn new_file(&mut self) -> Result<Current, WriteError> {
+        // Another writer's `keep` may list the new file before we lock it; it removes files
+        // only under their lock. So once we hold the lock the file is either still there,
+        // and safe, or gone; one whose lock stays taken we leave to the taker. Either way,
+        // the next name.
+        for _ in 0..8 {
+            let (cur, lock) = self.create_file()?;
+            match lock {
+                Lock::Held if !cur.still_ours() => {}
+                Lock::Busy => {
+                    if cur.still_ours() {
+                        let _ = fs::remove_file(&cur.path);
+                    }
+                }
+                // Unsupported: a file system without locks, where `keep` removes no plain file.
+                Lock::Held | Lock::Unsupported => return Ok(cur),
+            }
+        }
+        Err(WriteError::transient(format!(
+            "cannot create a file in {}: other writers kept taking the new ones",
+            self.dir.display()
+        )))
+    }
+
+    fn create_file(&mut self) -> Result<(Current, Lock), WriteError> {
         // The directory may have been removed under us (log cleanup jobs do that).
         fs::create_dir_all(&self.dir)
             .map_err(|e| io_error("cannot create directory", &self.dir, e))?;
@@ -91,13 +123,15 @@ impl LocalFiles {
             .metadata()
             .map_err(|e| io_error("cannot stat", &path, e))?
             .ino();
-        Ok(Current {
+        let (file, lock) = LockedFile::lock(file);
+        let cur = Current {
             file,
             path,
             bytes: 0,
             period: self.period_now(),
             inode,
-        })
+        };
+        Ok((cur, lock))
     }
 
     fn rotate(&mut self) -> Result<(), WriteError> {
@@ -108,20 +142,22 @@ impl LocalFiles {
         cur.file
             .sync_all()
             .map_err(|e| io_error("cannot sync", &cur.path, e))?;
-        drop(cur.file);
+        // Still under our lock, so no other writer's `keep` takes the file half-compressed.
         if cur.bytes == 0 {
             let _ = fs::remove_file(&cur.path);
         } else if self.cfg.compress {
             gzip_file(&cur.path).map_err(|e| io_error("cannot compress", &cur.path, e))?;
         }
+        drop(cur);
         self.prune();
         Ok(())
     }
 
     /// Keeps the newest `keep` finished files of this prefix; names sort by creation time.
-    /// Other processes may write to the same directory: the newest plain file of each live
-    /// process is its open file, never finished, never removed (a removed open file would
-    /// swallow that process's next writes).
+    /// Other writers may share the directory (other processes, other containers, other
+    /// destinations of this process): a plain file whose lock cannot be taken is still being
+    /// written (or cannot be told), is not counted and is never removed: a removed open file
+    /// would swallow its writer's next batches.
     fn prune(&self) {
         if self.cfg.keep == 0 {
             return;
@@ -141,26 +177,17 @@ impl LocalFiles {
             })
             .collect();
         files.sort();
-        // Newest first: the first plain file met of a live process is its open one.
-        let mut settled = std::collections::HashSet::new();
-        let mut finished: Vec<&PathBuf> = files
+        let finished: Vec<&PathBuf> = files
             .iter()
-            .rev()
-            .filter(|p| {
-                let plain = p.extension().is_some_and(|e| e == "ndjson");
-                let open = match writer_pid(p) {
-                    Some(pid) if plain && pid != std::process::id() && settled.insert(pid) => {
-                        is_alive(pid)
-                    }
-                    _ => false,
-                };
-                !open
-            })
+            .filter(|p| matches!(finished_file(p), Finished::Yes(_)))
             .collect();
-        finished.reverse();
         let excess = finished.len().saturating_sub(self.cfg.keep);
         for old in &finished[..excess] {
-            let _ = fs::remove_file(old);
+            // Removed under its lock, taken again: a writer that met its new file's lock
+            // taken here finds the file gone once it holds the lock, and takes another name.
+            if let Finished::Yes(_lock) = finished_file(old) {
+                let _ = fs::remove_file(old);
+            }
         }
     }
 
@@ -182,24 +209,87 @@ impl LocalFiles {
     }
 }
 
-/// The process that wrote a file: names are `{prefix}-{time}-{pid}-{seq}.ndjson[.gz]`.
-fn writer_pid(path: &Path) -> Option<u32> {
-    let name = path.file_name()?.to_str()?;
-    let stem = name.strip_suffix(".gz").unwrap_or(name);
-    let stem = stem.strip_suffix(".ndjson")?;
-    let mut parts = stem.rsplitn(3, '-');
-    let _seq = parts.next()?;
-    parts.next()?.parse().ok()
+/// Whether `keep` may count and remove a file.
+enum Finished {
+    /// Holds the file's lock (if it is a plain one) until dropped.
+    Yes(Option<File>),
+    /// Its writer holds the lock, or it cannot be told (unreadable, no locks here), or gone.
+    No,
 }
 
-fn is_alive(pid: u32) -> bool {
-    let Ok(pid) = libc::pid_t::try_from(pid) else {
-        return false;
-    };
-    // SAFETY: signal 0 only checks that the process exists; nothing is sent.
-    let r = unsafe { libc::kill(pid, 0) };
-    // EPERM: it exists, under another user.
-    r == 0 || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+fn finished_file(path: &Path) -> Finished {
+    // Compressed files are only ever renamed into place, complete.
+    if path.extension().is_none_or(|e| e != "ndjson") {
+        return Finished::Yes(None);
+    }
+    match File::open(path) {
+        Ok(file) if matches!(flock(&file), Ok(true)) => Finished::Yes(Some(file)),
+        _ => Finished::No,
+    }
+}
+
+/// Tries to take the exclusive `flock` on `file`, without waiting: false when another open
+/// file description holds it (in this process or any other).
+fn flock(file: &File) -> io::Result<bool> {
+    loop {
+        // SAFETY: the descriptor is open for as long as `file` is borrowed.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            return Ok(true);
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EINTR) => continue,
+            Some(libc::EWOULDBLOCK) => return Ok(false),
+            _ => return Err(e),
+        }
+    }
+}
+
+enum Lock {
+    Held,
+    /// Someone else holds it: a `keep` about to remove the file (it lists files it did not
+    /// create, and may meet a new one before its writer locks it).
+    Busy,
+    /// The file system has no locks (the `keep` of every writer leaves its plain files alone).
+    Unsupported,
+}
+
+/// A writer's open file under its lock; the lock goes with the file's last descriptor.
+struct LockedFile {
+    file: File,
+}
+
+impl LockedFile {
+    fn lock(file: File) -> (LockedFile, Lock) {
+        // A `keep` holds a lock for the moment it takes to remove the file; never wait
+        // without end.
+        let mut lock = Lock::Busy;
+        for _ in 0..50 {
+            lock = match flock(&file) {
+                Ok(true) => Lock::Held,
+                Ok(false) => Lock::Busy,
+                Err(_) => Lock::Unsupported,
+            };
+            if !matches!(lock, Lock::Busy) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        (LockedFile { file }, lock)
+    }
+}
+
+impl Deref for LockedFile {
+    type Target = File;
+    fn deref(&self) -> &File {
+        &self.file
+    }
+}
+
+impl DerefMut for LockedFile {
+    fn deref_mut(&mut self) -> &mut File {
+        &mut self.file
+    }
 }
 
 fn gzip_file(path: &Path) -> io::Result<()> {
@@ -317,6 +407,7 @@ mod tests {
 
     #[test]
     fn writes_lines_and_rotates_by_size_with_gzip_and_keep() {
+        let _serial = SERIAL.lock();
         let tmp = crate::scratch::ScratchDir::new().unwrap();
         let files = ten_batches(LocalFilesConfig {
             max_file_bytes: 2000,
@@ -337,27 +428,153 @@ mod tests {
             .all(|l| serde_json::from_str::<serde_json::Value>(l).is_ok()));
     }
 
+    /// Tests that fork or count what `keep` left take this: a child forked by one test holds
+    /// copies of every descriptor open at that moment (until it closes them), the locks of
+    /// the others' files too.
+    static SERIAL: parking_lot::Mutex<()> = parking_lot::Mutex::new(());
+
+    /// A child process holding `flock`s, like a writer in another process or container:
+    /// `paths` opened and locked there, besides the descriptors `keep_fds` it was forked
+    /// with. Everything else inherited is closed. Ended when dropped.
+    struct Child {
+        pid: libc::pid_t,
+        release: i32,
+    }
+
+    impl Child {
+        fn start(paths: &[&Path], keep_fds: &[i32]) -> Child {
+            let paths: Vec<std::ffi::CString> = paths
+                .iter()
+                .map(|p| std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap())
+                .collect();
+            let (mut ready, mut release) = ([0; 2], [0; 2]);
+            // SAFETY: the child makes async-signal-safe calls only (everything it needs was
+            // allocated before the fork) and ends with _exit.
+            unsafe {
+                // Close-on-exec: a process another test spawns meanwhile must not keep the
+                // release pipe open.
+                assert_eq!(libc::pipe2(ready.as_mut_ptr(), libc::O_CLOEXEC), 0);
+                assert_eq!(libc::pipe2(release.as_mut_ptr(), libc::O_CLOEXEC), 0);
+                let pid = libc::fork();
+                assert!(pid >= 0);
+                if pid == 0 {
+                    for fd in 3..4096 {
+                        if fd != ready[1] && fd != release[0] && !keep_fds.contains(&fd) {
+                            libc::close(fd);
+                        }
+                    }
+                    for path in &paths {
+                        let fd = libc::open(path.as_ptr(), libc::O_RDONLY);
+                        if fd < 0 || libc::flock(fd, libc::LOCK_EX | libc::LOCK_NB) != 0 {
+                            libc::_exit(1);
+                        }
+                    }
+                    libc::write(ready[1], b"r".as_ptr().cast(), 1);
+                    let mut byte = 0u8;
+                    libc::read(release[0], (&raw mut byte).cast(), 1);
+                    libc::_exit(0);
+                }
+                libc::close(ready[1]);
+                libc::close(release[0]);
+                let mut byte = 0u8;
+                assert_eq!(
+                    libc::read(ready[0], (&raw mut byte).cast(), 1),
+                    1,
+                    "child failed"
+                );
+                libc::close(ready[0]);
+                Child {
+                    pid,
+                    release: release[1],
+                }
+            }
+        }
+    }
+
+    impl Drop for Child {
+        fn drop(&mut self) {
+            // SAFETY: our pipe end and our child.
+            unsafe {
+                libc::close(self.release);
+                libc::waitpid(self.pid, std::ptr::null_mut(), 0);
+            }
+        }
+    }
+
+    /// Whether a writer holds `path`: its lock cannot be taken.
+    fn locked(path: &Path) -> bool {
+        !flock(&File::open(path).unwrap()).unwrap()
+    }
+
     #[test]
-    fn keep_never_removes_another_live_process_open_file() {
+    fn keep_never_removes_another_writer_s_open_file_whatever_its_name_says() {
+        let _serial = SERIAL.lock();
         let tmp = crate::scratch::ScratchDir::new().unwrap();
         let mut child = std::process::Command::new("true").spawn().unwrap();
         let dead = child.id();
         child.wait().unwrap();
-        // Older than anything ours: a long-lived process (pid 1) and one that has exited.
-        let live = "logsluice-20000101T000000.000000Z-1-0001.ndjson";
-        let gone = format!("logsluice-20000101T000001.000000Z-{dead}-0001.ndjson");
-        for name in [live, gone.as_str()] {
+        let me = std::process::id();
+        // Older than anything ours. Held by another process: one named with pid 1 (a writer
+        // in another container, pid 1 there), one named with our own pid (the same).
+        let held_1 = "logsluice-20000101T000000.000000Z-1-0001.ndjson".to_string();
+        let held_me = format!("logsluice-20000101T000000.500000Z-{me}-0001.ndjson");
+        // Not held: left by writers that finished or died, whatever their pid is now.
+        let left_1 = "logsluice-20000101T000001.000000Z-1-0002.ndjson".to_string();
+        let left_dead = format!("logsluice-20000101T000002.000000Z-{dead}-0001.ndjson");
+        for name in [&held_1, &held_me, &left_1, &left_dead] {
             fs::write(tmp.path().join(name), "{}\n").unwrap();
         }
+        let holder = Child::start(
+            &[&tmp.path().join(&held_1), &tmp.path().join(&held_me)],
+            &[],
+        );
         let files = ten_batches(LocalFilesConfig {
             max_file_bytes: 2000,
             keep: 2,
             ..cfg(tmp.path())
         });
-        assert!(files.iter().any(|n| n == live), "{files:?}");
-        assert!(!files.contains(&gone), "{files:?}");
-        // Ours: two finished files and the last one, besides the live process's open one.
-        assert_eq!(files.len(), 4, "{files:?}");
+        drop(holder);
+        assert!(
+            files.contains(&held_1) && files.contains(&held_me),
+            "{files:?}"
+        );
+        assert!(
+            !files.contains(&left_1) && !files.contains(&left_dead),
+            "{files:?}"
+        );
+        // Ours: two finished files and the last one, besides the other writer's two.
+        assert_eq!(files.len(), 5, "{files:?}");
+    }
+
+    #[test]
+    fn keep_never_removes_the_open_file_of_another_writer_in_this_process() {
+        let _serial = SERIAL.lock();
+        let tmp = crate::scratch::ScratchDir::new().unwrap();
+        let mut slow = LocalFiles::open(cfg(tmp.path())).unwrap();
+        let mut fast = LocalFiles::open(LocalFilesConfig {
+            max_file_bytes: 2000,
+            keep: 1,
+            compress: true,
+            ..cfg(tmp.path())
+        })
+        .unwrap();
+        for _ in 0..10 {
+            slow.write_batch(&batch(1), Duration::from_secs(1)).unwrap();
+            fast.write_batch(&batch(10), Duration::from_secs(1))
+                .unwrap();
+        }
+        let slow_path = slow.current.as_ref().unwrap().path.clone();
+        assert_eq!(
+            slow.seq, 1,
+            "the slow writer's file was taken and started again"
+        );
+        assert!(locked(&slow_path));
+        slow.close().unwrap();
+        fast.close().unwrap();
+        assert!(!locked(&slow_path), "closed, finished, no longer locked");
+        assert_eq!(fs::read_to_string(&slow_path).unwrap().lines().count(), 10);
+        // The fast one's last compressed file and its last plain one, besides the slow one's.
+        assert_eq!(names(tmp.path()).len(), 3, "{:?}", names(tmp.path()));
     }
 
     #[test]
