@@ -123,7 +123,7 @@ impl LocalFiles {
             .metadata()
             .map_err(|e| io_error("cannot stat", &path, e))?
             .ino();
-        let (file, lock) = LockedFile::lock(file);
+        let (file, lock) = LockedFile::lock(file, inode);
         let cur = Current {
             file,
             path,
@@ -254,15 +254,19 @@ enum Lock {
     Unsupported,
 }
 
-/// A writer's open file under its lock; the lock goes with the file's last descriptor.
+/// A writer's open file under its lock. The lock goes with the file's last descriptor, so a
+/// forked child, which shares the descriptor, would hold it for as long as it lives; see
+/// `held`.
 struct LockedFile {
     file: File,
 }
 
 impl LockedFile {
-    fn lock(file: File) -> (LockedFile, Lock) {
+    fn lock(file: File, inode: u64) -> (LockedFile, Lock) {
+        // Known before the lock: a fork between the two lets go of the child's copy.
+        held::add(file.as_raw_fd(), inode);
         // A `keep` holds a lock for the moment it takes to remove the file; never wait
-        // without end.
+        // without end (a child forked in that moment would hold it for its lifetime).
         let mut lock = Lock::Busy;
         for _ in 0..50 {
             lock = match flock(&file) {
@@ -279,6 +283,13 @@ impl LockedFile {
     }
 }
 
+impl Drop for LockedFile {
+    fn drop(&mut self) {
+        // Before the descriptor closes, so a fork never lets go of a number reused since.
+        held::remove(self.file.as_raw_fd());
+    }
+}
+
 impl Deref for LockedFile {
     type Target = File;
     fn deref(&self) -> &File {
@@ -289,6 +300,83 @@ impl Deref for LockedFile {
 impl DerefMut for LockedFile {
     fn deref_mut(&mut self) -> &mut File {
         &mut self.file
+    }
+}
+
+/// The descriptors of this process's locked files. A forked child gets copies of them that
+/// it never uses (the parent's core is left alone there) but that would keep the parent's
+/// files locked, and so uncounted by `keep`, until the child exits: the child lets go of
+/// them right after the fork by pointing those descriptors at /dev/null.
+mod held {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Once;
+
+    /// A descriptor and the low half of its inode, checked before it is replaced; more
+    /// files than slots are only left locked in children.
+    const SLOTS: usize = 64;
+    const EMPTY: u64 = u64::MAX;
+    static FDS: [AtomicU64; SLOTS] = [const { AtomicU64::new(EMPTY) }; SLOTS];
+    static ATFORK: Once = Once::new();
+
+    fn pack(fd: i32, inode: u64) -> u64 {
+        (u64::from(fd as u32) << 32) | (inode & 0xffff_ffff)
+    }
+
+    pub(super) fn add(fd: i32, inode: u64) {
+        ATFORK.call_once(|| {
+            // SAFETY: registers a handler that only makes async-signal-safe calls.
+            unsafe { libc::pthread_atfork(None, None, Some(let_go_in_child)) };
+        });
+        let entry = pack(fd, inode);
+        let _ = FDS.iter().any(|slot| {
+            slot.compare_exchange(EMPTY, entry, Ordering::SeqCst, Ordering::SeqCst)
+                .is_ok()
+        });
+    }
+
+    pub(super) fn remove(fd: i32) {
+        for slot in &FDS {
+            let entry = slot.load(Ordering::SeqCst);
+            if entry != EMPTY && (entry >> 32) as u32 == fd as u32 {
+                let _ = slot.compare_exchange(entry, EMPTY, Ordering::SeqCst, Ordering::SeqCst);
+            }
+        }
+    }
+
+    extern "C" fn let_go_in_child() {
+        let mut null = -1;
+        for slot in &FDS {
+            let entry = slot.swap(EMPTY, Ordering::SeqCst);
+            if entry == EMPTY {
+                continue;
+            }
+            let fd = (entry >> 32) as u32 as i32;
+            // SAFETY: fstat, open, dup2, fcntl and close are async-signal-safe; `st` is
+            // plain data written by fstat.
+            unsafe {
+                let mut st: libc::stat = std::mem::zeroed();
+                if libc::fstat(fd, &mut st) != 0
+                    || st.st_ino as u64 & 0xffff_ffff != entry & 0xffff_ffff
+                {
+                    continue;
+                }
+                if null < 0 {
+                    null = libc::open(c"/dev/null".as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC);
+                    if null < 0 {
+                        return;
+                    }
+                }
+                // The number stays open (the parent's core, copied, still owns it); the
+                // parent's file and its lock are let go.
+                if libc::dup2(null, fd) >= 0 {
+                    libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
+                }
+            }
+        }
+        if null >= 0 {
+            // SAFETY: our own descriptor, opened above.
+            unsafe { libc::close(null) };
+        }
     }
 }
 
@@ -575,6 +663,25 @@ mod tests {
         assert_eq!(fs::read_to_string(&slow_path).unwrap().lines().count(), 10);
         // The fast one's last compressed file and its last plain one, besides the slow one's.
         assert_eq!(names(tmp.path()).len(), 3, "{:?}", names(tmp.path()));
+    }
+
+    #[test]
+    fn a_forked_child_does_not_keep_the_parent_s_file_locked() {
+        let _serial = SERIAL.lock();
+        let tmp = crate::scratch::ScratchDir::new().unwrap();
+        let mut w = LocalFiles::open(cfg(tmp.path())).unwrap();
+        w.write_batch(&batch(1), Duration::from_secs(1)).unwrap();
+        let cur = w.current.as_ref().unwrap();
+        let (path, fd) = (cur.path.clone(), cur.file.as_raw_fd());
+        // The child keeps the descriptor number, as a forked app keeps the parent's core.
+        let child = Child::start(&[], &[fd]);
+        assert!(locked(&path));
+        w.close().unwrap();
+        assert!(
+            !locked(&path),
+            "the forked child still holds the finished file's lock"
+        );
+        drop(child);
     }
 
     #[test]
