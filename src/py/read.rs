@@ -115,8 +115,8 @@ impl PyReader {
         F: FnOnce(Arc<Reader>) -> Fut,
         Fut: std::future::Future<Output = asyncio_bridge::Outcome> + Send + 'static,
     {
-        let store = self.pg()?;
-        asyncio_bridge::spawn(py, store.rt(), &self.in_flight, work(self.inner.clone()))
+        let live = self.pg()?.live().map_err(err)?;
+        asyncio_bridge::spawn(py, live.rt(), &self.in_flight, work(self.inner.clone()))
     }
 }
 
@@ -307,8 +307,7 @@ impl PyReader {
 
     /// PostgreSQL: LISTEN for the writers' NOTIFY hints (on a connection of its own).
     fn listen(&self) -> PyResult<()> {
-        self.pg()?.listen();
-        Ok(())
+        self.pg()?.listen().map_err(err)
     }
 
     fn unlisten(&self) -> PyResult<()> {
@@ -319,10 +318,9 @@ impl PyReader {
     /// Waits up to `timeout` seconds for a hint: returns the hint count, which differs
     /// from `seen` when one (or a LISTEN restart) came.
     fn wait_wakeup(&self, py: Python<'_>, seen: u64, timeout: f64) -> PyResult<u64> {
-        let inner = self.inner.clone();
-        self.pg()?;
+        let wakeups = self.pg()?.wakeups().map_err(err)?;
         let timeout = crate::config::seconds(timeout).min(Duration::from_secs(60));
-        Ok(py.detach(move || pg_of(&inner).wakeups().wait(seen, timeout)))
+        Ok(py.detach(move || wakeups.wait(seen, timeout)))
     }
 
     /// PostgreSQL: seconds since the oldest still-open writing transaction began (None

@@ -215,7 +215,7 @@ impl Reader {
                 let found = s.find(&plan.scan)?;
                 Ok(self.finish(plan, found))
             }
-            Store::Pg(s) => s.rt().block_on(self.query_pg(s, req)),
+            Store::Pg(s) => s.block_on(self.query_pg(s, req)),
         }
     }
 
@@ -300,7 +300,7 @@ impl Reader {
         match &self.store {
             Store::Files(s) => s.get(id),
             Store::Blob(s) => s.get(id),
-            Store::Pg(s) => s.rt().block_on(s.get(id)),
+            Store::Pg(s) => s.block_on(s.get(id)),
         }
     }
 
@@ -309,7 +309,7 @@ impl Reader {
         match &self.store {
             Store::Files(s) => s.summary(&filter, &spec),
             Store::Blob(s) => s.summary(&filter, &spec),
-            Store::Pg(s) => s.rt().block_on(s.summary(&filter, &spec)),
+            Store::Pg(s) => s.block_on(s.summary(&filter, &spec)),
         }
     }
 

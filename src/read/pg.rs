@@ -6,6 +6,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwapOption;
 use serde_json::{json, Map, Value};
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions, PgRow};
 use sqlx::{AssertSqlSafe, Postgres, Row};
@@ -18,6 +19,7 @@ use super::{Found, ReadError, Scan};
 use crate::destinations::postgres::schema::{quote, Names};
 use crate::destinations::postgres::{dsn_secrets, redact_dsn, scrub, server_message};
 use crate::encode::ts_string;
+use crate::pipeline::fork_generation;
 
 /// The http-only columns: dropped from app records so every store returns the same shape.
 const HTTP_COLUMNS: &[&str] = &[
@@ -53,17 +55,45 @@ pub struct PgConfig {
 }
 
 pub struct PgStore {
-    /// Always Some until drop (see the Drop impl).
-    runtime: Option<tokio::runtime::Runtime>,
-    pool: PgPool,
+    /// The runtime and pools of this process: built on first use, and again in a forked
+    /// child (see [`PgStore::live`]).
+    live: ArcSwapOption<PgLive>,
+    starting: parking_lot::Mutex<()>,
     names: Names,
     target: String,
     secrets: Vec<String>,
     opts: PgConnectOptions,
     connect_timeout: Duration,
-    /// Counts writers' NOTIFYs (and LISTEN (re)starts) for [`PgStore::wait_wakeup`].
+}
+
+/// What talking to the server takes in one process. A forked child inherits its parent's
+/// copy without the runtime's threads (its queries would wait for ever) and with the
+/// parent's connections: it builds its own on first use and never touches the copy.
+pub struct PgLive {
+    generation: u64,
+    /// Always Some until drop (see the Drop impl).
+    runtime: Option<tokio::runtime::Runtime>,
+    pool: PgPool,
+    /// Counts writers' NOTIFYs (and LISTEN (re)starts) for [`PgStore::wakeups`].
     wakeups: Arc<Wakeups>,
     listener: parking_lot::Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl PgLive {
+    pub fn rt(&self) -> &tokio::runtime::Runtime {
+        self.runtime.as_ref().expect("the runtime lives until drop")
+    }
+}
+
+impl Drop for PgLive {
+    /// Without waiting for the workers: the last reference may go on one of them (an async
+    /// call that outlived its Python reader), and a reader dropped on a Python thread must
+    /// not wait, GIL held, for a worker that may be waiting for the GIL.
+    fn drop(&mut self) {
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
 }
 
 /// A counter that threads can wait on to change.
@@ -368,6 +398,36 @@ impl PgStore {
             .application_name("logsluice-reader")
             .options([("statement_timeout", format!("{ms}"))]);
         let secrets = dsn_secrets(&cfg.dsn);
+        Ok(PgStore {
+            live: ArcSwapOption::empty(),
+            starting: Default::default(),
+            names,
+            target,
+            secrets,
+            opts,
+            connect_timeout: cfg.connect_timeout,
+        })
+    }
+
+    /// The runtime and pools of this process, built on first use and built afresh in a
+    /// forked child (gunicorn `--preload`, multiprocessing), as the pipeline's core is.
+    pub fn live(&self) -> Result<Arc<PgLive>, ReadError> {
+        let generation = fork_generation();
+        if let Some(live) = self.live.load_full() {
+            if live.generation == generation {
+                return Ok(live);
+            }
+        }
+        let _guard = self.starting.lock();
+        if let Some(live) = self.live.load_full() {
+            if live.generation == generation {
+                return Ok(live);
+            }
+            // The parent's, copied by fork: its threads are gone, its locks may be held and
+            // its connections are the parent's. Never touch it again; leaking it is the
+            // safe choice (dropping it could wait for ever or close the parent's sockets).
+            std::mem::forget(live);
+        }
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("logsluice-reader")
@@ -379,36 +439,46 @@ impl PgStore {
             PgPoolOptions::new()
                 .max_connections(4)
                 .min_connections(0)
-                .acquire_timeout(cfg.connect_timeout)
+                .acquire_timeout(self.connect_timeout)
                 .idle_timeout(Some(Duration::from_secs(300)))
-                .connect_lazy_with(opts.clone())
+                .connect_lazy_with(self.opts.clone())
         };
-        Ok(PgStore {
+        let live = Arc::new(PgLive {
+            generation,
             runtime: Some(rt),
             pool,
-            names,
-            target,
-            secrets,
-            opts,
-            connect_timeout: cfg.connect_timeout,
             wakeups: Default::default(),
             listener: Default::default(),
-        })
+        });
+        if let Some(old) = self.live.swap(Some(live.clone())) {
+            std::mem::forget(old);
+        }
+        Ok(live)
     }
 
-    pub fn rt(&self) -> &tokio::runtime::Runtime {
-        self.runtime.as_ref().expect("the runtime lives until drop")
+    /// Runs `work` on this process's runtime, waiting for it.
+    pub fn block_on<T>(
+        &self,
+        work: impl std::future::Future<Output = Result<T, ReadError>>,
+    ) -> Result<T, ReadError> {
+        self.live()?.rt().block_on(work)
+    }
+
+    /// The pool of this process.
+    fn pool(&self) -> Result<PgPool, ReadError> {
+        Ok(self.live()?.pool.clone())
     }
 
     /// Starts LISTENing (on a connection of its own) for the writers' NOTIFY hints, if not
-    /// already. Reconnects after a failure, a second later.
-    pub fn listen(&self) {
-        let mut slot = self.listener.lock();
+    /// already in this process. Reconnects after a failure, a second later.
+    pub fn listen(&self) -> Result<(), ReadError> {
+        let live = self.live()?;
+        let mut slot = live.listener.lock();
         if slot.as_ref().is_some_and(|h| !h.is_finished()) {
-            return;
+            return Ok(());
         }
         let pool = {
-            let _guard = self.rt().enter();
+            let _guard = live.rt().enter();
             PgPoolOptions::new()
                 .max_connections(1)
                 .min_connections(0)
@@ -418,24 +488,34 @@ impl PgStore {
                 .connect_lazy_with(self.opts.clone().application_name("logsluice-listener"))
         };
         let channel = self.names.notify_channel();
-        let wakeups = self.wakeups.clone();
-        *slot = Some(self.rt().spawn(async move {
+        let wakeups = live.wakeups.clone();
+        *slot = Some(live.rt().spawn(async move {
             loop {
                 let _ = listen_until_error(&pool, &channel, &wakeups).await;
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
         }));
+        Ok(())
     }
 
     /// Stops LISTENing (its connection closes).
     pub fn unlisten(&self) {
-        if let Some(task) = self.listener.lock().take() {
+        let Some(live) = self
+            .live
+            .load_full()
+            .filter(|l| l.generation == fork_generation())
+        else {
+            return;
+        };
+        let task = live.listener.lock().take();
+        if let Some(task) = task {
             task.abort();
         }
     }
 
-    pub fn wakeups(&self) -> &Wakeups {
-        &self.wakeups
+    /// This process's hint counter (a forked child counts its own hints, from 0).
+    pub fn wakeups(&self) -> Result<Arc<Wakeups>, ReadError> {
+        Ok(self.live()?.wakeups.clone())
     }
 
     fn fail(&self, e: sqlx::Error) -> ReadError {
@@ -456,8 +536,9 @@ impl PgStore {
             quote(&self.names.schema),
             quote(&format!("{}_id_seq", self.names.table))
         );
+        let pool = self.pool().ok()?;
         let row = sqlx::query(AssertSqlSafe(sql))
-            .fetch_one(&self.pool)
+            .fetch_one(&pool)
             .await
             .ok()?;
         row.try_get::<i64, _>(0).ok()
@@ -468,9 +549,10 @@ impl PgStore {
     pub fn oldest_write_age(&self) -> Result<Option<f64>, ReadError> {
         let sql = "SELECT extract(epoch FROM now() - min(xact_start))::float8 FROM pg_stat_activity \
                    WHERE datname = current_database() AND backend_xid IS NOT NULL AND pid <> pg_backend_pid()";
-        let row = self
+        let live = self.live()?;
+        let row = live
             .rt()
-            .block_on(sqlx::query(sql).fetch_one(&self.pool))
+            .block_on(sqlx::query(sql).fetch_one(&live.pool))
             .map_err(|e| self.fail(e))?;
         row.try_get::<Option<f64>, _>(0).map_err(|e| self.fail(e))
     }
@@ -502,9 +584,10 @@ impl PgStore {
 
     pub async fn find(&self, scan: &Scan) -> Result<Found, ReadError> {
         let (text, sql) = self.page_sql(scan);
+        let pool = self.pool()?;
         let result = sql
             .bind(sqlx::query(AssertSqlSafe(text)))
-            .fetch_all(&self.pool)
+            .fetch_all(&pool)
             .await;
         match result {
             Ok(rows) => Ok(Found {
@@ -538,9 +621,10 @@ impl PgStore {
             return Ok(None);
         };
         let text = format!("{SELECT} {} l WHERE id = $1", self.names.qualified());
+        let pool = self.pool()?;
         let row = sqlx::query(AssertSqlSafe(text))
             .bind(id)
-            .fetch_optional(&self.pool)
+            .fetch_optional(&pool)
             .await
             .map_err(|e| self.fail(e))?;
         row.as_ref()
@@ -604,14 +688,15 @@ impl PgStore {
             and = if sql.conds.is_empty() { "WHERE" } else { "AND" },
             n = spec.slowest,
         );
+        let pool = self.pool()?;
         let result = async {
             let rows = sql
                 .bind(sqlx::query(AssertSqlSafe(main)))
-                .fetch_all(&self.pool)
+                .fetch_all(&pool)
                 .await?;
             let slow_rows = if spec.slowest > 0 {
                 sql.bind(sqlx::query(AssertSqlSafe(slow)))
-                    .fetch_all(&self.pool)
+                    .fetch_all(&pool)
                     .await?
             } else {
                 vec![]
@@ -683,11 +768,12 @@ impl PgStore {
     pub fn explain(&self, scan: &Scan) -> Result<String, ReadError> {
         let (text, sql) = self.page_sql(scan);
         let text = format!("EXPLAIN (ANALYZE, BUFFERS) {text}");
-        let rows = self
+        let live = self.live()?;
+        let rows = live
             .rt()
             .block_on(
                 sql.bind(sqlx::query(AssertSqlSafe(text)))
-                    .fetch_all(&self.pool),
+                    .fetch_all(&live.pool),
             )
             .map_err(|e| self.fail(e))?;
         Ok(rows
@@ -699,12 +785,12 @@ impl PgStore {
 }
 
 impl Drop for PgStore {
-    /// Without waiting for the workers: the last reference may go on one of them (an async
-    /// call that outlived its Python reader), and a reader dropped on a Python thread must
-    /// not wait, GIL held, for a worker that may be waiting for the GIL.
+    /// A forked child never drops its parent's runtime and pools (see [`PgStore::live`]).
     fn drop(&mut self) {
-        if let Some(rt) = self.runtime.take() {
-            rt.shutdown_background();
+        if let Some(live) = self.live.swap(None) {
+            if live.generation != fork_generation() {
+                std::mem::forget(live);
+            }
         }
     }
 }

@@ -1,0 +1,185 @@
+"""A Reader made before os.fork() reads in the child: gunicorn --preload and multiprocessing
+prefork copy a Reader (or a viewer) built at import into every worker, without the threads
+of its runtime. The child builds its own runtime and connections on first use; the parent's
+copies are never used nor dropped there."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+import pickle
+import signal
+import uuid
+import weakref
+
+import logsluice
+import pytest
+from fastapi.testclient import TestClient
+from loguru import logger
+
+pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+
+# The reader the child uses: only this global holds it, so a child can drop it too.
+_READER: logsluice.Reader | None = None
+
+
+def in_forked_child(fn, *args):
+    """Runs ``fn(*args)`` in a child forked now and returns its result (an exception in the
+    child fails the test with its text). A hang is ended by an alarm: no answer then (by the
+    default action: pytest-timeout's handler is Python code, which a child stuck in the
+    core never runs)."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        os.close(r)
+        try:
+            signal.signal(signal.SIGALRM, signal.SIG_DFL)
+            signal.alarm(60)
+            out = ("ok", fn(*args))
+        except BaseException as e:  # noqa: BLE001 - reported to the parent
+            out = ("error", f"{type(e).__name__}: {e}")
+        try:
+            with os.fdopen(w, "wb") as f:
+                pickle.dump(out, f)
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        data = f.read()
+    _, status = os.waitpid(pid, 0)
+    assert data, f"the child gave no answer (hung until its alarm?), wait status {status}"
+    kind, value = pickle.loads(data)
+    assert kind == "ok", value
+    return value
+
+
+def write(destination, messages) -> None:
+    pipeline = logsluice.Pipeline(destination)
+    logger.remove()
+    pipeline.attach(logger)
+    try:
+        for m in messages:
+            logger.info(m)
+        pipeline.flush(timeout=60)
+    finally:
+        pipeline.close()
+        logger.remove()
+
+
+def messages(reader) -> list[str]:
+    return sorted(r["message"] for r in reader.query(since="1h", limit=1000).records)
+
+
+def _child_reads() -> dict:
+    assert _READER is not None
+    page = _READER.query(since="1h", limit=1000)
+    first = page.records[0]
+    return {
+        "messages": sorted(r["message"] for r in page.records),
+        "get": (_READER.get(first["id"]) or {}).get("message") == first["message"],
+        "summary": sum(g["count"] for g in _READER.summary(since="1h", by="kind")["groups"]),
+        "async": sorted(r["message"] for r in asyncio.run(_READER.aquery(since="1h", limit=1000)).records),
+    }
+
+
+def _child_drops_the_reader() -> bool:
+    """Drops the reader without having used it: the parent's runtime and pool, copied by
+    fork, go with it."""
+    global _READER
+    ref = weakref.ref(_READER)
+    _READER = None
+    gc.collect()
+    return ref() is None
+
+
+def test_a_postgres_reader_made_before_fork_queries_in_the_child(postgres):
+    global _READER
+    table = f"fork_{uuid.uuid4().hex[:10]}"
+    want = [f"before the fork {i}" for i in range(25)]
+    write(logsluice.Postgres(postgres.dsn, table=table, batch_max_delay=0.05), want)
+    _READER = logsluice.Reader(postgres.dsn, table=table, connect_timeout=10, statement_timeout=10)
+    try:
+        # The parent's runtime and pool exist (and hold a connection) when the fork happens.
+        assert messages(_READER) == sorted(want)
+        child = in_forked_child(_child_reads)
+        assert child == {"messages": sorted(want), "get": True, "summary": 25, "async": sorted(want)}
+        # A child that drops the reader without using it leaves the parent's copy alone.
+        assert in_forked_child(_child_drops_the_reader) is True
+        # The parent reads on, on its own runtime and connections.
+        assert messages(_READER) == sorted(want)
+    finally:
+        _READER = None
+
+
+_VIEWER = None
+
+
+def _child_asks_the_viewer() -> tuple[int, list[str]]:
+    with TestClient(_VIEWER) as client:
+        r = client.get("/api/records", params={"since": "1h", "limit": 1000})
+        return r.status_code, sorted(rec["message"] for rec in r.json().get("records", []))
+
+
+def test_a_viewer_made_before_fork_answers_in_the_child(postgres):
+    """A viewer built at import (as with gunicorn --preload) over a PostgreSQL reader."""
+    global _VIEWER
+    table = f"fork_{uuid.uuid4().hex[:10]}"
+    want = [f"before the fork {i}" for i in range(5)]
+    write(logsluice.Postgres(postgres.dsn, table=table, batch_max_delay=0.05), want)
+    _VIEWER = logsluice.viewer(logsluice.Reader(postgres.dsn, table=table), allow_anonymous=True)
+    try:
+        assert _child_asks_the_viewer() == (200, sorted(want))
+        assert in_forked_child(_child_asks_the_viewer) == (200, sorted(want))
+    finally:
+        _VIEWER = None
+
+
+def _child_listens(dsn: str, table: str) -> tuple[int, int]:
+    """LISTENs in the child and waits for the LISTEN to be up, then for the NOTIFY of a
+    batch the child writes itself. Returns both hint counts."""
+    assert _READER is not None
+    core = _READER._core
+    core.listen()
+    up = core.wait_wakeup(0, 30.0)  # the child counts its own hints, from 0
+    write(logsluice.Postgres(dsn, table=table, batch_max_delay=0.05), ["written by the child"])
+    hinted = core.wait_wakeup(up, 30.0)
+    core.unlisten()
+    return up, hinted
+
+
+def test_a_postgres_reader_listening_before_fork_listens_in_the_child(postgres):
+    global _READER
+    table = f"fork_{uuid.uuid4().hex[:10]}"
+    write(logsluice.Postgres(postgres.dsn, table=table), ["creates the table"])
+    _READER = logsluice.Reader(postgres.dsn, table=table)
+    core = _READER._core
+    try:
+        core.listen()
+        seen = core.wait_wakeup(0, 30.0)
+        assert seen > 0  # the parent's LISTEN is up when the fork happens
+        up, hinted = in_forked_child(_child_listens, postgres.dsn, table)
+        assert up > 0, "the child's LISTEN never came up"
+        assert hinted != up, "the child's LISTEN got no NOTIFY"
+        assert "written by the child" in messages(_READER)
+        # The parent's LISTEN goes on.
+        seen = core.wait_wakeup(seen, 0.0)
+        write(logsluice.Postgres(postgres.dsn, table=table, batch_max_delay=0.05), ["written by the parent"])
+        assert core.wait_wakeup(seen, 30.0) != seen
+    finally:
+        core.unlisten()
+        _READER = None
+
+
+def test_a_files_reader_made_before_fork_queries_in_the_child(tmp_logs):
+    global _READER
+    want = [f"before the fork {i}" for i in range(25)]
+    write(logsluice.LocalFiles(tmp_logs), want)
+    _READER = logsluice.Reader(tmp_logs)
+    try:
+        assert messages(_READER) == sorted(want)
+        child = in_forked_child(_child_reads)
+        assert child == {"messages": sorted(want), "get": True, "summary": 25, "async": sorted(want)}
+        assert in_forked_child(_child_drops_the_reader) is True
+    finally:
+        _READER = None
