@@ -15,6 +15,7 @@ import weakref
 
 import logsluice
 import pytest
+from azure.storage.blob import BlobServiceClient
 from fastapi.testclient import TestClient
 from loguru import logger
 
@@ -169,6 +170,23 @@ def test_a_postgres_reader_listening_before_fork_listens_in_the_child(postgres):
     finally:
         core.unlisten()
         _READER = None
+
+
+def test_a_blob_reader_made_before_fork_queries_in_the_child(azurite):
+    global _READER
+    container = f"fork-{uuid.uuid4().hex[:16]}"
+    want = [f"before the fork {i}" for i in range(25)]
+    write(logsluice.AzureBlob(azurite.connection_string, container=container, batch_max_delay=0.05), want)
+    _READER = logsluice.Reader(azurite.connection_string, container=container, max_seconds=10)
+    try:
+        assert messages(_READER) == sorted(want)
+        child = in_forked_child(_child_reads)
+        assert child == {"messages": sorted(want), "get": True, "summary": 25, "async": sorted(want)}
+        assert in_forked_child(_child_drops_the_reader) is True
+        assert messages(_READER) == sorted(want)
+    finally:
+        _READER = None
+        BlobServiceClient.from_connection_string(azurite.connection_string).delete_container(container)
 
 
 def test_a_files_reader_made_before_fork_queries_in_the_child(tmp_logs):

@@ -18,8 +18,10 @@ use std::collections::HashSet;
 use std::io::{self, Write};
 use std::num::NonZero;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwapOption;
 use azure_core::http::StatusCode;
 use azure_storage_blob::models::{
     BlobClientDownloadOptions, BlobContainerClientListBlobsOptions, ListBlobsIncludeItem,
@@ -40,6 +42,7 @@ use crate::config::AzureBlobConfig;
 use crate::destinations::azure_blob::conn::{self, Auth, Endpoint};
 use crate::destinations::azure_blob::errors::{chain, Redactor};
 use crate::destinations::azure_blob::{build_client, naming};
+use crate::pipeline::fork_generation;
 use crate::record::Kind;
 
 /// A query without `since` reads this far back (microseconds).
@@ -82,14 +85,46 @@ pub struct Stats {
 }
 
 pub struct BlobStore {
-    rt: tokio::runtime::Runtime,
-    client: BlobContainerClient,
+    /// The runtime and client of this process: built on first use, and again in a forked
+    /// child (see [`BlobStore::live`]).
+    live: ArcSwapOption<BlobLive>,
+    starting: Mutex<()>,
+    target: Endpoint,
     template: naming::Template,
     prefix: String,
     cfg: BlobConfig,
     endpoint: String,
     redactor: Redactor,
     pub stats: Stats,
+}
+
+/// What reading takes in one process. A forked child inherits its parent's copy without
+/// the runtime's threads (its requests would wait until their budget ran out) and with the
+/// parent's connections: it builds its own on first use and never touches the copy.
+struct BlobLive {
+    generation: u64,
+    /// Always Some until drop (see the Drop impl).
+    rt: Option<tokio::runtime::Runtime>,
+    client: BlobContainerClient,
+}
+
+impl BlobLive {
+    fn block_on<F: std::future::Future>(&self, work: F) -> F::Output {
+        self.rt
+            .as_ref()
+            .expect("the runtime lives until drop")
+            .block_on(work)
+    }
+}
+
+impl Drop for BlobLive {
+    /// Without waiting for the workers (a reader dropped on a Python thread must not wait
+    /// for them with the GIL held).
+    fn drop(&mut self) {
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
 }
 
 /// What one tail poll found: the new records in time order, and the names of the blobs
@@ -309,6 +344,47 @@ impl BlobStore {
         let template = naming::Template::parse(&cfg.target.name_template).map_err(bad)?;
         naming::check_prefix(&cfg.target.prefix).map_err(bad)?;
         let redactor = Redactor::new(&cfg.target, &endpoint);
+        // Checked now (a bad credential setting is the caller's to fix), built again by
+        // each process that reads; the check starts no thread.
+        {
+            let check = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| ReadError::Failed(format!("cannot start runtime: {e}")))?;
+            let _guard = check.enter();
+            build_client(&endpoint).map_err(|e| bad(redactor.clean(&chain(&e))))?;
+        }
+        Ok(BlobStore {
+            live: ArcSwapOption::empty(),
+            starting: Mutex::new(()),
+            target: endpoint.clone(),
+            template,
+            prefix: cfg.target.prefix.clone(),
+            endpoint: endpoint.display_url(),
+            redactor,
+            cfg,
+            stats: Stats::default(),
+        })
+    }
+
+    /// The runtime and client of this process, built on first use and built afresh in a
+    /// forked child (gunicorn `--preload`, multiprocessing), as the pipeline's core is.
+    fn live(&self) -> Result<Arc<BlobLive>, ReadError> {
+        let generation = fork_generation();
+        if let Some(live) = self.live.load_full() {
+            if live.generation == generation {
+                return Ok(live);
+            }
+        }
+        let _guard = self.starting.lock();
+        if let Some(live) = self.live.load_full() {
+            if live.generation == generation {
+                return Ok(live);
+            }
+            // The parent's, copied by fork: never touched again, leaked (dropping it could
+            // wait for ever or close the parent's connections).
+            std::mem::forget(live);
+        }
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("logsluice-blob-reader")
@@ -317,18 +393,22 @@ impl BlobStore {
             .map_err(|e| ReadError::Failed(format!("cannot start runtime: {e}")))?;
         let client = {
             let _guard = rt.enter();
-            build_client(&endpoint).map_err(|e| bad(redactor.clean(&chain(&e))))?
+            build_client(&self.target).map_err(|e| {
+                ReadError::Failed(format!(
+                    "AzureBlob source: {}",
+                    self.redactor.clean(&chain(&e))
+                ))
+            })?
         };
-        Ok(BlobStore {
-            rt,
+        let live = Arc::new(BlobLive {
+            generation,
+            rt: Some(rt),
             client,
-            template,
-            prefix: cfg.target.prefix.clone(),
-            endpoint: endpoint.display_url(),
-            redactor,
-            cfg,
-            stats: Stats::default(),
-        })
+        });
+        if let Some(old) = self.live.swap(Some(live.clone())) {
+            std::mem::forget(old);
+        }
+        Ok(live)
     }
 
     /// Where the blobs are read from, without any secret.
@@ -432,6 +512,7 @@ impl BlobStore {
 
     async fn list(
         &self,
+        client: &BlobContainerClient,
         prefix: &str,
         unit: &Unit,
         budget: &Budget,
@@ -441,8 +522,7 @@ impl BlobStore {
             include: Some(vec![ListBlobsIncludeItem::Metadata]),
             ..Default::default()
         };
-        let mut pages = self
-            .client
+        let mut pages = client
             .list_blobs(Some(opts))
             .map_err(|e| self.fail("listing blobs", &e))?
             .into_pages();
@@ -475,16 +555,25 @@ impl BlobStore {
     }
 
     /// Lists every prefix of a unit (one per kind) at once.
-    async fn list_unit(&self, unit: &Unit, budget: &Budget) -> Result<Vec<BlobInfo>, ReadError> {
-        let lists =
-            futures::future::try_join_all(unit.prefixes.iter().map(|p| self.list(p, unit, budget)))
-                .await?;
+    async fn list_unit(
+        &self,
+        client: &BlobContainerClient,
+        unit: &Unit,
+        budget: &Budget,
+    ) -> Result<Vec<BlobInfo>, ReadError> {
+        let lists = futures::future::try_join_all(
+            unit.prefixes
+                .iter()
+                .map(|p| self.list(client, p, unit, budget)),
+        )
+        .await?;
         Ok(lists.into_iter().flatten().collect())
     }
 
     /// Streams one blob through `on_line`; false when the deadline passed before its end.
     async fn read_blob<F: FnMut(&[u8], u64)>(
         &self,
+        client: &BlobContainerClient,
         name: &str,
         budget: &Budget,
         on_line: F,
@@ -494,7 +583,7 @@ impl BlobStore {
             parallel: NonZero::new(1),
             ..Default::default()
         };
-        let blob = self.client.blob_client(name);
+        let blob = client.blob_client(name);
         let download = blob.download(Some(opts));
         let result = match budget.answered("downloading a blob", download).await? {
             Ok(r) => r,
@@ -534,6 +623,7 @@ impl BlobStore {
     /// The matching records of one blob into `best` (those past the scan's position).
     async fn scan_into(
         &self,
+        client: &BlobContainerClient,
         blob: &BlobInfo,
         scan: &Scan,
         range: (i64, i64),
@@ -541,7 +631,7 @@ impl BlobStore {
         best: &Mutex<Best>,
     ) -> Result<bool, ReadError> {
         let mut matcher = LineMatcher::new(&scan.filter, range);
-        self.read_blob(&blob.name, budget, |line, at| {
+        self.read_blob(client, &blob.name, budget, |line, at| {
             if let Some((ts, mut rec)) = matcher.check(line) {
                 let id = format!("{}:{at}", blob.name);
                 if scan.past_after(ts, &id) {
@@ -572,7 +662,9 @@ impl BlobStore {
         let budget = Budget::new(&self.cfg);
         // The bound of what was left unread when the budget ran out.
         let clamp = |(a, b): (i64, i64)| (a.max(lo), b.min(hi));
-        let unread = self.rt.block_on(async {
+        let live = self.live()?;
+        let client = &live.client;
+        let unread = live.block_on(async {
             for (ui, unit) in units.iter().enumerate() {
                 if !best.lock().could_take(unit.lo.max(lo), unit.hi.min(hi)) {
                     return Ok::<_, ReadError>(None);
@@ -582,7 +674,7 @@ impl BlobStore {
                     return Ok(Some(left));
                 }
                 let mut blobs: Vec<BlobInfo> = self
-                    .list_unit(unit, &budget)
+                    .list_unit(client, unit, &budget)
                     .await?
                     .into_iter()
                     .filter(|b| b.hi >= lo && b.lo <= hi)
@@ -623,7 +715,7 @@ impl BlobStore {
                     }
                     let (budget, best) = (&budget, &best);
                     let done = futures::stream::iter(wave.iter().map(|b| async move {
-                        self.scan_into(b, scan, (lo, hi), budget, best)
+                        self.scan_into(client, b, scan, (lo, hi), budget, best)
                             .await
                             .map(|complete| (*b, complete))
                     }))
@@ -662,11 +754,13 @@ impl BlobStore {
         let grouper = Mutex::new(Grouper::default());
         let budget = Budget::new(&self.cfg);
         let units = self.units(&self.kinds(filter), lo, hi, false)?;
-        let complete = self.rt.block_on(async {
+        let live = self.live()?;
+        let client = &live.client;
+        let complete = live.block_on(async {
             let mut blobs = Vec::new();
             for unit in &units {
                 blobs.extend(
-                    self.list_unit(unit, &budget)
+                    self.list_unit(client, unit, &budget)
                         .await?
                         .into_iter()
                         .filter(|b| b.hi >= lo && b.lo <= hi),
@@ -680,7 +774,7 @@ impl BlobStore {
                         return Ok(false);
                     }
                     let mut matcher = LineMatcher::new(filter, (lo, hi));
-                    self.read_blob(&b.name, budget, |line, _| {
+                    self.read_blob(client, &b.name, budget, |line, _| {
                         if let Some((ts, rec)) = matcher.check(line) {
                             grouper.lock().add(spec, ts, &rec);
                         }
@@ -704,7 +798,8 @@ impl BlobStore {
         };
         let budget = Budget::new(&self.cfg);
         let mut found: Option<Map<String, Value>> = None;
-        self.rt.block_on(self.read_blob(name, &budget, |line, at| {
+        let live = self.live()?;
+        live.block_on(self.read_blob(&live.client, name, &budget, |line, at| {
             if at == offset && found.is_none() {
                 found = serde_json::from_slice(line).ok();
             }
@@ -730,10 +825,12 @@ impl BlobStore {
         let units = self.units(&self.kinds(filter), list_from.min(now), now, false)?;
         let budget = Budget::new(&self.cfg);
         let out = Mutex::new(Vec::<(i64, String, Map<String, Value>)>::new());
-        let listed = self.rt.block_on(async {
+        let live = self.live()?;
+        let client = &live.client;
+        let listed = live.block_on(async {
             let mut listed: Vec<BlobInfo> = Vec::new();
             for unit in &units {
-                listed.extend(self.list_unit(unit, &budget).await?);
+                listed.extend(self.list_unit(client, unit, &budget).await?);
             }
             let fresh: Vec<&BlobInfo> = listed
                 .iter()
@@ -748,7 +845,7 @@ impl BlobStore {
                     }
                     let mut matcher = LineMatcher::new(filter, (min_ts, i64::MAX));
                     let complete = self
-                        .read_blob(&b.name, budget, |line, at| {
+                        .read_blob(client, &b.name, budget, |line, at| {
                             if let Some((ts, mut rec)) = matcher.check(line) {
                                 let id = format!("{}:{at}", b.name);
                                 rec.insert("id".into(), Value::String(id.clone()));
@@ -794,6 +891,17 @@ impl BlobStore {
             "blobs_downloaded": self.stats.blobs_downloaded.load(Ordering::Relaxed),
             "bytes_downloaded": self.stats.bytes_downloaded.load(Ordering::Relaxed),
         })
+    }
+}
+
+impl Drop for BlobStore {
+    /// A forked child never drops its parent's runtime and client (see [`BlobStore::live`]).
+    fn drop(&mut self) {
+        if let Some(live) = self.live.swap(None) {
+            if live.generation != fork_generation() {
+                std::mem::forget(live);
+            }
+        }
     }
 }
 
