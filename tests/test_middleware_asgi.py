@@ -8,6 +8,7 @@ import gzip
 import hashlib
 import json
 import logging
+import os
 import zlib
 
 import logsluice
@@ -22,6 +23,7 @@ from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect
 from starlette.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
+from support import wait_for
 
 
 @pytest.fixture
@@ -996,3 +998,46 @@ def test_configuration_errors_are_clear(pipeline):
         LoggingMiddleware(echo_app([]), pipeline=pipeline, max_user_agent_bytes=0.5)
     with pytest.raises(ValueError, match="sample must be a mapping"):
         LoggingMiddleware(echo_app([]), pipeline=pipeline, sample="abc")
+
+
+def handoff_threads() -> int:
+    """The middleware's hand-off threads alive in this process, by the name the kernel has
+    for them (the core's threads are not Python threads: threading.enumerate() lists none)."""
+    count = 0
+    for task in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{task}/comm") as f:
+                count += f.read().strip() == "logsluice-http"
+        except OSError:  # the thread ended meanwhile
+            pass
+    return count
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="needs /proc")
+def test_close_ends_the_handoff_thread_and_a_later_request_is_still_counted(tmp_path):
+    before = handoff_threads()
+    served = []
+    for i in range(20):
+        directory = tmp_path / f"p{i}"
+        directory.mkdir()
+        p = logsluice.Pipeline(logsluice.LocalFiles(directory))
+        mw = LoggingMiddleware(echo_app([]), pipeline=p)
+        call(mw, scope(f"/before/{i}"))
+        served.append((p, mw, directory))
+    # One thread per pipeline (it names itself once it runs).
+    wait_for(lambda: handoff_threads() == before + 20, what="20 hand-off threads")
+    for p, _, _ in served:
+        p.close()
+    assert handoff_threads() == before
+    for i, (_, _, directory) in enumerate(served):
+        assert [r["path"] for r in read_records(directory) if r["kind"] == "http"] == [f"/before/{i}"]
+
+    # A request served after close is not written, and counted as dropped because the
+    # pipeline is closed (as before): no hand-off thread comes back for it.
+    p, mw, directory = served[0]
+    call(mw, scope("/after"))
+    assert handoff_threads() == before
+    s = p.stats()["local_files"]
+    assert (s["accepted"], s["written"], s["dropped"]["closed"], s["in_flight"]) == (2, 1, 1, 0)
+    assert p.stats()["http"]["handoff_waiting"] == 0
+    assert [r["path"] for r in read_records(directory) if r["kind"] == "http"] == ["/before/0"]

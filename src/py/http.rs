@@ -6,10 +6,13 @@
 //!
 //! The lane is bounded (jobs and bytes); a full lane drops the exchange and counts it
 //! (`Core.http_lane_stats()`). Raw exchanges never leave the process: only the redacted
-//! record reaches a destination queue. `flush` and `close` drain the lane first.
+//! record reaches a destination queue. `flush` and `close` drain the lane first; `close` then
+//! ends its thread (an exchange that comes later is worked through by its caller, to be
+//! counted dropped by the closed core).
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
@@ -732,6 +735,9 @@ struct LaneQueue {
     running_bytes: usize,
     submitted: u64,
     done: u64,
+    /// The pipeline was closed: the lane's thread ends once the batch is empty, and
+    /// exchanges handed off from then on are worked through by the caller.
+    closed: bool,
 }
 
 struct LaneInner {
@@ -739,9 +745,12 @@ struct LaneInner {
     queue: Mutex<LaneQueue>,
     work: Condvar,
     finished: Condvar,
+    /// The lane's thread, until `close` takes it to join it.
+    thread: Mutex<Option<JoinHandle<()>>>,
 }
 
-/// One per pipeline; its thread starts on the first exchange (again in a forked child).
+/// One per pipeline; its thread starts on the first exchange (again in a forked child) and
+/// ends when the pipeline closes.
 #[derive(Default)]
 pub struct Lane {
     slot: ArcSwapOption<LaneInner>,
@@ -749,6 +758,8 @@ pub struct Lane {
     next_at: AtomicUsize,
     starting: Mutex<()>,
     dropped: AtomicU64,
+    /// Set by [`Lane::close`]: a lane started after it (in a forked child) has no thread.
+    closed: AtomicBool,
 }
 
 impl Lane {
@@ -765,17 +776,25 @@ impl Lane {
             // The parent's lane, copied by fork: its thread is gone, its lock may be held.
             std::mem::forget(inner);
         }
+        let closed = self.closed.load(Ordering::SeqCst);
         let inner = Arc::new(LaneInner {
             generation,
-            queue: Mutex::new(LaneQueue::default()),
+            queue: Mutex::new(LaneQueue {
+                closed,
+                ..Default::default()
+            }),
             work: Condvar::new(),
             finished: Condvar::new(),
+            thread: Mutex::new(None),
         });
-        let worker = inner.clone();
-        std::thread::Builder::new()
-            .name("logsluice-http".into())
-            .spawn(move || worker.run())
-            .expect("spawning a thread");
+        if !closed {
+            let worker = inner.clone();
+            let handle = std::thread::Builder::new()
+                .name("logsluice-http".into())
+                .spawn(move || worker.run())
+                .expect("spawning a thread");
+            *inner.thread.lock() = Some(handle);
+        }
         if let Some(old) = self.slot.swap(Some(inner.clone())) {
             std::mem::forget(old);
         }
@@ -822,6 +841,25 @@ impl Lane {
         packed[..4].copy_from_slice(&(size as u32).to_le_bytes());
         let inner = self.inner();
         let mut q = inner.queue.lock();
+        if q.closed {
+            // The lane's thread is gone: the record is built here and meets the closed
+            // core, which counts it dropped (`closed`) as it did when the thread took it.
+            drop(q);
+            let mut late = Batch::default();
+            late.redactors.push(redactor.clone());
+            late.core = Some(core.clone());
+            late.max_message_bytes = options.max_message_bytes;
+            late.bytes.extend_from_slice(packed);
+            for body in bodies {
+                Packed {
+                    buf: &mut late.bytes,
+                }
+                .put_opt_bytes(body);
+            }
+            late.jobs = 1;
+            late.run();
+            return;
+        }
         let (running_jobs, running_bytes) = (q.running_jobs, q.running_bytes);
         let b = &mut q.batch;
         if b.jobs + running_jobs >= options.handoff_max_requests
@@ -880,6 +918,22 @@ impl Lane {
         (timeout - start.elapsed().as_secs_f64()).max(0.0)
     }
 
+    /// Ends the lane's thread once it has worked through what it holds (call it after
+    /// [`Lane::drain`]); exchanges handed off later are worked through by their caller.
+    /// Returns the thread to join, if this process started one.
+    pub fn close(&self) -> Option<JoinHandle<()>> {
+        let _guard = self.starting.lock();
+        self.closed.store(true, Ordering::SeqCst);
+        let inner = self
+            .slot
+            .load_full()
+            .filter(|i| i.generation == fork_generation())?;
+        inner.queue.lock().closed = true;
+        inner.work.notify_one();
+        let thread = inner.thread.lock().take();
+        thread
+    }
+
     /// `(waiting, dropped)`.
     pub fn stats(&self) -> (u64, u64) {
         let waiting = self
@@ -901,6 +955,12 @@ impl LaneInner {
             let mut batch = {
                 let mut q = self.queue.lock();
                 while q.batch.jobs == 0 {
+                    if q.closed {
+                        // Nothing left: let go of the closed core and the buffers.
+                        q.batch = Batch::default();
+                        q.spare = None;
+                        return;
+                    }
                     self.work.wait_for(&mut q, LANE_POLL);
                 }
                 let next = q.spare.take().unwrap_or_default();
@@ -921,6 +981,16 @@ impl LaneInner {
             drop(q);
             self.finished.notify_all();
         }
+    }
+}
+
+/// Joins the lane's thread if it ends by `until`; past it, it is left behind.
+pub fn join_until(handle: JoinHandle<()>, until: Instant) {
+    while !handle.is_finished() && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    if handle.is_finished() {
+        let _ = handle.join();
     }
 }
 

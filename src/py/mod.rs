@@ -10,7 +10,7 @@ mod read;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
 use parking_lot::Mutex;
@@ -310,14 +310,23 @@ impl PyCore {
     fn close(&self, py: Python<'_>, timeout: f64) -> Option<String> {
         let timeout = self.http_lane.drain(py, timeout);
         self.closed.store(true, Ordering::SeqCst);
-        let core = self
+        // The lane's thread ends once it has handed what it holds to the core; exchanges
+        // that come later meet the closed core on their caller's thread.
+        let lane_thread = self.http_lane.close();
+        let timeout = crate::config::seconds(timeout);
+        let deadline = Instant::now() + timeout;
+        let pending = self
             .slot
             .load_full()
-            .filter(|c| c.generation == fork_generation())?;
-        let timeout = crate::config::seconds(timeout);
-        py.detach(|| core.close(timeout))
-            .err()
-            .map(|p| pending_text(&p))
+            .filter(|c| c.generation == fork_generation())
+            .and_then(|core| py.detach(|| core.close(timeout)).err());
+        if let Some(thread) = lane_thread {
+            // Its jobs now meet a closed queue, which never waits: it ends promptly. As
+            // for the writers, one still busy at the deadline is left behind.
+            let grace = deadline.max(Instant::now() + Duration::from_millis(500));
+            py.detach(|| http::join_until(thread, grace));
+        }
+        pending.map(|p| pending_text(&p))
     }
 
     /// Whether Loguru times are read without calling `.timestamp()` (see `clock.rs`).
