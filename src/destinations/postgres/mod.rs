@@ -200,14 +200,41 @@ pub(crate) fn server_message(db: &dyn sqlx::error::DatabaseError) -> String {
     )
 }
 
+/// What a server error's SQLSTATE means for the batch.
+#[derive(Debug, PartialEq, Eq)]
+enum Sqlstate {
+    /// The data of a row: isolate the offenders, keep the rest.
+    Data,
+    /// The table or a column is gone.
+    Schema,
+    Permanent,
+    /// Retry on the same connection.
+    Retry,
+    /// Retry on a fresh connection.
+    Reconnect,
+}
+
+fn sqlstate(code: &str) -> Sqlstate {
+    let class = code.get(..2).unwrap_or("");
+    match (class, code) {
+        // 54000: a value past one of the server's limits (a jsonb over 256 MB, a string over
+        // 1 GB): that record's own data, which no retry can make fit.
+        ("22" | "23", _) | (_, "54000") => Sqlstate::Data,
+        (_, "42P01" | "42703") => Sqlstate::Schema,
+        ("28" | "3D", _) | (_, "42501" | "3F000") => Sqlstate::Permanent,
+        (_, "40001" | "40P01" | "55P03" | "55006" | "57014") => Sqlstate::Retry,
+        ("42", _) => Sqlstate::Permanent,
+        _ => Sqlstate::Reconnect,
+    }
+}
+
 fn classify(e: &sqlx::Error) -> Failure {
     match e {
         sqlx::Error::Database(db) => {
             let code = db.code().map(|c| c.into_owned()).unwrap_or_default();
             let message = server_message(db.as_ref());
-            let class = code.get(..2).unwrap_or("");
-            match (class, code.as_str()) {
-                ("22" | "23", _) => Failure::Data {
+            match sqlstate(&code) {
+                Sqlstate::Data => Failure::Data {
                     line: db
                         .try_downcast_ref::<PgDatabaseError>()
                         .and_then(|pg| pg.r#where())
@@ -215,14 +242,13 @@ fn classify(e: &sqlx::Error) -> Failure {
                     code,
                     message,
                 },
-                (_, "42P01" | "42703") => Failure::Schema(message),
-                ("28" | "3D", _) | (_, "42501" | "3F000") => Failure::Permanent(message),
-                (_, "40001" | "40P01" | "55P03" | "55006" | "57014") => Failure::Transient {
+                Sqlstate::Schema => Failure::Schema(message),
+                Sqlstate::Permanent => Failure::Permanent(message),
+                Sqlstate::Retry => Failure::Transient {
                     message,
                     drop_conn: false,
                 },
-                ("42", _) => Failure::Permanent(message),
-                _ => Failure::Transient {
+                Sqlstate::Reconnect => Failure::Transient {
                     message,
                     drop_conn: true,
                 },
@@ -1263,6 +1289,28 @@ mod tests {
         let outcome = w.write_batch(&batch, Duration::from_secs(30)).unwrap();
         assert_eq!(outcome.invalid, 0);
         w.close().unwrap();
+    }
+
+    #[test]
+    fn sqlstates_decide_what_happens_to_the_batch() {
+        // A value past one of the server's limits (54000: a jsonb over 256 MB) is the
+        // record's own data: isolated and dead-lettered, never retried until dropped.
+        assert_eq!(sqlstate("54000"), Sqlstate::Data);
+        for data in ["22P02", "22008", "22009", "23514", "23505"] {
+            assert_eq!(sqlstate(data), Sqlstate::Data, "{data}");
+        }
+        assert_eq!(sqlstate("42P01"), Sqlstate::Schema);
+        assert_eq!(sqlstate("42703"), Sqlstate::Schema);
+        for permanent in ["28P01", "3D000", "42501", "3F000", "42601"] {
+            assert_eq!(sqlstate(permanent), Sqlstate::Permanent, "{permanent}");
+        }
+        for retry in ["40001", "40P01", "55P03", "55006", "57014"] {
+            assert_eq!(sqlstate(retry), Sqlstate::Retry, "{retry}");
+        }
+        // Other program limits stay transient, as does anything unknown.
+        for reconnect in ["57P01", "53300", "54001", "08006", "XX000", ""] {
+            assert_eq!(sqlstate(reconnect), Sqlstate::Reconnect, "{reconnect}");
+        }
     }
 
     #[test]
