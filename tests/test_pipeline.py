@@ -881,6 +881,46 @@ def test_disk_errors_go_through_retries_breaker_and_counters(tmp_path, loguru, c
     assert_accounted(pipeline.stats())
 
 
+def test_a_time_no_record_can_hold_becomes_now_and_is_kept_in_fields(tmp_logs, loguru):
+    # Not finite, or outside years 1 to 9999 in UTC: stored as the time of conversion (an
+    # RFC 3339 time every destination takes), the original under fields["original_time"].
+    # Before, inf and 1e15 came out as 1970-01-01T00:00:00.775807Z and -1e12 as -29719-...
+    import datetime as dt
+
+    pipeline = logsluice.Pipeline(logsluice.LocalFiles(tmp_logs))
+    pipeline.attach(loguru)
+    handler = pipeline.logging_handler()
+    before = dt.datetime.now(dt.timezone.utc)
+    for created in (float("inf"), 1e15, -1e12, 10**30):
+        record = logging.LogRecord("t", logging.INFO, __file__, 1, repr(created), None, None)
+        record.created = created
+        handler.handle(record)
+    ahead = dt.datetime(9999, 12, 31, 23, 0, tzinfo=dt.timezone(-dt.timedelta(hours=14)))
+    loguru.bind(user="ada").patch(lambda r: r.update(time=ahead)).info("ahead")
+    behind = dt.datetime(1, 1, 1, 0, 30, tzinfo=dt.timezone(dt.timedelta(hours=1)))
+    loguru.patch(lambda r: r.update(time=behind)).info("behind")
+    edge = dt.datetime.max.replace(tzinfo=dt.timezone.utc)  # the last time kept as it is
+    loguru.patch(lambda r: r.update(time=edge)).info("edge")
+    pipeline.close()
+    after = dt.datetime.now(dt.timezone.utc)
+    records = {r["message"]: r for r in read_records(tmp_logs)}
+    kept = {
+        "inf": "inf",
+        "1000000000000000.0": "1000000000000000.0",
+        "-1000000000000.0": "-1000000000000.0",
+        str(10**30): str(10**30),
+        "ahead": "9999-12-31T23:00:00-14:00",
+        "behind": "0001-01-01T00:30:00+01:00",
+    }
+    for message, original in kept.items():
+        r = records[message]
+        assert before <= dt.datetime.fromisoformat(r["ts"].replace("Z", "+00:00")) <= after, r
+        assert r["fields"]["original_time"] == original
+    assert records["ahead"]["fields"] == {"user": "ada", "original_time": kept["ahead"]}
+    assert records["edge"]["ts"] == "9999-12-31T23:59:59.999999Z"
+    assert "original_time" not in records["edge"]["fields"]
+
+
 def test_record_time_is_loguru_time_in_every_zone(tmp_logs, loguru):
     import datetime as dt
     from zoneinfo import ZoneInfo

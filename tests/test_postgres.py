@@ -18,6 +18,7 @@ import logsluice
 import psycopg
 import pytest
 from harness.postgres import APP_DB, SUPERUSER
+from logfiles import read_records
 from logsluice.postgres import parse_duration
 from loguru import logger
 from support import wait_for
@@ -692,3 +693,48 @@ def test_too_many_connections_is_retried_then_recovers(postgres, table, log):
     pipeline.close()
     assert stats["written"] == 1 and accounted(stats)
     assert postgres.psql(f"select message from {table}") == [("accepted",)]
+
+
+def test_times_outside_years_1_to_9999_are_stored_alike_everywhere(postgres, table, log, tmp_logs):
+    # A time that is not finite or not within years 1 to 9999 becomes the time of
+    # conversion; the original is kept in fields. Before, files stored 1970-01-01T00:00:00
+    # .775807Z or 5-digit years while PostgreSQL refused the batch.
+    pipeline = logsluice.Pipeline(
+        logsluice.LocalFiles(tmp_logs), logsluice.Postgres(postgres.dsn, table=table)
+    )
+    pipeline.attach(log)
+    handler = pipeline.logging_handler()
+    before = dt.datetime.now(dt.timezone.utc)
+    created = {"inf": float("inf"), "nan": float("nan"), "1e15": 1e15, "1e30": 10**30, "-1e12": -1e12}
+    for name, value in created.items():
+        record = logging.LogRecord("test.pg.time", logging.INFO, __file__, 1, name, None, None)
+        record.created = value
+        record.original_time = "mine"  # a user extra of that name keeps its value
+        handler.handle(record)
+    late = dt.datetime(9999, 12, 31, 23, 0, tzinfo=dt.timezone(-dt.timedelta(hours=14)))
+    log.patch(lambda r: r.update(time=late)).info("loguru")
+    pipeline.flush(30)
+    after = dt.datetime.now(dt.timezone.utc)
+    stats = pipeline.stats()
+    pipeline.close()
+    expected = {
+        "inf": "inf",
+        "nan": "nan",
+        "1e15": "1000000000000000.0",
+        "1e30": str(10**30),
+        "-1e12": "-1000000000000.0",
+        "loguru": "9999-12-31T23:00:00-14:00",
+    }
+    for name in ("local_files", "postgres"):
+        assert stats[name]["written"] == 6 and stats[name]["dropped_total"] == 0, stats[name]
+    files = {r["message"]: r for r in read_records(tmp_logs)}
+    rows = {m: (ts, f) for m, ts, f in postgres.psql(f"select message, ts, fields from {table}")}
+    for message, original in expected.items():
+        in_file = files[message]
+        ts = dt.datetime.fromisoformat(in_file["ts"].replace("Z", "+00:00"))
+        assert before <= ts <= after and len(in_file["ts"]) == 27, in_file["ts"]
+        if message == "loguru":
+            assert in_file["fields"] == {"original_time": original}
+        else:
+            assert in_file["fields"] == {"original_time": "mine", "original_time#2": original}
+        assert rows[message][0] == ts and rows[message][1] == in_file["fields"]

@@ -519,8 +519,60 @@ fn trace_ids(
     }
 }
 
-fn micros(seconds: f64) -> i64 {
-    (seconds * 1e6).round() as i64
+/// 0001-01-01T00:00:00Z and 9999-12-31T23:59:59.999999Z in microseconds since the epoch:
+/// the times a record keeps (RFC 3339 has four-digit years; PostgreSQL, blob names and
+/// every reader agree on them).
+const FIRST_US: i64 = -62_135_596_800_000_000;
+const LAST_US: i64 = 253_402_300_799_999_999;
+
+/// A record time in microseconds, if it is one: finite and within years 1 to 9999 (UTC).
+fn micros(seconds: f64) -> Option<i64> {
+    let us = (seconds * 1e6).round();
+    // Compared as floats: `as i64` saturates, and inf or 1e30 would become year 294247.
+    (us >= FIRST_US as f64 && us <= LAST_US as f64).then_some(us as i64)
+}
+
+fn in_range(us: i64) -> Option<i64> {
+    (FIRST_US..=LAST_US).contains(&us).then_some(us)
+}
+
+/// The key the record's unusable time is kept under in `fields`.
+const ORIGINAL_TIME: &str = "original_time";
+
+/// `fields` with `key: value` added, the key given a `#2`-style suffix if it is taken.
+fn with_field(fields: &str, key: &str, value: &str) -> Box<str> {
+    let taken: std::collections::HashSet<String> =
+        serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(fields)
+            .map(|m| m.into_iter().map(|(k, _)| k).collect())
+            .unwrap_or_default();
+    let key = unique_key(&taken, key.to_owned());
+    let body = fields
+        .trim()
+        .strip_prefix('{')
+        .and_then(|b| b.strip_suffix('}'))
+        .unwrap_or_default()
+        .trim();
+    let mut out = String::with_capacity(body.len() + key.len() + value.len() + 8);
+    out.push('{');
+    if !body.is_empty() {
+        out.push_str(body);
+        out.push(',');
+    }
+    // Writing a str as JSON cannot fail.
+    out.push_str(&serde_json::to_string(&key).unwrap_or_default());
+    out.push(':');
+    out.push_str(&serde_json::to_string(value).unwrap_or_default());
+    out.push('}');
+    out.into_boxed_str()
+}
+
+/// A record whose own time is unusable (not finite, or outside years 1 to 9999) is stamped
+/// with the time of conversion, and the original is kept in `fields`, so every destination
+/// stores one valid time for it.
+fn keep_original_time(r: &mut Record, original: Option<String>) {
+    if let Some(original) = original {
+        r.fields_json = with_field(&r.fields_json, ORIGINAL_TIME, &original);
+    }
 }
 
 /// The level of a Loguru message, read before anything else so filtered records cost little.
@@ -547,14 +599,23 @@ fn exception_of(ctx: &Ctx, py: Python<'_>, exc: &Bound<'_, PyAny>) -> Option<Str
 pub fn from_loguru(ctx: &Ctx, record: &Bound<'_, PyDict>, level: (String, u16)) -> Record {
     let py = record.py();
     // Loguru's own time, not our clock: `logger.patch()` may have set it (replays, imports).
-    let ts = get(record, intern!(py, "time"))
+    let time = get(record, intern!(py, "time"));
+    let mut original_time = None;
+    let ts = time
+        .as_ref()
         .and_then(|t| {
-            ctx.clock.micros(&t).or_else(|| {
-                t.call_method0(intern!(py, "timestamp"))
+            let us = match ctx.clock.micros(t) {
+                Some(us) => in_range(us),
+                None => t
+                    .call_method0(intern!(py, "timestamp"))
                     .ok()
                     .and_then(|t| t.extract::<f64>().ok())
-                    .map(micros)
-            })
+                    .and_then(micros),
+            };
+            if us.is_none() {
+                original_time = Some(time_text(t));
+            }
+            us
         })
         .unwrap_or_else(now_micros);
     let mut r = Record::new(
@@ -595,9 +656,19 @@ pub fn from_loguru(ctx: &Ctx, record: &Bound<'_, PyDict>, level: (String, u16)) 
             }
         }
     }
+    keep_original_time(&mut r, original_time);
     r.request_id = request_id(ctx, py, explicit_id);
     (r.trace_id, r.span_id) = trace_ids(ctx, py, explicit_trace);
     r.finish(ctx.max_message_bytes)
+}
+
+/// A time as it was given: ISO 8601 for a datetime, else its `str()`.
+fn time_text(t: &Bound<'_, PyAny>) -> String {
+    let iso = t
+        .call_method0(intern!(t.py(), "isoformat"))
+        .ok()
+        .map(|s| text(&s));
+    capped(iso.unwrap_or_else(|| text(t)), 256)
 }
 
 /// `LogRecord` attributes that are not user extras.
@@ -650,9 +721,17 @@ pub fn from_logging(ctx: &Ctx, rec: &Bound<'_, PyAny>) -> Record {
         ),
     };
     let level_no = level_number(attr_of(rec, intern!(py, "levelno")));
+    let mut original_time = None;
     let ts = attr_of(rec, intern!(py, "created"))
-        .and_then(|v| v.extract::<f64>().ok())
-        .map_or_else(now_micros, micros);
+        .and_then(|v| {
+            let seconds = v.extract::<f64>().ok()?;
+            let us = micros(seconds);
+            if us.is_none() {
+                original_time = Some(time_text(&v));
+            }
+            us
+        })
+        .unwrap_or_else(now_micros);
     let mut r = Record::new(
         ts,
         &attr_text(rec, intern!(py, "levelname")),
@@ -712,6 +791,7 @@ pub fn from_logging(ctx: &Ctx, rec: &Bound<'_, PyAny>) -> Record {
         );
         r.fields_json = into_json(json);
     }
+    keep_original_time(&mut r, original_time);
     r.request_id = request_id(ctx, py, explicit_id);
     (r.trace_id, r.span_id) = trace_ids(ctx, py, explicit_trace);
     r.finish(ctx.max_message_bytes)
