@@ -695,6 +695,48 @@ def test_too_many_connections_is_retried_then_recovers(postgres, table, log):
     assert postgres.psql(f"select message from {table}") == [("accepted",)]
 
 
+def test_records_on_the_first_and_last_day_get_their_partitions(postgres, table, log, tmp_path):
+    # The last day's partition ends at 10000-01-01, which chrono writes as +10000-01-01 and
+    # PostgreSQL then read as a time zone: the whole batch failed, good records included.
+    dead = tmp_path / "dead"
+    pipeline = logsluice.Pipeline(logsluice.Postgres(postgres.dsn, table=table, dead_letter_dir=dead))
+    pipeline.attach(log)
+    last = dt.datetime.max.replace(tzinfo=dt.timezone.utc)
+    first = dt.datetime.min.replace(tzinfo=dt.timezone.utc)
+    log.info("good 1")
+    log.patch(lambda r: r.update(time=last)).info("last day")
+    log.patch(lambda r: r.update(time=first)).info("first day")
+    log.info("good 2")
+    pipeline.flush(30)
+    stats = pipeline.stats()["postgres"]
+    pipeline.close()
+    assert stats["written"] == 4 and stats["dropped_total"] == 0, stats
+    assert count(postgres, table) == 4
+    assert postgres.psql(f"select ts from {table} where message = 'last day'") == [(last,)]
+    assert postgres.psql(f"select ts from {table} where message = 'first day'") == [(first,)]
+    assert {f"{table}_app_99991231", f"{table}_app_00010101"} <= relnames(postgres, table)
+    assert not dead.exists() or not any(dead.iterdir())
+
+
+def test_days_no_partition_can_be_made_for_cost_only_their_records(postgres, table, tmp_path):
+    # Records from outside Python (whose times are kept within years 1 to 9999) written by
+    # the real writer (src/destinations/postgres/mod.rs, real_server_days_without_a_partition):
+    # two good ones, one in the year 10000 and one in 29720 BC.
+    dead = tmp_path / "dead"
+    env = {
+        **os.environ,
+        "LOGSLUICE_TEST_PG_DSN": postgres.dsn,
+        "LOGSLUICE_TEST_PG_TABLE": table,
+        "LOGSLUICE_TEST_PG_DEAD": str(dead),
+    }
+    cmd = ["cargo", "test", "--release", "--lib", "--quiet", "real_server_days_without_a_partition"]
+    subprocess.run(cmd, cwd=Path(__file__).parent.parent, env=env, check=True, capture_output=True)
+    assert sorted(r[0] for r in postgres.psql(f"select message from {table}")) == ["good 1", "good 2"]
+    lines = [json.loads(line) for f in dead.iterdir() for line in f.read_text().splitlines()]
+    assert sorted(r["message"] for r in lines) == ["29720 BC", "year 10000"]
+    assert all("outside the years 1 to 9999" in r["logsluice_error"] for r in lines)
+
+
 def test_times_outside_years_1_to_9999_are_stored_alike_everywhere(postgres, table, log, tmp_logs):
     # A time that is not finite or not within years 1 to 9999 becomes the time of
     # conversion; the original is kept in fields. Before, files stored 1970-01-01T00:00:00

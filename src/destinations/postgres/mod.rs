@@ -47,6 +47,9 @@ const DELETE_CHUNK: i64 = 10_000;
 /// database-wide lock at commit, so a busy writer must not send one per batch.
 const NOTIFY_GAP: Duration = Duration::from_millis(250);
 
+/// A day no partition can be made for (kind, day number since the epoch), and why.
+type Refused = ((Kind, i64), String);
+
 /// When each channel was last notified by this process (every writer of the process).
 static LAST_NOTIFY: std::sync::LazyLock<
     parking_lot::Mutex<std::collections::HashMap<String, Instant>>,
@@ -296,6 +299,21 @@ struct Inner {
     notify_pending: bool,
 }
 
+/// How a batch's COPY went.
+enum Copied {
+    /// Committed; the records named (index in the batch, reason) were left out as data
+    /// errors.
+    Done(Vec<(usize, String)>),
+    /// The server refused the data of a row of `kept` (indexes in the batch); `set_aside`
+    /// were left out before the COPY.
+    Refused {
+        kept: Vec<usize>,
+        set_aside: Vec<(usize, String)>,
+        message: String,
+        line: Option<usize>,
+    },
+}
+
 fn secs(v: f64) -> Duration {
     crate::config::seconds(v).max(Duration::from_millis(1))
 }
@@ -367,6 +385,24 @@ pub(crate) fn scrub(secrets: &[String], mut message: String) -> String {
         }
     }
     message
+}
+
+/// The batch's records whose day can have a partition (indexes in the batch), and the
+/// others with the reason.
+fn set_apart(batch: &[Arc<Record>], refused: &[Refused]) -> (Vec<usize>, Vec<(usize, String)>) {
+    if refused.is_empty() {
+        return ((0..batch.len()).collect(), Vec::new());
+    }
+    let mut kept = Vec::with_capacity(batch.len());
+    let mut set_aside = Vec::new();
+    for (i, r) in batch.iter().enumerate() {
+        let key = (r.kind, r.ts_us.div_euclid(US_PER_DAY));
+        match refused.iter().find(|(k, _)| *k == key) {
+            Some((_, why)) => set_aside.push((i, why.clone())),
+            None => kept.push(i),
+        }
+    }
+    (kept, set_aside)
 }
 
 async fn exec(conn: &mut PgConnection, sql: String) -> Result<(), sqlx::Error> {
@@ -511,8 +547,10 @@ impl Inner {
         }
     }
 
-    /// Creates the day partitions the batch needs (under the DDL advisory lock).
-    async fn ensure_days(&mut self, batch: &[Arc<Record>]) -> Result<(), sqlx::Error> {
+    /// Creates the day partitions the batch needs (under the DDL advisory lock). Returns
+    /// the days no partition can be made for, with the reason: their records are refused as
+    /// data, the rest of the batch is written.
+    async fn ensure_days(&mut self, batch: &[Arc<Record>]) -> Result<Vec<Refused>, sqlx::Error> {
         let mut needed: Vec<(Kind, i64)> = Vec::new();
         for r in batch {
             let key = (r.kind, r.ts_us.div_euclid(US_PER_DAY));
@@ -521,12 +559,16 @@ impl Inner {
             }
         }
         if needed.is_empty() {
-            return Ok(());
+            return Ok(Vec::new());
         }
         let conn = self.conn.as_mut().expect("connected");
-        create_days(conn, &self.names, &needed).await?;
-        self.days.extend(needed);
-        Ok(())
+        let refused = create_days(conn, &self.names, &needed).await?;
+        self.days.extend(
+            needed
+                .into_iter()
+                .filter(|key| !refused.iter().any(|(k, _)| k == key)),
+        );
+        Ok(refused)
     }
 
     /// One attempt: the COPY (with connecting and schema work) within `timeout`; a batch
@@ -537,26 +579,47 @@ impl Inner {
         batch: &[Arc<Record>],
         timeout: Duration,
     ) -> Result<Outcome, WriteError> {
-        let rows: Vec<&Record> = batch.iter().map(|r| &**r).collect();
-        let copied = tokio::time::timeout(timeout, self.copy_batch(batch, &rows)).await;
-        let (message, line) = match copied {
+        let copied = tokio::time::timeout(timeout, self.copy_batch(batch)).await;
+        let bad = match copied {
             Err(_) => return Err(self.timed_out(timeout)),
             Ok(Err(e)) => return Err(e),
-            Ok(Ok(None)) => return Ok(Outcome::default()),
-            Ok(Ok(Some(data_error))) => data_error,
-        };
-        // Checked between statements; the hard limit, one attempt later, is for a
-        // statement that never returns.
-        let limit = timeout * ISOLATION_ATTEMPTS;
-        let isolating = self.isolate(&rows, message, line, Instant::now() + limit);
-        let outcome = match tokio::time::timeout(limit + timeout, isolating).await {
-            Err(_) => return Err(self.timed_out(limit + timeout)),
-            Ok(r) => r?,
+            Ok(Ok(Copied::Done(bad))) => bad,
+            Ok(Ok(Copied::Refused {
+                kept,
+                set_aside,
+                message,
+                line,
+            })) => {
+                // Checked between statements; the hard limit, one attempt later, is for a
+                // statement that never returns.
+                let limit = timeout * ISOLATION_ATTEMPTS;
+                let until = Instant::now() + limit;
+                let isolating = self.isolate(batch, &kept, set_aside, message, line, until);
+                match tokio::time::timeout(limit + timeout, isolating).await {
+                    Err(_) => return Err(self.timed_out(limit + timeout)),
+                    Ok(r) => r?,
+                }
+            }
         };
         if self.buf.capacity() > 32 << 20 {
             self.buf = Vec::with_capacity(1 << 20);
         }
-        Ok(outcome)
+        Ok(self.settled(batch, &bad))
+    }
+
+    /// A committed batch's outcome: the records left out are invalid, and dead-lettered.
+    fn settled(&mut self, batch: &[Arc<Record>], bad: &[(usize, String)]) -> Outcome {
+        if !bad.is_empty() {
+            if let Some(dir) = self.cfg.dead_letter_dir.clone() {
+                if let Err(e) = self.dead_letter(&dir, batch, bad) {
+                    self.notices
+                        .push((30, format!("cannot write dead letters to {dir}: {e}")));
+                }
+            }
+        }
+        Outcome {
+            invalid: bad.len() as u64,
+        }
     }
 
     /// Cut off mid-conversation: the connection's state is unknown.
@@ -569,43 +632,50 @@ impl Inner {
         ))
     }
 
-    /// The batch in one COPY; `Some((message, line))` when the server refused its data.
-    async fn copy_batch(
-        &mut self,
-        batch: &[Arc<Record>],
-        rows: &[&Record],
-    ) -> Result<Option<(String, Option<usize>)>, WriteError> {
+    /// The batch in one COPY; the records of days no partition can be made for are left
+    /// out of it.
+    async fn copy_batch(&mut self, batch: &[Arc<Record>]) -> Result<Copied, WriteError> {
         self.connect().await?;
         let layout = self.ensure_schema().await?;
-        if layout == Layout::Daily {
-            if let Err(e) = self.ensure_days(batch).await {
-                return Err(self.fail(classify(&e)));
+        let mut retried = false;
+        loop {
+            let refused = if layout == Layout::Daily {
+                match self.ensure_days(batch).await {
+                    Ok(refused) => refused,
+                    Err(e) => return Err(self.fail(classify(&e))),
+                }
+            } else {
+                Vec::new()
+            };
+            let (kept, set_aside) = set_apart(batch, &refused);
+            if kept.is_empty() {
+                return Ok(Copied::Done(set_aside));
             }
-        }
-        let conn = self.conn.as_mut().expect("connected");
-        let first = copy_committed(conn, &self.copy_sql, &mut self.buf, rows).await;
-        match first {
-            Ok(_) => Ok(None),
-            Err(e) => match classify(&e) {
+            let rows: Vec<&Record> = kept.iter().map(|&i| &*batch[i]).collect();
+            let conn = self.conn.as_mut().expect("connected");
+            let copied = copy_committed(conn, &self.copy_sql, &mut self.buf, &rows).await;
+            let e = match copied {
+                Ok(()) => return Ok(Copied::Done(set_aside)),
+                Err(e) => e,
+            };
+            return match classify(&e) {
                 // A partition dropped by another process's retention, or one this process
                 // believed existed: refresh and try once more before suspecting the data.
-                Failure::Data { code, .. } if code == "23514" && layout == Layout::Daily => {
+                Failure::Data { code, .. }
+                    if code == "23514" && layout == Layout::Daily && !retried =>
+                {
                     self.days.clear();
-                    if let Err(e) = self.ensure_days(batch).await {
-                        return Err(self.fail(classify(&e)));
-                    }
-                    let conn = self.conn.as_mut().expect("connected");
-                    match copy_committed(conn, &self.copy_sql, &mut self.buf, rows).await {
-                        Ok(_) => Ok(None),
-                        Err(e) => match classify(&e) {
-                            Failure::Data { message, line, .. } => Ok(Some((message, line))),
-                            f => Err(self.fail(f)),
-                        },
-                    }
+                    retried = true;
+                    continue;
                 }
-                Failure::Data { message, line, .. } => Ok(Some((message, line))),
+                Failure::Data { message, line, .. } => Ok(Copied::Refused {
+                    kept,
+                    set_aside,
+                    message,
+                    line,
+                }),
                 f => Err(self.fail(f)),
-            },
+            };
         }
     }
 
@@ -613,13 +683,18 @@ impl Inner {
     /// transaction (so a retry after a connection failure never duplicates), one savepoint
     /// per attempt. The failing line number, when the server names it, points straight at
     /// an offender; otherwise sets are halved.
+    /// Works on the records `kept` of the batch; returns every record left out (`set_aside`
+    /// and the offenders found), by index in the batch.
     async fn isolate(
         &mut self,
-        rows: &[&Record],
+        batch: &[Arc<Record>],
+        kept: &[usize],
+        set_aside: Vec<(usize, String)>,
         first_message: String,
         first_line: Option<usize>,
         deadline: Instant,
-    ) -> Result<Outcome, WriteError> {
+    ) -> Result<Vec<(usize, String)>, WriteError> {
+        let rows: Vec<&Record> = kept.iter().map(|&i| &*batch[i]).collect();
         let mut bad: Vec<(usize, String)> = Vec::new();
         let mut hints = 0;
         let mut stack: Vec<Vec<usize>> = Vec::new();
@@ -637,6 +712,8 @@ impl Inner {
             first_line,
         );
         let conn = self.conn.as_mut().expect("connected");
+        let (sql, buf) = (&self.copy_sql, &mut self.buf);
+        let mut left_out = set_aside;
         let result: Result<(), sqlx::Error> = async {
             exec(conn, "BEGIN".into()).await?;
             loop {
@@ -662,7 +739,7 @@ impl Inner {
                 }
                 let subset: Vec<&Record> = set.iter().map(|&i| rows[i]).collect();
                 exec(conn, "SAVEPOINT logsluice_split".into()).await?;
-                match copy_rows(conn, &self.copy_sql, &mut self.buf, &subset).await {
+                match copy_rows(conn, sql, buf, &subset).await {
                     Ok(_) => exec(conn, "RELEASE SAVEPOINT logsluice_split".into()).await?,
                     Err(e) => match classify(&e) {
                         Failure::Data { message, line, .. } => {
@@ -678,6 +755,7 @@ impl Inner {
                     },
                 }
             }
+            left_out.extend(bad.drain(..).map(|(i, why)| (kept[i], why)));
             exec(conn, "COMMIT".into()).await
         }
         .await;
@@ -687,21 +765,13 @@ impl Inner {
             self.layout = None;
             return Err(self.fail(classify(&e)));
         }
-        if let Some(dir) = self.cfg.dead_letter_dir.clone() {
-            if let Err(e) = self.dead_letter(&dir, rows, &bad) {
-                self.notices
-                    .push((30, format!("cannot write dead letters to {dir}: {e}")));
-            }
-        }
-        Ok(Outcome {
-            invalid: bad.len() as u64,
-        })
+        Ok(left_out)
     }
 
     fn dead_letter(
         &self,
         dir: &str,
-        rows: &[&Record],
+        rows: &[Arc<Record>],
         bad: &[(usize, String)],
     ) -> std::io::Result<()> {
         std::fs::create_dir_all(dir)?;
@@ -713,7 +783,7 @@ impl Inner {
         );
         let mut out = Vec::new();
         for (i, error) in bad {
-            write_ndjson(&mut out, rows[*i]);
+            write_ndjson(&mut out, &rows[*i]);
             // Splice the error in before the closing brace of the line.
             out.truncate(out.len() - 2);
             out.extend_from_slice(b",\"logsluice_error\":");
@@ -1040,36 +1110,64 @@ async fn existing_relations(
 
 /// Creates the day partitions in `needed` that do not exist yet. Checked once without the
 /// lock (the common case: all there) and again under it (another process may have won).
+/// Returns the days no partition can be made for (outside years 1 to 9999, or refused by
+/// the server as data), with the reason; the others are made all the same.
 async fn create_days(
     conn: &mut PgConnection,
     names: &Names,
     needed: &[(Kind, i64)],
-) -> Result<(), sqlx::Error> {
-    let day = |n: i64| schema::day_of(n.saturating_mul(US_PER_DAY));
-    let wanted: Vec<(Kind, chrono::NaiveDate, String)> = needed
-        .iter()
-        .filter_map(|&(k, n)| day(n).map(|d| (k, d, names.day_partition_name(k, d))))
-        .collect();
-    let all_names: Vec<String> = wanted.iter().map(|w| w.2.clone()).collect();
+) -> Result<Vec<Refused>, sqlx::Error> {
+    let mut refused = Vec::new();
+    let mut wanted: Vec<((Kind, i64), String, String)> = Vec::new();
+    for &(kind, n) in needed {
+        let sql = schema::day_of(n.saturating_mul(US_PER_DAY))
+            .and_then(|day| Some((day, names.create_day_sql(kind, day)?)));
+        match sql {
+            Some((day, sql)) => wanted.push(((kind, n), names.day_partition_name(kind, day), sql)),
+            None => refused.push((
+                (kind, n),
+                "no day partition is made for a time outside the years 1 to 9999 (UTC)".into(),
+            )),
+        }
+    }
+    if wanted.is_empty() {
+        return Ok(refused);
+    }
+    let all_names: Vec<String> = wanted.iter().map(|w| w.1.clone()).collect();
     let existing = existing_relations(conn, &names.schema, &all_names).await?;
     if all_names.iter().all(|n| existing.contains(n)) {
-        return Ok(());
+        return Ok(refused);
     }
     let result = async {
         lock_ddl(conn, names, "2s").await?;
         let existing = existing_relations(conn, &names.schema, &all_names).await?;
-        for (kind, day, name) in &wanted {
-            if !existing.contains(name) {
-                exec(conn, names.create_day_sql(*kind, *day)).await?;
+        for (key, name, sql) in &wanted {
+            if existing.contains(name) {
+                continue;
+            }
+            // In a savepoint: a day the server refuses costs its own records only.
+            let made = exec(
+                conn,
+                format!("SAVEPOINT logsluice_day;\n{sql};\nRELEASE SAVEPOINT logsluice_day"),
+            )
+            .await;
+            if let Err(e) = made {
+                let Failure::Data { message, .. } = classify(&e) else {
+                    return Err(e);
+                };
+                let undo = "ROLLBACK TO SAVEPOINT logsluice_day; RELEASE SAVEPOINT logsluice_day";
+                exec(conn, undo.into()).await?;
+                refused.push((*key, format!("cannot make partition {name}: {message}")));
             }
         }
         exec(conn, "COMMIT".into()).await
     }
     .await;
-    if result.is_err() {
+    if let Err(e) = result {
         let _ = exec(conn, "ROLLBACK".into()).await;
+        return Err(e);
     }
-    result
+    Ok(refused)
 }
 
 /// Creates partitions ahead and applies retention. Returns the partitions created and dropped.
@@ -1090,7 +1188,8 @@ async fn maintenance(
                     created.push((kind, today + d));
                 }
             }
-            create_days(conn, names, &created).await?;
+            let refused = create_days(conn, names, &created).await?;
+            created.retain(|key| !refused.iter().any(|(k, _)| k == key));
             for kind in KINDS {
                 let Some(&keep) = cfg.retention.get(&kind) else {
                     continue;
@@ -1288,6 +1387,44 @@ mod tests {
             .collect();
         let outcome = w.write_batch(&batch, Duration::from_secs(30)).unwrap();
         assert_eq!(outcome.invalid, 0);
+        w.close().unwrap();
+    }
+
+    /// Records dated outside the years day partitions cover (never from Python, whose
+    /// times are kept within years 1 to 9999, but a producer of records may go wrong) cost
+    /// only themselves. Run by tests/test_postgres.py, which reads the table and the dead
+    /// letters back; without LOGSLUICE_TEST_PG_DEAD, nothing runs.
+    #[test]
+    fn real_server_days_without_a_partition() {
+        let (Ok(dsn), Ok(dead)) = (
+            std::env::var("LOGSLUICE_TEST_PG_DSN"),
+            std::env::var("LOGSLUICE_TEST_PG_DEAD"),
+        ) else {
+            return;
+        };
+        let table = std::env::var("LOGSLUICE_TEST_PG_TABLE").unwrap();
+        let mut w = Postgres::open(PostgresConfig {
+            dsn,
+            table,
+            dead_letter_dir: Some(dead),
+            ..Default::default()
+        })
+        .unwrap();
+        let now = Utc::now().timestamp_micros();
+        // 10000-01-01T01:00:00Z, and 10^12 s before the epoch (the year 29720 BC).
+        let year_10000 = 253_402_304_400_000_000;
+        let ancient = -1_000_000_000_000_000_000;
+        let batch: Vec<Arc<Record>> = [
+            (now, "good 1"),
+            (year_10000, "year 10000"),
+            (ancient, "29720 BC"),
+            (now + 1, "good 2"),
+        ]
+        .into_iter()
+        .map(|(ts, m)| Arc::new(Record::new(ts, "INFO", 20, Kind::App, m.into()).finish(1 << 16)))
+        .collect();
+        let outcome = w.write_batch(&batch, Duration::from_secs(30)).unwrap();
+        assert_eq!(outcome.invalid, 2);
         w.close().unwrap();
     }
 

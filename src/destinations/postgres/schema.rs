@@ -2,7 +2,7 @@
 //! validated to `[A-Za-z_][A-Za-z0-9_]*` and always double-quoted; values go in as bound
 //! parameters. Only names built from validated identifiers and digits are formatted in.
 
-use chrono::{DateTime, NaiveDate, TimeDelta, Utc};
+use chrono::{DateTime, Datelike, NaiveDate, TimeDelta, Utc};
 
 use super::copy::COLUMNS;
 use crate::record::Kind;
@@ -246,20 +246,22 @@ impl Names {
     /// A day partition, made as a plain table and then attached: ATTACH takes only a SHARE
     /// UPDATE EXCLUSIVE lock on the parent, where CREATE TABLE ... PARTITION OF would take an
     /// ACCESS EXCLUSIVE one that stalls every writer and reader of the table meanwhile.
-    pub fn create_day_sql(&self, kind: Kind, day: NaiveDate) -> String {
-        let next = day + TimeDelta::days(1);
+    /// `None` for a day outside [`partition_day`]'s range: no partition is made for it.
+    pub fn create_day_sql(&self, kind: Kind, day: NaiveDate) -> Option<String> {
+        partition_day(day)?;
+        let next = day.succ_opt()?;
         let part = format!(
             "{}.{}",
             quote(&self.schema),
             quote(&self.day_partition_name(kind, day))
         );
         let parent = self.kind_partition(kind);
-        format!(
+        Some(format!(
             "CREATE TABLE {part} (LIKE {parent} INCLUDING DEFAULTS INCLUDING CONSTRAINTS);\n\
-             ALTER TABLE {parent} ATTACH PARTITION {part} FOR VALUES FROM ('{} 00:00:00+00') TO ('{} 00:00:00+00')",
-            day.format("%Y-%m-%d"),
-            next.format("%Y-%m-%d"),
-        )
+             ALTER TABLE {parent} ATTACH PARTITION {part} FOR VALUES FROM ('{}') TO ('{}')",
+            midnight_utc(day),
+            midnight_utc(next),
+        ))
     }
 
     pub fn drop_day_sql(&self, kind: Kind, day: NaiveDate) -> String {
@@ -279,6 +281,24 @@ impl Names {
         }
         NaiveDate::parse_from_str(digits, "%Y%m%d").ok()
     }
+}
+
+/// The first and last day that get a day partition: years 1 to 9999, where partition names
+/// keep their eight digits. A record dated outside them (it can only come from a clock or a
+/// producer gone wrong) is refused as data rather than failing its batch.
+pub fn partition_day(day: NaiveDate) -> Option<NaiveDate> {
+    (1..=9999).contains(&day.year()).then_some(day)
+}
+
+/// Midnight UTC of `day` as PostgreSQL reads it: chrono's `%Y` writes year 10000 as
+/// `+10000`, which PostgreSQL takes for a zone ("time zone displacement out of range").
+fn midnight_utc(day: NaiveDate) -> String {
+    format!(
+        "{:04}-{:02}-{:02} 00:00:00+00",
+        day.year(),
+        day.month(),
+        day.day()
+    )
 }
 
 /// The UTC day of a timestamp in microseconds since the Unix epoch.
@@ -398,11 +418,33 @@ mod tests {
         ));
         let day = NaiveDate::from_ymd_opt(2026, 12, 31).unwrap();
         assert_eq!(
-            n.create_day_sql(Kind::App, day),
+            n.create_day_sql(Kind::App, day).unwrap(),
             "CREATE TABLE \"app\".\"logs_app_20261231\" (LIKE \"app\".\"logs_app\" INCLUDING DEFAULTS \
              INCLUDING CONSTRAINTS);\nALTER TABLE \"app\".\"logs_app\" ATTACH PARTITION \"app\".\"logs_app_20261231\" \
              FOR VALUES FROM ('2026-12-31 00:00:00+00') TO ('2027-01-01 00:00:00+00')"
         );
+        // The last day's upper bound is year 10000, written as PostgreSQL reads it.
+        let last = NaiveDate::from_ymd_opt(9999, 12, 31).unwrap();
+        let sql = n.create_day_sql(Kind::App, last).unwrap();
+        assert!(sql.contains("\"logs_app_99991231\""), "{sql}");
+        assert!(
+            sql.ends_with("FROM ('9999-12-31 00:00:00+00') TO ('10000-01-01 00:00:00+00')"),
+            "{sql}"
+        );
+        let first = NaiveDate::from_ymd_opt(1, 1, 1).unwrap();
+        assert!(n
+            .create_day_sql(Kind::Http, first)
+            .unwrap()
+            .ends_with("FROM ('0001-01-01 00:00:00+00') TO ('0001-01-02 00:00:00+00')"));
+        // Days outside years 1 to 9999 get no partition (nor a name that is not 8 digits).
+        for outside in [
+            NaiveDate::from_ymd_opt(10000, 1, 1).unwrap(),
+            NaiveDate::from_ymd_opt(0, 12, 31).unwrap(),
+            NaiveDate::from_ymd_opt(-29719, 4, 5).unwrap(),
+            NaiveDate::MAX,
+        ] {
+            assert_eq!(n.create_day_sql(Kind::App, outside), None, "{outside}");
+        }
         assert_eq!(
             n.parse_day_partition(Kind::App, "logs_app_20261231"),
             Some(day)
