@@ -366,23 +366,24 @@ fn deliver(
             None => destinations::open(target)
                 .and_then(|w| writer.insert(w).write_batch(batch, timeout)),
         };
-        let err = match result {
-            Ok(outcome) => {
-                let reopened = breaker.state() != breaker::State::Closed;
-                breaker.success();
-                if reopened {
-                    dest.report(20, "delivering again; circuit breaker closed");
-                }
-                let invalid = outcome.invalid.min(n);
-                return (
-                    n - invalid,
-                    if invalid > 0 {
-                        vec![(DropReason::Invalid, invalid)]
-                    } else {
-                        vec![]
-                    },
-                );
+        let delivered = |outcome: destinations::Outcome, breaker: &mut Breaker| {
+            let reopened = breaker.state() != breaker::State::Closed;
+            breaker.success();
+            if reopened {
+                dest.report(20, "delivering again; circuit breaker closed");
             }
+            let invalid = outcome.invalid.min(n);
+            (
+                n - invalid,
+                if invalid > 0 {
+                    vec![(DropReason::Invalid, invalid)]
+                } else {
+                    vec![]
+                },
+            )
+        };
+        let err = match result {
+            Ok(outcome) => return delivered(outcome, breaker),
             Err(e) => e,
         };
         dest.queue
@@ -392,6 +393,13 @@ fn deliver(
             || breaker.state() == breaker::State::HalfOpen
             || dest.abort.load(Ordering::SeqCst);
         if give_up {
+            // A batch whose last COMMIT went unanswered may be stored after all: the writer
+            // asks once more rather than counting it failed (no time for it when closing).
+            let aborting = dest.abort.load(Ordering::SeqCst);
+            let ask = if aborting { Duration::ZERO } else { timeout };
+            if let Some(outcome) = writer.as_mut().and_then(|w| w.given_up(batch, ask)) {
+                return delivered(outcome, breaker);
+            }
             breaker.failure(Instant::now());
             let opened = matches!(breaker.state(), breaker::State::Open { .. });
             let note = if opened { "; circuit breaker open" } else { "" };

@@ -695,6 +695,107 @@ def test_too_many_connections_is_retried_then_recovers(postgres, table, log):
     assert postgres.psql(f"select message from {table}") == [("accepted",)]
 
 
+def backends(postgres, application_name, where="true"):
+    return postgres.psql(
+        f"select count(*) from pg_stat_activity where application_name = %s and {where}",
+        (application_name,),
+    )[0][0]
+
+
+@pytest.mark.parametrize("max_retries", [3, 0])
+def test_a_commit_outliving_its_attempt_is_stored_once(postgres, table, log, max_retries):
+    # The server runs a deferred trigger at COMMIT that sleeps past the attempt's time limit
+    # (the first commit only). The attempt gives up with its COMMIT sent; the server would
+    # still commit it after the sleep, beside the retry's copy. The writer ends that commit's
+    # server process and asks for its outcome (rolled back) before sending the batch again.
+    app = f"ls_{table}"
+    destination = logsluice.Postgres(
+        postgres.dsn,
+        table=table,
+        partition=None,
+        application_name=app,
+        attempt_timeout=1.0,
+        max_retries=max_retries,
+        retry_initial=0.1,
+        retry_max=0.2,
+    )
+    pipeline = logsluice.Pipeline(destination)
+    pipeline.attach(log)
+    log.info("warm-up")
+    pipeline.flush(30)
+    postgres.psql(
+        f"create sequence {table}_commits; grant usage on sequence {table}_commits to app;"
+        f" create function {table}_slow() returns trigger language plpgsql as $$"
+        f" begin if nextval('{table}_commits') = 1 then perform pg_sleep(3); end if; return null; end $$;"
+        f" create constraint trigger slow_commit after insert on {table} deferrable initially deferred"
+        f" for each row execute function {table}_slow()"
+    )
+    log.info("only once")
+    pipeline.flush(30)
+    stats = pipeline.stats()["postgres"]
+    pipeline.close()
+    # Whatever the server still runs for this writer has ended (committed or not).
+    wait_for(lambda: backends(postgres, app) == 0, what="the writer's server processes to end")
+    stored = count(postgres, table, "message = 'only once'")
+    assert accounted(stats) and stats["in_flight"] == 0
+    if max_retries:
+        assert stored == 1, f"the batch was stored {stored} times"
+        assert stats["written"] == 2 and stats["dropped_total"] == 0 and stats["retries"] >= 1
+    else:
+        # No retry left: the writer still ends the commit, learns it was rolled back, and
+        # counts the batch failed, which it is.
+        assert stored == 0 and stats["written"] == 1 and stats["dropped"]["failed"] == 1
+    assert postgres.psql(f"select last_value >= 1 from {table}_commits")[0][0]
+
+
+@pytest.mark.parametrize("max_retries", [3, 0])
+def test_a_commit_waiting_for_a_standby_that_never_answers_is_stored_once(postgres, table, log, max_retries):
+    # synchronous_commit waits for a standby that does not exist: each COMMIT is durable
+    # on the server but never acknowledged. The writer must not send the batch again; it
+    # ends the waiting server process (the transaction stays committed) and counts the
+    # batch written.
+    app = f"ls_{table}"
+    options = dict(partition=None, application_name=app, notify=False)
+    warm = logsluice.Pipeline(logsluice.Postgres(postgres.dsn, table=table, **options))
+    warm.attach(log)
+    log.info("warm-up")
+    warm.close(30)
+    log.remove()
+    destination = logsluice.Postgres(
+        postgres.dsn,
+        table=table,
+        attempt_timeout=1.0,
+        max_retries=max_retries,
+        retry_initial=0.1,
+        retry_max=0.2,
+        **options,
+    )
+    pipeline = logsluice.Pipeline(destination)
+    pipeline.attach(log)
+    postgres.psql("alter system set synchronous_standby_names = 'ghost'")
+    postgres.psql("alter system set synchronous_commit = 'on'")
+    try:
+        postgres.psql("select pg_reload_conf()")
+        wait_for(lambda: postgres.psql("show synchronous_standby_names") == [("ghost",)], what="reload")
+        log.info("only once")
+        pipeline.flush(30)
+        stats = pipeline.stats()["postgres"]
+        # No server process of the writer is left waiting for the standby.
+        wait_for(
+            lambda: backends(postgres, app, "wait_event = 'SyncRep'") == 0,
+            what="no commit left waiting for the standby",
+        )
+    finally:
+        postgres.psql("alter system reset synchronous_standby_names")
+        postgres.psql("alter system reset synchronous_commit")
+        postgres.psql("select pg_reload_conf()")
+    pipeline.close()
+    wait_for(lambda: backends(postgres, app) == 0, what="the writer's server processes to end")
+    stored = count(postgres, table, "message = 'only once'")
+    assert stored == 1, f"the batch was stored {stored} times"
+    assert stats["written"] == 1 and stats["dropped_total"] == 0 and accounted(stats), stats
+
+
 def test_records_on_the_first_and_last_day_get_their_partitions(postgres, table, log, tmp_path):
     # The last day's partition ends at 10000-01-01, which chrono writes as +10000-01-01 and
     # PostgreSQL then read as a time zone: the whole batch failed, good records included.

@@ -61,6 +61,15 @@ pub trait Writer: Send {
         timeout: Duration,
     ) -> Result<Outcome, WriteError>;
 
+    /// Called when the pipeline gives up on `batch` after its last failed attempt, before it
+    /// is counted as failed. A writer whose attempts left the batch's fate open (a COMMIT
+    /// sent but never answered) asks once more within `timeout` and returns `Some` if the
+    /// batch was stored after all; either way it forgets the batch. A zero `timeout`: no time
+    /// to ask (shutting down).
+    fn given_up(&mut self, _batch: &[Arc<Record>], _timeout: Duration) -> Option<Outcome> {
+        None
+    }
+
     /// Called when the queue has been idle for a while: time-based rotation, maintenance.
     fn idle(&mut self) {}
 

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use sqlx::postgres::{PgConnectOptions, PgConnection, PgDatabaseError};
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgDatabaseError, PgSeverity};
 use sqlx::{AssertSqlSafe, Connection, Row};
 
 use super::{Outcome, WriteError, Writer};
@@ -46,6 +46,18 @@ const DELETE_CHUNK: i64 = 10_000;
 /// The least time between two NOTIFYs on one channel from this process: NOTIFY takes a
 /// database-wide lock at commit, so a busy writer must not send one per batch.
 const NOTIFY_GAP: Duration = Duration::from_millis(250);
+
+/// Server processes of given-up connections remembered for ending, at most (one is added
+/// per connection given up, and all are ended by the next connection).
+const MAX_ORPHANS: usize = 16;
+/// Ends the given server processes (pid and start time, so that a later process given the
+/// same pid is never touched): a statement cut off by the attempt's time limit may still
+/// run or wait for a lock, and a COMMIT may still be waiting for a synchronous standby.
+/// Allowed for processes of the same role.
+const END_ORPHANS: &str = "SELECT count(pg_terminate_backend(a.pid)) FROM pg_stat_activity a \
+     JOIN unnest($1::int4[], $2::text[]) AS o(pid, started) ON a.pid = o.pid \
+     AND to_char(a.backend_start AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US') = o.started \
+     WHERE a.pid <> pg_backend_pid()";
 
 /// A day no partition can be made for (kind, day number since the epoch), and why.
 type Refused = ((Kind, i64), String);
@@ -283,6 +295,15 @@ struct Inner {
     target: String,
     secrets: Vec<String>,
     conn: Option<PgConnection>,
+    /// The server process behind `conn`, and how to read and look up transaction ids there.
+    backend: Option<Backend>,
+    /// Server processes of connections given up mid-conversation (an attempt cut off by its
+    /// time limit): they may still hold a transaction and its locks, or wait in a COMMIT, and
+    /// are ended from the next connection.
+    orphans: Vec<Backend>,
+    /// A batch whose COMMIT was sent but never answered: the server may have committed it.
+    /// The next attempt asks the server instead of sending the batch again.
+    in_doubt: Option<InDoubt>,
     /// Known once the schema has been checked (and created or migrated) on this connection.
     layout: Option<Layout>,
     /// (kind, day number since the epoch) of day partitions known to exist.
@@ -299,10 +320,28 @@ struct Inner {
     notify_pending: bool,
 }
 
+/// A server process, told apart from a later one given the same pid by its start time.
+#[derive(Clone, Debug)]
+struct Backend {
+    pid: i32,
+    started: String,
+    /// `SELECT` of the current transaction's id, and of a transaction's status by its id:
+    /// `pg_current_xact_id`/`pg_xact_status` (13+), `txid_current`/`txid_status` (10-12).
+    xid_sql: Option<(&'static str, &'static str)>,
+}
+
+/// A transaction whose COMMIT went out without an answer (the attempt's time ran out, or
+/// the connection broke): its id, and the records left out of it as data errors.
+#[derive(Debug)]
+struct InDoubt {
+    xid: String,
+    bad: Vec<(usize, String)>,
+}
+
 /// How a batch's COPY went.
 enum Copied {
-    /// Committed; the records named (index in the batch, reason) were left out as data
-    /// errors.
+    /// Committed, by this attempt or by an earlier one whose answer was lost; the records
+    /// named (index in the batch, reason) were left out as data errors.
     Done(Vec<(usize, String)>),
     /// The server refused the data of a row of `kept` (indexes in the batch); `set_aside`
     /// were left out before the COPY.
@@ -312,6 +351,20 @@ enum Copied {
         message: String,
         line: Option<usize>,
     },
+}
+
+/// Whether a COMMIT's outcome is known from its result: it succeeded, or the server
+/// answered with an ERROR (the transaction is rolled back). A lost connection, a timeout or
+/// a FATAL (a backend ended while it waited for a synchronous standby, after committing
+/// locally) leave it unknown.
+fn commit_known(result: &Result<(), sqlx::Error>) -> bool {
+    match result {
+        Ok(()) => true,
+        Err(sqlx::Error::Database(db)) => db
+            .try_downcast_ref::<PgDatabaseError>()
+            .is_some_and(|pg| pg.severity() == PgSeverity::Error),
+        Err(_) => false,
+    }
 }
 
 fn secs(v: f64) -> Duration {
@@ -364,6 +417,9 @@ impl Postgres {
                 target,
                 secrets,
                 conn: None,
+                backend: None,
+                orphans: Vec::new(),
+                in_doubt: None,
                 layout: None,
                 days: HashSet::new(),
                 buf: Vec::with_capacity(1 << 20),
@@ -385,6 +441,38 @@ pub(crate) fn scrub(secrets: &[String], mut message: String) -> String {
         }
     }
     message
+}
+
+/// The server process behind a new connection, and whether the server can tell a
+/// transaction's status by its id; `None` when it cannot be asked (then an unanswered
+/// COMMIT's batch is sent again, as any client would).
+async fn identify(conn: &mut PgConnection) -> Option<Backend> {
+    let row = sqlx::query(
+        "SELECT pg_backend_pid(), \
+         (SELECT to_char(backend_start AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US') \
+          FROM pg_stat_activity WHERE pid = pg_backend_pid()), \
+         to_regprocedure('pg_xact_status(xid8)') IS NOT NULL, \
+         to_regprocedure('txid_status(bigint)') IS NOT NULL",
+    )
+    .fetch_one(&mut *conn)
+    .await
+    .ok()?;
+    let xid_sql = match (row.try_get(2).ok()?, row.try_get(3).ok()?) {
+        (true, _) => Some((
+            "SELECT pg_current_xact_id()::text",
+            "SELECT pg_xact_status($1::text::xid8)::text",
+        )),
+        (false, true) => Some((
+            "SELECT txid_current()::text",
+            "SELECT txid_status($1::text::bigint)::text",
+        )),
+        (false, false) => None,
+    };
+    Some(Backend {
+        pid: row.try_get(0).ok()?,
+        started: row.try_get::<Option<String>, _>(1).ok()??,
+        xid_sql,
+    })
 }
 
 /// The batch's records whose day can have a partition (indexes in the batch), and the
@@ -412,19 +500,59 @@ async fn exec(conn: &mut PgConnection, sql: String) -> Result<(), sqlx::Error> {
         .map(|_| ())
 }
 
+/// `BEGIN`, and the new transaction's id when the server can tell its status later (in
+/// the same round trip).
+async fn begin(
+    conn: &mut PgConnection,
+    backend: Option<&Backend>,
+) -> Result<Option<String>, sqlx::Error> {
+    match backend.and_then(|b| b.xid_sql) {
+        Some((current, _)) => {
+            let row = sqlx::raw_sql(AssertSqlSafe(format!("BEGIN; {current}")))
+                .fetch_one(&mut *conn)
+                .await?;
+            Ok(Some(row.try_get(0)?))
+        }
+        None => exec(conn, "BEGIN".into()).await.map(|()| None),
+    }
+}
+
+/// `COMMIT`, leaving `in_doubt` set while its outcome is unknown: when the answer never
+/// comes (the attempt's time ran out, the connection broke) the server may still have
+/// committed, and the next attempt asks it rather than sending the batch again.
+async fn commit(
+    conn: &mut PgConnection,
+    xid: Option<String>,
+    in_doubt: &mut Option<InDoubt>,
+    bad: &[(usize, String)],
+) -> Result<(), sqlx::Error> {
+    *in_doubt = xid.map(|xid| InDoubt {
+        xid,
+        bad: bad.to_vec(),
+    });
+    let result = exec(conn, "COMMIT".into()).await;
+    if commit_known(&result) {
+        *in_doubt = None;
+    }
+    result
+}
+
 /// One COPY in its own transaction. A COPY still waiting (on a lock) when the attempt
 /// gives up completes later on the server; as an implicit transaction it would then commit
-/// beside the retry's copy. In a transaction it finds the client gone at COMMIT and is
-/// rolled back.
+/// beside the retry's copy. In a transaction it cannot commit without our COMMIT (and its
+/// server process is ended from the next connection).
 async fn copy_committed(
     conn: &mut PgConnection,
+    backend: Option<&Backend>,
     sql: &[String; 2],
     buf: &mut Vec<u8>,
     rows: &[&Record],
+    in_doubt: &mut Option<InDoubt>,
+    set_aside: &[(usize, String)],
 ) -> Result<(), sqlx::Error> {
-    exec(conn, "BEGIN".into()).await?;
+    let xid = begin(conn, backend).await?;
     match copy_rows(conn, sql, buf, rows).await {
-        Ok(_) => exec(conn, "COMMIT".into()).await,
+        Ok(_) => commit(conn, xid, in_doubt, set_aside).await,
         Err(e) => {
             // Ends the failed transaction; if the connection broke, the error says so.
             let _ = exec(conn, "ROLLBACK".into()).await;
@@ -467,18 +595,31 @@ async fn copy_rows(
 }
 
 impl Inner {
+    /// Gives the connection up. Its server process may outlive it (a statement still
+    /// running or waiting, a COMMIT waiting for a standby): it is ended from the next
+    /// connection.
+    fn drop_conn(&mut self) {
+        if self.conn.take().is_some() {
+            if let Some(backend) = self.backend.take() {
+                if self.orphans.len() < MAX_ORPHANS {
+                    self.orphans.push(backend);
+                }
+            }
+        }
+        self.backend = None;
+        self.layout = None;
+    }
+
     fn fail(&mut self, f: Failure) -> WriteError {
         match f {
             Failure::Transient { message, drop_conn } => {
                 if drop_conn {
-                    self.conn = None;
-                    self.layout = None;
+                    self.drop_conn();
                 }
                 WriteError::transient(scrub(&self.secrets, message))
             }
             Failure::Permanent(message) => {
-                self.conn = None;
-                self.layout = None;
+                self.drop_conn();
                 WriteError::permanent(scrub(&self.secrets, message))
             }
             Failure::Schema(message) => {
@@ -496,8 +637,13 @@ impl Inner {
             return Ok(());
         }
         let timeout = secs(self.cfg.connect_timeout);
-        let result = tokio::time::timeout(timeout, PgConnection::connect_with(&self.opts)).await;
-        let conn = match result {
+        let result = tokio::time::timeout(timeout, async {
+            let mut conn = PgConnection::connect_with(&self.opts).await?;
+            let backend = identify(&mut conn).await;
+            Ok::<_, sqlx::Error>((conn, backend))
+        })
+        .await;
+        let (conn, backend) = match result {
             Ok(Ok(conn)) => conn,
             Ok(Err(e)) => {
                 let f = match classify(&e) {
@@ -522,6 +668,7 @@ impl Inner {
             }
         };
         self.conn = Some(conn);
+        self.backend = backend;
         self.layout = None;
         Ok(())
     }
@@ -571,6 +718,70 @@ impl Inner {
         Ok(refused)
     }
 
+    /// Before anything else on a new attempt: ends the server processes of connections
+    /// given up mid-conversation, and learns the outcome of a COMMIT left unanswered.
+    /// `Some(records left out)` when that COMMIT went through: the batch is written and not
+    /// sent again. An error while the server has not settled it yet (its process still
+    /// ending): sending the batch again then could store it twice.
+    async fn settle_earlier(
+        &mut self,
+        deadline: Instant,
+    ) -> Result<Option<Vec<(usize, String)>>, WriteError> {
+        let conn = self.conn.as_mut().expect("connected");
+        if !self.orphans.is_empty() {
+            let pids: Vec<i32> = self.orphans.iter().map(|b| b.pid).collect();
+            let started: Vec<String> = self.orphans.iter().map(|b| b.started.clone()).collect();
+            let ended = sqlx::query(END_ORPHANS)
+                .bind(pids)
+                .bind(started)
+                .execute(&mut *conn)
+                .await;
+            match ended.map_err(|e| classify(&e)) {
+                // Permanent: not allowed to (another role's process); it ends by itself
+                // once it finds the client gone.
+                Ok(_) | Err(Failure::Permanent(_)) => self.orphans.clear(),
+                Err(f) => return Err(self.fail(f)),
+            }
+        }
+        let Some(xid) = self.in_doubt.as_ref().map(|d| d.xid.clone()) else {
+            return Ok(None);
+        };
+        let Some((_, status_sql)) = self.backend.as_ref().and_then(|b| b.xid_sql) else {
+            // This server cannot tell: sent again.
+            self.in_doubt = None;
+            return Ok(None);
+        };
+        let mut pause = Duration::from_millis(10);
+        loop {
+            let conn = self.conn.as_mut().expect("connected");
+            let status = sqlx::query(status_sql)
+                .bind(&xid)
+                .fetch_one(&mut *conn)
+                .await
+                .and_then(|row| row.try_get::<Option<String>, _>(0));
+            match status {
+                Err(e) => return Err(self.fail(classify(&e))),
+                Ok(Some(s)) if s == "committed" => {
+                    return Ok(self.in_doubt.take().map(|d| d.bad));
+                }
+                Ok(Some(s)) if s == "aborted" => {
+                    self.in_doubt = None;
+                    return Ok(None);
+                }
+                // In progress (its process still ending or waiting), or too old to tell.
+                Ok(_) => {}
+            }
+            if Instant::now() + pause >= deadline {
+                return Err(WriteError::transient(format!(
+                    "the COMMIT of an earlier attempt (transaction {xid}) is not settled on the \
+                     server yet; the batch is not sent again while it may still be committed"
+                )));
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(200));
+        }
+    }
+
     /// One attempt: the COPY (with connecting and schema work) within `timeout`; a batch
     /// that failed on its data gets [`ISOLATION_ATTEMPTS`] times as long to sort out its bad
     /// records, which take many round trips (cut short, every good record would be lost).
@@ -579,7 +790,8 @@ impl Inner {
         batch: &[Arc<Record>],
         timeout: Duration,
     ) -> Result<Outcome, WriteError> {
-        let copied = tokio::time::timeout(timeout, self.copy_batch(batch)).await;
+        let deadline = Instant::now() + timeout;
+        let copied = tokio::time::timeout(timeout, self.copy_batch(batch, deadline)).await;
         let bad = match copied {
             Err(_) => return Err(self.timed_out(timeout)),
             Ok(Err(e)) => return Err(e),
@@ -624,18 +836,23 @@ impl Inner {
 
     /// Cut off mid-conversation: the connection's state is unknown.
     fn timed_out(&mut self, after: Duration) -> WriteError {
-        self.conn = None;
-        self.layout = None;
+        self.drop_conn();
         WriteError::transient(format!(
             "attempt timed out after {:.1}s",
             after.as_secs_f64()
         ))
     }
 
-    /// The batch in one COPY; the records of days no partition can be made for are left
-    /// out of it.
-    async fn copy_batch(&mut self, batch: &[Arc<Record>]) -> Result<Copied, WriteError> {
+    /// The batch in one COPY, unless an earlier attempt's unanswered COMMIT stored it.
+    async fn copy_batch(
+        &mut self,
+        batch: &[Arc<Record>],
+        deadline: Instant,
+    ) -> Result<Copied, WriteError> {
         self.connect().await?;
+        if let Some(bad) = self.settle_earlier(deadline).await? {
+            return Ok(Copied::Done(bad));
+        }
         let layout = self.ensure_schema().await?;
         let mut retried = false;
         loop {
@@ -653,7 +870,16 @@ impl Inner {
             }
             let rows: Vec<&Record> = kept.iter().map(|&i| &*batch[i]).collect();
             let conn = self.conn.as_mut().expect("connected");
-            let copied = copy_committed(conn, &self.copy_sql, &mut self.buf, &rows).await;
+            let copied = copy_committed(
+                conn,
+                self.backend.as_ref(),
+                &self.copy_sql,
+                &mut self.buf,
+                &rows,
+                &mut self.in_doubt,
+                &set_aside,
+            )
+            .await;
             let e = match copied {
                 Ok(()) => return Ok(Copied::Done(set_aside)),
                 Err(e) => e,
@@ -712,10 +938,15 @@ impl Inner {
             first_line,
         );
         let conn = self.conn.as_mut().expect("connected");
-        let (sql, buf) = (&self.copy_sql, &mut self.buf);
+        let (backend, sql, buf, in_doubt) = (
+            self.backend.as_ref(),
+            &self.copy_sql,
+            &mut self.buf,
+            &mut self.in_doubt,
+        );
         let mut left_out = set_aside;
         let result: Result<(), sqlx::Error> = async {
-            exec(conn, "BEGIN".into()).await?;
+            let xid = begin(conn, backend).await?;
             loop {
                 let late = Instant::now() > deadline;
                 let set =
@@ -756,13 +987,13 @@ impl Inner {
                 }
             }
             left_out.extend(bad.drain(..).map(|(i, why)| (kept[i], why)));
-            exec(conn, "COMMIT".into()).await
+            commit(conn, xid, in_doubt, &left_out).await
         }
         .await;
         if let Err(e) = result {
-            // The transaction is gone with the error (or the connection): nothing written.
-            self.conn = None;
-            self.layout = None;
+            // The transaction is gone with the error (or the connection): nothing written,
+            // unless the COMMIT went out unanswered (the next attempt asks the server).
+            self.drop_conn();
             return Err(self.fail(classify(&e)));
         }
         Ok(left_out)
@@ -813,8 +1044,7 @@ impl Inner {
             .execute(conn)
             .await;
         if sent.is_err() {
-            self.conn = None;
-            self.layout = None;
+            self.drop_conn();
         }
     }
 
@@ -863,8 +1093,7 @@ impl Inner {
                         ..
                     }
                 ) {
-                    self.conn = None;
-                    self.layout = None;
+                    self.drop_conn();
                 }
                 self.next_maintenance = now + Duration::from_secs(60);
                 self.notices.push((
@@ -1273,8 +1502,7 @@ impl Writer for Postgres {
                     .await
                     .is_err()
                 {
-                    inner.conn = None;
-                    inner.layout = None;
+                    inner.drop_conn();
                 }
             }
             if r.is_ok()
@@ -1283,11 +1511,44 @@ impl Writer for Postgres {
                     .is_err()
             {
                 // Maintenance cut off mid-statement: start the next batch on a fresh connection.
-                inner.conn = None;
-                inner.layout = None;
+                inner.drop_conn();
             }
             r
         })
+    }
+
+    fn given_up(&mut self, batch: &[Arc<Record>], timeout: Duration) -> Option<Outcome> {
+        let Postgres { rt, inner } = self;
+        let doubt = inner.in_doubt.as_ref()?;
+        let xid = doubt.xid.clone();
+        let _guard = rt.enter();
+        let asked = if timeout.is_zero() {
+            None
+        } else {
+            let deadline = Instant::now() + timeout;
+            rt.block_on(tokio::time::timeout(timeout, async {
+                inner.connect().await?;
+                inner.settle_earlier(deadline).await
+            }))
+            .ok()
+        };
+        match asked {
+            Some(Ok(Some(bad))) => return Some(inner.settled(batch, &bad)),
+            // Rolled back: it is dropped as the pipeline says.
+            Some(Ok(None)) if inner.in_doubt.is_none() => return None,
+            Some(Err(_)) | None => inner.drop_conn(),
+            Some(Ok(None)) => {}
+        }
+        inner.in_doubt = None;
+        inner.notices.push((
+            30,
+            format!(
+                "a batch of {} records counted as failed may be stored all the same: the server \
+                 had not settled its COMMIT (transaction {xid}) when the attempts ran out",
+                batch.len()
+            ),
+        ));
+        None
     }
 
     fn idle(&mut self) {
@@ -1302,8 +1563,7 @@ impl Writer for Postgres {
                 }))
                 .is_err()
             {
-                inner.conn = None;
-                inner.layout = None;
+                inner.drop_conn();
             }
         }
     }
