@@ -6,6 +6,7 @@ pub mod destinations;
 pub mod encode;
 pub mod http;
 pub mod metrics;
+pub mod per_process;
 pub mod pipeline;
 pub mod queue;
 pub mod read;

@@ -97,7 +97,6 @@ impl Destination {
 pub struct Core {
     pub dests: Vec<Arc<Destination>>,
     pub options: PipelineOptions,
-    pub generation: u64,
     /// The lowest `min_level` any destination wants, per kind: records below are never built.
     floor: [u16; 2],
     closed: AtomicBool,
@@ -116,7 +115,6 @@ impl Core {
         options: PipelineOptions,
         reporter: Reporter,
     ) -> Arc<Core> {
-        let generation = fork_generation();
         let mut floor = [u16::MAX; 2];
         let mut dests = Vec::new();
         for spec in specs {
@@ -156,7 +154,6 @@ impl Core {
         Arc::new(Core {
             dests,
             options,
-            generation,
             floor,
             closed: AtomicBool::new(false),
         })

@@ -15,7 +15,6 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use arc_swap::ArcSwapOption;
 use parking_lot::{Condvar, Mutex};
 
 use pyo3::exceptions::PyValueError;
@@ -31,7 +30,8 @@ use super::PyCore;
 use crate::config::PipelineOptions;
 use crate::http::redact::{Redactor, Rules, DEFAULT_HEADERS, DEFAULT_KEYS};
 use crate::http::{self, Exchange, Headers, TraceIds};
-use crate::pipeline::{fork_generation, reporting, Core};
+use crate::per_process::PerProcess;
+use crate::pipeline::{reporting, Core};
 use crate::record::Kind;
 
 #[derive(Deserialize)]
@@ -741,7 +741,6 @@ struct LaneQueue {
 }
 
 struct LaneInner {
-    generation: u64,
     queue: Mutex<LaneQueue>,
     work: Condvar,
     finished: Condvar,
@@ -753,10 +752,9 @@ struct LaneInner {
 /// ends when the pipeline closes.
 #[derive(Default)]
 pub struct Lane {
-    slot: ArcSwapOption<LaneInner>,
+    slot: PerProcess<LaneInner>,
     /// Where the next exchange will be written (a hint: read without the lock).
     next_at: AtomicUsize,
-    starting: Mutex<()>,
     dropped: AtomicU64,
     /// Set by [`Lane::close`]: a lane started after it (in a forked child) has no thread.
     closed: AtomicBool,
@@ -764,41 +762,27 @@ pub struct Lane {
 
 impl Lane {
     fn inner(&self) -> Arc<LaneInner> {
-        let generation = fork_generation();
-        if let Some(inner) = self.slot.load_full().filter(|i| i.generation == generation) {
-            return inner;
-        }
-        let _guard = self.starting.lock();
-        if let Some(inner) = self.slot.load_full() {
-            if inner.generation == generation {
-                return inner;
+        self.slot.get_or_init(|| {
+            let closed = self.closed.load(Ordering::SeqCst);
+            let inner = Arc::new(LaneInner {
+                queue: Mutex::new(LaneQueue {
+                    closed,
+                    ..Default::default()
+                }),
+                work: Condvar::new(),
+                finished: Condvar::new(),
+                thread: Mutex::new(None),
+            });
+            if !closed {
+                let worker = inner.clone();
+                let handle = std::thread::Builder::new()
+                    .name("logsluice-http".into())
+                    .spawn(move || worker.run())
+                    .expect("spawning a thread");
+                *inner.thread.lock() = Some(handle);
             }
-            // The parent's lane, copied by fork: its thread is gone, its lock may be held.
-            std::mem::forget(inner);
-        }
-        let closed = self.closed.load(Ordering::SeqCst);
-        let inner = Arc::new(LaneInner {
-            generation,
-            queue: Mutex::new(LaneQueue {
-                closed,
-                ..Default::default()
-            }),
-            work: Condvar::new(),
-            finished: Condvar::new(),
-            thread: Mutex::new(None),
-        });
-        if !closed {
-            let worker = inner.clone();
-            let handle = std::thread::Builder::new()
-                .name("logsluice-http".into())
-                .spawn(move || worker.run())
-                .expect("spawning a thread");
-            *inner.thread.lock() = Some(handle);
-        }
-        if let Some(old) = self.slot.swap(Some(inner.clone())) {
-            std::mem::forget(old);
-        }
-        inner
+            inner
+        })
     }
 
     /// Asks for the cache lines the next exchange will be written to, when a request
@@ -895,11 +879,7 @@ impl Lane {
     /// Waits (GIL released) until every job pushed before the call is on a destination
     /// queue, for at most `timeout` seconds; returns the seconds left.
     pub fn drain(&self, py: Python<'_>, timeout: f64) -> f64 {
-        let Some(inner) = self
-            .slot
-            .load_full()
-            .filter(|i| i.generation == fork_generation())
-        else {
+        let Some(inner) = self.slot.current() else {
             return timeout;
         };
         let start = Instant::now();
@@ -922,12 +902,9 @@ impl Lane {
     /// [`Lane::drain`]); exchanges handed off later are worked through by their caller.
     /// Returns the thread to join, if this process started one.
     pub fn close(&self) -> Option<JoinHandle<()>> {
-        let _guard = self.starting.lock();
+        let _guard = self.slot.hold_start();
         self.closed.store(true, Ordering::SeqCst);
-        let inner = self
-            .slot
-            .load_full()
-            .filter(|i| i.generation == fork_generation())?;
+        let inner = self.slot.current()?;
         inner.queue.lock().closed = true;
         inner.work.notify_one();
         let thread = inner.thread.lock().take();
@@ -936,14 +913,10 @@ impl Lane {
 
     /// `(waiting, dropped)`.
     pub fn stats(&self) -> (u64, u64) {
-        let waiting = self
-            .slot
-            .load_full()
-            .filter(|i| i.generation == fork_generation())
-            .map_or(0, |i| {
-                let q = i.queue.lock();
-                q.submitted - q.done
-            });
+        let waiting = self.slot.current().map_or(0, |i| {
+            let q = i.queue.lock();
+            q.submitted - q.done
+        });
         (waiting, self.dropped.load(Ordering::Relaxed))
     }
 }

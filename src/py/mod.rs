@@ -12,8 +12,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use arc_swap::ArcSwapOption;
-use parking_lot::Mutex;
 use pyo3::exceptions::{PyTimeoutError, PyValueError};
 use pyo3::intern;
 use pyo3::prelude::*;
@@ -21,7 +19,8 @@ use pyo3::types::PyDict;
 
 use crate::config::{parse_specs, DestinationSpec, PipelineOptions};
 use crate::metrics::DropReason;
-use crate::pipeline::{fork_generation, reporting, Core, Reporter};
+use crate::per_process::PerProcess;
+use crate::pipeline::{reporting, Core, Reporter};
 use crate::record::{Kind, Record};
 use convert::Ctx;
 
@@ -65,8 +64,7 @@ fn pending_text(pending: &[(String, u64)]) -> String {
 pub struct PyCore {
     specs: Vec<DestinationSpec>,
     options: PipelineOptions,
-    slot: ArcSwapOption<Core>,
-    starting: Mutex<()>,
+    slot: PerProcess<Core>,
     closed: AtomicBool,
     reporter: Reporter,
     ctx: Ctx,
@@ -78,33 +76,17 @@ impl PyCore {
     /// The core of this process, started on first use and started afresh in a forked
     /// child (whose copy of the parent's threads does not exist).
     fn core(&self) -> Arc<Core> {
-        let generation = fork_generation();
-        if let Some(core) = self.slot.load_full() {
-            if core.generation == generation {
-                return core;
+        self.slot.get_or_init(|| {
+            let core = Core::start(
+                self.specs.clone(),
+                self.options.clone(),
+                self.reporter.clone(),
+            );
+            if self.closed.load(Ordering::SeqCst) {
+                let _ = core.close(Duration::ZERO);
             }
-        }
-        let _guard = self.starting.lock();
-        if let Some(core) = self.slot.load_full() {
-            if core.generation == generation {
-                return core;
-            }
-            // The parent's core, copied by fork: its threads are gone and its locks may be
-            // held forever. Never touch it again; leaking it is the safe choice.
-            std::mem::forget(core);
-        }
-        let core = Core::start(
-            self.specs.clone(),
-            self.options.clone(),
-            self.reporter.clone(),
-        );
-        if self.closed.load(Ordering::SeqCst) {
-            let _ = core.close(Duration::ZERO);
-        }
-        if let Some(old) = self.slot.swap(Some(core.clone())) {
-            std::mem::forget(old);
-        }
-        core
+            core
+        })
     }
 
     fn submit(&self, py: Python<'_>, core: &Core, record: Record) {
@@ -220,8 +202,7 @@ impl PyCore {
         Ok(PyCore {
             specs,
             options,
-            slot: ArcSwapOption::empty(),
-            starting: Mutex::new(()),
+            slot: PerProcess::default(),
             closed: AtomicBool::new(false),
             reporter: reporter(report),
             ctx,
@@ -247,11 +228,7 @@ impl PyCore {
     /// Counters per destination (see the README for every field).
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let out = PyDict::new(py);
-        let Some(core) = self
-            .slot
-            .load_full()
-            .filter(|c| c.generation == fork_generation())
-        else {
+        let Some(core) = self.slot.current() else {
             for spec in &self.specs {
                 out.set_item(&spec.common.name, empty_stats(py)?)?;
             }
@@ -288,11 +265,7 @@ impl PyCore {
     #[pyo3(signature = (timeout=5.0))]
     fn flush(&self, py: Python<'_>, timeout: f64) -> PyResult<()> {
         let timeout = self.http_lane.drain(py, timeout);
-        let Some(core) = self
-            .slot
-            .load_full()
-            .filter(|c| c.generation == fork_generation())
-        else {
+        let Some(core) = self.slot.current() else {
             return Ok(());
         };
         let timeout = crate::config::seconds(timeout);
@@ -317,8 +290,7 @@ impl PyCore {
         let deadline = Instant::now() + timeout;
         let pending = self
             .slot
-            .load_full()
-            .filter(|c| c.generation == fork_generation())
+            .current()
             .and_then(|core| py.detach(|| core.close(timeout)).err());
         if let Some(thread) = lane_thread {
             // Its jobs now meet a closed queue, which never waits: it ends promptly. As

@@ -21,7 +21,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use arc_swap::ArcSwapOption;
 use azure_core::http::StatusCode;
 use azure_storage_blob::models::{
     BlobClientDownloadOptions, BlobContainerClientListBlobsOptions, ListBlobsIncludeItem,
@@ -42,7 +41,7 @@ use crate::config::AzureBlobConfig;
 use crate::destinations::azure_blob::conn::{self, Auth, Endpoint};
 use crate::destinations::azure_blob::errors::{chain, Redactor};
 use crate::destinations::azure_blob::{build_client, naming};
-use crate::pipeline::fork_generation;
+use crate::per_process::PerProcess;
 use crate::record::Kind;
 
 /// A query without `since` reads this far back (microseconds).
@@ -87,8 +86,7 @@ pub struct Stats {
 pub struct BlobStore {
     /// The runtime and client of this process: built on first use, and again in a forked
     /// child (see [`BlobStore::live`]).
-    live: ArcSwapOption<BlobLive>,
-    starting: Mutex<()>,
+    live: PerProcess<BlobLive>,
     target: Endpoint,
     template: naming::Template,
     prefix: String,
@@ -102,7 +100,6 @@ pub struct BlobStore {
 /// the runtime's threads (its requests would wait until their budget ran out) and with the
 /// parent's connections: it builds its own on first use and never touches the copy.
 struct BlobLive {
-    generation: u64,
     /// Always Some until drop (see the Drop impl).
     rt: Option<tokio::runtime::Runtime>,
     client: BlobContainerClient,
@@ -355,8 +352,7 @@ impl BlobStore {
             build_client(&endpoint).map_err(|e| bad(redactor.clean(&chain(&e))))?;
         }
         Ok(BlobStore {
-            live: ArcSwapOption::empty(),
-            starting: Mutex::new(()),
+            live: PerProcess::default(),
             target: endpoint.clone(),
             template,
             prefix: cfg.target.prefix.clone(),
@@ -370,45 +366,27 @@ impl BlobStore {
     /// The runtime and client of this process, built on first use and built afresh in a
     /// forked child (gunicorn `--preload`, multiprocessing), as the pipeline's core is.
     fn live(&self) -> Result<Arc<BlobLive>, ReadError> {
-        let generation = fork_generation();
-        if let Some(live) = self.live.load_full() {
-            if live.generation == generation {
-                return Ok(live);
-            }
-        }
-        let _guard = self.starting.lock();
-        if let Some(live) = self.live.load_full() {
-            if live.generation == generation {
-                return Ok(live);
-            }
-            // The parent's, copied by fork: never touched again, leaked (dropping it could
-            // wait for ever or close the parent's connections).
-            std::mem::forget(live);
-        }
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("logsluice-blob-reader")
-            .enable_all()
-            .build()
-            .map_err(|e| ReadError::Failed(format!("cannot start runtime: {e}")))?;
-        let client = {
-            let _guard = rt.enter();
-            build_client(&self.target).map_err(|e| {
-                ReadError::Failed(format!(
-                    "AzureBlob source: {}",
-                    self.redactor.clean(&chain(&e))
-                ))
-            })?
-        };
-        let live = Arc::new(BlobLive {
-            generation,
-            rt: Some(rt),
-            client,
-        });
-        if let Some(old) = self.live.swap(Some(live.clone())) {
-            std::mem::forget(old);
-        }
-        Ok(live)
+        self.live.get_or_try_init(|| {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .thread_name("logsluice-blob-reader")
+                .enable_all()
+                .build()
+                .map_err(|e| ReadError::Failed(format!("cannot start runtime: {e}")))?;
+            let client = {
+                let _guard = rt.enter();
+                build_client(&self.target).map_err(|e| {
+                    ReadError::Failed(format!(
+                        "AzureBlob source: {}",
+                        self.redactor.clean(&chain(&e))
+                    ))
+                })?
+            };
+            Ok(Arc::new(BlobLive {
+                rt: Some(rt),
+                client,
+            }))
+        })
     }
 
     /// Where the blobs are read from, without any secret.
@@ -891,17 +869,6 @@ impl BlobStore {
             "blobs_downloaded": self.stats.blobs_downloaded.load(Ordering::Relaxed),
             "bytes_downloaded": self.stats.bytes_downloaded.load(Ordering::Relaxed),
         })
-    }
-}
-
-impl Drop for BlobStore {
-    /// A forked child never drops its parent's runtime and client (see [`BlobStore::live`]).
-    fn drop(&mut self) {
-        if let Some(live) = self.live.swap(None) {
-            if live.generation != fork_generation() {
-                std::mem::forget(live);
-            }
-        }
     }
 }
 

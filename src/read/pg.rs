@@ -6,7 +6,6 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use arc_swap::ArcSwapOption;
 use serde_json::{json, Map, Value};
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions, PgRow};
 use sqlx::{AssertSqlSafe, Postgres, Row};
@@ -19,7 +18,7 @@ use super::{Found, ReadError, Scan};
 use crate::destinations::postgres::schema::{quote, Names};
 use crate::destinations::postgres::{dsn_secrets, redact_dsn, scrub, server_message};
 use crate::encode::ts_string;
-use crate::pipeline::fork_generation;
+use crate::per_process::PerProcess;
 
 /// The http-only columns: dropped from app records so every store returns the same shape.
 const HTTP_COLUMNS: &[&str] = &[
@@ -57,8 +56,7 @@ pub struct PgConfig {
 pub struct PgStore {
     /// The runtime and pools of this process: built on first use, and again in a forked
     /// child (see [`PgStore::live`]).
-    live: ArcSwapOption<PgLive>,
-    starting: parking_lot::Mutex<()>,
+    live: PerProcess<PgLive>,
     names: Names,
     target: String,
     secrets: Vec<String>,
@@ -70,7 +68,6 @@ pub struct PgStore {
 /// copy without the runtime's threads (its queries would wait for ever) and with the
 /// parent's connections: it builds its own on first use and never touches the copy.
 pub struct PgLive {
-    generation: u64,
     /// Always Some until drop (see the Drop impl).
     runtime: Option<tokio::runtime::Runtime>,
     pool: PgPool,
@@ -399,8 +396,7 @@ impl PgStore {
             .options([("statement_timeout", format!("{ms}"))]);
         let secrets = dsn_secrets(&cfg.dsn);
         Ok(PgStore {
-            live: ArcSwapOption::empty(),
-            starting: Default::default(),
+            live: PerProcess::default(),
             names,
             target,
             secrets,
@@ -412,48 +408,29 @@ impl PgStore {
     /// The runtime and pools of this process, built on first use and built afresh in a
     /// forked child (gunicorn `--preload`, multiprocessing), as the pipeline's core is.
     pub fn live(&self) -> Result<Arc<PgLive>, ReadError> {
-        let generation = fork_generation();
-        if let Some(live) = self.live.load_full() {
-            if live.generation == generation {
-                return Ok(live);
-            }
-        }
-        let _guard = self.starting.lock();
-        if let Some(live) = self.live.load_full() {
-            if live.generation == generation {
-                return Ok(live);
-            }
-            // The parent's, copied by fork: its threads are gone, its locks may be held and
-            // its connections are the parent's. Never touch it again; leaking it is the
-            // safe choice (dropping it could wait for ever or close the parent's sockets).
-            std::mem::forget(live);
-        }
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("logsluice-reader")
-            .enable_all()
-            .build()
-            .map_err(|e| ReadError::Failed(format!("cannot start runtime: {e}")))?;
-        let pool = {
-            let _guard = rt.enter();
-            PgPoolOptions::new()
-                .max_connections(4)
-                .min_connections(0)
-                .acquire_timeout(self.connect_timeout)
-                .idle_timeout(Some(Duration::from_secs(300)))
-                .connect_lazy_with(self.opts.clone())
-        };
-        let live = Arc::new(PgLive {
-            generation,
-            runtime: Some(rt),
-            pool,
-            wakeups: Default::default(),
-            listener: Default::default(),
-        });
-        if let Some(old) = self.live.swap(Some(live.clone())) {
-            std::mem::forget(old);
-        }
-        Ok(live)
+        self.live.get_or_try_init(|| {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .thread_name("logsluice-reader")
+                .enable_all()
+                .build()
+                .map_err(|e| ReadError::Failed(format!("cannot start runtime: {e}")))?;
+            let pool = {
+                let _guard = rt.enter();
+                PgPoolOptions::new()
+                    .max_connections(4)
+                    .min_connections(0)
+                    .acquire_timeout(self.connect_timeout)
+                    .idle_timeout(Some(Duration::from_secs(300)))
+                    .connect_lazy_with(self.opts.clone())
+            };
+            Ok(Arc::new(PgLive {
+                runtime: Some(rt),
+                pool,
+                wakeups: Default::default(),
+                listener: Default::default(),
+            }))
+        })
     }
 
     /// Runs `work` on this process's runtime, waiting for it.
@@ -500,11 +477,7 @@ impl PgStore {
 
     /// Stops LISTENing (its connection closes).
     pub fn unlisten(&self) {
-        let Some(live) = self
-            .live
-            .load_full()
-            .filter(|l| l.generation == fork_generation())
-        else {
+        let Some(live) = self.live.current() else {
             return;
         };
         let task = live.listener.lock().take();
@@ -781,17 +754,6 @@ impl PgStore {
             .filter_map(|r| r.try_get::<String, _>(0).ok())
             .collect::<Vec<_>>()
             .join("\n"))
-    }
-}
-
-impl Drop for PgStore {
-    /// A forked child never drops its parent's runtime and pools (see [`PgStore::live`]).
-    fn drop(&mut self) {
-        if let Some(live) = self.live.swap(None) {
-            if live.generation != fork_generation() {
-                std::mem::forget(live);
-            }
-        }
     }
 }
 
