@@ -94,6 +94,17 @@ def _child_drops_the_reader() -> bool:
     return ref() is None
 
 
+def reads_across_fork(want: list[str]) -> None:
+    """With `_READER` (held only there, so a child can drop it): the parent reads (its
+    runtime and connections exist when the fork happens), a child reads every way, a child
+    that drops the reader unused leaves the parent's copy alone, and the parent reads on."""
+    assert messages(_READER) == sorted(want)
+    child = in_forked_child(_child_reads)
+    assert child == {"messages": sorted(want), "get": True, "summary": 25, "async": sorted(want)}
+    assert in_forked_child(_child_drops_the_reader) is True
+    assert messages(_READER) == sorted(want)
+
+
 def test_a_postgres_reader_made_before_fork_queries_in_the_child(postgres):
     global _READER
     table = f"fork_{uuid.uuid4().hex[:10]}"
@@ -101,14 +112,7 @@ def test_a_postgres_reader_made_before_fork_queries_in_the_child(postgres):
     write(logsluice.Postgres(postgres.dsn, table=table, batch_max_delay=0.05), want)
     _READER = logsluice.Reader(postgres.dsn, table=table, connect_timeout=10, statement_timeout=10)
     try:
-        # The parent's runtime and pool exist (and hold a connection) when the fork happens.
-        assert messages(_READER) == sorted(want)
-        child = in_forked_child(_child_reads)
-        assert child == {"messages": sorted(want), "get": True, "summary": 25, "async": sorted(want)}
-        # A child that drops the reader without using it leaves the parent's copy alone.
-        assert in_forked_child(_child_drops_the_reader) is True
-        # The parent reads on, on its own runtime and connections.
-        assert messages(_READER) == sorted(want)
+        reads_across_fork(want)
     finally:
         _READER = None
 
@@ -179,11 +183,7 @@ def test_a_blob_reader_made_before_fork_queries_in_the_child(azurite):
     write(logsluice.AzureBlob(azurite.connection_string, container=container, batch_max_delay=0.05), want)
     _READER = logsluice.Reader(azurite.connection_string, container=container, max_seconds=10)
     try:
-        assert messages(_READER) == sorted(want)
-        child = in_forked_child(_child_reads)
-        assert child == {"messages": sorted(want), "get": True, "summary": 25, "async": sorted(want)}
-        assert in_forked_child(_child_drops_the_reader) is True
-        assert messages(_READER) == sorted(want)
+        reads_across_fork(want)
     finally:
         _READER = None
         BlobServiceClient.from_connection_string(azurite.connection_string).delete_container(container)
@@ -195,9 +195,6 @@ def test_a_files_reader_made_before_fork_queries_in_the_child(tmp_logs):
     write(logsluice.LocalFiles(tmp_logs), want)
     _READER = logsluice.Reader(tmp_logs)
     try:
-        assert messages(_READER) == sorted(want)
-        child = in_forked_child(_child_reads)
-        assert child == {"messages": sorted(want), "get": True, "summary": 25, "async": sorted(want)}
-        assert in_forked_child(_child_drops_the_reader) is True
+        reads_across_fork(want)
     finally:
         _READER = None
