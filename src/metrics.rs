@@ -6,16 +6,14 @@ use std::collections::BTreeMap;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum DropReason {
     QueueFull,
-    BreakerOpen,
     Failed,
     Invalid,
     Closed,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 5] = [
+    pub const ALL: [DropReason; 4] = [
         DropReason::QueueFull,
-        DropReason::BreakerOpen,
         DropReason::Failed,
         DropReason::Invalid,
         DropReason::Closed,
@@ -24,7 +22,6 @@ impl DropReason {
     pub fn as_str(self) -> &'static str {
         match self {
             DropReason::QueueFull => "queue_full",
-            DropReason::BreakerOpen => "breaker_open",
             DropReason::Failed => "failed",
             DropReason::Invalid => "invalid",
             DropReason::Closed => "closed",
@@ -38,7 +35,7 @@ const LATENCY_WINDOW: usize = 1024;
 pub struct Counters {
     pub accepted: u64,
     pub written: u64,
-    pub dropped: [u64; 5],
+    pub dropped: [u64; 4],
     pub retries: u64,
     pub batches: u64,
     pub last_error: Option<String>,

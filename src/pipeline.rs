@@ -88,8 +88,21 @@ impl Destination {
         if suppressed > 0 {
             text.push_str(&format!(" ({suppressed} similar messages suppressed)"));
         }
+        self.send(level, &text);
+    }
+
+    /// Reports past the rate limit: news that must not be lost among repeated failures.
+    fn report_now(&self, level: u16, message: &str) {
+        self.limit.lock().last = Some(Instant::now());
+        self.send(
+            level,
+            &format!("logsluice destination {:?}: {message}", self.common.name),
+        );
+    }
+
+    fn send(&self, level: u16, text: &str) {
         REPORTING.with(|r| r.set(true));
-        (self.reporter)(level, &text);
+        (self.reporter)(level, text);
         REPORTING.with(|r| r.set(false));
     }
 }
@@ -336,6 +349,22 @@ fn run(dest: Arc<Destination>, target: Target) {
     }
 }
 
+/// How one round of attempts at a batch ended.
+enum Round {
+    Written(destinations::Outcome),
+    /// The store refused the batch for good (authentication, permissions, a missing
+    /// container): no retry can mend it.
+    Refused(destinations::WriteError),
+    /// Still failing after the round's retries: the store is unavailable for now.
+    Unavailable(destinations::WriteError, u32),
+    Aborted,
+}
+
+/// Writes one batch and settles it. A store that is unavailable never costs records:
+/// the batch is held and tried again (rounds of retries, then the breaker's cooldown and
+/// a probe) while the records behind it wait in the queue, within its bounds. Records are
+/// dropped only when the store refuses them for good (`failed`, `invalid`) or the
+/// pipeline closes before the store is back (`closed`).
 fn deliver(
     dest: &Destination,
     target: &Target,
@@ -345,17 +374,100 @@ fn deliver(
     batch: &[Arc<Record>],
 ) -> (u64, Vec<(DropReason, u64)>) {
     let n = batch.len() as u64;
-    if dest.abort.load(Ordering::SeqCst) {
-        return (0, vec![(DropReason::Closed, n)]);
+    let mut outage: Option<Instant> = None;
+    let mut rounds = 0;
+    loop {
+        if dest.abort.load(Ordering::SeqCst) {
+            return (0, vec![(DropReason::Closed, n)]);
+        }
+        if let breaker::State::Open { until } = breaker.state() {
+            sleep_unless_aborted(dest, until.saturating_duration_since(Instant::now()));
+            if !breaker.allow(Instant::now()) {
+                continue;
+            }
+            dest.queue.with_state(|s| s.breaker = "half_open");
+        }
+        if rounds > 0 {
+            dest.queue.with_state(|s| s.counters.retries += 1);
+        }
+        let round = attempt_round(dest, target, writer, breaker, backoff, batch);
+        let (err, attempts) = match round {
+            Round::Written(outcome) => {
+                let reopened = breaker.state() != breaker::State::Closed;
+                breaker.success();
+                dest.queue.with_state(|s| s.breaker = "closed");
+                if let Some(since) = outage.filter(|_| reopened) {
+                    dest.report_now(
+                        20,
+                        &format!(
+                            "delivering again after {:.1} s; circuit breaker closed",
+                            since.elapsed().as_secs_f64()
+                        ),
+                    );
+                }
+                let invalid = outcome.invalid.min(n);
+                let dropped = if invalid > 0 {
+                    vec![(DropReason::Invalid, invalid)]
+                } else {
+                    vec![]
+                };
+                return (n - invalid, dropped);
+            }
+            Round::Aborted => return (0, vec![(DropReason::Closed, n)]),
+            Round::Refused(err) => {
+                breaker.failure(Instant::now());
+                dest.queue.with_state(|s| s.breaker = breaker.name());
+                dest.report(
+                    40,
+                    &format!(
+                        "dropped a batch of {n} records: {} (an error no retry can mend)",
+                        err.message
+                    ),
+                );
+                return (0, vec![(DropReason::Failed, n)]);
+            }
+            Round::Unavailable(err, attempts) => (err, attempts),
+        };
+        outage.get_or_insert_with(Instant::now);
+        breaker.failure(Instant::now());
+        dest.queue.with_state(|s| s.breaker = breaker.name());
+        let waiting = dest.queue.snapshot().in_flight;
+        let next = match breaker.state() {
+            breaker::State::Open { .. } => format!(
+                "circuit breaker open, next attempt in {:.1} s",
+                dest.common.breaker_cooldown
+            ),
+            _ => "retrying".to_owned(),
+        };
+        dest.report(
+            30,
+            &format!(
+                "store unavailable after {attempts} attempt(s): {}; holding {waiting} records, {next}",
+                err.message
+            ),
+        );
+        if breaker.state() == breaker::State::Closed {
+            sleep_unless_aborted(dest, backoff.delay(rounds));
+        }
+        rounds += 1;
     }
-    let was_open = matches!(breaker.state(), breaker::State::Open { .. });
-    if !breaker.allow(Instant::now()) {
-        return (0, vec![(DropReason::BreakerOpen, n)]);
-    }
-    if was_open {
-        dest.queue.with_state(|s| s.breaker = "half_open");
-    }
+}
+
+/// One attempt and its retries (none for a half-open breaker's probe).
+fn attempt_round(
+    dest: &Destination,
+    target: &Target,
+    writer: &mut Option<Box<dyn Writer>>,
+    breaker: &Breaker,
+    backoff: &Backoff,
+    batch: &[Arc<Record>],
+) -> Round {
     let timeout = seconds(dest.common.attempt_timeout);
+    let retries = if breaker.state() == breaker::State::HalfOpen {
+        0
+    } else {
+        dest.common.max_retries
+    };
     let mut attempt = 0;
     loop {
         let result = match writer.as_mut() {
@@ -363,56 +475,29 @@ fn deliver(
             None => destinations::open(target)
                 .and_then(|w| writer.insert(w).write_batch(batch, timeout)),
         };
-        let delivered = |outcome: destinations::Outcome, breaker: &mut Breaker| {
-            let reopened = breaker.state() != breaker::State::Closed;
-            breaker.success();
-            if reopened {
-                dest.report(20, "delivering again; circuit breaker closed");
-            }
-            let invalid = outcome.invalid.min(n);
-            (
-                n - invalid,
-                if invalid > 0 {
-                    vec![(DropReason::Invalid, invalid)]
-                } else {
-                    vec![]
-                },
-            )
-        };
         let err = match result {
-            Ok(outcome) => return delivered(outcome, breaker),
+            Ok(outcome) => return Round::Written(outcome),
             Err(e) => e,
         };
         dest.queue
             .with_state(|s| s.counters.last_error = Some(err.message.clone()));
-        let give_up = err.kind == ErrorKind::Permanent
-            || attempt >= dest.common.max_retries
-            || breaker.state() == breaker::State::HalfOpen
-            || dest.abort.load(Ordering::SeqCst);
-        if give_up {
+        let aborting = dest.abort.load(Ordering::SeqCst);
+        if err.kind == ErrorKind::Permanent || aborting {
             // A batch whose last COMMIT went unanswered may be stored after all: the writer
-            // asks once more rather than counting it failed (no time for it when closing).
-            let aborting = dest.abort.load(Ordering::SeqCst);
+            // asks once more before the batch counts as not written (no time when closing).
+            // A held batch needs no such question: its next attempt settles the doubt first.
             let ask = if aborting { Duration::ZERO } else { timeout };
             if let Some(outcome) = writer.as_mut().and_then(|w| w.given_up(batch, ask)) {
-                return delivered(outcome, breaker);
+                return Round::Written(outcome);
             }
-            breaker.failure(Instant::now());
-            let opened = matches!(breaker.state(), breaker::State::Open { .. });
-            let note = if opened { "; circuit breaker open" } else { "" };
-            dest.report(
-                if err.kind == ErrorKind::Permanent {
-                    40
-                } else {
-                    30
-                },
-                &format!(
-                    "dropped a batch of {n} records after {} attempt(s): {}{note}",
-                    attempt + 1,
-                    err.message
-                ),
-            );
-            return (0, vec![(DropReason::Failed, n)]);
+            return if aborting {
+                Round::Aborted
+            } else {
+                Round::Refused(err)
+            };
+        }
+        if attempt >= retries {
+            return Round::Unavailable(err, attempt + 1);
         }
         dest.queue.with_state(|s| s.counters.retries += 1);
         sleep_unless_aborted(dest, backoff.delay_with_hint(attempt, err.retry_after));
@@ -493,10 +578,11 @@ mod tests {
     }
 
     #[test]
-    fn breaker_opens_then_recovers() {
+    fn an_unavailable_store_holds_records_until_it_is_back() {
         let tmp = crate::scratch::ScratchDir::new().unwrap();
         let ctl = tmp.path().join("ctl");
         std::fs::write(&ctl, "fail").unwrap();
+        let out = tmp.path().join("out");
         let common = Common {
             name: "c".into(),
             max_retries: 1,
@@ -504,42 +590,80 @@ mod tests {
             retry_max: 0.002,
             breaker_threshold: 2,
             breaker_cooldown: 0.2,
+            batch_max_records: 1,
+            queue_max_records: 5,
             ..Default::default()
         };
         let target = Target::Controlled(ControlledConfig {
             control_file: ctl.to_string_lossy().into(),
-            output_file: tmp.path().join("out").to_string_lossy().into(),
+            output_file: out.to_string_lossy().into(),
         });
         let core = Core::start(
             vec![spec(target, common)],
             PipelineOptions::default(),
             quiet(),
         );
-        let one = |i| {
-            core.submit(Record::new(i, "X", 20, Kind::App, "m".into()).finish(100));
-            core.flush(Duration::from_secs(5)).unwrap();
+        for i in 0..8 {
+            core.submit(Record::new(i, "X", 20, Kind::App, format!("m{i}")).finish(100));
+        }
+        // Two rounds of two attempts open the breaker; nothing is dropped but what found
+        // the queue full.
+        let pending = core.flush(Duration::from_millis(300)).unwrap_err();
+        assert_eq!(pending, vec![("c".to_owned(), 5)]);
+        let s = &core.stats()[0].1;
+        assert_eq!(s.breaker, "open");
+        assert_eq!(s.counters.dropped[DropReason::QueueFull as usize], 3);
+        assert_eq!(s.counters.dropped_total(), 3);
+        assert_eq!(s.in_flight, 5);
+        // While open, attempts come one per cooldown, not one per retry.
+        let attempts = || {
+            std::fs::read_to_string(format!("{}.attempts", out.display()))
+                .unwrap()
+                .lines()
+                .count()
         };
-        one(0);
-        one(1);
-        let s = &core.stats()[0].1;
-        assert_eq!(
-            (
-                s.breaker,
-                s.counters.dropped[DropReason::Failed as usize],
-                s.counters.retries
-            ),
-            ("open", 2, 2)
-        );
-        one(2);
-        assert_eq!(
-            core.stats()[0].1.counters.dropped[DropReason::BreakerOpen as usize],
-            1
-        );
+        let before = attempts();
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(attempts() - before <= 2, "{} probes", attempts() - before);
         std::fs::write(&ctl, "ok").unwrap();
-        std::thread::sleep(Duration::from_millis(250));
-        one(3);
+        core.flush(Duration::from_secs(5)).unwrap();
         let s = &core.stats()[0].1;
-        assert_eq!((s.breaker, s.counters.written), ("closed", 1));
+        assert_eq!((s.breaker, s.counters.written), ("closed", 5));
+        let lines = std::fs::read_to_string(&out).unwrap();
+        let first: Vec<_> = lines.lines().filter(|l| l.contains("\"m0\"")).collect();
+        assert_eq!(first.len(), 1, "the held batch is written once");
+        core.close(Duration::from_secs(5)).unwrap();
+    }
+
+    #[test]
+    fn a_refused_batch_is_dropped_and_the_next_written() {
+        let tmp = crate::scratch::ScratchDir::new().unwrap();
+        let ctl = tmp.path().join("ctl");
+        std::fs::write(&ctl, "fail_permanent").unwrap();
+        let target = Target::Controlled(ControlledConfig {
+            control_file: ctl.to_string_lossy().into(),
+            output_file: tmp.path().join("out").to_string_lossy().into(),
+        });
+        let common = Common {
+            name: "c".into(),
+            max_retries: 5,
+            ..Default::default()
+        };
+        let core = Core::start(
+            vec![spec(target, common)],
+            PipelineOptions::default(),
+            quiet(),
+        );
+        core.submit(Record::new(0, "X", 20, Kind::App, "m".into()).finish(100));
+        core.flush(Duration::from_secs(5)).unwrap();
+        std::fs::write(&ctl, "ok").unwrap();
+        core.submit(Record::new(1, "X", 20, Kind::App, "m".into()).finish(100));
+        core.flush(Duration::from_secs(5)).unwrap();
+        let c = &core.stats()[0].1.counters;
+        assert_eq!(
+            (c.dropped[DropReason::Failed as usize], c.retries, c.written),
+            (1, 0, 1)
+        );
         core.close(Duration::from_secs(5)).unwrap();
     }
 }

@@ -179,33 +179,46 @@ def test_on_full_block_waits_for_room_instead_of_dropping(tmp_path, loguru):
     pipeline.close()
 
 
-def test_breaker_opens_half_opens_and_closes(tmp_path, loguru):
+def test_an_unavailable_store_holds_records_through_the_breaker(tmp_path, loguru):
     dest = controlled(
-        tmp_path, "fail", max_retries=0, breaker_threshold=3, breaker_cooldown=0.5, batch_max_records=1
+        tmp_path,
+        "fail",
+        max_retries=0,
+        breaker_threshold=3,
+        breaker_cooldown=0.5,
+        batch_max_records=1,
+        queue_max_records=4,
     )
     pipeline = logsluice.Pipeline(dest)
     pipeline.attach(loguru, level="INFO")
-
-    def one() -> dict:
-        loguru.info("x")
-        pipeline.flush(timeout=5)
-        return pipeline.stats()["controlled"]
-
-    states = [one()["breaker"] for _ in range(3)]
-    assert states == ["closed", "closed", "open"]
-    s = one()
-    assert s["dropped"]["breaker_open"] == 1 and s["dropped"]["failed"] == 3
+    attempts = tmp_path / "out.ndjson.attempts"
+    loguru.info("first")
+    deadline = time.monotonic() + 10
+    while pipeline.stats()["controlled"]["breaker"] != "open" and time.monotonic() < deadline:
+        time.sleep(0.01)
+    s = pipeline.stats()["controlled"]
+    assert s["breaker"] == "open" and s["in_flight"] == 1 and s["dropped_total"] == 0
     assert "controlled transient failure" in s["last_error"]
-    attempts_before = (tmp_path / "out.ndjson.attempts").read_text().count("\n")
-    assert attempts_before == 3  # while open, nothing reached the destination
-    time.sleep(0.6)
-    s = one()  # the half-open probe fails: open again
-    assert s["breaker"] == "open" and s["dropped"]["failed"] == 4
+    assert attempts.read_text().splitlines()[:3] == ["1 fail"] * 3
+    # The app goes on logging: records wait behind the held one, up to the queue's bound.
+    for i in range(4):
+        loguru.info("held {}", i)
+    with pytest.raises(TimeoutError, match="controlled: 4 records"):
+        pipeline.flush(timeout=0.2)
+    s = pipeline.stats()["controlled"]
+    assert (s["in_flight"], s["dropped"]["queue_full"], s["dropped_total"]) == (4, 1, 1)
+    # While open, the store is tried once per cooldown, not once per retry.
+    before = attempts.read_text().count("\n")
+    time.sleep(1.2)
+    assert attempts.read_text().count("\n") - before <= 3
     set_mode(tmp_path, "ok")
-    time.sleep(0.6)
-    s = one()
-    assert s["breaker"] == "closed" and s["written"] == 1
+    pipeline.flush(timeout=10)
+    s = pipeline.stats()["controlled"]
+    assert s["breaker"] == "closed" and s["written"] == 4 and s["dropped_total"] == 1
+    assert s["retries"] >= 3
     assert_accounted({"controlled": s})
+    stored = [json.loads(line)["message"] for line in (tmp_path / "out.ndjson").read_text().splitlines()]
+    assert stored == ["first", "held 0", "held 1", "held 2"]
     pipeline.close()
 
 
@@ -853,7 +866,7 @@ def test_attach_refuses_unsafe_overrides(tmp_logs, loguru):
     assert [r["message"] for r in read_records(tmp_logs)] == ["keep me"]
 
 
-def test_disk_errors_go_through_retries_breaker_and_counters(tmp_path, loguru, caplog):
+def test_disk_errors_hold_records_until_the_directory_is_usable_again(tmp_path, loguru, caplog):
     directory = tmp_path / "logs"
     pipeline = logsluice.Pipeline(logsluice.LocalFiles(directory, max_retries=1, retry_initial=0.01))
     pipeline.attach(loguru)
@@ -864,20 +877,24 @@ def test_disk_errors_go_through_retries_breaker_and_counters(tmp_path, loguru, c
         f.unlink()
     directory.rmdir()
     directory.write_text("not a directory")
-    pipeline._core.stats()  # nothing raised into the app
     with caplog.at_level(logging.WARNING, logger="logsluice"):
-        loguru.info("lost")
-        pipeline.flush(timeout=10)
+        loguru.info("held")  # nothing raised into the app
+        with pytest.raises(TimeoutError, match="local_files: 1 records"):
+            pipeline.flush(timeout=1)
     s = pipeline.stats()["local_files"]
-    assert s["dropped"]["failed"] == 1 and s["retries"] == 1
+    assert s["dropped_total"] == 0 and s["in_flight"] == 1 and s["retries"] >= 1
     assert "cannot create directory" in s["last_error"]
     assert any(
-        "dropped a batch of 1 records" in r.getMessage() for r in caplog.records if r.name == "logsluice"
+        "store unavailable after 2 attempt(s)" in r.getMessage() and "holding 1 records" in r.getMessage()
+        for r in caplog.records
+        if r.name == "logsluice"
     )
-    directory.unlink()  # the operator fixes it; the next batch recreates the directory
+    directory.unlink()  # the operator fixes it; the held batch recreates the directory
     loguru.info("after")
     pipeline.close()
-    assert [r["message"] for r in read_records(directory)] == ["after"]
+    assert [r["message"] for r in read_records(directory)] == ["held", "after"]
+    s = pipeline.stats()["local_files"]
+    assert s["written"] == 3 and s["dropped_total"] == 0
     assert_accounted(pipeline.stats())
 
 

@@ -61,8 +61,8 @@ pub trait Writer: Send {
         timeout: Duration,
     ) -> Result<Outcome, WriteError>;
 
-    /// Called when the pipeline gives up on `batch` after its last failed attempt, before it
-    /// is counted as failed. A writer whose attempts left the batch's fate open (a COMMIT
+    /// Called when the pipeline gives up on `batch` (a permanent error, or closing), before
+    /// it is counted as not written. A writer whose attempts left the batch's fate open (a COMMIT
     /// sent but never answered) asks once more within `timeout` and returns `Some` if the
     /// batch was stored after all; either way it forgets the batch. A zero `timeout`: no time
     /// to ask (shutting down).

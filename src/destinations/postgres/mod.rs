@@ -1543,8 +1543,8 @@ impl Writer for Postgres {
         inner.notices.push((
             30,
             format!(
-                "a batch of {} records counted as failed may be stored all the same: the server \
-                 had not settled its COMMIT (transaction {xid}) when the attempts ran out",
+                "a batch of {} records counted as not written may be stored all the same: the \
+                 server had not settled its COMMIT (transaction {xid}) when the writer gave up",
                 batch.len()
             ),
         ));
