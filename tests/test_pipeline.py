@@ -207,10 +207,6 @@ def test_an_unavailable_store_holds_records_through_the_breaker(tmp_path, loguru
         pipeline.flush(timeout=0.2)
     s = pipeline.stats()["controlled"]
     assert (s["in_flight"], s["dropped"]["queue_full"], s["dropped_total"]) == (4, 1, 1)
-    # While open, the store is tried once per cooldown, not once per retry.
-    before = attempts.read_text().count("\n")
-    time.sleep(1.2)
-    assert attempts.read_text().count("\n") - before <= 3
     set_mode(tmp_path, "ok")
     pipeline.flush(timeout=10)
     s = pipeline.stats()["controlled"]
@@ -890,8 +886,14 @@ def test_disk_errors_hold_records_until_the_directory_is_usable_again(tmp_path, 
         if r.name == "logsluice"
     )
     directory.unlink()  # the operator fixes it; the held batch recreates the directory
-    loguru.info("after")
-    pipeline.close()
+    with caplog.at_level(logging.INFO, logger="logsluice"):
+        loguru.info("after")
+        pipeline.close()
+    assert any(
+        "delivering again after" in r.getMessage() and "records held meanwhile, 0 dropped" in r.getMessage()
+        for r in caplog.records
+        if r.name == "logsluice"
+    )
     assert [r["message"] for r in read_records(directory)] == ["held", "after"]
     s = pipeline.stats()["local_files"]
     assert s["written"] == 3 and s["dropped_total"] == 0
