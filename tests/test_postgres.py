@@ -815,6 +815,31 @@ def test_records_on_the_first_and_last_day_get_their_partitions(postgres, table,
     assert not dead.exists() or not any(dead.iterdir())
 
 
+def test_days_covered_by_a_partition_made_by_hand_are_written_into_it(postgres, table, log):
+    # An operator partitions a span by hand (a month, say) under the kind's table: logsluice's
+    # own day partition for a day in it would overlap (SQLSTATE 42P17). Its rows go into the
+    # hand-made partition instead of costing their batch.
+    pipeline = logsluice.Pipeline(logsluice.Postgres(postgres.dsn, table=table, premake_days=0))
+    pipeline.attach(log)
+    log.info("today")
+    pipeline.flush(30)
+    start = dt.date.today() + dt.timedelta(days=20)
+    postgres.psql(
+        f"create table {table}_app_by_hand partition of {table}_app"
+        f" for values from ('{start}') to ('{start + dt.timedelta(days=30)}');"
+        f" grant all on {table}_app_by_hand to app"
+    )
+    when = dt.datetime.combine(start + dt.timedelta(days=3), dt.time(12), tzinfo=dt.timezone.utc)
+    log.patch(lambda r: r.update(time=when)).info("in the hand-made span")
+    log.info("today again")
+    pipeline.flush(30)
+    stats = pipeline.stats()["postgres"]
+    pipeline.close()
+    assert stats["written"] == 3 and stats["dropped_total"] == 0, stats
+    assert postgres.psql(f"select message from {table}_app_by_hand") == [("in the hand-made span",)]
+    assert count(postgres, table) == 3
+
+
 def test_days_no_partition_can_be_made_for_cost_only_their_records(postgres, table, tmp_path):
     # Records from outside Python (whose times are kept within years 1 to 9999) written by
     # the real writer (src/destinations/postgres/mod.rs, real_server_days_without_a_partition):

@@ -243,6 +243,14 @@ fn sqlstate(code: &str) -> Sqlstate {
     }
 }
 
+/// The SQLSTATE of a server error, if `e` is one.
+fn sqlstate_of(e: &sqlx::Error) -> Option<String> {
+    match e {
+        sqlx::Error::Database(db) => db.code().map(|c| c.into_owned()),
+        _ => None,
+    }
+}
+
 fn classify(e: &sqlx::Error) -> Failure {
     match e {
         sqlx::Error::Database(db) => {
@@ -1381,10 +1389,16 @@ async fn create_days(
             )
             .await;
             if let Err(e) = made {
+                let undo = "ROLLBACK TO SAVEPOINT logsluice_day; RELEASE SAVEPOINT logsluice_day";
+                // 42P17 from ATTACH: a partition made by hand already covers the day, and
+                // the day's rows go there.
+                if sqlstate_of(&e).as_deref() == Some("42P17") {
+                    exec(conn, undo.into()).await?;
+                    continue;
+                }
                 let Failure::Data { message, .. } = classify(&e) else {
                     return Err(e);
                 };
-                let undo = "ROLLBACK TO SAVEPOINT logsluice_day; RELEASE SAVEPOINT logsluice_day";
                 exec(conn, undo.into()).await?;
                 refused.push((*key, format!("cannot make partition {name}: {message}")));
             }
