@@ -255,6 +255,13 @@ impl Core {
         for d in &self.dests {
             let handle = d.thread.lock().take();
             if let Some(handle) = handle {
+                // A writer pausing between attempts (an outage) answers the abort within a
+                // slice of its pause; one in I/O is not waited for past the deadline.
+                let grace = if d.queue.with_state(|s| s.pausing) {
+                    grace.max(Instant::now() + PAUSE_SLICE * 3)
+                } else {
+                    grace
+                };
                 while !handle.is_finished() && Instant::now() < grace {
                     std::thread::sleep(Duration::from_millis(2));
                 }
@@ -491,6 +498,12 @@ fn attempt_round(
     };
     let mut attempt = 0;
     loop {
+        if attempt > 0 && dest.abort.load(Ordering::SeqCst) {
+            let _ = writer
+                .as_mut()
+                .and_then(|w| w.given_up(batch, Duration::ZERO));
+            return Round::Aborted;
+        }
         let result = match writer.as_mut() {
             Some(w) => w.write_batch(batch, timeout),
             None => destinations::open(target)
@@ -526,16 +539,22 @@ fn attempt_round(
     }
 }
 
+/// Waits between attempts, holding a batch but doing no I/O: `close` knows the thread will
+/// answer an abort within one slice of this sleep.
 fn sleep_unless_aborted(dest: &Destination, total: Duration) {
     let end = Instant::now() + total;
+    dest.queue.with_state(|s| s.pausing = true);
     while !dest.abort.load(Ordering::SeqCst) {
         let now = Instant::now();
         if now >= end {
             break;
         }
-        std::thread::sleep((end - now).min(Duration::from_millis(20)));
+        std::thread::sleep((end - now).min(PAUSE_SLICE));
     }
+    dest.queue.with_state(|s| s.pausing = false);
 }
+
+const PAUSE_SLICE: Duration = Duration::from_millis(20);
 
 #[cfg(test)]
 mod tests {

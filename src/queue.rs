@@ -55,6 +55,8 @@ pub struct State {
     /// were counted dropped (`closed`) then, and are not counted again.
     abandoned_after: Option<u64>,
     pub breaker: &'static str,
+    /// The writer waits between attempts at a held batch (no I/O under way).
+    pub pausing: bool,
 }
 
 pub struct Queue {
@@ -92,6 +94,7 @@ impl Queue {
                 batches_started: 0,
                 abandoned_after: None,
                 breaker: "closed",
+                pausing: false,
             }),
             limits,
             not_empty: Condvar::new(),

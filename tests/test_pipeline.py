@@ -218,6 +218,21 @@ def test_an_unavailable_store_holds_records_through_the_breaker(tmp_path, loguru
     pipeline.close()
 
 
+def test_close_during_an_outage_counts_what_is_held_as_closed(tmp_path, loguru, caplog):
+    pipeline = logsluice.Pipeline(controlled(tmp_path, "fail", max_retries=0, breaker_threshold=1))
+    pipeline.attach(loguru, level="INFO")
+    for i in range(5):
+        loguru.info("held {}", i)
+    with pytest.raises(TimeoutError):
+        pipeline.flush(timeout=0.3)
+    with caplog.at_level(logging.WARNING, logger="logsluice"):
+        pipeline.close(timeout=0.3)
+    s = pipeline.stats()["controlled"]
+    assert (s["written"], s["dropped"]["closed"], s["in_flight"]) == (0, 5, 0)
+    assert_accounted({"controlled": s})
+    assert any("5 records" in r.getMessage() for r in caplog.records if r.name == "logsluice")
+
+
 def test_transient_failures_are_retried_with_backoff(tmp_path, loguru):
     dest = controlled(tmp_path, "fail", max_retries=20, retry_initial=0.02, retry_max=0.1)
     pipeline = logsluice.Pipeline(dest)
