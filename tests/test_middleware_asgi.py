@@ -617,6 +617,36 @@ def test_tokens_in_paths_are_scrubbed(pipeline, tmp_logs):
     assert rec["path"] == "/reset/[REDACTED:jwt]" and JWT not in rec["message"]
 
 
+def test_control_characters_in_path_and_query_are_stored_escaped(pipeline, tmp_logs):
+    """A NUL in the path (a server decodes `%00` into it) is stored escaped, never dropped;
+    in the query, an encoded `%00`, a raw NUL and an encoded `\\u0000` stay three things."""
+    request = scope(
+        "/files/a\x00b\x1bc", "GE\x00T", query=b"x=%00&y=\x00&z=%5Cu0000&n=4111+1111+1111+1111\x00"
+    )
+    request["raw_path"] = b"/files/a%00b%1Bc"
+    call(LoggingMiddleware(echo_app([]), pipeline=pipeline), request)
+    rec = only(pipeline, tmp_logs)
+    assert rec["path"] == "/files/a\\u0000b\\u001bc"
+    assert rec["method"] == "GE\\u0000T"
+    assert rec["message"].startswith("GE\\u0000T /files/a\\u0000b\\u001bc 200 ")
+    assert rec["query"] == "x=%00&y=\\u0000&z=%5Cu0000&n=[REDACTED:card]%5Cu0000"
+
+
+def test_a_late_exception_keeps_control_characters_of_the_path_escaped(pipeline, tmp_logs):
+    async def app(scope, receive, send):
+        await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+        raise ValueError("after the response")
+
+    with pytest.raises(ValueError, match="after the response"):
+        call(LoggingMiddleware(app, pipeline=pipeline), scope("/a\x00b"))
+    pipeline.flush()
+    (late,) = [r for r in read_records(tmp_logs) if r["kind"] == "app"]
+    assert late["fields"] == {"method": "GET", "path": "/a\\u0000b"}
+    assert late["message"].startswith("ValueError raised after the response to GET /a\\u0000b was sent")
+
+
 def test_traceparent_is_parsed(pipeline, tmp_logs):
     tp = b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
     call(LoggingMiddleware(echo_app([]), pipeline=pipeline), scope("/", headers=[(b"traceparent", tp)]))

@@ -158,7 +158,22 @@ impl Redactor {
         let controls = b.iter().fold(0u8, |acc, &c| {
             acc | u8::from(c < 0x20 && c != b'\t' && c != b'\n' && c != b'\r') | u8::from(c == 0x7f)
         }) != 0;
-        let text = if self.scrub_values {
+        let text = self.scrub_secrets(text);
+        if !controls {
+            return text;
+        }
+        match text {
+            Cow::Borrowed(b) => escape_controls(b),
+            Cow::Owned(o) => Cow::Owned(escape_controls(&o).into_owned()),
+        }
+    }
+
+    /// Card numbers, JWTs and bearer tokens replaced (when `scrub_values` is set); control
+    /// characters left as they are.
+    #[inline]
+    fn scrub_secrets<'a>(&self, text: &'a str) -> Cow<'a, str> {
+        if self.scrub_values {
+            let b = text.as_bytes();
             // Counted in u8 lanes per chunk (wide lanes would not vectorise well).
             let digits: usize = b
                 .chunks(255)
@@ -180,17 +195,13 @@ impl Redactor {
             chain(text, &passes)
         } else {
             Cow::Borrowed(text)
-        };
-        if !controls {
-            return text;
-        }
-        match text {
-            Cow::Borrowed(b) => escape_controls(b),
-            Cow::Owned(o) => Cow::Owned(escape_controls(&o).into_owned()),
         }
     }
 
-    /// `a=1&password=x` -> `a=1&password=[REDACTED]`; values scrubbed too.
+    /// `a=1&password=x` -> `a=1&password=[REDACTED]`; values scrubbed too. What was
+    /// percent-encoded stays encoded (`%00`), a raw control character is escaped (`\u0000`),
+    /// so the two never read the same; a value that had a secret replaced is encoded afresh,
+    /// its raw control characters as their escape (`%5Cu0000`).
     pub fn redact_urlencoded(&self, text: &str, rules: &Rules) -> String {
         let mut out = String::with_capacity(text.len());
         for (i, pair) in text.split('&').enumerate() {
@@ -211,8 +222,12 @@ impl Redactor {
             match value {
                 None => out.push_str(pair),
                 Some(v) => {
-                    let decoded = percent_decode(v);
-                    match self.scrub(&decoded) {
+                    // Raw control characters escaped before decoding: once decoded, a raw
+                    // NUL and a `%00` would be the same character.
+                    let escaped = escape_controls(v);
+                    let decoded = percent_decode(&escaped);
+                    match self.scrub_secrets(&decoded) {
+                        // Nothing secret: kept as it came (the last scrub escapes raw controls).
                         Cow::Borrowed(_) => out.push_str(pair),
                         Cow::Owned(s) => {
                             out.push_str(key);
@@ -803,6 +818,23 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(&out).unwrap();
         assert_eq!(v["n"], CARD);
         assert_eq!(v["s"], CARD);
+    }
+
+    #[test]
+    fn urlencoded_encoded_and_raw_controls_stay_apart() {
+        let s = r();
+        let rules = Rules::new(DEFAULT_KEYS);
+        assert_eq!(
+            s.redact_urlencoded("a=%00&b=\0&c=%5Cu0000&d=%1B\x1b", &rules),
+            "a=%00&b=\\u0000&c=%5Cu0000&d=%1B\\u001b"
+        );
+        // A value with a secret is encoded afresh: the two still differ.
+        assert_eq!(
+            s.redact_urlencoded("n=4111+1111+1111+1111%00\0", &rules),
+            "n=[REDACTED:card]%00%5Cu0000"
+        );
+        // Keys too.
+        assert_eq!(s.redact_urlencoded("%00=1&\0=2", &rules), "%00=1&\\u0000=2");
     }
 
     #[test]

@@ -79,11 +79,16 @@ fn without_surrogates(s: &Bound<'_, PyString>) -> String {
     }
 }
 
-fn str_text<'a>(s: &'a Bound<'_, PyString>) -> Cow<'a, str> {
-    let text = match utf8(s) {
+/// A `str` as Rust text, lone surrogates replaced, NULs kept.
+fn str_text_with_nul<'a>(s: &'a Bound<'_, PyString>) -> Cow<'a, str> {
+    match utf8(s) {
         Some(t) => Cow::Borrowed(t),
         None => Cow::Owned(without_surrogates(s)),
-    };
+    }
+}
+
+fn str_text<'a>(s: &'a Bound<'_, PyString>) -> Cow<'a, str> {
+    let text = str_text_with_nul(s);
     if text.contains('\0') {
         let mut owned = text.into_owned();
         strip_nul(&mut owned);
@@ -99,6 +104,18 @@ pub fn text(obj: &Bound<'_, PyAny>) -> String {
         Ok(s) => str_text(s).into_owned(),
         Err(_) => match obj.str() {
             Ok(s) => str_text(&s).into_owned(),
+            Err(_) => format!("<unprintable {}>", type_name(obj)),
+        },
+    }
+}
+
+/// [`text`] for text whose control characters are escaped afterwards (`\u0000`): its
+/// NULs are kept for that, not removed.
+pub fn text_with_nul(obj: &Bound<'_, PyAny>) -> String {
+    match obj.cast::<PyString>() {
+        Ok(s) => str_text_with_nul(s).into_owned(),
+        Err(_) => match obj.str() {
+            Ok(s) => str_text_with_nul(&s).into_owned(),
             Err(_) => format!("<unprintable {}>", type_name(obj)),
         },
     }

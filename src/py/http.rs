@@ -28,7 +28,7 @@ use super::convert;
 use super::exchange::HttpExchange;
 use super::PyCore;
 use crate::config::PipelineOptions;
-use crate::http::redact::{Redactor, Rules, DEFAULT_HEADERS, DEFAULT_KEYS};
+use crate::http::redact::{self, Redactor, Rules, DEFAULT_HEADERS, DEFAULT_KEYS};
 use crate::http::{self, Exchange, Headers, TraceIds};
 use crate::per_process::PerProcess;
 use crate::pipeline::{reporting, Core};
@@ -273,13 +273,15 @@ impl HttpSink {
             .unwrap_or_else(|_| py.None().into_bound(py));
         let exception =
             convert::format_exception(&pycore.ctx, py, exc.get_type().as_any(), exc, &traceback);
-        let text = |v: Option<&Bound<'_, PyAny>>| v.map(convert::text).unwrap_or_default();
         let kind = exc
             .get_type()
             .name()
             .map(|n| convert::text(&n))
             .unwrap_or_default();
-        let (method, path) = (text(method), self.scrub(&text(Some(path))));
+        // Control characters escaped (`\u0000`) as in the request's access record.
+        let path = self.scrub(&convert::text_with_nul(path));
+        let method = method.map(convert::text_with_nul).unwrap_or_default();
+        let method = redact::escape_controls(&method).into_owned();
         let fields = serde_json::json!({ "method": method, "path": path }).to_string();
         let record = convert::own_record(
             &pycore.ctx,
@@ -615,6 +617,12 @@ impl<'a> Unpack<'a> {
         crate::record::clean_bytes(self.bytes())
     }
 
+    /// Text whose control characters the record escapes (`\u0000`): NULs kept for that,
+    /// not stripped.
+    fn escaped_later(b: &[u8]) -> String {
+        String::from_utf8_lossy(b).into_owned()
+    }
+
     fn headers(&mut self) -> Headers {
         let Some(n) = self
             .buf
@@ -691,18 +699,13 @@ impl Batch {
             pos: 4 + PTR + Scalars::SIZE,
         };
         let mut ex = scalars.exchange(u.opt().map(crate::record::clean_bytes));
-        ex.method = u
-            .opt()
-            .map_or_else(|| "GET".into(), crate::record::clean_bytes);
-        ex.scheme = u
-            .opt()
-            .map_or_else(|| "http".into(), crate::record::clean_bytes);
-        ex.http_version = u
-            .opt()
-            .map_or_else(|| "1.1".into(), crate::record::clean_bytes);
-        ex.path = u.text();
+        // What `build_record` escapes keeps its NULs, to be stored as `\u0000`.
+        ex.method = u.opt().map_or_else(|| "GET".into(), Unpack::escaped_later);
+        ex.scheme = u.opt().map_or_else(|| "http".into(), Unpack::escaped_later);
+        ex.http_version = u.opt().map_or_else(|| "1.1".into(), Unpack::escaped_later);
+        ex.path = Unpack::escaped_later(u.bytes());
         ex.query = u.bytes().to_vec();
-        ex.route = u.opt().map(crate::record::clean_bytes);
+        ex.route = u.opt().map(Unpack::escaped_later);
         ex.client = u.opt().map(crate::record::clean_bytes);
         ex.request_id = u.text();
         ex.request_headers = u.headers();
