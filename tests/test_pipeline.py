@@ -141,6 +141,25 @@ def test_stdlib_logging_handler_and_request_id_context(tmp_logs):
     assert len(records) == 2
 
 
+def test_a_message_that_cannot_be_formatted_keeps_its_arguments(tmp_logs):
+    pipeline = logsluice.Pipeline(logsluice.LocalFiles(tmp_logs))
+    log = logging.getLogger("test.stdlib.format")
+    log.propagate = False
+    log.setLevel(logging.DEBUG)
+    log.addHandler(pipeline.logging_handler())
+    log.info("%d items", "x")
+    log.info("%s and %s", "one")
+    log.info("%(a)s", {"b": 1})
+    pipeline.close()
+    assert [r["message"] for r in read_records(tmp_logs)] == [
+        "%d items (logsluice: message formatting failed: TypeError: %d format: a real number is"
+        " required, not str; arguments: ('x',))",
+        "%s and %s (logsluice: message formatting failed: TypeError: not enough arguments for format"
+        " string; arguments: ('one',))",
+        "%(a)s (logsluice: message formatting failed: KeyError: 'a'; arguments: {'b': 1})",
+    ]
+
+
 def test_queue_full_drops_are_counted_under_a_stalled_destination(tmp_path, loguru):
     dest = controlled(tmp_path, "stall", queue_max_records=100, batch_max_records=10, attempt_timeout=60)
     pipeline = logsluice.Pipeline(dest)

@@ -149,13 +149,17 @@ fn into_json(buf: Vec<u8>) -> Box<str> {
         .into_boxed_str()
 }
 
-/// `repr()` for values JSON cannot hold; a failing `__repr__` is itself recorded.
-fn push_repr(out: &mut Vec<u8>, obj: &Bound<'_, PyAny>, max: usize) {
-    let s = match obj.repr() {
+/// `repr()`, sanitised; a failing `__repr__` gives `<unrepresentable T>`.
+fn repr_text(obj: &Bound<'_, PyAny>) -> String {
+    match obj.repr() {
         Ok(r) => str_text(&r).into_owned(),
         Err(_) => format!("<unrepresentable {}>", type_name(obj)),
-    };
-    push_json_str(out, &s, max);
+    }
+}
+
+/// `repr()` for values JSON cannot hold; a failing `__repr__` is itself recorded.
+fn push_repr(out: &mut Vec<u8>, obj: &Bound<'_, PyAny>, max: usize) {
+    push_json_str(out, &repr_text(obj), max);
 }
 
 /// One record's `fields` as they are written: the cap on each string, the size past which
@@ -731,11 +735,18 @@ pub fn from_logging(ctx: &Ctx, rec: &Bound<'_, PyAny>) -> Record {
     let py = rec.py();
     let message = match rec.call_method0(intern!(py, "getMessage")) {
         Ok(m) => text(&m),
-        // A format string that does not match its args is still a log line worth keeping.
-        Err(e) => format!(
-            "{} (logsluice: message formatting failed: {e})",
-            attr_text(rec, intern!(py, "msg"))
-        ),
+        // A format string that does not match its args is still a log line worth keeping,
+        // with the args it was given (as the stdlib's own report of the failure shows them).
+        Err(e) => {
+            let args = rec
+                .getattr(intern!(py, "args"))
+                .map(|a| capped(repr_text(&a), ctx.max_message_bytes))
+                .unwrap_or_else(|_| "<none>".into());
+            format!(
+                "{} (logsluice: message formatting failed: {e}; arguments: {args})",
+                attr_text(rec, intern!(py, "msg"))
+            )
+        }
     };
     let level_no = level_number(attr_of(rec, intern!(py, "levelno")));
     let mut original_time = None;
