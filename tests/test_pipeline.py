@@ -160,6 +160,41 @@ def test_a_message_that_cannot_be_formatted_keeps_its_arguments(tmp_logs):
     ]
 
 
+def test_an_unusable_exc_info_is_stored_as_a_note_saying_what_was_given(tmp_logs):
+    pipeline = logsluice.Pipeline(logsluice.LocalFiles(tmp_logs))
+    log = logging.getLogger("test.stdlib.exc_info")
+    log.propagate = False
+    log.addHandler(pipeline.logging_handler())
+    log.error("bad tuple", exc_info=("not", "a", "tuple"))
+    log.error("short tuple", exc_info=(ValueError,))
+    # A LogRecord made by hand (or changed by a filter) keeps exc_info as it was given.
+    for given in (ValueError("an exception, not a tuple"), 42, False, (None, None, None)):
+        log.handle(logging.LogRecord(log.name, logging.ERROR, __file__, 1, f"given {given!r}", None, given))
+    log.error("no exception being handled", exc_info=True)
+    pipeline.close()
+    by_message = {r["message"]: r["exception"] for r in read_records(tmp_logs)}
+    assert by_message["bad tuple"] == (
+        "logsluice: the exception could not be formatted (AttributeError: 'str' object has no"
+        " attribute 'tb_frame'); given: ('not', 'a', 'tuple')"
+    )
+    assert by_message["short tuple"] == (
+        "logsluice: the exception could not be formatted (a tuple of 1 items, not (type, value,"
+        " traceback)); given: (<class 'ValueError'>,)"
+    )
+    assert by_message["given ValueError('an exception, not a tuple')"] == (
+        "ValueError: an exception, not a tuple"
+    )
+    assert by_message["given 42"] == (
+        "logsluice: the exception could not be formatted (not an exception or a (type, value,"
+        " traceback) tuple); given: 42"
+    )
+    # Nothing to format, as the stdlib's formatter sees it.
+    assert by_message["given False"] is None
+    assert by_message["given (None, None, None)"] is None
+    assert by_message["no exception being handled"] is None
+    assert len(by_message) == 7
+
+
 def test_queue_full_drops_are_counted_under_a_stalled_destination(tmp_path, loguru):
     dest = controlled(tmp_path, "stall", queue_max_records=100, batch_max_records=10, attempt_timeout=60)
     pipeline = logsluice.Pipeline(dest)

@@ -413,7 +413,8 @@ fn int_attr<T: for<'a, 'py> FromPyObject<'a, 'py> + Default>(
         .unwrap_or_default()
 }
 
-/// Formats `(type, value, traceback)` as the standard multi-line traceback.
+/// Formats `(type, value, traceback)` as the standard multi-line traceback; `None` when
+/// there is no exception or it cannot be formatted.
 pub fn format_exception(
     ctx: &Ctx,
     py: Python<'_>,
@@ -421,15 +422,63 @@ pub fn format_exception(
     value: &Bound<'_, PyAny>,
     tb: &Bound<'_, PyAny>,
 ) -> Option<String> {
+    try_format_exception(ctx, py, ty, value, tb).ok().flatten()
+}
+
+/// [`format_exception`], with the reason when Python cannot format what it was given.
+fn try_format_exception(
+    ctx: &Ctx,
+    py: Python<'_>,
+    ty: &Bound<'_, PyAny>,
+    value: &Bound<'_, PyAny>,
+    tb: &Bound<'_, PyAny>,
+) -> PyResult<Option<String>> {
     if value.is_none() && ty.is_none() {
-        return None;
+        return Ok(None);
     }
-    let lines = ctx.format_exception.bind(py).call1((ty, value, tb)).ok()?;
+    let lines = ctx.format_exception.bind(py).call1((ty, value, tb))?;
     let mut out = String::new();
-    for line in lines.try_iter().ok()? {
+    for line in lines.try_iter()? {
         out.push_str(&line.map(|l| text(&l)).unwrap_or_default());
     }
-    Some(out.trim_end().to_owned())
+    Ok(Some(out.trim_end().to_owned()))
+}
+
+/// The most of an unusable exception's `repr()` its note keeps.
+const UNUSABLE_REPR_BYTES: usize = 1024;
+
+/// A stdlib `exc_info` or Loguru's `exception`: a `(type, value, traceback)` tuple or an
+/// exception, formatted (`Ok(None)`: the tuple holds no exception). What cannot be
+/// formatted is `Err` with a note saying what was given and why it was unusable, to be
+/// stored in its place: never raised into the app, never dropped silently.
+fn exc_info_text(
+    ctx: &Ctx,
+    py: Python<'_>,
+    info: &Bound<'_, PyAny>,
+) -> Result<Option<String>, String> {
+    let formatted = if let Ok(t) = info.cast::<PyTuple>() {
+        if t.len() == 3 {
+            let part = |i: usize| t.get_item(i).unwrap_or_else(|_| py.None().into_bound(py));
+            try_format_exception(ctx, py, &part(0), &part(1), &part(2)).map_err(|e| e.to_string())
+        } else {
+            Err(format!(
+                "a tuple of {} items, not (type, value, traceback)",
+                t.len()
+            ))
+        }
+    } else if info.is_instance_of::<pyo3::exceptions::PyBaseException>() {
+        let tb = info
+            .getattr(intern!(py, "__traceback__"))
+            .unwrap_or_else(|_| py.None().into_bound(py));
+        try_format_exception(ctx, py, info.get_type().as_any(), info, &tb)
+            .map_err(|e| e.to_string())
+    } else {
+        Err("not an exception or a (type, value, traceback) tuple".to_owned())
+    };
+    formatted.map_err(|reason| {
+        let given = capped(repr_text(info), UNUSABLE_REPR_BYTES);
+        format!("logsluice: the exception could not be formatted ({reason}); given: {given}")
+    })
 }
 
 /// Sets one of `Ctx`'s context variables (each checked to be a ContextVar when the Core was
@@ -611,9 +660,9 @@ pub fn loguru_level(record: &Bound<'_, PyDict>) -> (String, u16) {
     }
 }
 
+/// Loguru's `exception`: the traceback, or the note saying why there is none.
 fn exception_of(ctx: &Ctx, py: Python<'_>, exc: &Bound<'_, PyAny>) -> Option<String> {
-    let part = |i: usize| exc.get_item(i).unwrap_or_else(|_| py.None().into_bound(py));
-    format_exception(ctx, py, &part(0), &part(1), &part(2))
+    exc_info_text(ctx, py, exc).unwrap_or_else(Some)
 }
 
 /// Builds a record from Loguru's record dict (`message.record`).
@@ -779,16 +828,19 @@ pub fn from_logging(ctx: &Ctx, rec: &Bound<'_, PyAny>) -> Record {
     r.thread = attr_of(rec, intern!(py, "thread"))
         .and_then(|v| v.extract().ok())
         .unwrap_or_default();
-    if let Some(info) =
-        attr_of(rec, intern!(py, "exc_info")).and_then(|v| v.cast_into::<PyTuple>().ok())
+    // As the stdlib's formatter: a false `exc_info` (None, False, ()) means none.
+    let (formatted, unusable) = match attr_of(rec, intern!(py, "exc_info"))
+        .filter(|v| v.is_truthy().unwrap_or(true))
+        .map(|info| exc_info_text(ctx, py, &info))
     {
-        if info.len() == 3 {
-            r.exception = exception_of(ctx, py, info.as_any());
-        }
-    }
-    if r.exception.is_none() {
-        r.exception = attr_of(rec, intern!(py, "exc_text")).map(|v| text(&v));
-    }
+        Some(Ok(formatted)) => (formatted, None),
+        Some(Err(note)) => (None, Some(note)),
+        None => (None, None),
+    };
+    // A traceback a formatter already made (`exc_text`) beats the note on an unusable one.
+    r.exception = formatted
+        .or_else(|| attr_of(rec, intern!(py, "exc_text")).map(|v| text(&v)))
+        .or(unusable);
     if let Some(stack) = attr_of(rec, intern!(py, "stack_info")) {
         let stack = text(&stack);
         r.exception = Some(match r.exception.take() {
