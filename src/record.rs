@@ -221,9 +221,66 @@ pub fn truncate_from(s: &mut String, max: usize, original: usize) {
     s.push_str(&format!("…[truncated, {original} bytes]"));
 }
 
+/// Cuts `s` to at most `max` bytes (on character boundaries) by leaving out its middle, with a marker saying how much:
+/// a traceback keeps its start and its end (the exception's type and message).
+pub fn cut_middle(s: &mut String, max: usize) {
+    if s.len() <= max {
+        return;
+    }
+    let original = s.len();
+    let marker = |n: usize| format!("\n…[{n} bytes left out of {original}]…\n");
+    let keep = max.saturating_sub(marker(original).len());
+    if keep == 0 {
+        truncate_in_place(s, max);
+        return;
+    }
+    let mut head = keep / 2;
+    while !s.is_char_boundary(head) {
+        head -= 1;
+    }
+    let mut tail = original - (keep - keep / 2);
+    while !s.is_char_boundary(tail) {
+        tail += 1;
+    }
+    *s = format!("{}{}{}", &s[..head], marker(tail - head), &s[tail..]);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_middle_cut_keeps_both_ends_and_says_how_much() {
+        let mut s = format!("start {} ünïcödé end", "é".repeat(1000));
+        let original = s.len();
+        cut_middle(&mut s, 100);
+        assert!(s.len() <= 100, "{s}");
+        assert!(
+            s.starts_with("start ") && s.ends_with(" ünïcödé end"),
+            "{s}"
+        );
+        let marker = s.split('…').nth(1).unwrap_or_default();
+        let left_out: usize = marker
+            .strip_prefix('[')
+            .and_then(|m| m.split(' ').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_default();
+        assert!(
+            marker.ends_with(&format!("bytes left out of {original}]")),
+            "{s}"
+        );
+        assert_eq!(
+            original - left_out,
+            s.len() - format!("\n…[{left_out} bytes left out of {original}]…\n").len()
+        );
+        // Short enough: untouched; too short for the marker: cut at the head, marked.
+        let mut short = "abc".to_string();
+        cut_middle(&mut short, 3);
+        assert_eq!(short, "abc");
+        let mut tiny = "x".repeat(500);
+        cut_middle(&mut tiny, 10);
+        assert!(tiny.starts_with("xxxxxxxxxx…[truncated, 500 bytes]"));
+    }
 
     #[test]
     fn truncation_keeps_char_boundary_and_says_so() {

@@ -7,10 +7,12 @@ import json
 import logging
 import multiprocessing
 import os
+import re
 import subprocess
 import sys
 import threading
 import time
+import traceback
 from pathlib import Path
 
 import logsluice
@@ -193,6 +195,95 @@ def test_an_unusable_exc_info_is_stored_as_a_note_saying_what_was_given(tmp_logs
     assert by_message["given (None, None, None)"] is None
     assert by_message["no exception being handled"] is None
     assert len(by_message) == 7
+
+
+def chained(n: int, root_message: str = "root cause") -> BaseException:
+    """The last of `n` exceptions, each raised from the one before (`raise ... from`) or
+    while handling it, alternately."""
+    current: BaseException | None = None
+    for i in range(n):
+        try:
+            if current is None:
+                raise ValueError(root_message)
+            if i % 2:
+                raise KeyError(f"link {i}") from current
+            try:
+                raise current
+            except Exception:
+                raise RuntimeError(f"link {i}")  # noqa: B904 - the implicit context is the point
+        except Exception as e:
+            current = e
+    assert current is not None
+    return current
+
+
+def python_traceback(e: BaseException) -> str:
+    return "".join(traceback.format_exception(e)).rstrip()
+
+
+def test_a_deep_exception_chain_keeps_its_root_cause_and_last_raised(tmp_logs, loguru):
+    pipeline = logsluice.Pipeline(logsluice.LocalFiles(tmp_logs))
+    log = logging.getLogger("test.stdlib.chain")
+    log.propagate = False
+    log.addHandler(pipeline.logging_handler())
+    pipeline.attach(loguru)
+    deep, short, longest = chained(3000), chained(3), chained(10_005)
+    log.error("deep", exc_info=deep)
+    log.error("short", exc_info=short)
+    log.error("longest", exc_info=longest)
+    # Loguru formats the exception itself first, recursively: keep within its reach.
+    loguru.opt(exception=chained(200)).error("loguru")
+    pipeline.close()
+    stored = {r["message"]: r["exception"] for r in read_records(tmp_logs)}
+    # The root cause first, then how many were left out, then the last 15 raised exactly as
+    # Python prints them (the record's end is the end of Python's own traceback).
+    head, tail = stored["deep"].split("\n\n…[2984 chained exceptions left out]\n")
+    root = deep
+    while root.__cause__ or root.__context__:
+        root = root.__cause__ or root.__context__
+    assert head == python_traceback(root) and head.endswith("ValueError: root cause")
+    assert tail.startswith("\nThe above exception was the direct cause of the following exception:")
+    assert python_traceback(deep).endswith(tail) and tail.endswith("KeyError: 'link 2999'")
+    assert tail.count("Traceback (most recent call last):") == 15
+    # A short chain is Python's own traceback, untouched.
+    assert stored["short"] == python_traceback(short)
+    # Past 10000 links the root cause is not looked for: the marker says so.
+    assert stored["longest"].startswith(
+        "…[more than 9984 earlier chained exceptions left out, the root cause among them]\n"
+    )
+    assert python_traceback(longest).endswith(stored["longest"].split("]\n", 1)[1])
+    assert stored["loguru"].startswith("Traceback (most recent call last):")
+    assert "ValueError: root cause\n\n…[184 chained exceptions left out]\n" in stored["loguru"]
+    assert stored["loguru"].endswith("KeyError: 'link 199'")
+
+
+def test_a_chain_too_large_for_the_record_keeps_the_ends_of_both_root_cause_and_last_raised(tmp_logs):
+    pipeline = logsluice.Pipeline(logsluice.LocalFiles(tmp_logs), max_message_bytes=2000)
+    log = logging.getLogger("test.stdlib.chain_size")
+    log.propagate = False
+    log.addHandler(pipeline.logging_handler())
+    huge_root = chained(2, root_message="x" * 100_000 + " the end of the root cause")
+    log.error("huge root", exc_info=huge_root)
+    many = chained(14, root_message="r" * 1000)
+    log.error("many", exc_info=many)
+    pipeline.close()
+    stored = {r["message"]: r["exception"] for r in read_records(tmp_logs)}
+    text = stored["huge root"]
+    assert len(text.encode()) <= 2000
+    assert text.startswith("Traceback (most recent call last):")
+    assert "bytes left out of" in text and "the end of the root cause\n\nThe above exception" in text
+    # The last raised is whole, with how it came from the root cause.
+    last = "".join(traceback.format_exception(huge_root, chain=False)).rstrip()
+    assert text.endswith("\nThe above exception was the direct cause of the following exception:\n\n" + last)
+    # Those raised just before the last go first, counted in the marker.
+    text = stored["many"]
+    assert len(text.encode()) <= 2000
+    assert text.startswith("Traceback (most recent call last):") and "r" * 900 in text
+    left_out = re.search(r"\n…\[(\d+) chained exceptions left out\]\n", text)
+    assert left_out is not None
+    shown = text.count("Traceback (most recent call last):")
+    assert shown + int(left_out[1]) == 14
+    assert python_traceback(many).endswith(text[left_out.end() :])
 
 
 def test_queue_full_drops_are_counted_under_a_stalled_destination(tmp_path, loguru):

@@ -10,7 +10,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyBytes, PyDict, PyFloat, PyInt, PyList, PyString, PyTuple};
 
 use crate::http::TraceIds;
-use crate::record::{strip_nul, truncate_in_place, Kind, Record};
+use crate::record::{cut_middle, strip_nul, truncate_in_place, Kind, Record};
 
 /// Python objects the conversion needs, looked up once.
 pub struct Ctx {
@@ -426,6 +426,13 @@ pub fn format_exception(
 }
 
 /// [`format_exception`], with the reason when Python cannot format what it was given.
+///
+/// A chain (`raise ... from ...`, or an exception raised while handling another) is written
+/// out whole, as Python prints it, when it has at most [`MAX_CHAIN`] exceptions and fits the
+/// record. Otherwise what a reader needs most is kept: the root cause first and the last
+/// raised (the one logged) at the end, with the ones raised just before it as room allows,
+/// and a marker saying how many were left out between them. The work is bounded either
+/// way: at most [`MAX_CHAIN_WALK`] links followed, at most [`MAX_CHAIN`] exceptions formatted.
 fn try_format_exception(
     ctx: &Ctx,
     py: Python<'_>,
@@ -436,12 +443,270 @@ fn try_format_exception(
     if value.is_none() && ty.is_none() {
         return Ok(None);
     }
-    let lines = ctx.format_exception.bind(py).call1((ty, value, tb))?;
+    let chain = walk_chain(value);
+    if chain.len == 1 || (chain.complete && chain.len <= MAX_CHAIN) {
+        let whole = format_lines(ctx, py, ty, value, tb, true)?;
+        if chain.len == 1 || whole.len() <= ctx.max_message_bytes {
+            return Ok(Some(whole.trim_end().to_owned()));
+        }
+    }
+    format_cut_chain(ctx, py, (ty, value, tb), chain).map(Some)
+}
+
+/// `traceback.format_exception(ty, value, tb, chain=chain)`, joined.
+fn format_lines(
+    ctx: &Ctx,
+    py: Python<'_>,
+    ty: &Bound<'_, PyAny>,
+    value: &Bound<'_, PyAny>,
+    tb: &Bound<'_, PyAny>,
+    chain: bool,
+) -> PyResult<String> {
+    let format = ctx.format_exception.bind(py);
+    let lines = if chain {
+        format.call1((ty, value, tb))?
+    } else {
+        let kwargs = PyDict::new(py);
+        kwargs.set_item(intern!(py, "chain"), false)?;
+        format.call((ty, value, tb), Some(&kwargs))?
+    };
     let mut out = String::new();
     for line in lines.try_iter()? {
         out.push_str(&line.map(|l| text(&l)).unwrap_or_default());
     }
-    Ok(Some(out.trim_end().to_owned()))
+    Ok(out)
+}
+
+/// The most exceptions of one chain a record's traceback shows.
+const MAX_CHAIN: usize = 16;
+/// Links followed at most looking for a chain's root cause.
+const MAX_CHAIN_WALK: usize = 10_000;
+
+/// How an exception came from the one raised before it, and what Python prints between them.
+#[derive(Clone, Copy)]
+enum Chained {
+    /// `raise ... from earlier`: its `__cause__`.
+    Cause,
+    /// Raised while `earlier` was being handled: its `__context__`.
+    Context,
+}
+
+impl Chained {
+    fn connector(self) -> &'static str {
+        match self {
+            Chained::Cause => {
+                "\nThe above exception was the direct cause of the following exception:\n\n"
+            }
+            Chained::Context => {
+                "\nDuring handling of the above exception, another exception occurred:\n\n"
+            }
+        }
+    }
+}
+
+/// One exception of a chain, and how it came from the one raised before it (`None`: the
+/// root cause).
+struct Link<'py> {
+    exc: Bound<'py, PyAny>,
+    from: Option<Chained>,
+}
+
+/// An exception's chain, walked from the last raised towards the root cause.
+struct Chain<'py> {
+    /// The last raised first, at most [`MAX_CHAIN`].
+    latest: Vec<Link<'py>>,
+    /// The last exception reached, when it is not in `latest`.
+    deepest: Option<Link<'py>>,
+    /// Exceptions walked through.
+    len: usize,
+    /// The walk reached the root cause (it stops after [`MAX_CHAIN_WALK`] links).
+    complete: bool,
+}
+
+/// The exception `e` came from, as the traceback module follows a chain: its `__cause__`,
+/// else its `__context__` unless `__suppress_context__` is set; one already met (a cycle)
+/// ends the chain.
+fn earlier<'py>(
+    e: &Bound<'py, PyAny>,
+    seen: &std::collections::HashSet<usize>,
+) -> Option<(Bound<'py, PyAny>, Chained)> {
+    let py = e.py();
+    let unseen = |v: Bound<'py, PyAny>| {
+        (!v.is_none() && !seen.contains(&(v.as_ptr() as usize))).then_some(v)
+    };
+    if let Some(cause) = e.getattr(intern!(py, "__cause__")).ok().and_then(unseen) {
+        return Some((cause, Chained::Cause));
+    }
+    let suppressed = e
+        .getattr(intern!(py, "__suppress_context__"))
+        .and_then(|v| v.is_truthy())
+        .unwrap_or(false);
+    if suppressed {
+        return None;
+    }
+    let context = e
+        .getattr(intern!(py, "__context__"))
+        .ok()
+        .and_then(unseen)?;
+    Some((context, Chained::Context))
+}
+
+fn walk_chain<'py>(value: &Bound<'py, PyAny>) -> Chain<'py> {
+    let mut seen = std::collections::HashSet::new();
+    let mut chain = Chain {
+        latest: Vec::new(),
+        deepest: None,
+        len: 0,
+        complete: true,
+    };
+    let mut current = value.clone();
+    loop {
+        seen.insert(current.as_ptr() as usize);
+        chain.len += 1;
+        let next = earlier(&current, &seen);
+        let link = Link {
+            exc: current,
+            from: next.as_ref().map(|(_, how)| *how),
+        };
+        if chain.latest.len() < MAX_CHAIN {
+            chain.latest.push(link);
+        } else {
+            chain.deepest = Some(link);
+        }
+        match next {
+            None => return chain,
+            Some(_) if chain.len == MAX_CHAIN_WALK => {
+                chain.complete = false;
+                return chain;
+            }
+            Some((e, _)) => current = e,
+        }
+    }
+}
+
+/// A chain too long or too large to be written out whole: the root cause (when the walk
+/// reached it), a marker with the number left out, and the last raised exceptions, as many
+/// as fit `max_message_bytes` (at least the very last). When the root cause and the last
+/// raised alone do not fit, each is cut in its middle, the last raised served first.
+fn format_cut_chain(
+    ctx: &Ctx,
+    py: Python<'_>,
+    given: (&Bound<'_, PyAny>, &Bound<'_, PyAny>, &Bound<'_, PyAny>),
+    chain: Chain<'_>,
+) -> PyResult<String> {
+    let Chain {
+        mut latest,
+        deepest,
+        len,
+        complete,
+    } = chain;
+    let root = if complete {
+        deepest.or_else(|| latest.pop())
+    } else {
+        None
+    };
+    latest.truncate(MAX_CHAIN - usize::from(root.is_some()));
+    let mut left_out = len - latest.len() - usize::from(root.is_some());
+    let format = |link: &Link<'_>, last_raised: bool| -> PyResult<String> {
+        let text = if last_raised {
+            format_alone(ctx, py, given)?
+        } else {
+            let tb = link
+                .exc
+                .getattr(intern!(py, "__traceback__"))
+                .unwrap_or_else(|_| py.None().into_bound(py));
+            format_alone(ctx, py, (link.exc.get_type().as_any(), &link.exc, &tb))?
+        };
+        Ok(match link.from {
+            Some(how) => format!("{}{text}", how.connector()),
+            None => text,
+        })
+    };
+    let mut root = root.map(|r| format(&r, false)).transpose()?;
+    // Oldest first, as Python prints a chain; the last raised at the end.
+    let mut shown = std::collections::VecDeque::with_capacity(latest.len());
+    for (i, link) in latest.iter().enumerate().rev() {
+        shown.push_back(format(link, i == 0)?);
+    }
+    let marker = |left_out: usize| match (left_out, complete) {
+        (0, _) => String::new(),
+        (n, true) => format!("\n…[{n} chained exceptions left out]\n"),
+        (n, false) => format!(
+            "…[more than {n} earlier chained exceptions left out, the root cause among them]\n"
+        ),
+    };
+    let root_len = root.as_ref().map_or(0, String::len);
+    let size = |shown: &std::collections::VecDeque<String>, left_out: usize| {
+        root_len + marker(left_out).len() + shown.iter().map(String::len).sum::<usize>()
+    };
+    let budget = ctx.max_message_bytes;
+    while shown.len() > 1 && size(&shown, left_out) > budget {
+        shown.pop_front();
+        left_out += 1;
+    }
+    if size(&shown, left_out) > budget {
+        let avail = budget.saturating_sub(marker(left_out).len());
+        let last = shown.back_mut().expect("the last raised is always shown");
+        let root_max = root_len.min((avail / 4).max(avail.saturating_sub(last.len())));
+        if let Some(r) = root.as_mut() {
+            cut_middle(r, root_max);
+        }
+        cut_middle(last, avail.saturating_sub(root_max));
+    }
+    let mut out = root.unwrap_or_default();
+    out.push_str(&marker(left_out));
+    for s in shown {
+        out.push_str(&s);
+    }
+    Ok(out.trim_end().to_owned())
+}
+
+/// One exception of a chain as `format_exception(..., chain=False)` prints it, without
+/// that call's cost: it first builds a `TracebackException` for the whole chain below the
+/// exception (every link's frames and source lines), 0.1 s for 3000 links, for each one
+/// shown. Given a `_seen` set, CPython's `TracebackException` (3.10 on) builds only the
+/// exception itself. An exception group (this way would leave out its members) and
+/// anything unexpected take the plain call.
+fn format_alone(
+    ctx: &Ctx,
+    py: Python<'_>,
+    (ty, value, tb): (&Bound<'_, PyAny>, &Bound<'_, PyAny>, &Bound<'_, PyAny>),
+) -> PyResult<String> {
+    let alone = || -> PyResult<Option<String>> {
+        let builtins = py.import(intern!(py, "builtins"))?;
+        if let Ok(group) = builtins.getattr(intern!(py, "BaseExceptionGroup")) {
+            if value.is_instance(&group)? {
+                return Ok(None);
+            }
+        }
+        let kwargs = PyDict::new(py);
+        kwargs.set_item(intern!(py, "compact"), true)?;
+        kwargs.set_item(intern!(py, "_seen"), pyo3::types::PySet::empty(py)?)?;
+        let te = py
+            .import(intern!(py, "traceback"))?
+            .getattr(intern!(py, "TracebackException"))?
+            .call((value.get_type(), value, tb), Some(&kwargs))?;
+        // What the full build would have set; `format` reads them.
+        for name in [
+            intern!(py, "__cause__"),
+            intern!(py, "__context__"),
+            intern!(py, "exceptions"),
+        ] {
+            te.setattr(name, py.None())?;
+        }
+        let kwargs = PyDict::new(py);
+        kwargs.set_item(intern!(py, "chain"), false)?;
+        let lines = te.call_method(intern!(py, "format"), (), Some(&kwargs))?;
+        let mut out = String::new();
+        for line in lines.try_iter()? {
+            out.push_str(&line.map(|l| text(&l)).unwrap_or_default());
+        }
+        Ok(Some(out))
+    };
+    match alone() {
+        Ok(Some(out)) => Ok(out),
+        _ => format_lines(ctx, py, ty, value, tb, false),
+    }
 }
 
 /// The most of an unusable exception's `repr()` its note keeps.
