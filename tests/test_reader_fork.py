@@ -1,7 +1,8 @@
 """A Reader made before os.fork() reads in the child: gunicorn --preload and multiprocessing
 prefork copy a Reader (or a viewer) built at import into every worker, without the threads
 of its runtime. The child builds its own runtime and connections on first use; the parent's
-copies are never used nor dropped there."""
+copies are never used nor dropped there. Tails open at the fork follow in the child too
+(with pollers of the child's own)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import gc
 import os
 import pickle
 import signal
+import time
 import uuid
 import weakref
 
@@ -197,4 +199,71 @@ def test_a_files_reader_made_before_fork_queries_in_the_child(tmp_logs):
     try:
         reads_across_fork(want)
     finally:
+        _READER = None
+
+
+# The subscription the parent opened before the fork: only this global holds it.
+_SUB: logsluice.Subscription | None = None
+
+
+def until_seen(sub, message: str, within: float = 20.0) -> list[str]:
+    """The messages ``sub`` delivers until ``message`` is among them (or ``within`` seconds
+    passed: the caller's assertion then shows what came)."""
+    got: list[str] = []
+    deadline = time.monotonic() + within
+    while message not in got and time.monotonic() < deadline:
+        got += [r["message"] for r in sub.get(timeout=0.5) if isinstance(r, dict)]
+    return got
+
+
+def _child_tails(destination) -> dict:
+    """Follows in the child with the parent's subscription and with a new one of the same
+    filters, then writes one record."""
+    assert _READER is not None and _SUB is not None
+    fresh = _READER.subscribe(poll_interval=0.05)
+    write(destination(), ["written in the child"])
+    return {
+        "inherited": until_seen(_SUB, "written in the child"),
+        "fresh": until_seen(fresh, "written in the child"),
+    }
+
+
+def tails_across_fork(destination) -> None:
+    """With `_READER`: the parent's tail is live when the fork happens; in the child the
+    parent's subscription and a new one (same filters, so the same poller before the fork)
+    both deliver what the child writes; the parent's tail goes on."""
+    global _SUB
+    _SUB = _READER.subscribe(poll_interval=0.05)
+    try:
+        write(destination(), ["before the fork"])
+        assert until_seen(_SUB, "before the fork") == ["before the fork"]
+        child = in_forked_child(_child_tails, destination)
+        assert child == {"inherited": ["written in the child"], "fresh": ["written in the child"]}
+        write(destination(), ["written in the parent after the fork"])
+        got = until_seen(_SUB, "written in the parent after the fork")
+        assert got == ["written in the child", "written in the parent after the fork"]
+    finally:
+        _SUB.close()
+        _SUB = None
+
+
+def test_a_files_tail_open_at_the_fork_follows_in_the_child_and_the_parent(tmp_logs):
+    global _READER
+    _READER = logsluice.Reader(tmp_logs)
+    try:
+        tails_across_fork(lambda: logsluice.LocalFiles(tmp_logs, batch_max_delay=0.05))
+    finally:
+        _READER.close()
+        _READER = None
+
+
+def test_a_postgres_tail_open_at_the_fork_follows_in_the_child_and_the_parent(postgres):
+    global _READER
+    table = f"fork_{uuid.uuid4().hex[:10]}"
+    write(logsluice.Postgres(postgres.dsn, table=table), ["creates the table"])
+    _READER = logsluice.Reader(postgres.dsn, table=table)
+    try:
+        tails_across_fork(lambda: logsluice.Postgres(postgres.dsn, table=table, batch_max_delay=0.05))
+    finally:
+        _READER.close()
         _READER = None

@@ -316,6 +316,17 @@ class Subscription:
             except RuntimeError:  # loop closed
                 pass
 
+    def _after_fork(self) -> None:
+        """In a forked child: locks a parent's thread may have held are made anew, and only
+        the waits of the loop running in the forking thread (the one thread the child has)
+        are kept."""
+        self._cond = threading.Condition()
+        try:
+            here = asyncio.get_running_loop()
+        except RuntimeError:
+            here = None
+        self._waiters = [w for w in self._waiters if w[0] is here]
+
     def _take(self) -> list[Any]:
         items = list(self._items)
         self._items.clear()
@@ -327,6 +338,7 @@ class Subscription:
     def get(self, timeout: Optional[float] = None) -> list[Any]:
         """New records (and :class:`Gap` markers), waiting up to ``timeout`` seconds; []
         when none arrived or the subscription was closed."""
+        self._poller.run_here()
         with self._cond:
             if not self._items and self._gap is None and not self.closed:
                 self._cond.wait(timeout)
@@ -336,6 +348,7 @@ class Subscription:
         """Like :meth:`get`, awaiting without blocking the event loop."""
         loop = asyncio.get_running_loop()
         event = asyncio.Event()
+        self._poller.run_here()
         with self._cond:
             items = self._take()
             if items or self.closed:
@@ -407,6 +420,28 @@ class _Poller:
         self.thread = threading.Thread(target=self._run, name=f"logsluice-tail-{self.key[:24]}", daemon=True)
         self.thread.start()
 
+    def run_here(self) -> None:
+        """Starts the polling thread in this process if it has none: a forked child's copy
+        of a poller (see :meth:`after_fork`) polls again once one of its subscriptions is
+        read there."""
+        if self.thread is not None or self.stopped:
+            return
+        with self.reader._pollers_lock:
+            if self.thread is None and not self.stopped:
+                self.start()
+                self.reader._start_waker()
+
+    def after_fork(self) -> None:
+        """In a forked child, where the polling thread does not exist: fresh locks and no
+        thread until a subscription is read (:meth:`run_here`). It goes on from where the
+        parent's was at the fork (its watermark and the ids it delivered), and is no longer
+        the one new subscriptions with the same filters join (``Reader._after_fork``)."""
+        self.lock = threading.Lock()
+        self.wake = threading.Event()
+        self.thread = None
+        for sub in self.subs:
+            sub._after_fork()
+
     def subscribe(self, max_buffer: int) -> Subscription:
         sub = Subscription(self, max_buffer)
         with self.lock:
@@ -419,7 +454,8 @@ class _Poller:
                 self.subs.remove(sub)
             if not self.subs:
                 self.stopped = True
-                self.reader._pollers.pop(self.key, None)
+                if self.reader._pollers.get(self.key) is self:
+                    self.reader._pollers.pop(self.key, None)
         self.wake.set()
 
     def poll_once(self) -> list[dict[str, Any]]:
@@ -710,6 +746,23 @@ class Reader:
         self._listen = bool(listen) if listen is not None else True
         self._waker: Optional[_Waker] = None
         weakref.finalize(self, _stop_pollers, self._pollers)
+        _READERS.add(self)
+
+    def _after_fork(self) -> None:
+        """In a forked child (gunicorn ``--preload``, multiprocessing): the tails the parent
+        had open were copied without their threads, and a lock one of them held stays held.
+        The child starts clean: new locks, no NOTIFY waker, and the parent's pollers set
+        apart under keys of their own, so a ``tail``/``subscribe`` in the child starts its
+        own poller; a subscription copied from the parent polls again (in the child) once it
+        is read there. The parent's tails are not touched."""
+        self._pollers_lock = threading.Lock()
+        self._waker = None
+        inherited = list(self._pollers.values())
+        self._pollers.clear()
+        for poller in inherited:
+            poller.after_fork()
+            poller.key = f"{poller.key}|forked|{id(poller)}"
+            self._pollers[poller.key] = poller
 
     @classmethod
     def from_env(cls, **options: Any) -> Reader:
@@ -1250,6 +1303,19 @@ class _Waker:
                 for p in list(self.pollers.values()):
                     p.wake.set()
                 time.sleep(0.1)
+
+
+# Every Reader of this process, for the fork hook (weakly: the hook keeps none alive).
+_READERS: weakref.WeakSet[Reader] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for reader in list(_READERS):
+        reader._after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _stop_pollers(pollers: dict[str, _Poller]) -> None:
