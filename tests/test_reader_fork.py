@@ -2,12 +2,14 @@
 prefork copy a Reader (or a viewer) built at import into every worker, without the threads
 of its runtime. The child builds its own runtime and connections on first use; the parent's
 copies are never used nor dropped there. Tails open at the fork follow in the child too
-(with pollers of the child's own)."""
+(with pollers of the child's own), and a viewer that streamed before the fork streams and
+shuts down in the child."""
 
 from __future__ import annotations
 
 import asyncio
 import gc
+import json
 import os
 import pickle
 import signal
@@ -267,3 +269,84 @@ def test_a_postgres_tail_open_at_the_fork_follows_in_the_child_and_the_parent(po
     finally:
         _READER.close()
         _READER = None
+
+
+async def _stream(viewer, directory, word: str, close: bool) -> list[str]:
+    """Opens the viewer's SSE stream (ASGI, in this event loop) and writes records saying
+    ``word`` until one arrives. Then leaves (``close=False``) or closes the viewer and waits
+    for the stream to end. Returns the stream's event names, each record's as its message."""
+    arrived, leave = asyncio.Event(), asyncio.Event()
+    text: list[str] = []
+
+    async def receive():
+        await leave.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        if message["type"] == "http.response.body":
+            text.append(message.get("body", b"").decode())
+            if word in text[-1]:
+                arrived.set()
+
+    scope = {
+        "type": "http",
+        "method": "GET",
+        "path": "/api/stream",
+        "raw_path": b"/api/stream",
+        "root_path": "",
+        "query_string": b"kind=app",
+        "headers": [],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 80),
+        "scheme": "http",
+        "http_version": "1.1",
+    }
+    served = asyncio.ensure_future(viewer(scope, receive, send))
+    loop = asyncio.get_running_loop()
+    deadline = time.monotonic() + 30
+    while not arrived.is_set() and time.monotonic() < deadline and not served.done():
+        await loop.run_in_executor(None, write, logsluice.LocalFiles(directory), [word])
+        try:
+            await asyncio.wait_for(arrived.wait(), 0.5)
+        except asyncio.TimeoutError:
+            pass
+    if close:
+        await viewer.aclose()
+    else:
+        leave.set()
+    await asyncio.wait({served}, timeout=30)
+    if not served.done():  # the stream did not end: leave, to see what it sent
+        leave.set()
+        await served
+    events = []
+    for block in "".join(text).split("\n\n"):
+        lines = dict(line.split(": ", 1) for line in block.splitlines() if ": " in line)
+        if lines.get("event") == "record":
+            events.append(json.loads(lines["data"])["message"])
+        elif "event" in lines:
+            events.append(lines["event"])
+    return events
+
+
+def _child_streams(directory) -> tuple[dict, list[str]]:
+    assert _VIEWER is not None
+    before = dict(_VIEWER._hub.stats())
+    return before, asyncio.run(_stream(_VIEWER, directory, "streamed in the child", close=True))
+
+
+def test_a_viewer_that_streamed_before_fork_streams_in_the_child(tmp_logs):
+    """The parent served a stream (its session is kept for a reconnect) on an event loop of
+    its own; the child serves on another: it starts with no session of the parent's, gets its
+    records, and closing its viewer ends its stream with a shutdown event."""
+    global _VIEWER
+    _VIEWER = logsluice.viewer(logsluice.Reader(tmp_logs), allow_anonymous=True)
+    try:
+        parent = asyncio.run(_stream(_VIEWER, tmp_logs, "streamed in the parent", close=False))
+        assert parent[0] == "streamed in the parent"
+        assert _VIEWER._hub.stats()["sessions"] == 1
+        stats, child = in_forked_child(_child_streams, tmp_logs)
+        assert stats["sessions"] == 0 and stats["process_subscribers"] == 0
+        assert child[0] == "streamed in the child" and child[-1] == "shutdown"
+    finally:
+        _VIEWER.close()
+        _VIEWER = None

@@ -21,8 +21,10 @@ import datetime as _dt
 import functools
 import json
 import logging
+import os
 import secrets
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any, Optional
 
@@ -233,6 +235,17 @@ class Hub:
         self.gaps = 0
         self.streams_served = 0
         self._loop: Optional[asyncio.AbstractEventLoop] = None
+        _hubs.add(self)
+
+    def _after_fork(self) -> None:
+        """In a forked child: the parent's sessions run on the parent's event loop, which
+        does not run here, and the stop event is bound to that loop. The child starts with
+        no session and binds the loop it serves on; the parent's sessions are kept aside,
+        never used nor dropped (dropping would destroy tasks still pending)."""
+        _left_by_fork.append((self._loop, self.sessions, self.stopping))
+        self.sessions = {}
+        self._loop = None
+        self.stopping = None
 
     def _stop_event(self) -> asyncio.Event:
         if self.stopping is None:
@@ -369,6 +382,24 @@ class Hub:
             if not s.attached:
                 s.close()
                 self.sessions.pop(s.id, None)
+
+
+# Hubs of this process, for the fork hook (weakly: the hook keeps none alive), and what a
+# forked child keeps of its parent's streams.
+_hubs: weakref.WeakSet[Hub] = weakref.WeakSet()
+_left_by_fork: list[Any] = []
+
+
+def _after_fork_in_child() -> None:
+    """A forked child serves none of its parent's streams: none counts against its cap."""
+    global _attached
+    _attached = 0
+    for hub in list(_hubs):
+        hub._after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 async def _drain(sub: Any) -> Any:
