@@ -246,6 +246,46 @@ def test_cli_query_with_a_connection_string(world):
     assert KEY not in r.stderr + r.stdout
 
 
+def test_a_container_that_does_not_exist_is_named_not_read_as_empty(world, azurite):
+    """The service answers 404 ContainerNotFound: every way of reading says so (a typo in the
+    container must not look like "no logs"), while an empty container reads as empty."""
+    missing = unique_container()
+    sas = generate_container_sas(
+        ACCOUNT,
+        missing,
+        account_key=KEY,
+        permission=ContainerSasPermissions(read=True, list=True),
+        expiry=dt.datetime.now(dt.timezone.utc) + dt.timedelta(hours=1),
+    )
+    said = f"container '{missing}' does not exist"
+    some_id = world.blob.query(limit=1).records[0]["id"]
+    for reader in (
+        logsluice.Reader(world.cs, container=missing),
+        logsluice.Reader(f"{azurite.blob_endpoint}/{missing}?{sas}"),
+    ):
+        for method, kwargs in (
+            ("query", {"since": "1h"}),
+            ("summary", {"since": "1h", "by": "level"}),
+            ("get", {"record_id": some_id}),
+            ("subscribe", {}),
+        ):
+            with pytest.raises(ValueError, match=said):
+                getattr(reader, method)(**kwargs)
+        assert reader.subscribers() == 0
+        r = TestClient(logsluice.viewer(reader, allow_anonymous=True)).get("/api/records")
+        assert r.status_code == 400 and said in r.json()["error"]
+    for command in ("query", "summary", "tail"):
+        r = run_cli(command, "--source", world.cs, "--container", missing)
+        assert r.returncode == 2, (command, r.stdout, r.stderr)
+        assert said in r.stderr and r.stdout == "" and "Traceback" not in r.stderr
+        assert KEY not in r.stderr
+    empty = unique_container()
+    BlobServiceClient.from_connection_string(world.cs).create_container(empty)
+    assert logsluice.Reader(world.cs, container=empty).query(since="1h").records == []
+    r = run_cli("query", "--source", world.cs, "--container", empty)
+    assert r.returncode == 0 and r.stdout == "", r.stderr
+
+
 def _write_at(azurite, container, times, tag):
     """One record per time (Loguru's record time patched), through the real pipeline."""
     pipeline = logsluice.Pipeline(
@@ -411,6 +451,11 @@ def test_viewer_sse_stream_over_a_blob_reader(azurite):
     app, view = host_app(pipeline, reader)
     try:
         with ServerThread(app) as server, client(server.base) as c:
+            # Before the writer's first batch creates the container, a stream is refused.
+            r = c.get("/logs/api/stream", params={"kind": "app"})
+            assert r.status_code == 400 and f"container '{container}' does not exist" in r.json()["error"]
+            logger.info("the first batch creates the container")
+            pipeline.flush(timeout=30)
             with c.stream("GET", "/logs/api/stream", params={"kind": "app"}) as r:
                 assert r.status_code == 200
                 wait_for(

@@ -39,7 +39,7 @@ use super::summary::{Grouper, Spec};
 use super::{Found, ReadError, Scan};
 use crate::config::AzureBlobConfig;
 use crate::destinations::azure_blob::conn::{self, Auth, Endpoint};
-use crate::destinations::azure_blob::errors::{chain, Redactor};
+use crate::destinations::azure_blob::errors::{chain, container_missing, Redactor};
 use crate::destinations::azure_blob::{build_client, naming};
 use crate::per_process::PerProcess;
 use crate::record::Kind;
@@ -92,6 +92,8 @@ pub struct BlobStore {
     prefix: String,
     cfg: BlobConfig,
     endpoint: String,
+    /// The container's name, for the error a missing container is.
+    container: String,
     redactor: Redactor,
     pub stats: Stats,
 }
@@ -351,12 +353,19 @@ impl BlobStore {
             let _guard = check.enter();
             build_client(&endpoint).map_err(|e| bad(redactor.clean(&chain(&e))))?;
         }
+        let container = endpoint
+            .container_url
+            .path_segments()
+            .and_then(|mut s| s.rfind(|p| !p.is_empty()))
+            .unwrap_or_default()
+            .to_owned();
         Ok(BlobStore {
             live: PerProcess::default(),
             target: endpoint.clone(),
             template,
             prefix: cfg.target.prefix.clone(),
             endpoint: endpoint.display_url(),
+            container,
             redactor,
             cfg,
             stats: Stats::default(),
@@ -394,7 +403,16 @@ impl BlobStore {
         &self.endpoint
     }
 
+    /// A container that does not exist is the caller's to fix (a typo, or nothing was
+    /// written yet): it must not read as "no records".
     fn fail(&self, what: &str, e: &azure_core::Error) -> ReadError {
+        if container_missing(e) {
+            return BadInput(format!(
+                "container '{}' does not exist ({})",
+                self.container, self.endpoint
+            ))
+            .into();
+        }
         ReadError::Failed(format!(
             "{what} in {} failed: {}",
             self.endpoint,
@@ -509,6 +527,7 @@ impl BlobStore {
             let page = match budget.answered("listing blobs", pages.next()).await? {
                 None => break,
                 Some(Ok(p)) => p,
+                Some(Err(e)) if container_missing(&e) => return Err(self.fail("listing blobs", &e)),
                 Some(Err(e)) if e.http_status() == Some(StatusCode::NotFound) => break,
                 Some(Err(e)) => return Err(self.fail("listing blobs", &e)),
             };
@@ -565,8 +584,10 @@ impl BlobStore {
         let download = blob.download(Some(opts));
         let result = match budget.answered("downloading a blob", download).await? {
             Ok(r) => r,
-            // Deleted (retention) since the listing: nothing to read.
-            Err(e) if e.http_status() == Some(StatusCode::NotFound) => return Ok(true),
+            // Deleted (retention) since the listing: nothing to read. Not the container.
+            Err(e) if e.http_status() == Some(StatusCode::NotFound) && !container_missing(&e) => {
+                return Ok(true)
+            }
             Err(e) => return Err(self.fail("downloading a blob", &e)),
         };
         self.stats.blobs_downloaded.fetch_add(1, Ordering::Relaxed);
@@ -988,6 +1009,28 @@ mod tests {
             drop(d);
             assert_eq!(got, [(8, 0), (8, 8)]);
         }
+    }
+
+    #[test]
+    fn the_container_is_named_from_its_url() {
+        for (url, name) in [
+            (
+                "http://127.0.0.1:10000/devstoreaccount1/app-logs",
+                "app-logs",
+            ),
+            (
+                "https://acct.blob.core.windows.net/logs/?sv=1&sig=x",
+                "logs",
+            ),
+        ] {
+            let s = BlobStore::open(BlobConfig::new(AzureBlobConfig {
+                container_url: Some(url.into()),
+                ..Default::default()
+            }))
+            .unwrap();
+            assert_eq!(s.container, name, "{url}");
+        }
+        assert_eq!(store(naming::DEFAULT_TEMPLATE).container, "logs");
     }
 
     #[test]
