@@ -560,13 +560,11 @@ def test_cli_query_request_context_summary(world):
     assert r.returncode == 0 and len(r.stdout.splitlines()) == 5
     r = run_cli("summary", "--source", world.dir, "--since", "24h", "--by", "route")
     assert r.returncode == 0 and "/items/{item_id}" in r.stdout
-    for source in (world.dir, world.dsn):
+    for source in ([world.dir], [world.dsn, "--table", world.table]):
         r = run_cli(
             "query",
             "--source",
-            source,
-            "--table",
-            world.table,
+            *source,
             "--kind",
             "http",
             "--exclude",
@@ -863,6 +861,36 @@ def test_cli_tail_interval_that_cannot_work_exits_2(tmp_logs, interval):
     assert r.returncode == 2 and r.stdout == ""
     assert "error:" in r.stderr and "--interval" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+
+
+def test_cli_options_that_do_not_apply_exit_2_naming_them(world):
+    """--table/--schema/--container go to the Reader, which refuses them for a source they do not
+    apply to (they used to be ignored), with or without --source."""
+    bare = {"LOGSLUICE_POSTGRES_DSN": "", "AZURE_STORAGE_CONNECTION_STRING": ""}
+    cases = [
+        (["query", "--source", world.dir, "--table", world.table], {}, "--table does not apply to a dir"),
+        (["summary", "--source", world.dir, "--schema", "public"], {}, "--schema does not apply to a dir"),
+        (
+            ["query", "--source", world.dsn, "--table", world.table, "--container", "logs"],
+            {},
+            "--container does not apply to a PostgreSQL source",
+        ),
+        (
+            ["query", "--table", world.table],
+            {**bare, "LOGSLUICE_DIR": world.dir},
+            "--table does not apply to a directory (LocalFiles) source (the source the environment picks",
+        ),
+    ]
+    for args, env, said in cases:
+        r = run_cli(*args, env=env)
+        assert r.returncode == 2, (args, r.stdout, r.stderr)
+        assert said in r.stderr and r.stdout == "", (args, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    # The environment's PostgreSQL takes --table (its LOGSLUICE_POSTGRES_TABLE is the default).
+    env = {**bare, "LOGSLUICE_POSTGRES_DSN": world.dsn, "LOGSLUICE_POSTGRES_TABLE": "no_such_table"}
+    r = run_cli("query", "--table", world.table, "--kind", "http", "--json", "--limit", "1000", env=env)
+    assert r.returncode == 0, r.stderr
+    assert len(r.stdout.splitlines()) == sum(1 for x in world.all if x["kind"] == "http")
 
 
 def test_an_unknown_filter_name_is_a_type_error_everywhere(tmp_logs):

@@ -246,6 +246,14 @@ def test_cli_query_with_a_connection_string(world):
     assert KEY not in r.stderr + r.stdout
 
 
+def test_cli_table_and_schema_do_not_apply_to_a_blob_source(world):
+    for flag in ("--table", "--schema"):
+        r = run_cli("query", "--source", world.cs, "--container", world.container, flag, "x")
+        assert r.returncode == 2 and r.stdout == "", r.stderr
+        assert f"{flag} does not apply to an Azure Storage connection string" in r.stderr
+        assert KEY not in r.stderr
+
+
 def test_a_container_that_does_not_exist_is_named_not_read_as_empty(world, azurite):
     """The service answers 404 ContainerNotFound: every way of reading says so (a typo in the
     container must not look like "no logs"), while an empty container reads as empty."""

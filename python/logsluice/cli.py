@@ -109,21 +109,34 @@ def clean(text: Any) -> str:
     return _CONTROL.sub("\ufffd", s.replace("\r\n", "\n").replace("\n", " ⏎ "))
 
 
-def _reader(args: argparse.Namespace) -> Any:
-    from .reader import Reader
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
+
+def _not_applicable(e: Any) -> str:
+    """The Reader's refusal of options, in the CLI's words: ``--table does not apply to a
+    directory (LocalFiles) source``."""
+    verb = "does" if len(e.names) == 1 else "do"
+    return f"{', '.join(_flag(n) for n in e.names)} {verb} not apply to {e.what}"
+
+
+def _reader(args: argparse.Namespace) -> Any:
+    from .reader import Reader, _NotApplicable
+
+    # Every source option given goes to the Reader, which refuses a directory that does not
+    # exist (a typo must not look like "no logs") and options that do not apply to the
+    # source (--table for a directory must not be ignored).
+    options = {
+        name: getattr(args, name)
+        for name in ("table", "schema", "container")
+        if getattr(args, name, None) is not None
+    }
     if args.source:
-        options = {}
-        if args.table:
-            options["table"] = args.table
-        if args.schema:
-            options["schema"] = args.schema
-        if not args.source.startswith(("postgresql://", "postgres://")):
-            options = {"container": args.container} if args.container else {}
-        # The Reader refuses a directory that does not exist (a typo must not look like "no
-        # logs") and options that do not apply to the source.
         return Reader(args.source, **options)
-    return Reader.from_env()
+    try:
+        return Reader._from_env(options, keep_all=True)
+    except _NotApplicable as e:
+        raise _BadInput(f"{_not_applicable(e)} (the source the environment picks without --source)") from None
 
 
 def _filters(args: argparse.Namespace) -> dict[str, Any]:
@@ -445,7 +458,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         return int(args.func(args))
     except (ValueError, _BadInput) as e:
-        message = " ".join(str(e).split())
+        from .reader import _NotApplicable
+
+        message = _not_applicable(e) if isinstance(e, _NotApplicable) else " ".join(str(e).split())
         print(f"logsluice {args.command}: error: {message}", file=sys.stderr)
         return 2
     except RuntimeError as e:

@@ -120,6 +120,16 @@ def _check_names(where: str, names: Iterable[str], allowed: Collection[str] = FI
         )
 
 
+class _NotApplicable(ValueError):
+    """Options given to something they do not apply to (``table=`` for a directory).
+    ``names`` and ``what`` let the CLI name its own flags."""
+
+    def __init__(self, where: str, names: Iterable[str], what: str) -> None:
+        self.names, self.what = list(names), what
+        verb = "does" if len(self.names) == 1 else "do"
+        super().__init__(f"{where}: {', '.join(self.names)} {verb} not apply to {what}")
+
+
 def _number(
     where: str,
     name: str,
@@ -719,8 +729,7 @@ class Reader:
             raise ValueError(f"Reader: source must be a DSN, a directory or a destination, got {type_name}")
         wrong = [name for name in given if name not in applies]
         if wrong:
-            verb = "does" if len(wrong) == 1 else "do"
-            raise ValueError(f"Reader: {', '.join(wrong)} {verb} not apply to {what}")
+            raise _NotApplicable("Reader", wrong, what)
         if spec["type"] == "postgres":
             for name, default in (("statement_timeout", 10.0), ("connect_timeout", 10.0)):
                 value = given.get(name, default)
@@ -772,10 +781,16 @@ class Reader:
         ``LOGSLUICE_AZURE_ACCOUNT_URL`` (with ``LOGSLUICE_AZURE_CONTAINER``/``_PREFIX``), else
         ``./logs``. Options that do not apply to the source the environment picks are left
         out (a ``statement_timeout`` for production's PostgreSQL, a directory in development)."""
+        return cls._from_env(options, keep_all=False)
+
+    @classmethod
+    def _from_env(cls, options: dict[str, Any], keep_all: bool) -> Reader:
+        """:meth:`from_env`; ``keep_all``: every option goes to the source picked, which
+        refuses those that do not apply (the CLI: ``--table`` must not be ignored)."""
         env = os.environ
 
         def only(names: tuple[str, ...]) -> dict[str, Any]:
-            return {k: v for k, v in options.items() if k in names}
+            return {k: v for k, v in options.items() if keep_all or k in names}
 
         if env.get("LOGSLUICE_POSTGRES_DSN"):
             chosen = only(_DSN_OPTIONS)
