@@ -863,9 +863,30 @@ def test_cli_tail_interval_that_cannot_work_exits_2(tmp_logs, interval):
     assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
 
 
+def test_a_tail_refuses_until_instead_of_dropping_it(tmp_logs):
+    """A tail has no end: ``until`` given to tail/atail/subscribe is a ValueError naming it,
+    raised at the call, and no poller starts."""
+    reader = logsluice.Reader(str(tmp_logs))
+    for call in (
+        lambda: reader.tail(until="5m"),
+        lambda: reader.atail(until="2026-01-01"),
+        lambda: reader.subscribe(until="5m", kind="http"),
+    ):
+        with pytest.raises(ValueError, match=r"until does not apply to a live tail"):
+            call()
+    assert reader.subscribers() == 0 and reader._pollers == {}
+    from fastapi.testclient import TestClient
+
+    r = TestClient(logsluice.viewer(reader, allow_anonymous=True)).get("/api/stream", params={"until": "5m"})
+    assert r.status_code == 400 and "until does not apply to a live tail" in r.json()["error"]
+    assert reader.subscribers() == 0
+    with reader.subscribe(until=None) as sub:  # left out, as every option given as None
+        assert reader.subscribers() == 1 and sub.get(timeout=0) == []
+
+
 def test_cli_options_that_do_not_apply_exit_2_naming_them(world):
     """--table/--schema/--container go to the Reader, which refuses them for a source they do not
-    apply to (they used to be ignored), with or without --source."""
+    apply to (they used to be ignored), with or without --source; tail refuses --until."""
     bare = {"LOGSLUICE_POSTGRES_DSN": "", "AZURE_STORAGE_CONNECTION_STRING": ""}
     cases = [
         (["query", "--source", world.dir, "--table", world.table], {}, "--table does not apply to a dir"),
@@ -880,6 +901,7 @@ def test_cli_options_that_do_not_apply_exit_2_naming_them(world):
             {**bare, "LOGSLUICE_DIR": world.dir},
             "--table does not apply to a directory (LocalFiles) source (the source the environment picks",
         ),
+        (["tail", "--source", world.dir, "--until", "5m"], {}, "--until does not apply to a live tail"),
     ]
     for args, env, said in cases:
         r = run_cli(*args, env=env)

@@ -424,6 +424,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     _add_source(p)
     _add_filters(p, time=False)
     p.add_argument("--since", help="start this far back (default: now)")
+    # Refused with a message of its own: a tail has no end.
+    p.add_argument("--until", help=argparse.SUPPRESS)
     p.add_argument(
         "--interval", type=_interval, default=0.5, help="poll interval in seconds, 0.01 or more (default 0.5)"
     )

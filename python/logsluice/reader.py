@@ -121,8 +121,8 @@ def _check_names(where: str, names: Iterable[str], allowed: Collection[str] = FI
 
 
 class _NotApplicable(ValueError):
-    """Options given to something they do not apply to (``table=`` for a directory).
-    ``names`` and ``what`` let the CLI name its own flags."""
+    """Options given to something they do not apply to (``table=`` for a directory, ``until``
+    for a tail). ``names`` and ``what`` let the CLI name its own flags."""
 
     def __init__(self, where: str, names: Iterable[str], what: str) -> None:
         self.names, self.what = list(names), what
@@ -173,8 +173,11 @@ def _follow_options(
     where: str, poll_interval: Any, lookback: Any, max_buffer: Any, filters: Mapping[str, Any]
 ) -> tuple[float, float, int]:
     """Checks a tail's own options (no I/O) before anything starts: a poller that spins, never
-    delivers or only delivers Gap markers must not start at all."""
+    delivers or only delivers Gap markers must not start at all. A tail has no end: ``until``
+    is refused rather than dropped."""
     _check_names(where, filters)
+    if filters.get("until") is not None:
+        raise _NotApplicable(where, ["until"], "a live tail, which has no end (a query reads up to a time)")
     return (
         check_poll_interval(poll_interval, where=where),
         float(_number(where, "lookback", lookback, least=0.0, most=MAX_LOOKBACK)),
