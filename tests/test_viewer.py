@@ -421,3 +421,16 @@ def test_latest_request_is_the_readers_request_latest(tmp_logs):
         assert c.get("/api/requests/r-1", params={"status": "5xx"}).status_code == 400
         assert c.get("/api/requests/latest", params={"request_id": "x"}).status_code == 400
     assert calls == [("latest", {"status": "5xx", "grace": "1m"}), ("latest", {"status": "4xx"})]
+
+
+def test_a_child_forked_while_the_signal_lock_is_held_can_take_it():
+    import os
+
+    from logsluice.viewer import _app
+
+    with _app._signals_lock:
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0 if _app._signals_lock.acquire(timeout=2) else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0

@@ -165,6 +165,16 @@ def _shutdown_all() -> None:
 atexit.register(_shutdown_all)
 
 
+def _fresh_signals_lock() -> None:
+    # Another thread may have held it at the fork: the child's copy would stay locked.
+    global _signals_lock
+    _signals_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_fresh_signals_lock)
+
+
 def _chain_signals() -> None:
     """Ends open streams when the server is told to stop. uvicorn (and others) wait for open
     responses before they run the app's lifespan shutdown, and a mounted app gets no lifespan
