@@ -373,3 +373,32 @@ def test_sse_over_postgres_resumes_without_loss(postgres):
     finally:
         logger.remove(handler)
         pipeline.close()
+
+
+def subscribers(c: httpx.Client) -> int:
+    return c.get("/logs/api/status").json()["streams"]["subscribers"]
+
+
+def test_a_viewer_served_by_one_event_loop_then_another_streams_on_both(tmp_logs):
+    # One viewer, two servers one after the other (a second asyncio.run, successive test
+    # clients): the second loop's streams get their records and their shutdown.
+    pipeline = logsluice.Pipeline(logsluice.LocalFiles(tmp_logs, batch_max_delay=0.05))
+    handler = pipeline.attach(logger, level="DEBUG")
+    app, view = host_app(pipeline, make_reader(tmp_logs))
+    try:
+        for round_ in ("first", "second"):
+            with ServerThread(app) as server, client(server.base) as c:
+                with c.stream("GET", "/logs/api/stream") as r:
+                    wait_until(lambda c=c: subscribers(c) == 1, 60, "a subscriber")
+                    logger.info(f"{round_} loop")
+                    pipeline.flush(timeout=60)
+                    events = sse_events(r.iter_lines())
+                    for event in events:
+                        if event.get("data", {}).get("message") == f"{round_} loop":
+                            break
+                    if round_ == "second":
+                        view.close()
+                        assert list(events)[-1]["event"] == "shutdown"
+    finally:
+        logger.remove(handler)
+        pipeline.close()

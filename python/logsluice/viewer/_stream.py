@@ -235,6 +235,8 @@ class Hub:
         self.gaps = 0
         self.streams_served = 0
         self._loop: Optional[asyncio.AbstractEventLoop] = None
+        # (loop, stop event, sessions) of event loops served before the current one.
+        self._earlier: list[_Served] = []
         _hubs.add(self)
 
     def _after_fork(self) -> None:
@@ -242,7 +244,8 @@ class Hub:
         does not run here, and the stop event is bound to that loop. The child starts with
         no session and binds the loop it serves on; the parent's sessions are kept aside,
         never used nor dropped (dropping would destroy tasks still pending)."""
-        _left_by_fork.append((self._loop, self.sessions, self.stopping))
+        _left_by_fork.append((self._loop, self.sessions, self.stopping, self._earlier))
+        self._earlier = []
         self.sessions = {}
         self._loop = None
         self.stopping = None
@@ -253,9 +256,19 @@ class Hub:
         return self.stopping
 
     def bind_loop(self) -> None:
-        if self._loop is None:
-            self._loop = asyncio.get_running_loop()
-            self._stop_event()
+        running = asyncio.get_running_loop()
+        if self._loop is running:
+            return
+        if self._loop is not None:
+            # Another event loop serves now (a second asyncio.run, the next test client):
+            # the stop event was bound to the earlier one. Its streams keep their own and
+            # still hear shutdown() while that loop runs.
+            self._earlier = [e for e in self._earlier if not e[0].is_closed()]
+            self._earlier.append((self._loop, self.stopping, self.sessions))
+            self.sessions = {}
+            self.stopping = None
+        self._loop = running
+        self._stop_event()
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -354,34 +367,39 @@ class Hub:
             if stopping.is_set() or session.ended:
                 session.close()
                 self.sessions.pop(session.id, None)
-            elif self._loop is not None:
+            else:
                 # Nobody may come back: the detached session's tail stops after the window.
-                self._loop.call_later(self.resume_window + 0.5, self._expire)
+                asyncio.get_running_loop().call_later(self.resume_window + 0.5, self._expire)
 
     def shutdown(self) -> None:
         """Ends every stream with a ``shutdown`` event (thread-safe, idempotent)."""
         self.closed = True
-        loop = self._loop
-        if loop is None or loop.is_closed():
-            return
         try:
             running = asyncio.get_running_loop()
         except RuntimeError:
             running = None
-        if running is loop:
-            self._shutdown_here()
-        else:
-            try:
-                loop.call_soon_threadsafe(self._shutdown_here)
-            except RuntimeError:
-                pass
+        for loop, stopping, sessions in [(self._loop, self.stopping, self.sessions), *self._earlier]:
+            if loop is None or loop.is_closed() or stopping is None:
+                continue
+            here = functools.partial(_shutdown_here, stopping, sessions)
+            if running is loop:
+                here()
+            else:
+                try:
+                    loop.call_soon_threadsafe(here)
+                except RuntimeError:
+                    pass
 
-    def _shutdown_here(self) -> None:
-        self._stop_event().set()
-        for s in list(self.sessions.values()):
-            if not s.attached:
-                s.close()
-                self.sessions.pop(s.id, None)
+
+_Served = tuple[asyncio.AbstractEventLoop, Optional[asyncio.Event], dict[str, "Session"]]
+
+
+def _shutdown_here(stopping: asyncio.Event, sessions: dict[str, Session]) -> None:
+    stopping.set()
+    for s in list(sessions.values()):
+        if not s.attached:
+            s.close()
+            sessions.pop(s.id, None)
 
 
 # Hubs of this process, for the fork hook (weakly: the hook keeps none alive), and what a
