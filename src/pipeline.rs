@@ -364,6 +364,8 @@ enum Round {
     Refused(destinations::WriteError),
     /// Still failing after the round's retries: the store is unavailable for now.
     Unavailable(destinations::WriteError, u32),
+    /// The store answered but could not take the batch as it is.
+    Oversized(destinations::WriteError, u32),
     Aborted,
 }
 
@@ -385,7 +387,7 @@ fn deliver(
     let mut rounds = 0;
     loop {
         if dest.abort.load(Ordering::SeqCst) {
-            return (0, vec![(DropReason::Closed, n)]);
+            return closing(writer, batch);
         }
         if let breaker::State::Open { until } = breaker.state() {
             sleep_unless_aborted(dest, until.saturating_duration_since(Instant::now()));
@@ -430,7 +432,7 @@ fn deliver(
                 };
                 return (n - invalid, dropped);
             }
-            Round::Aborted => return (0, vec![(DropReason::Closed, n)]),
+            Round::Aborted => return closing(writer, batch),
             Round::Refused(err) => {
                 breaker.failure(Instant::now());
                 dest.queue.with_state(|s| s.breaker = breaker.name());
@@ -443,7 +445,29 @@ fn deliver(
                 );
                 return (0, vec![(DropReason::Failed, n)]);
             }
-            Round::Unavailable(err, attempts) => (err, attempts),
+            Round::Oversized(err, _) if batch.len() > 1 => {
+                // Not an outage: the store answered. Halves go on their own, down to one
+                // record, which is then held like any other (records are capped in size).
+                let half = batch.len() / 2;
+                dest.report(
+                    30,
+                    &format!(
+                        "a batch of {n} records was too much for one write ({}); writing it in \
+                         pieces of {half}",
+                        err.message
+                    ),
+                );
+                let (w1, mut d1) = deliver(dest, target, writer, breaker, backoff, &batch[..half]);
+                let (w2, d2) = deliver(dest, target, writer, breaker, backoff, &batch[half..]);
+                for (reason, count) in d2 {
+                    match d1.iter_mut().find(|(r, _)| *r == reason) {
+                        Some(slot) => slot.1 += count,
+                        None => d1.push((reason, count)),
+                    }
+                }
+                return (w1 + w2, d1);
+            }
+            Round::Unavailable(err, attempts) | Round::Oversized(err, attempts) => (err, attempts),
         };
         let starting = outage.is_none();
         outage.get_or_insert_with(|| {
@@ -481,6 +505,18 @@ fn deliver(
     }
 }
 
+/// Counts a batch dropped at close. A writer whose last COMMIT went unanswered is told,
+/// with no time to ask, and says the batch may be stored all the same.
+fn closing(
+    writer: &mut Option<Box<dyn Writer>>,
+    batch: &[Arc<Record>],
+) -> (u64, Vec<(DropReason, u64)>) {
+    let _ = writer
+        .as_mut()
+        .and_then(|w| w.given_up(batch, Duration::ZERO));
+    (0, vec![(DropReason::Closed, batch.len() as u64)])
+}
+
 /// One attempt and its retries (none for a half-open breaker's probe).
 fn attempt_round(
     dest: &Destination,
@@ -498,10 +534,7 @@ fn attempt_round(
     };
     let mut attempt = 0;
     loop {
-        if attempt > 0 && dest.abort.load(Ordering::SeqCst) {
-            let _ = writer
-                .as_mut()
-                .and_then(|w| w.given_up(batch, Duration::ZERO));
+        if dest.abort.load(Ordering::SeqCst) {
             return Round::Aborted;
         }
         let result = match writer.as_mut() {
@@ -515,23 +548,24 @@ fn attempt_round(
         };
         dest.queue
             .with_state(|s| s.counters.last_error = Some(err.message.clone()));
-        let aborting = dest.abort.load(Ordering::SeqCst);
-        if err.kind == ErrorKind::Permanent || aborting {
+        if dest.abort.load(Ordering::SeqCst) {
+            return Round::Aborted;
+        }
+        if err.kind == ErrorKind::Permanent {
             // A batch whose last COMMIT went unanswered may be stored after all: the writer
-            // asks once more before the batch counts as not written (no time when closing).
-            // A held batch needs no such question: its next attempt settles the doubt first.
-            let ask = if aborting { Duration::ZERO } else { timeout };
-            if let Some(outcome) = writer.as_mut().and_then(|w| w.given_up(batch, ask)) {
+            // asks once more before the batch counts as not written. A held batch needs no
+            // such question: its next attempt settles the doubt first.
+            if let Some(outcome) = writer.as_mut().and_then(|w| w.given_up(batch, timeout)) {
                 return Round::Written(outcome);
             }
-            return if aborting {
-                Round::Aborted
-            } else {
-                Round::Refused(err)
-            };
+            return Round::Refused(err);
         }
         if attempt >= retries {
-            return Round::Unavailable(err, attempt + 1);
+            return if err.kind == ErrorKind::Oversized {
+                Round::Oversized(err, attempt + 1)
+            } else {
+                Round::Unavailable(err, attempt + 1)
+            };
         }
         dest.queue.with_state(|s| s.counters.retries += 1);
         sleep_unless_aborted(dest, backoff.delay_with_hint(attempt, err.retry_after));

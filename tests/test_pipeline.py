@@ -1060,6 +1060,44 @@ def test_disk_errors_hold_records_until_the_directory_is_usable_again(tmp_path, 
     assert_accounted(pipeline.stats())
 
 
+EFBIG_CHILD = """
+import resource, sys, logsluice
+resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
+pipeline = logsluice.Pipeline(logsluice.LocalFiles(sys.argv[1], max_retries=0, batch_max_delay=5))
+handler = pipeline.logging_handler()
+import logging
+log = logging.getLogger("efbig")
+log.propagate = False
+log.addHandler(handler)
+for i in range(1000):
+    log.warning("record %04d %s", i, "x" * 200)
+pipeline.flush(60)
+s = pipeline.stats()["local_files"]
+pipeline.close()
+print(s["written"], s["dropped_total"])
+"""
+
+
+def test_a_batch_past_the_file_size_limit_is_written_in_pieces_and_leaves_no_empty_file(tmp_path):
+    # Under RLIMIT_FSIZE (EFBIG; Python ignores SIGXFSZ) one ~250 KB batch cannot go into a
+    # 64 KiB file: it is halved until the pieces fit, each in a file of its own. A write cut
+    # back to nothing leaves no empty file behind.
+    directory = tmp_path / "logs"
+    argv = [sys.executable, "-c", EFBIG_CHILD, str(directory)]
+    run = subprocess.run(argv, check=False, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["1000", "0"], run.stdout + run.stderr
+    files = log_files(directory)
+    assert files and all(f.stat().st_size > 0 for f in files)
+    messages = [r["message"] for r in read_records(directory)]
+    assert sorted(messages) == [f"record {i:04d} {'x' * 200}" for i in range(1000)]
+
+
+def test_a_prefix_too_long_for_a_file_name_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="prefix must be at most 180 bytes"):
+        logsluice.LocalFiles(tmp_path, prefix="app-" + "x" * 240)
+
+
 def test_a_time_no_record_can_hold_becomes_now_and_is_kept_in_fields(tmp_logs, loguru):
     # Not finite, or outside years 1 to 9999 in UTC: stored as the time of conversion (an
     # RFC 3339 time every destination takes), the original under fields["original_time"].

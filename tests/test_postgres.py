@@ -815,6 +815,28 @@ def test_records_on_the_first_and_last_day_get_their_partitions(postgres, table,
     assert not dead.exists() or not any(dead.iterdir())
 
 
+def test_a_batch_spanning_more_days_than_one_transaction_locks_is_written_in_pieces(postgres, table, caplog):
+    # A replay of old events with their own times: one record per day for 1,500 days. Making
+    # (or writing into) that many partitions in one transaction fills the server's lock table
+    # (out of shared memory, 53200): the store is up, the batch is too much for one write.
+    # It used to be held for good, everything behind it dropped as queue_full.
+    pipeline = logsluice.Pipeline(logsluice.Postgres(postgres.dsn, table=table, max_retries=0))
+    handler = pipeline.logging_handler()
+    start = dt.datetime(2020, 1, 1, tzinfo=dt.timezone.utc)
+    with caplog.at_level(logging.WARNING, logger="logsluice"):
+        for i in range(1500):
+            record = logging.LogRecord("replay", logging.INFO, __file__, 1, f"replayed {i}", None, None)
+            record.created = (start + dt.timedelta(days=i)).timestamp()
+            handler.handle(record)
+        handler.handle(logging.LogRecord("app", logging.INFO, __file__, 1, "live", None, None))
+        pipeline.flush(300)
+    stats = pipeline.stats()["postgres"]
+    pipeline.close()
+    assert stats["written"] == 1501 and stats["dropped_total"] == 0, stats
+    assert count(postgres, table) == 1501
+    assert any("too much for one write" in r.getMessage() for r in caplog.records)
+
+
 def test_days_covered_by_a_partition_made_by_hand_are_written_into_it(postgres, table, log):
     # An operator partitions a span by hand (a month, say) under the kind's table: logsluice's
     # own day partition for a day in it would overlap (SQLSTATE 42P17). Its rows go into the

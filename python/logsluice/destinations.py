@@ -38,6 +38,7 @@ _INTS = {
     "max_retries",
     "breaker_threshold",
 }
+_MAX_PREFIX_BYTES = 180
 _MAY_BE_ZERO = {"block_timeout", "breaker_cooldown", "max_retries"}
 # What the core's fields hold (counts are 32- or 64-bit).
 _INT_LIMITS = {"max_retries": 2**32 - 1, "breaker_threshold": 2**32 - 1}
@@ -211,6 +212,10 @@ class LocalFiles(Destination):
         self.directory = writable_directory("LocalFiles: directory", directory)
         if not isinstance(prefix, str) or not prefix or any(c in prefix for c in "/\\\0"):
             raise ValueError(f"LocalFiles: prefix must be a plain file name part, got {prefix!r}")
+        size = len(prefix.encode("utf-8", "surrogateescape"))
+        if size > _MAX_PREFIX_BYTES:
+            # File names stop at 255 bytes; the timestamp, pid, sequence and suffix take the rest.
+            raise ValueError(f"LocalFiles: prefix must be at most {_MAX_PREFIX_BYTES} bytes, got {size}")
         self.prefix = prefix
         if isinstance(max_file_bytes, float):
             raise ValueError(f"LocalFiles: max_file_bytes must be a whole number, got {max_file_bytes!r}")

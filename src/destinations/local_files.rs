@@ -54,7 +54,14 @@ pub struct LocalFiles {
 }
 
 fn io_error(what: &str, path: &Path, e: io::Error) -> WriteError {
-    WriteError::transient(format!("{what} {}: {e}", path.display()))
+    let message = format!("{what} {}: {e}", path.display());
+    // Past the file size limit (RLIMIT_FSIZE, the file system's): smaller pieces, each in
+    // a new file, may fit where the batch does not.
+    if e.raw_os_error() == Some(libc::EFBIG) {
+        WriteError::oversized(message)
+    } else {
+        WriteError::transient(message)
+    }
 }
 
 impl LocalFiles {
@@ -177,6 +184,17 @@ impl LocalFiles {
             })
             .collect();
         files.sort();
+        // An empty file (left by a write that failed, then was cut back) holds no log: it
+        // is removed, and never counted among the files kept.
+        files.retain(|p| {
+            let empty = fs::metadata(p).is_ok_and(|m| m.len() == 0);
+            if empty {
+                if let Finished::Yes(_lock) = finished_file(p) {
+                    let _ = fs::remove_file(p);
+                }
+            }
+            !empty
+        });
         let finished: Vec<&PathBuf> = files
             .iter()
             .filter(|p| matches!(finished_file(p), Finished::Yes(_)))
@@ -411,11 +429,22 @@ impl Writer for LocalFiles {
             crate::pipeline::let_application_run();
             cur.file.write_all(slice)
         });
+        let written = written.and_then(|()| {
+            if self.cfg.fsync {
+                cur.file.sync_data()
+            } else {
+                Ok(())
+            }
+        });
         if let Err(e) = written {
             // Cut the partial batch back off so the retry writes it exactly once.
             let _ = cur.file.set_len(cur.bytes);
             let err = io_error("cannot write", &cur.path, e);
-            // A fresh file on the next attempt, in case this handle is what went bad.
+            // A fresh file on the next attempt, in case this handle is what went bad; one
+            // left empty goes (an outage would otherwise leave one per attempt).
+            if cur.bytes == 0 {
+                let _ = fs::remove_file(&cur.path);
+            }
             self.current = None;
             return Err(err);
         }

@@ -17,6 +17,10 @@ pub enum ErrorKind {
     Transient,
     /// Retrying cannot help (bad credentials, missing permission): fail fast, no spinning.
     Permanent,
+    /// The store answered but could not take the batch as it is (too many partitions for
+    /// one transaction, a COPY past the statement timeout, a file past its size limit):
+    /// retried like a transient error, then written in smaller pieces.
+    Oversized,
 }
 
 #[derive(Clone, Debug)]
@@ -32,6 +36,13 @@ impl WriteError {
     pub fn transient(message: impl Into<String>) -> Self {
         WriteError {
             kind: ErrorKind::Transient,
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+    pub fn oversized(message: impl Into<String>) -> Self {
+        WriteError {
+            kind: ErrorKind::Oversized,
             message: message.into(),
             retry_after: None,
         }

@@ -189,6 +189,8 @@ enum Failure {
         message: String,
         drop_conn: bool,
     },
+    /// The server could not take this batch as it is (see [`ErrorKind::Oversized`]).
+    Oversized(String),
     Permanent(String),
 }
 
@@ -223,6 +225,9 @@ enum Sqlstate {
     /// The table or a column is gone.
     Schema,
     Permanent,
+    /// Retry, then write the batch in smaller pieces: the lock table filled by a batch
+    /// spanning many day partitions (53200), a COPY past `statement_timeout` (57014).
+    Oversized,
     /// Retry on the same connection.
     Retry,
     /// Retry on a fresh connection.
@@ -237,7 +242,8 @@ fn sqlstate(code: &str) -> Sqlstate {
         ("22" | "23", _) | (_, "54000") => Sqlstate::Data,
         (_, "42P01" | "42703") => Sqlstate::Schema,
         ("28" | "3D", _) | (_, "42501" | "3F000") => Sqlstate::Permanent,
-        (_, "40001" | "40P01" | "55P03" | "55006" | "57014") => Sqlstate::Retry,
+        (_, "53200" | "57014") => Sqlstate::Oversized,
+        (_, "40001" | "40P01" | "55P03" | "55006") => Sqlstate::Retry,
         ("42", _) => Sqlstate::Permanent,
         _ => Sqlstate::Reconnect,
     }
@@ -267,6 +273,7 @@ fn classify(e: &sqlx::Error) -> Failure {
                 },
                 Sqlstate::Schema => Failure::Schema(message),
                 Sqlstate::Permanent => Failure::Permanent(message),
+                Sqlstate::Oversized => Failure::Oversized(message),
                 Sqlstate::Retry => Failure::Transient {
                     message,
                     drop_conn: false,
@@ -630,6 +637,7 @@ impl Inner {
                 self.drop_conn();
                 WriteError::permanent(scrub(&self.secrets, message))
             }
+            Failure::Oversized(message) => WriteError::oversized(scrub(&self.secrets, message)),
             Failure::Schema(message) => {
                 self.layout = None;
                 self.days.clear();
@@ -660,6 +668,7 @@ impl Inner {
                     }
                     Failure::Transient { message, .. }
                     | Failure::Schema(message)
+                    | Failure::Oversized(message)
                     | Failure::Data { message, .. } => Failure::Transient {
                         message: format!("cannot connect to {}: {message}", self.target),
                         drop_conn: true,
@@ -768,7 +777,32 @@ impl Inner {
                 .await
                 .and_then(|row| row.try_get::<Option<String>, _>(0));
             match status {
+                // "Transaction ID … is in the future": this server never saw it (another
+                // server took over the address), so the batch is not stored here.
+                Err(e) if sqlstate_of(&e).as_deref() == Some("22023") => {
+                    self.in_doubt = None;
+                    self.notices.push((
+                        30,
+                        format!(
+                            "the server no longer knows transaction {xid} (another server took \
+                             over?): its batch is sent again"
+                        ),
+                    ));
+                    return Ok(None);
+                }
                 Err(e) => return Err(self.fail(classify(&e))),
+                // Too old for the server to tell: sent again rather than held for good.
+                Ok(None) => {
+                    self.in_doubt = None;
+                    self.notices.push((
+                        30,
+                        format!(
+                            "the server cannot tell any more whether transaction {xid} \
+                             committed: its batch is sent again and may be stored twice"
+                        ),
+                    ));
+                    return Ok(None);
+                }
                 Ok(Some(s)) if s == "committed" => {
                     return Ok(self.in_doubt.take().map(|d| d.bad));
                 }
@@ -776,7 +810,7 @@ impl Inner {
                     self.in_doubt = None;
                     return Ok(None);
                 }
-                // In progress (its process still ending or waiting), or too old to tell.
+                // In progress: its process still ending or waiting.
                 Ok(_) => {}
             }
             if Instant::now() + pause >= deadline {
@@ -1092,6 +1126,7 @@ impl Inner {
                     Failure::Data { message, .. }
                     | Failure::Schema(message)
                     | Failure::Transient { message, .. }
+                    | Failure::Oversized(message)
                     | Failure::Permanent(message) => message.clone(),
                 };
                 if matches!(
@@ -1715,8 +1750,12 @@ mod tests {
         for permanent in ["28P01", "3D000", "42501", "3F000", "42601"] {
             assert_eq!(sqlstate(permanent), Sqlstate::Permanent, "{permanent}");
         }
-        for retry in ["40001", "40P01", "55P03", "55006", "57014"] {
+        for retry in ["40001", "40P01", "55P03", "55006"] {
             assert_eq!(sqlstate(retry), Sqlstate::Retry, "{retry}");
+        }
+        // The server answered, the batch was too much for one write: retried, then halved.
+        for oversized in ["57014", "53200"] {
+            assert_eq!(sqlstate(oversized), Sqlstate::Oversized, "{oversized}");
         }
         // Other program limits stay transient, as does anything unknown.
         for reconnect in ["57P01", "53300", "54001", "08006", "XX000", ""] {
