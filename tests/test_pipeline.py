@@ -120,12 +120,17 @@ def test_nasty_input_is_stored_sanitised(tmp_logs, loguru):
     assert "hunter2" not in exc
 
 
-def test_stdlib_logging_handler_and_request_id_context(tmp_logs):
-    pipeline = logsluice.Pipeline(logsluice.LocalFiles(tmp_logs))
-    log = logging.getLogger("test.stdlib")
+def stdlib_logger(pipeline: logsluice.Pipeline, name: str) -> logging.Logger:
+    log = logging.getLogger(name)
     log.propagate = False
     log.setLevel(logging.DEBUG)
     log.addHandler(pipeline.logging_handler())
+    return log
+
+
+def test_stdlib_logging_handler_and_request_id_context(tmp_logs):
+    pipeline = logsluice.Pipeline(logsluice.LocalFiles(tmp_logs))
+    log = stdlib_logger(pipeline, "test.stdlib")
     token = logsluice._context.request_id.set("req-42")
     try:
         log.warning("hello %s", "world", extra={"order": {"id": 7}})
@@ -145,10 +150,7 @@ def test_stdlib_logging_handler_and_request_id_context(tmp_logs):
 
 def test_a_message_that_cannot_be_formatted_keeps_its_arguments(tmp_logs):
     pipeline = logsluice.Pipeline(logsluice.LocalFiles(tmp_logs))
-    log = logging.getLogger("test.stdlib.format")
-    log.propagate = False
-    log.setLevel(logging.DEBUG)
-    log.addHandler(pipeline.logging_handler())
+    log = stdlib_logger(pipeline, "test.stdlib.format")
     log.info("%d items", "x")
     log.info("%s and %s", "one")
     log.info("%(a)s", {"b": 1})
@@ -164,9 +166,7 @@ def test_a_message_that_cannot_be_formatted_keeps_its_arguments(tmp_logs):
 
 def test_an_unusable_exc_info_is_stored_as_a_note_saying_what_was_given(tmp_logs):
     pipeline = logsluice.Pipeline(logsluice.LocalFiles(tmp_logs))
-    log = logging.getLogger("test.stdlib.exc_info")
-    log.propagate = False
-    log.addHandler(pipeline.logging_handler())
+    log = stdlib_logger(pipeline, "test.stdlib.exc_info")
     log.error("bad tuple", exc_info=("not", "a", "tuple"))
     log.error("short tuple", exc_info=(ValueError,))
     # A LogRecord made by hand (or changed by a filter) keeps exc_info as it was given.
@@ -223,9 +223,7 @@ def python_traceback(e: BaseException) -> str:
 
 def test_a_deep_exception_chain_keeps_its_root_cause_and_last_raised(tmp_logs, loguru):
     pipeline = logsluice.Pipeline(logsluice.LocalFiles(tmp_logs))
-    log = logging.getLogger("test.stdlib.chain")
-    log.propagate = False
-    log.addHandler(pipeline.logging_handler())
+    log = stdlib_logger(pipeline, "test.stdlib.chain")
     pipeline.attach(loguru)
     deep, short, longest = chained(3000), chained(3), chained(10_005)
     log.error("deep", exc_info=deep)
@@ -259,9 +257,7 @@ def test_a_deep_exception_chain_keeps_its_root_cause_and_last_raised(tmp_logs, l
 
 def test_a_chain_too_large_for_the_record_keeps_the_ends_of_both_root_cause_and_last_raised(tmp_logs):
     pipeline = logsluice.Pipeline(logsluice.LocalFiles(tmp_logs), max_message_bytes=2000)
-    log = logging.getLogger("test.stdlib.chain_size")
-    log.propagate = False
-    log.addHandler(pipeline.logging_handler())
+    log = stdlib_logger(pipeline, "test.stdlib.chain_size")
     huge_root = chained(2, root_message="x" * 100_000 + " the end of the root cause")
     log.error("huge root", exc_info=huge_root)
     many = chained(14, root_message="r" * 1000)

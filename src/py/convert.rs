@@ -100,22 +100,23 @@ fn str_text<'a>(s: &'a Bound<'_, PyString>) -> Cow<'a, str> {
 
 /// Any Python object as text (`str()` for non-strings), sanitised.
 pub fn text(obj: &Bound<'_, PyAny>) -> String {
-    match obj.cast::<PyString>() {
-        Ok(s) => str_text(s).into_owned(),
-        Err(_) => match obj.str() {
-            Ok(s) => str_text(&s).into_owned(),
-            Err(_) => format!("<unprintable {}>", type_name(obj)),
-        },
-    }
+    text_by(obj, str_text)
 }
 
 /// [`text`] for text whose control characters are escaped afterwards (`\u0000`): its
 /// NULs are kept for that, not removed.
 pub fn text_with_nul(obj: &Bound<'_, PyAny>) -> String {
+    text_by(obj, str_text_with_nul)
+}
+
+fn text_by(
+    obj: &Bound<'_, PyAny>,
+    of_str: for<'a> fn(&'a Bound<'_, PyString>) -> Cow<'a, str>,
+) -> String {
     match obj.cast::<PyString>() {
-        Ok(s) => str_text_with_nul(s).into_owned(),
+        Ok(s) => of_str(s).into_owned(),
         Err(_) => match obj.str() {
-            Ok(s) => str_text_with_nul(&s).into_owned(),
+            Ok(s) => of_str(&s).into_owned(),
             Err(_) => format!("<unprintable {}>", type_name(obj)),
         },
     }
