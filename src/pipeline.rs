@@ -100,6 +100,12 @@ impl Destination {
         );
     }
 
+    /// Publishes the breaker's state to `stats()` after each of its transitions.
+    fn show(&self, breaker: &Breaker) {
+        let state = breaker.name();
+        self.queue.with_state(|s| s.breaker = state);
+    }
+
     fn send(&self, level: u16, text: &str) {
         REPORTING.with(|r| r.set(true));
         (self.reporter)(level, text);
@@ -335,8 +341,6 @@ fn run(dest: Arc<Destination>, target: Target) {
                     let started = Instant::now();
                     let (written, dropped) =
                         deliver(&dest, &target, &mut writer, &mut breaker, &backoff, &batch);
-                    let state = breaker.name();
-                    dest.queue.with_state(|s| s.breaker = state);
                     dest.queue
                         .resolve(batch.len(), bytes, written, &dropped, started.elapsed());
                 }
@@ -394,7 +398,7 @@ fn deliver(
             if !breaker.allow(Instant::now()) {
                 continue;
             }
-            dest.queue.with_state(|s| s.breaker = "half_open");
+            dest.show(breaker);
         }
         if rounds > 0 {
             dest.queue.with_state(|s| s.counters.retries += 1);
@@ -404,7 +408,7 @@ fn deliver(
             Round::Written(outcome) => {
                 let reopened = breaker.state() != breaker::State::Closed;
                 breaker.success();
-                dest.queue.with_state(|s| s.breaker = "closed");
+                dest.show(breaker);
                 if let Some((since, full_before)) = outage {
                     let now = dest.queue.snapshot();
                     let overflow =
@@ -435,7 +439,7 @@ fn deliver(
             Round::Aborted => return closing(writer, batch),
             Round::Refused(err) => {
                 breaker.failure(Instant::now());
-                dest.queue.with_state(|s| s.breaker = breaker.name());
+                dest.show(breaker);
                 dest.report(
                     40,
                     &format!(
@@ -476,7 +480,7 @@ fn deliver(
         });
         let was_closed = breaker.state() == breaker::State::Closed;
         breaker.failure(Instant::now());
-        dest.queue.with_state(|s| s.breaker = breaker.name());
+        dest.show(breaker);
         let waiting = dest.queue.snapshot().in_flight;
         let next = match breaker.state() {
             breaker::State::Open { until } => format!(

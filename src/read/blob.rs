@@ -376,12 +376,7 @@ impl BlobStore {
     /// forked child (gunicorn `--preload`, multiprocessing), as the pipeline's core is.
     fn live(&self) -> Result<Arc<BlobLive>, ReadError> {
         self.live.get_or_try_init(|| {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(1)
-                .thread_name("logsluice-blob-reader")
-                .enable_all()
-                .build()
-                .map_err(|e| ReadError::Failed(format!("cannot start runtime: {e}")))?;
+            let rt = super::reader_runtime("logsluice-blob-reader")?;
             let client = {
                 let _guard = rt.enter();
                 build_client(&self.target).map_err(|e| {

@@ -167,6 +167,17 @@ fn now_us() -> i64 {
     chrono::Utc::now().timestamp_micros()
 }
 
+/// A reader's runtime: one worker thread, named for `ps`/`top`, built per process (see
+/// the readers' `live`).
+pub fn reader_runtime(thread_name: &str) -> Result<tokio::runtime::Runtime, ReadError> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name(thread_name)
+        .enable_all()
+        .build()
+        .map_err(|e| ReadError::Failed(format!("cannot start runtime: {e}")))
+}
+
 pub fn ts_of(r: &Map<String, Value>) -> i64 {
     r.get("ts")
         .and_then(Value::as_str)

@@ -409,12 +409,7 @@ impl PgStore {
     /// forked child (gunicorn `--preload`, multiprocessing), as the pipeline's core is.
     pub fn live(&self) -> Result<Arc<PgLive>, ReadError> {
         self.live.get_or_try_init(|| {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(1)
-                .thread_name("logsluice-reader")
-                .enable_all()
-                .build()
-                .map_err(|e| ReadError::Failed(format!("cannot start runtime: {e}")))?;
+            let rt = super::reader_runtime("logsluice-reader")?;
             let pool = {
                 let _guard = rt.enter();
                 PgPoolOptions::new()
