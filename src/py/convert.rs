@@ -60,6 +60,30 @@ pub fn utf8<'a>(s: &'a Bound<'_, PyString>) -> Option<&'a str> {
     }
 }
 
+/// A `str` of ASCII bytes, written straight into a new compact string (no UTF-8 decoding):
+/// the middleware makes one per request for its request id.
+pub fn ascii_str<'py>(py: Python<'py>, ascii: &[u8]) -> Bound<'py, PyString> {
+    if !ascii.is_ascii() {
+        return PyString::new(py, &String::from_utf8_lossy(ascii));
+    }
+    // SAFETY: a new compact ASCII string of `len` characters has room for `len` bytes at
+    // `PyUnicode_DATA`, written before anyone else sees the object; NULL means an exception
+    // is set (no memory), handled by the slower path.
+    unsafe {
+        let s = ffi::PyUnicode_New(ascii.len() as ffi::Py_ssize_t, 127);
+        if s.is_null() {
+            ffi::PyErr_Clear();
+            return PyString::new(py, std::str::from_utf8_unchecked(ascii));
+        }
+        std::ptr::copy_nonoverlapping(
+            ascii.as_ptr(),
+            ffi::PyUnicode_DATA(s).cast::<u8>(),
+            ascii.len(),
+        );
+        Bound::from_owned_ptr(py, s).cast_into_unchecked()
+    }
+}
+
 /// Lone surrogates (from `surrogateescape` file names, broken JSON) become one U+FFFD each.
 fn without_surrogates(s: &Bound<'_, PyString>) -> String {
     let utf16 = s

@@ -246,7 +246,7 @@ impl HttpSink {
         let id = id.unwrap_or_else(|| {
             let new = http::request_id_bytes_at((unix_us / 1000) as u64);
             // Hex digits and dashes only.
-            PyString::new(py, std::str::from_utf8(&new).unwrap_or_default())
+            convert::ascii_str(py, &new)
         });
         (id, trace)
     }
@@ -985,11 +985,7 @@ fn inbound<'py>(
     };
     let py = headers.py();
     // A valid id is ASCII: the conversion cannot fail.
-    let safe_id = |v: &[u8]| {
-        http::valid_request_id(v)
-            .then(|| std::str::from_utf8(v).ok().map(|v| PyString::new(py, v)))
-            .flatten()
-    };
+    let safe_id = |v: &[u8]| http::valid_request_id(v).then(|| convert::ascii_str(py, v));
     // `None` until the header is seen; then what it held (itself maybe `None`).
     let (mut id, mut trace) = (name.map_or(Some(None), |_| None), None);
     let mut note = |k: &[u8], v: &[u8]| {
