@@ -126,6 +126,36 @@ def test_headers_in_other_shapes_are_echoed_and_recorded(pipeline, tmp_logs):
     assert rec["request_headers"]["x-list-in"] == "1"
 
 
+def test_messages_with_keys_built_at_run_time_are_read_alike(pipeline, tmp_logs):
+    """Message keys that are not the interned literals servers write (built at run time, or
+    beside a key that is not a str) are read the same: by value."""
+
+    def key(name: str) -> str:
+        # A new str object with the same text: not the interned one.
+        return "".join(list(name))
+
+    async def app(scope, receive, send):
+        m = await receive()
+        assert m["body"] == b"in"
+        await send({key("type"): "http.response.start", key("status"): 201, key("headers"): []})
+        await send({key("type"): "http.response.body", key("body"): b"out", 7: "not a str key"})
+
+    class RuntimeKeys(Client):
+        async def receive(self) -> dict:
+            m = await super().receive()
+            return {key(k): v for k, v in m.items()}
+
+    client = RuntimeKeys([b"in"])
+    mw = LoggingMiddleware(app, pipeline=pipeline)
+    asyncio.run(mw(scope("/keys", "POST"), client.receive, client.send))
+    assert client.status == 201 and client.body == b"out"
+    rec = only(pipeline, tmp_logs)
+    assert rec["status"] == 201
+    assert rec["request_body"] == "in" and rec["response_body"] == "out"
+    assert rec["request_size"] == 2 and rec["response_size"] == 3
+    assert rec["response_headers"]["x-request-id"] == rec["request_id"]
+
+
 def test_capture_stops_at_the_cap_with_marker_and_full_size(pipeline, tmp_logs):
     received: list = []
     mw = LoggingMiddleware(echo_app(received), pipeline=pipeline, max_body_bytes=100)

@@ -11,6 +11,7 @@
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use pyo3::exceptions::PyOSError;
+use pyo3::ffi;
 use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
@@ -148,6 +149,49 @@ fn now_us() -> i64 {
 
 fn get<'py>(d: &Bound<'py, PyDict>, key: &Bound<'py, PyString>) -> Option<Bound<'py, PyAny>> {
     d.get_item(key).ok().flatten()
+}
+
+/// The values of `keys` in `d` (`None` where absent), read in one pass over the dict: an
+/// ASGI message has two to four keys, and looking each wanted key up costs more than
+/// walking them all. Keys are matched by identity first (servers and frameworks write
+/// them as literals, interned like `intern!`'s), else by value.
+fn fields<'py, const N: usize>(
+    d: &Bound<'py, PyDict>,
+    keys: [&Bound<'py, PyString>; N],
+) -> [Option<Bound<'py, PyAny>>; N] {
+    let py = d.py();
+    let mut out = [const { None }; N];
+    let (mut pos, mut k, mut v): (ffi::Py_ssize_t, *mut ffi::PyObject, *mut ffi::PyObject) =
+        (0, std::ptr::null_mut(), std::ptr::null_mut());
+    // SAFETY: `d` is a live dict, not changed during the walk: nothing here runs Python code
+    // (keys that are not exact `str` are looked up afterwards, by the dict). `PyDict_Next`
+    // gives borrowed references, made owned at once.
+    unsafe {
+        let mut other_keys = false;
+        while ffi::PyDict_Next(d.as_ptr(), &mut pos, &mut k, &mut v) != 0 {
+            if let Some(i) = keys.iter().position(|key| key.as_ptr() == k) {
+                out[i] = Some(Bound::from_borrowed_ptr(py, v));
+            } else if ffi::PyUnicode_CheckExact(k) != 0 {
+                let len = ffi::PyUnicode_GET_LENGTH(k);
+                if let Some(i) = keys.iter().position(|key| {
+                    ffi::PyUnicode_GET_LENGTH(key.as_ptr()) == len
+                        && ffi::PyUnicode_Compare(key.as_ptr(), k) == 0
+                }) {
+                    out[i] = Some(Bound::from_borrowed_ptr(py, v));
+                }
+            } else {
+                other_keys = true;
+            }
+        }
+        if other_keys {
+            for (slot, key) in out.iter_mut().zip(keys) {
+                if slot.is_none() {
+                    *slot = get(d, key);
+                }
+            }
+        }
+    }
+    out
 }
 
 /// The message type, borrowed (ASGI types are plain `str`).
@@ -342,16 +386,23 @@ impl HttpExchange {
     }
 
     fn on_request(&mut self, py: Python<'_>, message: &Bound<'_, PyDict>) -> PyResult<()> {
-        let kind = get(message, intern!(py, "type"));
+        let [kind, body, more] = fields(
+            message,
+            [
+                intern!(py, "type"),
+                intern!(py, "body"),
+                intern!(py, "more_body"),
+            ],
+        );
         let kind = kind_of(&kind);
         if kind == "http.request" {
             if !self.decided {
                 self.decide(py);
             }
-            if let Some(body) = get(message, intern!(py, "body")) {
+            if let Some(body) = body {
                 let body = body.cast::<PyBytes>()?;
                 if !body.as_bytes().is_empty() {
-                    let more = truthy(get(message, intern!(py, "more_body")));
+                    let more = truthy(more);
                     let timeout = self.sink.get().capture.request_timeout;
                     if !self.request.take(body, more, timeout) {
                         self.flags |= flags::REQUEST_BODY_TIMEOUT;
@@ -370,13 +421,14 @@ impl HttpExchange {
         &mut self,
         py: Python<'py>,
         message: &Bound<'py, PyDict>,
+        status: Option<Bound<'py, PyAny>>,
+        headers: Option<Bound<'py, PyAny>>,
+        trailers: Option<Bound<'py, PyAny>>,
     ) -> PyResult<Option<Bound<'py, PyDict>>> {
         self.t_start = Some(Instant::now());
-        self.status = get(message, intern!(py, "status"))
-            .and_then(|s| s.extract::<u16>().ok())
-            .unwrap_or(0);
-        let headers = get(message, intern!(py, "headers")).filter(|h| !h.is_none());
-        self.trailers = truthy(get(message, intern!(py, "trailers")));
+        self.status = status.and_then(|s| s.extract::<u16>().ok()).unwrap_or(0);
+        let headers = headers.filter(|h| !h.is_none());
+        self.trailers = truthy(trailers);
         if !self.decided {
             self.decide(py);
         }
@@ -454,11 +506,23 @@ impl HttpExchange {
         py: Python<'py>,
         message: &Bound<'py, PyDict>,
     ) -> PyResult<Option<Bound<'py, PyDict>>> {
-        let kind = get(message, intern!(py, "type"));
+        let [kind, body, more, status, headers, trailers, more_trailers, count] = fields(
+            message,
+            [
+                intern!(py, "type"),
+                intern!(py, "body"),
+                intern!(py, "more_body"),
+                intern!(py, "status"),
+                intern!(py, "headers"),
+                intern!(py, "trailers"),
+                intern!(py, "more_trailers"),
+                intern!(py, "count"),
+            ],
+        );
         let kind = kind_of(&kind);
         if kind == "http.response.body" {
-            let more = truthy(get(message, intern!(py, "more_body")));
-            if let Some(body) = get(message, intern!(py, "body")) {
+            let more = truthy(more);
+            if let Some(body) = body {
                 let body = body.cast::<PyBytes>()?;
                 if !body.as_bytes().is_empty() {
                     let timeout = self.sink.get().capture.response_timeout;
@@ -469,15 +533,13 @@ impl HttpExchange {
             }
             self.last = !more && !self.trailers;
         } else if kind == "http.response.start" {
-            return self.on_start(py, message);
+            return self.on_start(py, message, status, headers, trailers);
         } else if kind == "http.response.trailers" {
-            self.last = !truthy(get(message, intern!(py, "more_trailers")));
+            self.last = !truthy(more_trailers);
         } else if kind == "http.response.zerocopysend" {
-            let count = get(message, intern!(py, "count"))
-                .and_then(|c| c.extract::<u64>().ok())
-                .unwrap_or(0);
+            let count = count.and_then(|c| c.extract::<u64>().ok()).unwrap_or(0);
             self.response.size += count;
-            self.last = !truthy(get(message, intern!(py, "more_body"))) && !self.trailers;
+            self.last = !truthy(more) && !self.trailers;
         } else if kind == "http.response.pathsend" {
             self.flags |= flags::PATHSEND;
             self.last = !self.trailers;
