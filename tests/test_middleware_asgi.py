@@ -156,6 +156,31 @@ def test_messages_with_keys_built_at_run_time_are_read_alike(pipeline, tmp_logs)
     assert rec["response_headers"]["x-request-id"] == rec["request_id"]
 
 
+def test_a_header_list_holding_other_shapes_is_copied_with_the_echo(pipeline, tmp_logs):
+    """A response header list with a pair as a list and a pair of `str` among the tuples:
+    the id is echoed on a copy, after every header, and the app's list is left alone; a
+    list whose odd-shaped pair already names the header gets no second one."""
+    mine = [(b"content-type", b"text/plain"), [b"x-list", b"yes"], ("x-str", "text")]
+    theirs = [(b"content-type", b"text/plain"), [b"x-request-id", b"theirs"]]
+
+    def app(headers):
+        async def app(scope, receive, send):
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            await send({"type": "http.response.body", "body": b"ok"})
+
+        return app
+
+    client = call(LoggingMiddleware(app(mine), pipeline=pipeline), scope("/list"))
+    sent = client.sent[0]["headers"]
+    assert sent[:3] == mine and len(mine) == 3 and sent is not mine
+    assert sent[3][0] == b"x-request-id" and len(sent) == 4
+    client = call(LoggingMiddleware(app(theirs), pipeline=pipeline), scope("/list"))
+    assert client.sent[0]["headers"] == theirs
+    records = http_records(pipeline, tmp_logs)
+    assert [r["response_headers"]["x-request-id"] for r in records] == [sent[3][1].decode(), "theirs"]
+    assert records[0]["response_headers"]["x-str"] == "text"
+
+
 def test_capture_stops_at_the_cap_with_marker_and_full_size(pipeline, tmp_logs):
     received: list = []
     mw = LoggingMiddleware(echo_app(received), pipeline=pipeline, max_body_bytes=100)

@@ -16,6 +16,7 @@ use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple, PyType};
+use pyo3::Borrowed;
 
 use super::convert::{reset_request_id, reset_trace, set_request_id, set_trace, utf8};
 use super::http::{bytes_pair, Body, HttpSink};
@@ -461,35 +462,29 @@ impl HttpExchange {
         .into_any();
         // Servers' and frameworks' headers are lists: copied with room for the echo, in
         // one allocation.
-        let list = match headers.as_ref().map(|h| (h, h.cast::<PyList>())) {
-            None => PyList::new(py, [echo])?,
-            Some((_, Ok(list))) => {
-                if list.iter().any(|item| already(&item)) {
-                    self.response_headers = headers.map(Bound::unbind);
-                    return Ok(None);
-                }
-                let n = list.len();
-                PyList::new(
-                    py,
-                    // Indexes below the length of a list we hold the GIL on cannot fail.
-                    (0..=n).map(|i| {
-                        if i < n {
-                            list.get_item(i).unwrap_or_else(|_| echo.clone())
-                        } else {
-                            echo.clone()
-                        }
-                    }),
-                )?
+        let copied = match headers.as_ref().map(|h| h.cast::<PyList>()) {
+            None => Copied::Done(PyList::new(py, [echo.clone()])?),
+            Some(Ok(list)) => with_echo(list, &echo, name)?,
+            Some(Err(_)) => Copied::Other,
+        };
+        let list = match (copied, headers.as_ref()) {
+            (Copied::Done(list), _) => list,
+            (Copied::Present, _) => {
+                self.response_headers = headers.map(Bound::unbind);
+                return Ok(None);
             }
-            Some((h, Err(_))) => {
+            // Another iterable, or a list holding something else than `(bytes, bytes)`.
+            (Copied::Other, h) => {
                 let mut pairs: Vec<Bound<'py, PyAny>> = Vec::with_capacity(16);
-                for item in h.try_iter()? {
-                    let item = item?;
-                    if already(&item) {
-                        self.response_headers = headers.map(Bound::unbind);
-                        return Ok(None);
+                if let Some(h) = h {
+                    for item in h.try_iter()? {
+                        let item = item?;
+                        if already(&item) {
+                            self.response_headers = headers.map(Bound::unbind);
+                            return Ok(None);
+                        }
+                        pairs.push(item);
                     }
-                    pairs.push(item);
                 }
                 pairs.push(echo);
                 PyList::new(py, pairs)?
@@ -680,6 +675,53 @@ impl HttpExchange {
         if let Err(e) = self.finish_inner(py, exception) {
             self.internal_error(py, &e);
         }
+    }
+}
+
+/// What [`with_echo`] made of a response's header list.
+enum Copied<'py> {
+    /// The copy, with the echo last.
+    Done(Bound<'py, PyList>),
+    /// A header of that name is there already: nothing to add.
+    Present,
+    /// An item is not a `(bytes, bytes)` tuple: left to the general path.
+    Other,
+}
+
+/// A copy of a header list of `(bytes, bytes)` tuples with `echo` appended, checked and
+/// copied in one pass through the C API (no Python code runs meanwhile).
+fn with_echo<'py>(
+    list: &Bound<'py, PyList>,
+    echo: &Bound<'py, PyAny>,
+    name: &[u8],
+) -> PyResult<Copied<'py>> {
+    let py = list.py();
+    let l = list.as_ptr();
+    // SAFETY: `l` is a live list. The copy is allocated first (a collection it may start
+    // can run finalizers, which could change the list): the length is read again after
+    // it, and from then on nothing runs Python code until the copy is filled. Items are
+    // read within that length; each one stored in the copy gets its own reference. A copy
+    // dropped half filled is safe (a list's unset items are NULL, skipped on dealloc).
+    unsafe {
+        let n = ffi::PyList_GET_SIZE(l);
+        let copy = ffi::PyList_New(n + 1);
+        if copy.is_null() {
+            return Err(PyErr::fetch(py));
+        }
+        let copy = Bound::from_owned_ptr(py, copy).cast_into_unchecked::<PyList>();
+        if ffi::PyList_GET_SIZE(l) != n {
+            return Ok(Copied::Other);
+        }
+        for i in 0..n {
+            let item = Borrowed::from_ptr(py, ffi::PyList_GET_ITEM(l, i));
+            match bytes_pair(&item) {
+                Some((k, _)) if k.eq_ignore_ascii_case(name) => return Ok(Copied::Present),
+                Some(_) => ffi::PyList_SET_ITEM(copy.as_ptr(), i, item.to_owned().into_ptr()),
+                None => return Ok(Copied::Other),
+            }
+        }
+        ffi::PyList_SET_ITEM(copy.as_ptr(), n, echo.clone().into_ptr());
+        Ok(Copied::Done(copy))
     }
 }
 
