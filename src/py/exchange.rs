@@ -360,8 +360,9 @@ impl HttpExchange {
                 return intern!(py, "<unmatched>").clone().into_any().unbind();
             }
             if let Some(route) = route {
+                let entry_root = self.root_path.bind(py);
                 let same_root = get(scope, intern!(py, "root_path"))
-                    .is_some_and(|r| r.eq(self.root_path.bind(py)).unwrap_or(false));
+                    .is_some_and(|r| r.is(entry_root) || r.eq(entry_root).unwrap_or(false));
                 if same_root {
                     if let Ok(path) = route.getattr(intern!(py, "path")) {
                         if path.is_instance_of::<PyString>() {
