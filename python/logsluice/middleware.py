@@ -304,7 +304,7 @@ class LoggingMiddleware:
         try:
             await self.app(scope, receive_copy, send_copy)
         except BaseException as e:
-            ex.end(e)
+            ex.raised(e)
             raise
         else:
             ex.end()

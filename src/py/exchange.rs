@@ -792,14 +792,32 @@ impl HttpExchange {
         }
     }
 
-    /// The app call returned or raised: finishes the record if nothing did yet and resets
-    /// the request id context variable. Never raises.
-    #[pyo3(signature = (exception=None))]
-    fn end(&mut self, py: Python<'_>, exception: Option<&Bound<'_, PyAny>>) {
-        match exception.filter(|e| !e.is_none()) {
-            Some(e) if self.done => self.raised_late(py, e),
-            _ => self.finish(py, exception),
+    /// The app call returned: finishes the record if nothing did yet and resets the request
+    /// id context variable. Never raises. (No arguments: the call every request makes is
+    /// the cheapest kind.)
+    fn end(&mut self, py: Python<'_>) {
+        self.finish(py, None);
+        self.leave(py);
+    }
+
+    /// The app call raised `exception`: [`HttpExchange::end`] with it. Never raises.
+    fn raised(&mut self, py: Python<'_>, exception: &Bound<'_, PyAny>) {
+        if self.done && !exception.is_none() {
+            self.raised_late(py, exception);
+        } else {
+            self.finish(py, Some(exception));
         }
+        self.leave(py);
+    }
+
+    fn __repr__(&self, py: Python<'_>) -> String {
+        format!("<logsluice http exchange {}>", self.rid_text(py))
+    }
+}
+
+impl HttpExchange {
+    /// Resets the context variables `begin` set.
+    fn leave(&mut self, py: Python<'_>) {
         if let Some(token) = self.trace_token.take() {
             if let Err(e) = reset_trace(self.sink.get().ctx(), token.bind(py)) {
                 self.internal_error(py, &e);
@@ -810,9 +828,5 @@ impl HttpExchange {
                 self.internal_error(py, &e);
             }
         }
-    }
-
-    fn __repr__(&self, py: Python<'_>) -> String {
-        format!("<logsluice http exchange {}>", self.rid_text(py))
     }
 }
