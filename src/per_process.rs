@@ -5,9 +5,10 @@
 //! its own and never touches the copy. The copy is leaked, never dropped (dropping it could
 //! wait for ever on a lock no thread will release, or close the parent's connections).
 
+use std::marker::PhantomData;
+use std::sync::atomic::{AtomicPtr, Ordering};
 use std::sync::Arc;
 
-use arc_swap::ArcSwapOption;
 use parking_lot::{Mutex, MutexGuard};
 
 use crate::pipeline::fork_generation;
@@ -17,16 +18,23 @@ struct Owned<T> {
     value: Arc<T>,
 }
 
+/// The value lives in a box that is set once per process and freed only when the
+/// `PerProcess` is dropped (a parent's box, replaced in a child, is leaked): a reader gets a
+/// plain reference, with no reference count to change. The middleware reads two of these
+/// per request on the event loop's thread.
 pub struct PerProcess<T> {
-    slot: ArcSwapOption<Owned<T>>,
+    slot: AtomicPtr<Owned<T>>,
     starting: Mutex<()>,
+    /// Shared across threads as an `Arc<T>` is.
+    _value: PhantomData<Arc<T>>,
 }
 
 impl<T> Default for PerProcess<T> {
     fn default() -> Self {
         PerProcess {
-            slot: ArcSwapOption::empty(),
+            slot: AtomicPtr::new(std::ptr::null_mut()),
             starting: Mutex::new(()),
+            _value: PhantomData,
         }
     }
 }
@@ -34,12 +42,18 @@ impl<T> Default for PerProcess<T> {
 impl<T> PerProcess<T> {
     /// This process's value, if it was built.
     pub fn current(&self) -> Option<Arc<T>> {
+        self.current_ref().cloned()
+    }
+
+    /// [`PerProcess::current`], borrowed.
+    pub fn current_ref(&self) -> Option<&Arc<T>> {
         let generation = fork_generation();
-        self.slot
-            .load()
-            .as_ref()
-            .filter(|o| o.generation == generation)
-            .map(|o| o.value.clone())
+        // SAFETY: a non-null slot holds a box made by `get_or_try_init_ref` and published
+        // with Release after it was filled. It is freed only by `drop` (no borrow of `self`
+        // outlives that) and replaced only in a forked child by the child's own (the
+        // replaced one is leaked), so it lives as long as this borrow of `self`.
+        let owned = unsafe { self.slot.load(Ordering::Acquire).as_ref()? };
+        (owned.generation == generation).then_some(&owned.value)
     }
 
     /// This process's value, built by `init` on first use (once: under the start lock).
@@ -47,27 +61,39 @@ impl<T> PerProcess<T> {
         &self,
         init: impl FnOnce() -> Result<Arc<T>, E>,
     ) -> Result<Arc<T>, E> {
-        if let Some(value) = self.current() {
+        self.get_or_try_init_ref(init).cloned()
+    }
+
+    /// [`PerProcess::get_or_try_init`], borrowed.
+    pub fn get_or_try_init_ref<E>(
+        &self,
+        init: impl FnOnce() -> Result<Arc<T>, E>,
+    ) -> Result<&Arc<T>, E> {
+        if let Some(value) = self.current_ref() {
             return Ok(value);
         }
         let _guard = self.starting.lock();
-        if let Some(value) = self.current() {
+        if let Some(value) = self.current_ref() {
             return Ok(value);
         }
-        let value = init()?;
-        let owned = Owned {
+        let owned = Box::into_raw(Box::new(Owned {
             generation: fork_generation(),
-            value: value.clone(),
-        };
-        if let Some(parents) = self.slot.swap(Some(Arc::new(owned))) {
-            std::mem::forget(parents);
-        }
-        Ok(value)
+            value: init()?,
+        }));
+        // A parent's box is left as it is (leaked): see the module's documentation.
+        self.slot.swap(owned, Ordering::AcqRel);
+        // SAFETY: just published; it lives as `current_ref` says.
+        Ok(unsafe { &(*owned).value })
     }
 
     /// [`PerProcess::get_or_try_init`] for values that cannot fail to build.
     pub fn get_or_init(&self, init: impl FnOnce() -> Arc<T>) -> Arc<T> {
-        match self.get_or_try_init(|| Ok::<_, std::convert::Infallible>(init())) {
+        self.get_or_init_ref(init).clone()
+    }
+
+    /// [`PerProcess::get_or_init`], borrowed.
+    pub fn get_or_init_ref(&self, init: impl FnOnce() -> Arc<T>) -> &Arc<T> {
+        match self.get_or_try_init_ref(|| Ok::<_, std::convert::Infallible>(init())) {
             Ok(value) => value,
             Err(never) => match never {},
         }
@@ -82,10 +108,14 @@ impl<T> PerProcess<T> {
 
 impl<T> Drop for PerProcess<T> {
     fn drop(&mut self) {
-        if let Some(owned) = self.slot.swap(None) {
-            if owned.generation != fork_generation() {
-                std::mem::forget(owned);
-            }
+        let owned = std::mem::replace(self.slot.get_mut(), std::ptr::null_mut());
+        if owned.is_null() {
+            return;
+        }
+        // SAFETY: the slot's box, no longer reachable (`&mut self`).
+        let owned = unsafe { Box::from_raw(owned) };
+        if owned.generation != fork_generation() {
+            std::mem::forget(owned);
         }
     }
 }

@@ -302,7 +302,7 @@ impl HttpSink {
             return;
         }
         let pycore = self.core.get();
-        let core = pycore.core();
+        let core = pycore.core_ref();
         if !core.wants(scalars.level_no(), Kind::Http) {
             return;
         }
@@ -353,7 +353,7 @@ impl HttpSink {
             let bodies = [parts.request_body, parts.response_body];
             pycore
                 .http_lane
-                .push(p.buf, bodies, &self.inner, &core, &pycore.options);
+                .push(p.buf, bodies, &self.inner, core, &pycore.options);
         });
     }
 }
@@ -797,8 +797,8 @@ pub struct Lane {
 }
 
 impl Lane {
-    fn inner(&self) -> Arc<LaneInner> {
-        self.slot.get_or_init(|| {
+    fn inner(&self) -> &Arc<LaneInner> {
+        self.slot.get_or_init_ref(|| {
             let closed = self.closed.load(Ordering::SeqCst);
             let inner = Arc::new(LaneInner {
                 queue: Mutex::new(LaneQueue {

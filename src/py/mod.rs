@@ -76,7 +76,12 @@ impl PyCore {
     /// The core of this process, started on first use and started afresh in a forked
     /// child (whose copy of the parent's threads does not exist).
     fn core(&self) -> Arc<Core> {
-        self.slot.get_or_init(|| {
+        self.core_ref().clone()
+    }
+
+    /// [`PyCore::core`], borrowed: no reference count changed on the hot paths.
+    fn core_ref(&self) -> &Arc<Core> {
+        self.slot.get_or_init_ref(|| {
             let core = Core::start(
                 self.specs.clone(),
                 self.options.clone(),
