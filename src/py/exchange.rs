@@ -341,8 +341,9 @@ impl HttpExchange {
         let path = self.entry_path.bind(py);
         let root = self.root_path.bind(py);
         if let (Ok(p), Ok(r)) = (path.cast::<PyString>(), root.cast::<PyString>()) {
-            if let (Some(p_s), Some(r_s)) = (utf8(p), utf8(r)) {
-                if !r_s.is_empty() && !p_s.starts_with(r_s) {
+            // Most apps have no root path: the path's text is not needed then.
+            if let Some(r_s) = utf8(r).filter(|r_s| !r_s.is_empty()) {
+                if let Some(p_s) = utf8(p).filter(|p_s| !p_s.starts_with(r_s)) {
                     return PyString::new(py, &format!("{r_s}{p_s}")).into_any();
                 }
             }

@@ -403,16 +403,19 @@ impl Scalars {
 
     const SIZE: usize = 8 + 2 + 4 + 8 + 8 + 8 + 1 + 8 + 8;
 
+    /// Laid out in a fixed array first: one copy into the buffer.
     fn write(&self, buf: &mut Vec<u8>) {
-        buf.extend_from_slice(&self.ts_us.to_le_bytes());
-        buf.extend_from_slice(&self.status.to_le_bytes());
-        buf.extend_from_slice(&self.flags.to_le_bytes());
-        buf.extend_from_slice(&self.request_size.to_le_bytes());
-        buf.extend_from_slice(&self.response_size.to_le_bytes());
-        buf.extend_from_slice(&self.duration_ms.to_le_bytes());
-        buf.push(u8::from(self.ttfb_ms.is_some()));
-        buf.extend_from_slice(&self.ttfb_ms.unwrap_or(0.0).to_le_bytes());
-        buf.extend_from_slice(&self.sample_rate.to_le_bytes());
+        let mut b = [0u8; Self::SIZE];
+        b[..8].copy_from_slice(&self.ts_us.to_le_bytes());
+        b[8..10].copy_from_slice(&self.status.to_le_bytes());
+        b[10..14].copy_from_slice(&self.flags.to_le_bytes());
+        b[14..22].copy_from_slice(&self.request_size.to_le_bytes());
+        b[22..30].copy_from_slice(&self.response_size.to_le_bytes());
+        b[30..38].copy_from_slice(&self.duration_ms.to_le_bytes());
+        b[38] = u8::from(self.ttfb_ms.is_some());
+        b[39..47].copy_from_slice(&self.ttfb_ms.unwrap_or(0.0).to_le_bytes());
+        b[47..55].copy_from_slice(&self.sample_rate.to_le_bytes());
+        buf.extend_from_slice(&b);
     }
 
     fn read(b: &[u8]) -> Option<Self> {
@@ -1029,12 +1032,19 @@ fn inbound<'py>(
         }
         id.is_some() && trace.is_some()
     };
-    for item in list.iter() {
+    let list = list.as_ptr();
+    let mut i = 0;
+    // SAFETY: `i` is checked against the list's length as it is now; the item is borrowed
+    // while only Rust reads it (`note` runs no Python code: it may make a `str`, which
+    // starts no collection).
+    while i < unsafe { ffi::PyList_GET_SIZE(list) } {
+        let item = unsafe { Borrowed::from_ptr(py, ffi::PyList_GET_ITEM(list, i)) };
         if let Some((k, v)) = bytes_pair(&item) {
             if note(k, v) {
                 break;
             }
         }
+        i += 1;
     }
     (id.flatten(), trace.flatten())
 }
