@@ -204,7 +204,17 @@ fn kind_of<'a>(kind: &'a Option<Bound<'_, PyAny>>) -> &'a str {
 }
 
 fn truthy(v: Option<Bound<'_, PyAny>>) -> bool {
-    v.is_some_and(|v| v.is_truthy().unwrap_or(false))
+    let Some(v) = v else {
+        return false;
+    };
+    // SAFETY: the singletons' addresses, compared only.
+    let (t, f) = unsafe { (ffi::Py_True(), ffi::Py_False()) };
+    // ASGI flags are bools: told apart by identity before asking the object.
+    match v.as_ptr() {
+        p if p == t => true,
+        p if p == f => false,
+        _ => v.is_truthy().unwrap_or(false),
+    }
 }
 
 /// `zlib.crc32(rid) / 2**32`: the same request id gives the same sampling decision in
