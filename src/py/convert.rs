@@ -41,9 +41,55 @@ extern "C" {
     fn PyContextVar_Reset(var: *mut ffi::PyObject, token: *mut ffi::PyObject) -> std::ffi::c_int;
 }
 
+/// Whether compact ASCII strings may be read straight from their layout: set once by
+/// [`check_str_layout`] when this interpreter's strings read back as expected.
+static ASCII_LAYOUT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// `state` bits of a `str` (CPython 3.10 to 3.14): `compact` and `ascii`.
+const COMPACT_ASCII: u32 = (1 << 5) | (1 << 6);
+
+/// A compact ASCII string's characters, which follow its header: what almost every `str`
+/// the middleware reads is (methods, paths, ids, message types). `None` for any other
+/// string, or when the layout was not confirmed.
+#[inline]
+fn compact_ascii<'a>(s: &'a Bound<'_, PyString>) -> Option<&'a str> {
+    if !ASCII_LAYOUT.load(std::sync::atomic::Ordering::Relaxed) {
+        return None;
+    }
+    // SAFETY: `s` is a live str; the layout of its header was checked at start-up on
+    // this interpreter. A compact ASCII string's `length` bytes follow the header and
+    // live as long as the object, which outlives `'a`; ASCII is valid UTF-8.
+    unsafe {
+        let head = s.as_ptr().cast::<ffi::PyASCIIObject>();
+        if (*head).state & COMPACT_ASCII != COMPACT_ASCII {
+            return None;
+        }
+        let len = usize::try_from((*head).length).ok()?;
+        Some(std::str::from_utf8_unchecked(std::slice::from_raw_parts(
+            head.add(1).cast::<u8>(),
+            len,
+        )))
+    }
+}
+
+/// Confirms, on strings made for the purpose, that compact ASCII strings read back through
+/// [`compact_ascii`] exactly (and that others are told apart); only then is it used.
+pub fn check_str_layout(py: Python<'_>) {
+    ASCII_LAYOUT.store(true, std::sync::atomic::Ordering::Relaxed);
+    let ascii = PyString::new(py, "logsluice-layout-check");
+    let wide = PyString::new(py, "logsluice-\u{e9}");
+    let ok = compact_ascii(&ascii) == Some("logsluice-layout-check")
+        && compact_ascii(&wide).is_none()
+        && compact_ascii(&PyString::new(py, "")) == Some("");
+    ASCII_LAYOUT.store(ok, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// The UTF-8 of a Python `str`, borrowed (the string's cached UTF-8 form, no copy); `None`
 /// for strings holding lone surrogates.
 pub fn utf8<'a>(s: &'a Bound<'_, PyString>) -> Option<&'a str> {
+    if let Some(text) = compact_ascii(s) {
+        return Some(text);
+    }
     let mut size: ffi::Py_ssize_t = 0;
     // SAFETY: `s` is a live str; the returned buffer lives as long as the object, which
     // outlives the borrow `'a`. CPython guarantees valid UTF-8 on success.

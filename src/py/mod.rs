@@ -369,6 +369,7 @@ impl LoguruSink {
 }
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    convert::check_str_layout(m.py());
     m.add_class::<PyCore>()?;
     m.add_class::<LoguruSink>()?;
     m.add_function(wrap_pyfunction!(_mark_interpreter_exit, m)?)?;
