@@ -181,6 +181,18 @@ def test_a_header_list_holding_other_shapes_is_copied_with_the_echo(pipeline, tm
     assert records[0]["response_headers"]["x-str"] == "text"
 
 
+def test_text_beyond_ascii_and_lone_surrogates_are_recorded(pipeline, tmp_logs):
+    """Paths, root paths and methods that are not ASCII (read another way than the ASCII
+    strs servers usually give) are recorded as text; a lone surrogate becomes U+FFFD."""
+    for path, root, method in (("/café/ü", "", "GET"), ("/x\udcff", "", "GET"), ("/p", "/rööt", "PÖST")):
+        s = scope("/", method, root_path=root)
+        s["path"] = path
+        call(LoggingMiddleware(echo_app([]), pipeline=pipeline), s)
+    records = http_records(pipeline, tmp_logs)
+    assert [r["path"] for r in records] == ["/café/ü", "/x\ufffd", "/rööt/p"]
+    assert [r["method"] for r in records] == ["GET", "GET", "PÖST"]
+
+
 def test_capture_stops_at_the_cap_with_marker_and_full_size(pipeline, tmp_logs):
     received: list = []
     mw = LoggingMiddleware(echo_app(received), pipeline=pipeline, max_body_bytes=100)
