@@ -8,7 +8,7 @@
 //! object with thirty attributes costs more per request than everything done here.
 //! Nothing here raises into the app: internal failures are counted on the sink.
 
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use pyo3::exceptions::PyOSError;
 use pyo3::ffi;
@@ -123,8 +123,9 @@ pub struct HttpExchange {
     root_path: Py<PyAny>,
     entry_path: Py<PyAny>,
     start_us: i64,
-    t0: Instant,
-    t_start: Option<Instant>,
+    /// Monotonic clock readings (ns): the request's start and its response's start.
+    t0: u64,
+    t_start: Option<u64>,
     decided: bool,
     sampled_in: bool,
     excluded: bool,
@@ -142,10 +143,34 @@ pub struct HttpExchange {
     flags: u32,
 }
 
+/// `clock`'s time in microseconds (`CLOCK_REALTIME`: since the epoch) or nanoseconds
+/// (`CLOCK_MONOTONIC`, what `Instant` reads), as a plain integer: a request reads three
+/// clocks and takes two differences, without `SystemTime`'s and `Instant`'s checked
+/// arithmetic.
+fn clock(id: libc::clockid_t) -> libc::timespec {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid out-pointer; both clocks exist on every Linux.
+    unsafe { libc::clock_gettime(id, &mut ts) };
+    ts
+}
+
+// `time_t` and `c_long` are `i64` here, narrower on 32-bit targets.
+#[allow(clippy::unnecessary_cast)]
 fn now_us() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros() as i64)
+    let ts = clock(libc::CLOCK_REALTIME);
+    ts.tv_sec as i64 * 1_000_000 + ts.tv_nsec as i64 / 1_000
+}
+
+fn mono_ns() -> u64 {
+    let ts = clock(libc::CLOCK_MONOTONIC);
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+fn ms_between(from_ns: u64, to_ns: u64) -> f64 {
+    to_ns.saturating_sub(from_ns) as f64 / 1e6
 }
 
 fn get<'py>(d: &Bound<'py, PyDict>, key: &Bound<'py, PyString>) -> Option<Bound<'py, PyAny>> {
@@ -262,7 +287,7 @@ impl HttpExchange {
             entry_path,
             scope: scope.clone().unbind(),
             start_us,
-            t0: Instant::now(),
+            t0: mono_ns(),
             t_start: None,
             decided: false,
             sampled_in: false,
@@ -438,7 +463,7 @@ impl HttpExchange {
         headers: Option<Bound<'py, PyAny>>,
         trailers: Option<Bound<'py, PyAny>>,
     ) -> PyResult<Option<Bound<'py, PyDict>>> {
-        self.t_start = Some(Instant::now());
+        self.t_start = Some(mono_ns());
         self.status = status.and_then(|s| s.extract::<u16>().ok()).unwrap_or(0);
         let headers = headers.filter(|h| !h.is_none());
         self.trailers = truthy(trailers);
@@ -555,7 +580,7 @@ impl HttpExchange {
     }
 
     fn finish_inner(&mut self, py: Python<'_>, exc: Option<&Bound<'_, PyAny>>) -> PyResult<()> {
-        let duration_ms = self.t0.elapsed().as_secs_f64() * 1000.0;
+        let duration_ms = ms_between(self.t0, mono_ns());
         let mut exc = exc.filter(|e| !e.is_none());
         if let Some(e) = exc {
             if self.client_left(py, e)? {
@@ -611,9 +636,7 @@ impl HttpExchange {
             request_size: self.request.size,
             response_size: self.response.size,
             duration_ms,
-            ttfb_ms: self
-                .t_start
-                .map(|t| t.duration_since(self.t0).as_secs_f64() * 1000.0),
+            ttfb_ms: self.t_start.map(|t| ms_between(self.t0, t)),
             sample_rate: rate,
         };
         let scope = self.scope.bind(py);
