@@ -769,6 +769,37 @@ def test_a_full_hand_off_drops_requests_counts_them_and_every_response_still_goe
     assert len({r["path"] for r in records}) == len(records)
 
 
+def test_bodies_held_by_the_hand_off_count_against_its_byte_bound_and_arrive_intact(tmp_logs):
+    # Bodies that came in one message are handed to the redaction thread by reference, not
+    # copied: they must still count against handoff_max_bytes (1 MiB holds about eight of
+    # these exchanges, 2 x 60 KB each), and each stored record must hold its own body.
+    p = logsluice.Pipeline(logsluice.LocalFiles(tmp_logs), handoff_max_bytes=1 << 20)
+    mw = LoggingMiddleware(echo_app([]), pipeline=p)
+    n = 300
+
+    def body(i: int) -> bytes:
+        return f"item {i}: {'abc' * 20_000}".encode()
+
+    async def burst() -> list[bytes]:
+        answers = []
+        for i in range(n):
+            client = Client([body(i)])
+            await mw(scope(f"/{i}", "POST"), client.receive, client.send)
+            answers.append(client.body)
+        return answers
+
+    assert asyncio.run(burst()) == [body(i) for i in range(n)]
+    records = http_records(p, tmp_logs)
+    http = p.stats()["http"]
+    p.close()
+    assert 0 < http["handoff_dropped"] < n
+    assert len(records) + http["handoff_dropped"] == n
+    for r in records:
+        i = int(r["path"][1:])
+        assert r["request_body"] == r["response_body"] == body(i).decode(), r["path"]
+        assert r["request_size"] == r["response_size"] == len(body(i))
+
+
 def test_internal_failure_while_sampling_keeps_the_request(pipeline, tmp_logs):
     mw = LoggingMiddleware(echo_app([]), pipeline=pipeline, sample={"/other": 0.0})
 

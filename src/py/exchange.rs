@@ -90,12 +90,13 @@ impl BodyCopy {
         true
     }
 
-    /// What the hand-off packs: `None` when nothing was to be captured.
-    fn parts<'a>(&'a self, py: Python<'_>) -> Body<'a> {
-        match &self.whole {
+    /// What the hand-off packs (a kept `bytes` object is handed over, not copied).
+    fn parts(&mut self) -> Body<'_> {
+        match self.whole.take() {
             // `take` moves a kept body into `bytes` when more follows: never both.
-            Some(whole) => Some(whole.as_bytes(py)),
-            None => (self.capture || !self.bytes.is_empty()).then_some(&self.bytes[..]),
+            Some(whole) => Body::Shared(whole),
+            None if self.capture || !self.bytes.is_empty() => Body::Copied(&self.bytes),
+            None => Body::Absent,
         }
     }
 }
@@ -640,6 +641,7 @@ impl HttpExchange {
             sample_rate: rate,
         };
         let scope = self.scope.bind(py);
+        let path = self.full_path(py);
         sink.hand_off(
             py,
             scalars,
@@ -647,12 +649,12 @@ impl HttpExchange {
                 scope,
                 method: self.method.as_ref().map(|m| m.bind(py)),
                 request_headers: self.headers.as_ref().map(|h| h.bind(py)),
-                path: &self.full_path(py),
+                path: &path,
                 route: route.bind(py),
                 request_id: self.rid.bind(py).as_any(),
                 response_headers: self.response_headers.as_ref().map(|h| h.bind(py)),
-                request_body: self.request.parts(py),
-                response_body: self.response.parts(py),
+                request_body: self.request.parts(),
+                response_body: self.response.parts(),
                 exception: exc,
             },
         );

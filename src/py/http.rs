@@ -353,7 +353,7 @@ impl HttpSink {
             let bodies = [parts.request_body, parts.response_body];
             pycore
                 .http_lane
-                .push(p.buf, bodies, &self.inner, core, &pycore.options);
+                .push(py, p.buf, bodies, &self.inner, core, &pycore.options);
         });
     }
 }
@@ -373,8 +373,57 @@ pub struct Parts<'a, 'py> {
     pub exception: Option<&'a Bound<'py, PyAny>>,
 }
 
-/// A body as the exchange kept it: `None` when not captured.
-pub type Body<'a> = Option<&'a [u8]>;
+/// A body as the exchange kept it.
+pub enum Body<'a> {
+    /// Not captured.
+    Absent,
+    /// Copied in pieces by the exchange: copied again onto the batch.
+    Copied(&'a [u8]),
+    /// The server's own `bytes` object (a body that came in one message): handed to the
+    /// lane by reference. Copying it on the event loop's thread cost more than its
+    /// instructions: the batch's cache lines had last been read by the lane's thread.
+    Shared(Py<PyBytes>),
+}
+
+impl Body<'_> {
+    fn len(&self, py: Python<'_>) -> usize {
+        match self {
+            Body::Absent => 0,
+            Body::Copied(b) => b.len(),
+            Body::Shared(b) => b.as_bytes(py).len(),
+        }
+    }
+}
+
+/// A `bytes` object the lane's thread reads without the GIL: immutable, and kept alive
+/// by `_obj` until the event loop's thread lets go of it (with the GIL) after the batch.
+struct SharedBytes {
+    _obj: Py<PyBytes>,
+    data: *const u8,
+    len: usize,
+}
+
+// SAFETY: `data` points into `_obj`, an immutable `bytes` object that this value keeps
+// alive; reading it needs no GIL. The object itself is only dropped where the GIL is held
+// (see `LaneQueue::release`), or deferred by PyO3 when it is not.
+unsafe impl Send for SharedBytes {}
+
+impl SharedBytes {
+    fn new(py: Python<'_>, obj: Py<PyBytes>) -> Self {
+        let bytes = obj.bind(py).as_bytes();
+        let (data, len) = (bytes.as_ptr(), bytes.len());
+        SharedBytes {
+            _obj: obj,
+            data,
+            len,
+        }
+    }
+
+    fn as_bytes(&self) -> &[u8] {
+        // SAFETY: see the `Send` impl: the object outlives `self`, and `bytes` never change.
+        unsafe { std::slice::from_raw_parts(self.data, self.len) }
+    }
+}
 
 thread_local! {
     /// Where the event loop's thread packs one exchange before copying it onto the lane
@@ -466,6 +515,8 @@ struct Packed<'b> {
 }
 
 const NONE: u32 = u32::MAX;
+/// A body held by reference: the index of its `SharedBytes` in the batch follows.
+const SHARED: u32 = u32::MAX - 1;
 
 impl Packed<'_> {
     /// Its length, then the bytes: one capacity check, two plain copies (a request packs
@@ -645,6 +696,21 @@ impl<'a> Unpack<'a> {
         Some(out)
     }
 
+    /// A body: packed, or held by reference in `shared`.
+    fn body<'s>(&mut self, shared: &'s [SharedBytes]) -> Option<&'s [u8]>
+    where
+        'a: 's,
+    {
+        let at = self.pos;
+        let tag = u32::from_le_bytes(self.buf.get(at..at + 4)?.try_into().ok()?);
+        if tag != SHARED {
+            return self.opt();
+        }
+        let index = u32::from_le_bytes(self.buf.get(at + 4..at + 8)?.try_into().ok()?);
+        self.pos += 8;
+        shared.get(index as usize).map(SharedBytes::as_bytes)
+    }
+
     fn bytes(&mut self) -> &'a [u8] {
         self.opt().unwrap_or_default()
     }
@@ -688,9 +754,38 @@ struct Batch {
     redactors: Vec<Arc<Redactor>>,
     core: Option<Arc<Core>>,
     max_message_bytes: usize,
+    /// Bodies held by reference, named by index in `bytes`.
+    shared: Vec<SharedBytes>,
+    /// What the batch holds, its `bytes` and its shared bodies: what the lane's bound counts.
+    weight: usize,
 }
 
 impl Batch {
+    /// One job: its packed part, then its bodies. `size` is its weight.
+    fn put(&mut self, py: Python<'_>, packed: &[u8], bodies: [Body<'_>; 2], size: usize) {
+        self.bytes.extend_from_slice(packed);
+        for body in bodies {
+            match body {
+                Body::Absent => Packed {
+                    buf: &mut self.bytes,
+                }
+                .none(),
+                Body::Copied(b) => Packed {
+                    buf: &mut self.bytes,
+                }
+                .put(b),
+                Body::Shared(obj) => {
+                    self.bytes.extend_from_slice(&SHARED.to_le_bytes());
+                    self.bytes
+                        .extend_from_slice(&(self.shared.len() as u32).to_le_bytes());
+                    self.shared.push(SharedBytes::new(py, obj));
+                }
+            }
+        }
+        self.jobs += 1;
+        self.weight += size;
+    }
+
     fn run(&mut self) {
         if let Some(core) = self.core.clone() {
             let mut pos = 0;
@@ -715,6 +810,7 @@ impl Batch {
         }
         self.bytes.clear();
         self.jobs = 0;
+        self.weight = 0;
         self.redactors.clear();
         // A burst's buffer is not kept for ever.
         if self.bytes.capacity() > BATCH_KEEP_BYTES {
@@ -746,8 +842,8 @@ impl Batch {
         ex.request_id = u.text();
         ex.request_headers = u.headers();
         ex.response_headers = u.headers();
-        ex.request_body = u.opt().map(<[u8]>::to_vec);
-        ex.response_body = u.opt().map(<[u8]>::to_vec);
+        ex.request_body = u.body(&self.shared).map(<[u8]>::to_vec);
+        ex.response_body = u.body(&self.shared).map(<[u8]>::to_vec);
         Some(http::build_record(redactor, ex, self.max_message_bytes))
     }
 }
@@ -761,14 +857,18 @@ const LANE_YIELD_EVERY: usize = 64;
 const LANE_WAKE_AT: usize = 256;
 /// The most a batch's byte buffer keeps between batches.
 const BATCH_KEEP_BYTES: usize = 4 << 20;
-/// Cache lines asked for when a request begins: an exchange with 1 KB bodies each way.
-const PREPARE_LINES: usize = 48;
+/// Cache lines asked for when a request begins: an exchange's packed part (its bodies,
+/// when they came in one message each, are held by reference).
+const PREPARE_LINES: usize = 16;
 
 #[derive(Default)]
 struct LaneQueue {
     batch: Batch,
     /// The batch the lane's thread handed back, emptied, for the next swap.
     spare: Option<Batch>,
+    /// Bodies of worked-through batches, dropped by the next hand-off (which holds the
+    /// GIL: dropping them on the lane's thread would queue each decref in PyO3's pool).
+    release: Vec<SharedBytes>,
     /// The batch the lane's thread is redacting: it counts against the bounds too.
     running_jobs: usize,
     running_bytes: usize,
@@ -847,48 +947,52 @@ impl Lane {
 
     /// Copies one packed exchange onto the current batch, or drops it (counted) when the
     /// lane is full. `packed` starts with room for the job's length, filled in here; the
-    /// bodies follow it.
+    /// bodies follow it (copied, or held by reference).
     fn push(
         &self,
+        py: Python<'_>,
         packed: &mut [u8],
         bodies: [Body<'_>; 2],
         redactor: &Arc<Redactor>,
         core: &Arc<Core>,
         options: &PipelineOptions,
     ) {
-        let size = packed.len()
+        let in_batch = packed.len()
             + bodies
                 .iter()
-                .map(|b| 4 + b.map_or(0, <[u8]>::len))
+                .map(|b| match b {
+                    Body::Absent => 4,
+                    Body::Copied(b) => 4 + b.len(),
+                    Body::Shared(_) => 8,
+                })
                 .sum::<usize>();
-        packed[..4].copy_from_slice(&(size as u32).to_le_bytes());
+        // Held bodies count against the lane's bound as much as copied ones.
+        let size = packed.len() + bodies.iter().map(|b| 4 + b.len(py)).sum::<usize>();
+        packed[..4].copy_from_slice(&(in_batch as u32).to_le_bytes());
         let inner = self.inner();
         let mut q = inner.queue.lock();
+        // Bodies of batches the lane's thread is done with, let go of here (with the GIL).
+        let released = std::mem::take(&mut q.release);
         if q.closed {
             // The lane's thread is gone: the record is built here and meets the closed
             // core, which counts it dropped (`closed`) as it did when the thread took it.
             drop(q);
+            drop(released);
             let mut late = Batch::default();
             late.redactors.push(redactor.clone());
             late.core = Some(core.clone());
             late.max_message_bytes = options.max_message_bytes;
-            late.bytes.extend_from_slice(packed);
-            for body in bodies {
-                Packed {
-                    buf: &mut late.bytes,
-                }
-                .put_opt_bytes(body);
-            }
-            late.jobs = 1;
+            late.put(py, packed, bodies, size);
             late.run();
             return;
         }
         let (running_jobs, running_bytes) = (q.running_jobs, q.running_bytes);
         let b = &mut q.batch;
         if b.jobs + running_jobs >= options.handoff_max_requests
-            || b.bytes.len() + running_bytes + size > options.handoff_max_bytes
+            || b.weight + running_bytes + size > options.handoff_max_bytes
         {
             drop(q);
+            drop(released);
             self.dropped.fetch_add(1, Ordering::Relaxed);
             return;
         }
@@ -899,17 +1003,13 @@ impl Lane {
             b.core = Some(core.clone());
             b.max_message_bytes = options.max_message_bytes;
         }
-        b.bytes.reserve(size);
-        b.bytes.extend_from_slice(packed);
-        for body in bodies {
-            Packed { buf: &mut b.bytes }.put_opt_bytes(body);
-        }
-        b.jobs += 1;
+        b.put(py, packed, bodies, size);
         self.next_at
             .store(b.bytes.as_ptr() as usize + b.bytes.len(), Ordering::Relaxed);
         let wake = b.jobs == LANE_WAKE_AT;
         q.submitted += 1;
         drop(q);
+        drop(released);
         if wake {
             inner.work.notify_one();
         }
@@ -978,7 +1078,7 @@ impl LaneInner {
                 let next = q.spare.take().unwrap_or_default();
                 let batch = std::mem::replace(&mut q.batch, next);
                 q.running_jobs = batch.jobs;
-                q.running_bytes = batch.bytes.len();
+                q.running_bytes = batch.weight;
                 // The core and the message limit stay with the batch being filled.
                 q.batch.core = batch.core.clone();
                 q.batch.max_message_bytes = batch.max_message_bytes;
@@ -989,6 +1089,8 @@ impl LaneInner {
             let mut q = self.queue.lock();
             q.done += n;
             (q.running_jobs, q.running_bytes) = (0, 0);
+            // Its shared bodies are let go of by the event loop's thread, with the GIL.
+            q.release.append(&mut batch.shared);
             q.spare = Some(std::mem::take(&mut batch));
             drop(q);
             self.finished.notify_all();
