@@ -159,7 +159,11 @@ fn header_map(r: &Redactor, headers: &Headers) -> Value {
 fn client_addr(r: &Redactor, peer: Option<&str>, headers: &Headers) -> Option<String> {
     let peer = peer?;
     if r.trusted_proxies.is_empty() {
-        return Some(peer.to_owned());
+        // What the server says the peer is (a unix socket's path, a test client's name):
+        // stored as the forwarded case is, escaped and capped.
+        let mut addr = redact::escape_controls(peer).into_owned();
+        truncate_in_place(&mut addr, 64);
+        return Some(addr);
     }
     // Entries that do not parse trust nothing (configuration checks refuse them earlier).
     let trusted: Vec<proxies::Trusted> = r
@@ -577,6 +581,10 @@ mod tests {
         assert_eq!(
             client_addr(&r, Some("10.0.0.1"), &headers).as_deref(),
             Some("10.0.0.1")
+        );
+        assert_eq!(
+            client_addr(&r, Some("peer\u{1b}[31m"), &Vec::new()).as_deref(),
+            Some("peer\\u001b[31m")
         );
         r.trusted_proxies = vec!["10.0.0.1".into(), "10.0.0.2".into()];
         assert_eq!(
