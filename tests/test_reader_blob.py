@@ -8,6 +8,7 @@ import datetime as dt
 import json
 import threading
 import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import quote
 
 import logsluice
@@ -252,6 +253,37 @@ def test_cli_table_and_schema_do_not_apply_to_a_blob_source(world):
         assert r.returncode == 2 and r.stdout == "", r.stderr
         assert f"{flag} does not apply to an Azure Storage connection string" in r.stderr
         assert KEY not in r.stderr
+
+
+def test_a_listing_answered_404_resource_not_found_is_an_error_not_an_empty_container():
+    """Azure answers an anonymous listing of a private container with 404 ResourceNotFound
+    (Azurite answers 403): a stand-in service gives that answer, which must not read as
+    "no logs"."""
+
+    class NotFound(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = b"<?xml version='1.0'?><Error><Code>ResourceNotFound</Code></Error>"
+            self.send_response(404, "The specified resource does not exist.")
+            self.send_header("x-ms-error-code", "ResourceNotFound")
+            self.send_header("Content-Type", "application/xml")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), NotFound)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        reader = logsluice.Reader(f"http://127.0.0.1:{server.server_port}/{ACCOUNT}/private")
+        said = "container 'private' does not exist or is not readable with these credentials"
+        for method, kwargs in (("query", {"since": "1h"}), ("summary", {"since": "1h", "by": "level"})):
+            with pytest.raises(ValueError, match=said):
+                getattr(reader, method)(**kwargs)
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_a_container_that_does_not_exist_is_named_not_read_as_empty(world, azurite):

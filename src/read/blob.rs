@@ -408,6 +408,13 @@ impl BlobStore {
             ))
             .into();
         }
+        if e.http_status() == Some(StatusCode::NotFound) && what == "listing blobs" {
+            return BadInput(format!(
+                "container '{}' does not exist or is not readable with these credentials ({})",
+                self.container, self.endpoint
+            ))
+            .into();
+        }
         ReadError::Failed(format!(
             "{what} in {} failed: {}",
             self.endpoint,
@@ -522,8 +529,9 @@ impl BlobStore {
             let page = match budget.answered("listing blobs", pages.next()).await? {
                 None => break,
                 Some(Ok(p)) => p,
-                Some(Err(e)) if container_missing(&e) => return Err(self.fail("listing blobs", &e)),
-                Some(Err(e)) if e.http_status() == Some(StatusCode::NotFound) => break,
+                // Any 404 to a listing is about the container: Azure answers an anonymous
+                // listing of a private one with `ResourceNotFound`, which must not read as
+                // a container without logs.
                 Some(Err(e)) => return Err(self.fail("listing blobs", &e)),
             };
             self.stats.list_calls.fetch_add(1, Ordering::Relaxed);
