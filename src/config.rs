@@ -319,6 +319,11 @@ pub struct PipelineOptions {
     /// dropped and counted as `handoff_dropped`): by count and by their bytes.
     pub handoff_max_requests: usize,
     pub handoff_max_bytes: usize,
+    /// Where records a store could not take before `close` are written, to be delivered
+    /// by the next start with the same directory (see `spill`). `None`: they are dropped.
+    pub spill_dir: Option<String>,
+    /// The spill directory's size, at most; records beyond it are dropped (`spill_full`).
+    pub spill_max_bytes: u64,
 }
 
 impl Default for PipelineOptions {
@@ -328,6 +333,8 @@ impl Default for PipelineOptions {
             max_field_bytes: 64 << 10,
             handoff_max_requests: 20_000,
             handoff_max_bytes: 64 << 20,
+            spill_dir: None,
+            spill_max_bytes: 256 << 20,
         }
     }
 }

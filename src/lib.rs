@@ -14,6 +14,7 @@ pub mod record;
 pub mod retry;
 #[doc(hidden)]
 pub mod scratch;
+pub mod spill;
 
 #[cfg(feature = "python")]
 mod py;

@@ -1,5 +1,5 @@
 //! Counters of one destination. They live inside the queue's lock, so a snapshot always
-//! satisfies `accepted == written + dropped + in_flight`.
+//! satisfies `accepted == written + dropped + spilled + in_flight`.
 
 use std::collections::BTreeMap;
 
@@ -9,14 +9,18 @@ pub enum DropReason {
     Failed,
     Invalid,
     Closed,
+    /// Held at close with a spill directory configured, but the directory was at
+    /// `spill_max_bytes`.
+    SpillFull,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 4] = [
+    pub const ALL: [DropReason; 5] = [
         DropReason::QueueFull,
         DropReason::Failed,
         DropReason::Invalid,
         DropReason::Closed,
+        DropReason::SpillFull,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -25,6 +29,7 @@ impl DropReason {
             DropReason::Failed => "failed",
             DropReason::Invalid => "invalid",
             DropReason::Closed => "closed",
+            DropReason::SpillFull => "spill_full",
         }
     }
 }
@@ -35,7 +40,14 @@ const LATENCY_WINDOW: usize = 1024;
 pub struct Counters {
     pub accepted: u64,
     pub written: u64,
-    pub dropped: [u64; 4],
+    pub dropped: [u64; 5],
+    /// Records written to the spill directory at close instead of being dropped: settled
+    /// for this process, delivered by the next one.
+    pub spilled: u64,
+    /// Records read back from the spill directory and queued (also counted in `accepted`).
+    pub replayed: u64,
+    /// Lines of spill files that could not be read back as records (truncated, garbage).
+    pub spill_bad_lines: u64,
     pub retries: u64,
     pub batches: u64,
     pub last_error: Option<String>,
@@ -54,7 +66,7 @@ impl Counters {
     }
 
     pub fn resolved(&self) -> u64 {
-        self.written + self.dropped_total()
+        self.written + self.dropped_total() + self.spilled
     }
 
     pub fn record_latency(&mut self, secs: f64) {

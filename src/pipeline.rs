@@ -17,6 +17,7 @@ use crate::metrics::DropReason;
 use crate::queue::{Limits, Next, Queue, Snapshot};
 use crate::record::{Kind, Record};
 use crate::retry::Backoff;
+use crate::spill::{self, Replay, SpillDir, SpillWriter};
 
 /// How the core reports its own problems (the Python face sends them to the stdlib
 /// logger "logsluice"). Arguments: a stdlib level number and the message.
@@ -77,6 +78,11 @@ pub struct Destination {
     thread: Mutex<Option<JoinHandle<()>>>,
     reporter: Reporter,
     limit: Mutex<RateLimit>,
+    /// Where this destination's records go at close instead of being dropped, and under
+    /// which key (see `spill`).
+    spill: Option<(Arc<SpillDir>, String)>,
+    spill_out: Mutex<Option<SpillWriter>>,
+    warned_bad_lines: AtomicBool,
 }
 
 impl Destination {
@@ -136,7 +142,14 @@ impl Core {
     ) -> Arc<Core> {
         let mut floor = [u16::MAX; 2];
         let mut dests = Vec::new();
+        let spill_dir = options
+            .spill_dir
+            .as_deref()
+            .map(|p| Arc::new(SpillDir::new(p, options.spill_max_bytes)));
         for spec in specs {
+            let spill = spill_dir
+                .as_ref()
+                .and_then(|d| Some((d.clone(), spill::key(&spec)?)));
             for kind in &spec.common.kinds {
                 let slot = &mut floor[*kind as usize];
                 *slot = (*slot).min(spec.common.min_level);
@@ -160,12 +173,28 @@ impl Core {
                     last: None,
                     suppressed: 0,
                 }),
+                spill,
+                spill_out: Mutex::new(None),
+                warned_bad_lines: AtomicBool::new(false),
             });
+            let mut replay = dest
+                .spill
+                .as_ref()
+                .and_then(|(dir, key)| Replay::claim(dir.clone(), key));
+            if replay.is_some() {
+                dest.report_now(
+                    20,
+                    "delivering the records a previous run spilled at close, before new ones",
+                );
+                // Queued before the first new record can be, and before a flush that
+                // follows the start (as far as the queue has room).
+                replay_more(&dest, &mut replay);
+            }
             let worker = dest.clone();
             let target = spec.target;
             let handle = std::thread::Builder::new()
                 .name(format!("logsluice-{}", dest.common.name))
-                .spawn(move || run(worker, target))
+                .spawn(move || run(worker, target, replay))
                 .expect("spawning a thread");
             *dest.thread.lock() = Some(handle);
             dests.push(dest);
@@ -237,7 +266,8 @@ impl Core {
     }
 
     /// Flushes, stops the threads and closes the writers. What cannot be written within
-    /// `timeout` is dropped with reason `closed` (counted, and reported). Idempotent.
+    /// `timeout` is spilled when a spill directory is set, else dropped with reason
+    /// `closed` (counted, and reported). Idempotent.
     pub fn close(&self, timeout: Duration) -> Result<(), Vec<(String, u64)>> {
         if self.closed.swap(true, Ordering::SeqCst) {
             return Ok(());
@@ -268,7 +298,14 @@ impl Core {
                 } else {
                     grace
                 };
-                while !handle.is_finished() && Instant::now() < grace {
+                // Spilling is local I/O that ends soon: waited for past the deadline, since
+                // what it saves would otherwise be dropped.
+                let spill_deadline = Instant::now() + SPILL_GRACE;
+                let waiting = || {
+                    let now = Instant::now();
+                    now < grace || (now < spill_deadline && d.queue.with_state(|s| s.spilling))
+                };
+                while !handle.is_finished() && waiting() {
                     std::thread::sleep(Duration::from_millis(2));
                 }
                 if handle.is_finished() {
@@ -317,8 +354,11 @@ pub fn let_application_run() {
     std::thread::yield_now();
 }
 
+/// How long `close` waits, past its deadline, for a destination writing its spill file.
+const SPILL_GRACE: Duration = Duration::from_secs(10);
+
 /// The batcher loop of one destination, on its own thread.
-fn run(dest: Arc<Destination>, target: Target) {
+fn run(dest: Arc<Destination>, target: Target, mut replay: Option<Replay>) {
     yield_to_application();
     let c = &dest.common;
     let mut breaker = Breaker::new(c.breaker_threshold, seconds(c.breaker_cooldown));
@@ -328,6 +368,7 @@ fn run(dest: Arc<Destination>, target: Target) {
     };
     let mut writer: Option<Box<dyn Writer>> = None;
     loop {
+        replay_more(&dest, &mut replay);
         match dest.queue.next_batch(Duration::from_secs(1)) {
             Next::Closed => break,
             Next::Idle => {
@@ -339,10 +380,15 @@ fn run(dest: Arc<Destination>, target: Target) {
                 while !taken.is_empty() {
                     let (batch, bytes) = dest.queue.split_batch(&mut taken);
                     let started = Instant::now();
-                    let (written, dropped) =
+                    let settled =
                         deliver(&dest, &target, &mut writer, &mut breaker, &backoff, &batch);
-                    dest.queue
-                        .resolve(batch.len(), bytes, written, &dropped, started.elapsed());
+                    dest.queue.resolve(
+                        batch.len(),
+                        bytes,
+                        (settled.written, settled.spilled),
+                        &settled.dropped,
+                        started.elapsed(),
+                    );
                 }
                 dest.queue.recycle(taken);
             }
@@ -356,6 +402,109 @@ fn run(dest: Arc<Destination>, target: Target) {
     if let Some(mut w) = writer {
         if let Err(e) = w.close() {
             dest.report(30, &format!("closing failed: {}", e.message));
+        }
+    }
+    let complete = finish_spill(&dest);
+    if let Some(r) = replay {
+        r.finish(&dest.queue, complete);
+    }
+    dest.queue.with_state(|s| s.spilling = false);
+}
+
+/// Queues more of the spilled records as the queue has room, and lets go of the replay
+/// once every claimed file is delivered.
+fn replay_more(dest: &Destination, replay: &mut Option<Replay>) {
+    let Some(r) = replay.as_mut() else {
+        return;
+    };
+    let t = r.top_up(&dest.queue);
+    if t.bad_lines > 0 {
+        dest.queue
+            .with_state(|s| s.counters.spill_bad_lines += t.bad_lines);
+        if !dest.warned_bad_lines.swap(true, Ordering::Relaxed) {
+            dest.report_now(
+                30,
+                "skipped lines of a spill file that are not records (cut short or damaged); \
+                 stats() counts them as spill_bad_lines",
+            );
+        }
+    }
+    if r.finished() {
+        *replay = None;
+    }
+}
+
+/// Makes this close's spill file durable and says what became of the records held.
+/// Returns whether every record that reached the spill path was saved.
+fn finish_spill(dest: &Destination) -> bool {
+    let Some(out) = dest.spill_out.lock().take() else {
+        return true;
+    };
+    let result = out.finish();
+    if result.lost > 0 {
+        dest.queue.with_state(|s| {
+            // A writer left behind at close had its records counted `closed` already.
+            let lost = result.lost.min(s.counters.spilled);
+            s.counters.spilled -= lost;
+            s.counters.drop(DropReason::Closed, lost);
+        });
+    }
+    if let Some(error) = &result.error {
+        dest.report_now(
+            30,
+            &format!(
+                "the spill directory failed ({error}): records held at close are dropped as \
+                 closed"
+            ),
+        );
+    }
+    if let Some((path, n)) = &result.file {
+        dest.report_now(
+            30,
+            &format!(
+                "the store was not reachable before close: {n} records spilled to {}, delivered \
+                 by the next start with this spill_dir",
+                path.display()
+            ),
+        );
+    }
+    if result.full > 0 {
+        dest.report_now(
+            30,
+            &format!(
+                "{} records dropped at close: the spill directory is at spill_max_bytes \
+                 (spill_full)",
+                result.full
+            ),
+        );
+    }
+    result.complete
+}
+
+/// What became of a batch.
+#[derive(Default)]
+struct Settled {
+    written: u64,
+    spilled: u64,
+    dropped: Vec<(DropReason, u64)>,
+}
+
+impl Settled {
+    fn dropped(reason: DropReason, n: u64) -> Settled {
+        Settled {
+            dropped: vec![(reason, n)],
+            ..Default::default()
+        }
+    }
+
+    fn merge(&mut self, other: Settled) {
+        self.written += other.written;
+        self.spilled += other.spilled;
+        for (reason, count) in other.dropped {
+            match self.dropped.iter_mut().find(|(r, _)| *r == reason) {
+                Some(slot) => slot.1 += count,
+                None => self.dropped.push((reason, count)),
+            }
         }
     }
 }
@@ -377,7 +526,7 @@ enum Round {
 /// the batch is held and tried again (rounds of retries, then the breaker's cooldown and
 /// a probe) while the records behind it wait in the queue, within its bounds. Records are
 /// dropped only when the store refuses them for good (`failed`, `invalid`) or the
-/// pipeline closes before the store is back (`closed`).
+/// pipeline closes before the store is back (`closed`, or spilled with a spill directory).
 fn deliver(
     dest: &Destination,
     target: &Target,
@@ -385,13 +534,13 @@ fn deliver(
     breaker: &mut Breaker,
     backoff: &Backoff,
     batch: &[Arc<Record>],
-) -> (u64, Vec<(DropReason, u64)>) {
+) -> Settled {
     let n = batch.len() as u64;
     let mut outage: Option<(Instant, u64)> = None;
     let mut rounds = 0;
     loop {
         if dest.abort.load(Ordering::SeqCst) {
-            return closing(writer, batch);
+            return closing(dest, writer, batch);
         }
         if let breaker::State::Open { until } = breaker.state() {
             sleep_unless_aborted(dest, until.saturating_duration_since(Instant::now()));
@@ -434,9 +583,13 @@ fn deliver(
                 } else {
                     vec![]
                 };
-                return (n - invalid, dropped);
+                return Settled {
+                    written: n - invalid,
+                    dropped,
+                    ..Default::default()
+                };
             }
-            Round::Aborted => return closing(writer, batch),
+            Round::Aborted => return closing(dest, writer, batch),
             Round::Refused(err) => {
                 breaker.failure(Instant::now());
                 dest.show(breaker);
@@ -447,7 +600,7 @@ fn deliver(
                         err.message
                     ),
                 );
-                return (0, vec![(DropReason::Failed, n)]);
+                return Settled::dropped(DropReason::Failed, n);
             }
             Round::Oversized(err, _) if batch.len() > 1 => {
                 // Not an outage: the store answered. Halves go on their own, down to one
@@ -461,15 +614,16 @@ fn deliver(
                         err.message
                     ),
                 );
-                let (w1, mut d1) = deliver(dest, target, writer, breaker, backoff, &batch[..half]);
-                let (w2, d2) = deliver(dest, target, writer, breaker, backoff, &batch[half..]);
-                for (reason, count) in d2 {
-                    match d1.iter_mut().find(|(r, _)| *r == reason) {
-                        Some(slot) => slot.1 += count,
-                        None => d1.push((reason, count)),
-                    }
-                }
-                return (w1 + w2, d1);
+                let mut settled = deliver(dest, target, writer, breaker, backoff, &batch[..half]);
+                settled.merge(deliver(
+                    dest,
+                    target,
+                    writer,
+                    breaker,
+                    backoff,
+                    &batch[half..],
+                ));
+                return settled;
             }
             Round::Unavailable(err, attempts) | Round::Oversized(err, attempts) => (err, attempts),
         };
@@ -509,16 +663,30 @@ fn deliver(
     }
 }
 
-/// Counts a batch dropped at close. A writer whose last COMMIT went unanswered is told,
-/// with no time to ask, and says the batch may be stored all the same.
+/// Spills a batch held at close, or counts it dropped without a spill directory. A writer
+/// whose last COMMIT went unanswered is told, with no time to ask, and says the batch may
+/// be stored all the same (then a spilled batch may be stored twice: the one duplicate
+/// the spill allows).
 fn closing(
+    dest: &Destination,
     writer: &mut Option<Box<dyn Writer>>,
     batch: &[Arc<Record>],
-) -> (u64, Vec<(DropReason, u64)>) {
+) -> Settled {
     let _ = writer
         .as_mut()
         .and_then(|w| w.given_up(batch, Duration::ZERO));
-    (0, vec![(DropReason::Closed, batch.len() as u64)])
+    let Some((dir, key)) = dest.spill.as_ref() else {
+        return Settled::dropped(DropReason::Closed, batch.len() as u64);
+    };
+    dest.queue.with_state(|s| s.spilling = true);
+    let mut out = dest.spill_out.lock();
+    let out = out.get_or_insert_with(|| SpillWriter::new(dir.clone(), key.clone()));
+    let (spilled, dropped) = out.spill(batch);
+    Settled {
+        spilled,
+        dropped,
+        ..Default::default()
+    }
 }
 
 /// One attempt and its retries (none for a half-open breaker's probe).
@@ -701,6 +869,56 @@ mod tests {
         let first: Vec<_> = lines.lines().filter(|l| l.contains("\"m0\"")).collect();
         assert_eq!(first.len(), 1, "the held batch is written once");
         core.close(Duration::from_secs(5)).unwrap();
+    }
+
+    #[test]
+    fn records_held_at_close_are_spilled_and_replayed_by_the_next_start() {
+        let tmp = crate::scratch::ScratchDir::new().unwrap();
+        let ctl = tmp.path().join("ctl");
+        std::fs::write(&ctl, "fail").unwrap();
+        let out = tmp.path().join("out");
+        let spill = tmp.path().join("spill");
+        std::fs::create_dir(&spill).unwrap();
+        let target = Target::Controlled(ControlledConfig {
+            control_file: ctl.to_string_lossy().into(),
+            output_file: out.to_string_lossy().into(),
+        });
+        let common = Common {
+            name: "c".into(),
+            max_retries: 0,
+            breaker_threshold: 1,
+            breaker_cooldown: 60.0,
+            batch_max_delay: 0.01,
+            ..Default::default()
+        };
+        let options = PipelineOptions {
+            spill_dir: Some(spill.to_string_lossy().into()),
+            ..Default::default()
+        };
+        let start = || {
+            Core::start(
+                vec![spec(target.clone(), common.clone())],
+                options.clone(),
+                quiet(),
+            )
+        };
+        let core = start();
+        for i in 0..10 {
+            core.submit(Record::new(i, "X", 20, Kind::App, format!("m{i}")).finish(100));
+        }
+        assert!(core.close(Duration::from_millis(200)).is_err());
+        let c = &core.stats()[0].1.counters;
+        assert_eq!((c.spilled, c.dropped_total(), c.written), (10, 0, 0));
+        assert_eq!(std::fs::read_dir(&spill).unwrap().count(), 1);
+
+        std::fs::write(&ctl, "ok").unwrap();
+        let core = start();
+        core.flush(Duration::from_secs(5)).unwrap();
+        core.close(Duration::from_secs(5)).unwrap();
+        let c = &core.stats()[0].1.counters;
+        assert_eq!((c.replayed, c.written, c.accepted), (10, 10, 10));
+        assert_eq!(std::fs::read_to_string(&out).unwrap().lines().count(), 10);
+        assert_eq!(std::fs::read_dir(&spill).unwrap().count(), 0);
     }
 
     #[test]

@@ -57,6 +57,9 @@ pub struct State {
     pub breaker: &'static str,
     /// The writer waits between attempts at a held batch (no I/O under way).
     pub pausing: bool,
+    /// The writer is writing what it holds to the spill directory at close (local I/O
+    /// that ends soon, and whose end `close` waits for).
+    pub spilling: bool,
 }
 
 pub struct Queue {
@@ -95,6 +98,7 @@ impl Queue {
                 abandoned_after: None,
                 breaker: "closed",
                 pausing: false,
+                spilling: false,
             }),
             limits,
             not_empty: Condvar::new(),
@@ -258,13 +262,13 @@ impl Queue {
         }
     }
 
-    /// Settles a batch taken by `next_batch`: `written` records written, the rest dropped
-    /// with the reasons given.
+    /// Settles a batch taken by `next_batch`: `written` records written, `spilled` written
+    /// to the spill directory, the rest dropped with the reasons given.
     pub fn resolve(
         &self,
         taken: usize,
         taken_bytes: usize,
-        written: u64,
+        (written, spilled): (u64, u64),
         dropped: &[(DropReason, u64)],
         latency: Duration,
     ) {
@@ -278,6 +282,7 @@ impl Queue {
         s.settled += taken as u64;
         s.taken_bytes -= taken_bytes;
         s.counters.written += written;
+        s.counters.spilled += spilled;
         for &(reason, n) in dropped {
             s.counters.drop(reason, n);
         }
@@ -286,6 +291,43 @@ impl Queue {
         drop(s);
         self.resolved.notify_all();
         self.not_full.notify_all();
+    }
+
+    /// Queues a record read back from the spill directory, only while the queue is less
+    /// than half full (or empty), so replaying a large spill leaves the app's records room;
+    /// hands it back otherwise, or when closed.
+    pub fn push_replayed(&self, rec: Arc<Record>) -> Result<(), Arc<Record>> {
+        let mut s = self.state.lock();
+        let held = s.items.len() + s.in_batch as usize;
+        let bytes = s.bytes + s.taken_bytes;
+        let roomy = held == 0
+            || (held < self.limits.max_records.div_ceil(2)
+                && bytes + rec.size <= self.limits.max_bytes / 2);
+        if s.closed || !roomy {
+            return Err(rec);
+        }
+        s.counters.replayed += 1;
+        let wake = self.enqueue(&mut s, rec);
+        drop(s);
+        if wake {
+            self.not_empty.notify_one();
+        }
+        Ok(())
+    }
+
+    /// How many records were ever queued: a mark for [`Queue::settled_upto`].
+    pub fn enqueued_mark(&self) -> u64 {
+        self.state.lock().enqueued
+    }
+
+    /// Whether every record queued up to `mark` is written, dropped or spilled (the queue
+    /// is first in, first out).
+    pub fn settled_upto(&self, mark: u64) -> bool {
+        self.state.lock().settled >= mark
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.state.lock().closed
     }
 
     pub fn with_state<T>(&self, f: impl FnOnce(&mut State) -> T) -> T {
@@ -392,7 +434,7 @@ mod tests {
         let s = q.snapshot();
         assert_eq!(
             s.counters.accepted,
-            s.counters.written + s.counters.dropped_total() + s.in_flight
+            s.counters.written + s.counters.dropped_total() + s.counters.spilled + s.in_flight
         );
     }
 
@@ -433,13 +475,19 @@ mod tests {
         invariant(&q);
         let (first, bytes) = q.split_batch(&mut b);
         assert_eq!((first.len(), bytes, b.len()), (2, 2, 0));
-        q.resolve(2, 2, 2, &[], Duration::from_millis(1));
+        q.resolve(2, 2, (2, 0), &[], Duration::from_millis(1));
         q.push(rec(1));
         let target = q.request_flush();
         let Next::Batch(b) = q.next_batch(Duration::from_millis(20)) else {
             panic!("due by flush")
         };
-        q.resolve(b.len(), 1, 0, &[(DropReason::Failed, 1)], Duration::ZERO);
+        q.resolve(
+            b.len(),
+            1,
+            (0, 0),
+            &[(DropReason::Failed, 1)],
+            Duration::ZERO,
+        );
         assert_eq!(q.wait_settled(target, Instant::now()), 0);
         invariant(&q);
     }
@@ -460,7 +508,7 @@ mod tests {
         }
         assert!(q.snapshot().counters.resolved() >= target);
         assert_eq!(q.wait_settled(target, Instant::now()), 1);
-        q.resolve(b.len(), 1, 1, &[], Duration::ZERO);
+        q.resolve(b.len(), 1, (1, 0), &[], Duration::ZERO);
         assert_eq!(q.wait_settled(target, Instant::now()), 0);
         invariant(&q);
     }
@@ -498,7 +546,7 @@ mod tests {
         assert_eq!(q.snapshot().queue_records, 0);
         let (batch, bytes) = q.split_batch(&mut taken);
         assert_eq!((batch.len(), taken.len()), (2, 1));
-        q.resolve(batch.len(), bytes, 2, &[], Duration::ZERO);
+        q.resolve(batch.len(), bytes, (2, 0), &[], Duration::ZERO);
         t.join().unwrap();
         assert_eq!(q.snapshot().queue_records, 1);
         let soon = || Instant::now() + Duration::from_millis(10);
@@ -515,9 +563,28 @@ mod tests {
         assert_eq!(full(&q), 2);
         // Settling a batch makes room, and waiting makes sense again.
         let (rest, bytes) = q.split_batch(&mut taken);
-        q.resolve(rest.len(), bytes, 1, &[], Duration::ZERO);
+        q.resolve(rest.len(), bytes, (1, 0), &[], Duration::ZERO);
         q.push_wait(rec(1), soon());
         assert_eq!(full(&q), 2);
+        invariant(&q);
+    }
+
+    #[test]
+    fn replayed_records_leave_half_the_queue_to_the_app() {
+        let q = Queue::new(Limits {
+            max_records: 10,
+            ..limits()
+        });
+        let replayed = (0..8).filter(|_| q.push_replayed(rec(1)).is_ok()).count();
+        assert_eq!(replayed, 5);
+        for _ in 0..5 {
+            q.push(rec(1));
+        }
+        let s = q.snapshot();
+        assert_eq!((s.queue_records, s.counters.replayed), (10, 5));
+        assert_eq!(s.counters.dropped_total(), 0);
+        q.close();
+        assert!(q.push_replayed(rec(1)).is_err());
         invariant(&q);
     }
 
@@ -543,12 +610,12 @@ mod tests {
         invariant(&q);
         // The write under way ends and counts; what the writer does after is not counted
         // again (it was dropped as closed already).
-        q.resolve(batch.len(), bytes, 2, &[], Duration::ZERO);
+        q.resolve(batch.len(), bytes, (2, 0), &[], Duration::ZERO);
         let (rest, bytes) = q.split_batch(&mut taken);
         q.resolve(
             rest.len(),
             bytes,
-            0,
+            (0, 0),
             &[(DropReason::Closed, 1)],
             Duration::ZERO,
         );

@@ -8,6 +8,7 @@ import atexit
 import json
 import logging
 import multiprocessing.util
+import os
 import time
 import weakref
 from collections.abc import AsyncIterator
@@ -33,7 +34,11 @@ _PIPELINE_MINIMUMS: dict[str, tuple[int, str]] = {
     "max_field_bytes": (64, " of bytes"),
     "handoff_max_requests": (1, ""),
     "handoff_max_bytes": (1 << 20, " of bytes"),
+    "spill_max_bytes": (1 << 20, " of bytes"),
 }
+# Records a store could not take before close() go to files here (None: they are dropped
+# as `closed`), and the next pipeline with the same directory delivers them first.
+SPILL_DEFAULTS: dict[str, Any] = {"spill_dir": None, "spill_max_bytes": 256 << 20}
 
 
 def _report(level: int, message: str) -> None:
@@ -75,26 +80,34 @@ class Pipeline:
     """Delivers log records to destinations in batches, off the caller's thread.
 
     ``Pipeline(*destinations, max_message_bytes=65536, max_field_bytes=65536,
-    handoff_max_requests=20000, handoff_max_bytes=64 MiB)``. With no
+    handoff_max_requests=20000, handoff_max_bytes=64 MiB, spill_dir=None,
+    spill_max_bytes=256 MiB)``. With no
     destination, records go to ``LocalFiles("./logs")``. No thread starts until the first
     record arrives; a forked child starts its own core on first use.
     """
 
     def __init__(self, *destinations: Destination, **options: Any) -> None:
-        unknown = sorted(set(options) - set(PIPELINE_DEFAULTS))
+        known = {**PIPELINE_DEFAULTS, **SPILL_DEFAULTS}
+        unknown = sorted(set(options) - set(known))
         if unknown:
             raise ValueError(
-                f"Pipeline: unknown option(s) {', '.join(unknown)}; known: {', '.join(PIPELINE_DEFAULTS)}"
+                f"Pipeline: unknown option(s) {', '.join(unknown)}; known: {', '.join(known)}"
                 " (queue, batch and retry options belong to each destination)"
             )
         for d in destinations:
             if not isinstance(d, Destination):
                 raise ValueError(f"Pipeline takes destinations such as logsluice.LocalFiles(...), got {d!r}")
-        opts = {**PIPELINE_DEFAULTS, **options}
+        opts = {**known, **options}
+        spill_dir = opts.pop("spill_dir")
         for key, value in opts.items():
             least, unit = _PIPELINE_MINIMUMS[key]
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise ValueError(f"Pipeline: {key} must be a whole number{unit} >= {least}, got {value!r}")
+        if spill_dir is not None:
+            if not isinstance(spill_dir, (str, os.PathLike)) or not os.fspath(spill_dir):
+                raise ValueError(f"Pipeline: spill_dir must be a directory path or None, got {spill_dir!r}")
+            spill_dir = os.path.abspath(os.fspath(spill_dir))
+        opts["spill_dir"] = spill_dir
         self._options = opts
         self.destinations: tuple[Destination, ...] = destinations or (LocalFiles("./logs"),)
         specs = json.dumps([d._spec() for d in self.destinations])
@@ -110,9 +123,11 @@ class Pipeline:
     @classmethod
     def from_env(cls, **options: Any) -> Pipeline:
         """Builds a pipeline from environment variables (see the README for the full list):
-        ``LOGSLUICE_DIR`` for LocalFiles, and each store's own variables. With none set,
-        records go to ``LocalFiles("./logs")``."""
+        ``LOGSLUICE_DIR`` for LocalFiles, ``LOGSLUICE_SPILL_DIR`` for ``spill_dir``, and each
+        store's own variables. With none set, records go to ``LocalFiles("./logs")``."""
         destinations = [d for build in ENV_BUILDERS if (d := build()) is not None]
+        if "spill_dir" not in options and os.environ.get("LOGSLUICE_SPILL_DIR"):
+            options["spill_dir"] = os.environ["LOGSLUICE_SPILL_DIR"]
         return cls(*destinations, **options)
 
     @property
@@ -158,7 +173,8 @@ class Pipeline:
         return LoggingHandler(self, level_number(level, "level") if isinstance(level, str) else level)
 
     def stats(self) -> dict[str, dict[str, Any]]:
-        """Counters per destination; ``accepted == written + dropped_total + in_flight`` always holds.
+        """Counters per destination; ``accepted == written + dropped_total + spilled + in_flight``
+        always holds.
         With a ``LoggingMiddleware`` attached, its request counters are under ``"http"``, with
         ``handoff_waiting`` (kept exchanges not yet redacted and queued) and ``handoff_dropped``
         (exchanges a full hand-off lane dropped)."""
@@ -187,8 +203,9 @@ class Pipeline:
 
     def close(self, timeout: float = 10.0) -> None:
         """Flushes and stops, waiting at most ``timeout`` seconds. What is not written by then is
-        reported on the ``logsluice`` logger and counted as dropped (reason ``closed``) before
-        this returns, except a write already under way: it may still succeed (within
+        reported on the ``logsluice`` logger and, with ``spill_dir``, written there for the next
+        start (counted as ``spilled``), else counted as dropped (reason ``closed``) before this
+        returns, except a write already under way: it may still succeed (within
         ``attempt_timeout``) and is counted when it ends. Safe to call twice."""
         timeout = _timeout(timeout)
         if self._core.closed:
@@ -201,10 +218,16 @@ class Pipeline:
                 _log.exception("logsluice: a close callback failed")
         pending = self._core.close(timeout)
         if pending:
+            fate = (
+                "spilled to spill_dir, or dropped as 'closed' where a destination never spills,"
+                if self._options["spill_dir"]
+                else "dropped as 'closed'"
+            )
             _log.warning(
-                "logsluice: close timed out after %.1fs; not yet written (dropped as 'closed' unless a write"
+                "logsluice: close timed out after %.1fs; not yet written (%s unless a write"
                 " is already under way): %s",
                 timeout,
+                fate,
                 pending,
             )
 

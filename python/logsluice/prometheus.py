@@ -20,6 +20,9 @@ _COUNTERS = {
     "written": "records written to the destination",
     "retries": "batch write retries",
     "batches": "batches written",
+    "spilled": "records written to the spill directory at close, for the next start",
+    "replayed": "records read back from the spill directory and queued",
+    "spill_bad_lines": "spill file lines skipped as unreadable",
 }
 _SKIP = {"dropped_total", "dropped", "breaker", "last_error", "flush_latency_ms"}
 _BREAKER_STATES = ("closed", "open", "half_open")

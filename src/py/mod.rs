@@ -192,6 +192,17 @@ impl PyCore {
         let specs = parse_specs(specs_json).map_err(PyValueError::new_err)?;
         let options: PipelineOptions = serde_json::from_str(options_json)
             .map_err(|e| PyValueError::new_err(format!("invalid pipeline options: {e}")))?;
+        // Records waiting in the spill directory are delivered without waiting for the
+        // first new record: the core starts now.
+        let replay_now = match options.spill_dir.as_deref() {
+            Some(dir) => {
+                py.detach(|| crate::spill::check_dir(dir))
+                    .map_err(PyValueError::new_err)?;
+                let keys: Vec<String> = specs.iter().filter_map(crate::spill::key).collect();
+                crate::spill::SpillDir::new(dir, options.spill_max_bytes).has_waiting(&keys)
+            }
+            None => false,
+        };
         let format_exception = py
             .import("traceback")?
             .getattr("format_exception")?
@@ -204,7 +215,7 @@ impl PyCore {
             max_message_bytes: options.max_message_bytes,
             max_field_bytes: options.max_field_bytes,
         };
-        Ok(PyCore {
+        let core = PyCore {
             specs,
             options,
             slot: PerProcess::default(),
@@ -212,7 +223,11 @@ impl PyCore {
             reporter: reporter(report),
             ctx,
             http_lane: http::Lane::default(),
-        })
+        };
+        if replay_now {
+            core.core_ref();
+        }
+        Ok(core)
     }
 
     /// Hands one Loguru message to the core. Never raises.
@@ -251,6 +266,9 @@ impl PyCore {
             d.set_item("dropped", dropped)?;
             d.set_item("dropped_total", c.dropped_total())?;
             d.set_item("in_flight", s.in_flight)?;
+            d.set_item("spilled", c.spilled)?;
+            d.set_item("replayed", c.replayed)?;
+            d.set_item("spill_bad_lines", c.spill_bad_lines)?;
             d.set_item("retries", c.retries)?;
             d.set_item("batches", c.batches)?;
             d.set_item("queue_records", s.queue_records)?;
@@ -283,7 +301,7 @@ impl PyCore {
     }
 
     /// Flushes and stops. Returns the records that could not be written in time (they are
-    /// counted as dropped with reason "closed").
+    /// spilled with a spill directory, else counted as dropped with reason "closed").
     #[pyo3(signature = (timeout=10.0))]
     fn close(&self, py: Python<'_>, timeout: f64) -> Option<String> {
         let timeout = self.http_lane.drain(py, timeout);
@@ -329,6 +347,9 @@ fn empty_stats(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
         "written",
         "dropped_total",
         "in_flight",
+        "spilled",
+        "replayed",
+        "spill_bad_lines",
         "retries",
         "batches",
         "queue_records",
