@@ -26,4 +26,4 @@ def assert_accounted(stats: dict[str, Any]) -> None:
     for name, s in stats.items():
         dropped = sum(s["dropped"].values())
         assert s["dropped_total"] == dropped, name
-        assert s["accepted"] == s["written"] + dropped + s["in_flight"], (name, s)
+        assert s["accepted"] == s["written"] + dropped + s.get("spilled", 0) + s["in_flight"], (name, s)

@@ -58,7 +58,7 @@ def count(postgres, table, where="true", distinct=False):
 
 def accounted(stats):
     s = stats
-    return s["accepted"] == s["written"] + s["dropped_total"] + s["in_flight"]
+    return s["accepted"] == s["written"] + s["dropped_total"] + s["spilled"] + s["in_flight"]
 
 
 def test_rows_land_with_the_right_columns_and_types(postgres, table, log):
