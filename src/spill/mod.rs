@@ -107,17 +107,43 @@ impl SpillDir {
 
     /// Claims every file waiting for `key` that no live process holds.
     pub fn claim(&self, key: &str) -> Vec<Claimed> {
+        self.sweep_partial(key);
         self.candidates(key)
             .into_iter()
             .filter_map(|name| self.claim_one(&name))
             .collect()
     }
 
+    /// Deletes spill files a process began and never finished (it died mid-close): no
+    /// lock on them, and untouched for a while (a live writer locks its file right after
+    /// creating it and writes it within `close`'s grace).
+    fn sweep_partial(&self, key: &str) {
+        let prefix = format!("{key}.");
+        let names = std::fs::read_dir(&self.path)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter(|n| n.starts_with(&prefix) && n.ends_with(PARTIAL));
+        for name in names {
+            let path = self.path.join(name);
+            let Ok(file) = File::open(&path) else {
+                continue;
+            };
+            let stale = file
+                .metadata()
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| t.elapsed().unwrap_or_default() > PARTIAL_STALE);
+            if stale && lock(&file) {
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+    }
+
     fn claim_one(&self, name: &str) -> Option<Claimed> {
         let path = self.path.join(name);
         let file = File::open(&path).ok()?;
-        // SAFETY: flock on a descriptor this function owns; no memory is involved.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        if !lock(&file) {
             return None; // a live process replays it
         }
         // The lock was free, but the name may have moved on meanwhile (claimed and
@@ -182,6 +208,16 @@ impl Claimed {
         }
         drop(self.file);
     }
+}
+
+/// How long an unfinished spill file must lie untouched before it counts as abandoned.
+const PARTIAL_STALE: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// Takes the file's exclusive lock without waiting; it lasts as long as the open file (and
+/// dies with the process).
+fn lock(file: &File) -> bool {
+    // SAFETY: flock on a descriptor `file` keeps open; no memory is involved.
+    unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 }
 }
 
 fn file_name(stem: &str, offset: u64, suffix: &str) -> String {
@@ -331,5 +367,32 @@ mod tests {
         assert_eq!(again.len(), 1);
         again.into_iter().next().unwrap().release(&dir, 1);
         assert!(tmp.path().join("k.1.at1.spill").exists());
+    }
+
+    #[test]
+    fn unfinished_files_are_swept_once_abandoned() {
+        let tmp = crate::scratch::ScratchDir::new().unwrap();
+        let dir = SpillDir::new(&tmp.path().to_string_lossy(), 1 << 20);
+        let (old, fresh, held) = (
+            tmp.path().join("k.1.tmp"),
+            tmp.path().join("k.2.tmp"),
+            tmp.path().join("k.3.tmp"),
+        );
+        let long_ago = std::time::SystemTime::now() - PARTIAL_STALE * 2;
+        for p in [&old, &fresh, &held] {
+            std::fs::write(p, b"{").unwrap();
+        }
+        for p in [&old, &held] {
+            File::options()
+                .write(true)
+                .open(p)
+                .unwrap()
+                .set_modified(long_ago)
+                .unwrap();
+        }
+        let writer = File::open(&held).unwrap();
+        assert!(lock(&writer));
+        assert!(dir.claim("k").is_empty());
+        assert!(!old.exists() && fresh.exists() && held.exists());
     }
 }

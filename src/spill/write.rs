@@ -82,6 +82,8 @@ impl SpillWriter {
             let stem = self.dir.new_stem(&self.key);
             let path = self.dir.path.join(format!("{stem}{PARTIAL}"));
             let file = File::options().write(true).create_new(true).open(&path)?;
+            // Marks it as being written: a start sweeping unfinished files leaves it alone.
+            super::lock(&file);
             self.open = Some((path, BufWriter::with_capacity(1 << 20, file)));
         }
         let (_, out) = self.open.as_mut().expect("opened above");
