@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import subprocess
+import sys
 import threading
 import uuid
 from pathlib import Path
@@ -169,6 +172,45 @@ def test_two_pipelines_starting_together_deliver_each_spilled_record_once(tmp_pa
         p.close()
     assert sum(p.stats()["controlled"]["replayed"] for p in pipelines) == 100
     assert sorted(stored(tmp_path)) == sorted(f"r{r} {i}" for r in range(4) for i in range(25))
+    assert list(spill.iterdir()) == []
+
+
+def test_two_processes_starting_together_deliver_each_spilled_record_once(tmp_path, loguru):
+    spill = tmp_path / "spill"
+    spill.mkdir()
+    for round_ in range(6):
+        own = tmp_path / f"spill{round_}"
+        pipeline = logsluice.Pipeline(controlled(tmp_path, "fail", **OUTAGE), spill_dir=own)
+        pipeline.attach(loguru, level="INFO")
+        for i in range(10):
+            loguru.info("p{} {}", round_, i)
+        pipeline.close(timeout=0.2)
+        loguru.remove()
+        for f in own.iterdir():
+            f.rename(spill / f.name)
+    (tmp_path / "control").write_text("ok")
+    control, out = str(tmp_path / "control"), str(tmp_path / "out.ndjson")
+    script = (
+        "import sys, logsluice\n"
+        "from logsluice.destinations import _Controlled\n"
+        "sys.stdin.readline()\n"  # both start at once
+        f"p = logsluice.Pipeline(_Controlled({control!r}, {out!r}), spill_dir={str(spill)!r})\n"
+        "p.flush(10); p.close()\n"
+        "print(p.stats()['controlled']['replayed'])\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True
+        )
+        for _ in range(2)
+    ]
+    for p in procs:
+        p.stdin.write("go\n")
+        p.stdin.flush()
+    replayed = [int(p.communicate(timeout=60)[0]) for p in procs]
+    assert sum(replayed) == 60
+    assert sorted(stored(tmp_path)) == sorted(f"p{r} {i}" for r in range(6) for i in range(10))
     assert list(spill.iterdir()) == []
 
 
