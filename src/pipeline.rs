@@ -12,7 +12,7 @@ use parking_lot::Mutex;
 
 use crate::breaker::{self, Breaker};
 use crate::config::{seconds, Common, DestinationSpec, OnFull, PipelineOptions, Target};
-use crate::destinations::{self, ErrorKind, Writer};
+use crate::destinations::{self, Abort, ErrorKind, Writer};
 use crate::metrics::DropReason;
 use crate::queue::{Limits, Next, Queue, Snapshot};
 use crate::record::{Kind, Record};
@@ -74,7 +74,7 @@ impl RateLimit {
 pub struct Destination {
     pub common: Common,
     pub queue: Arc<Queue>,
-    abort: AtomicBool,
+    abort: Arc<Abort>,
     thread: Mutex<Option<JoinHandle<()>>>,
     reporter: Reporter,
     limit: Mutex<RateLimit>,
@@ -165,7 +165,7 @@ impl Core {
             let dest = Arc::new(Destination {
                 common: spec.common.clone(),
                 queue,
-                abort: AtomicBool::new(false),
+                abort: Arc::new(Abort::default()),
                 thread: Mutex::new(None),
                 reporter: reporter.clone(),
                 limit: Mutex::new(RateLimit {
@@ -276,28 +276,23 @@ impl Core {
         let flushed = self.flush(timeout);
         for d in &self.dests {
             if flushed.is_err() {
-                d.abort.store(true, Ordering::SeqCst);
+                d.abort.fire();
             }
             d.queue.close();
         }
-        // Past the deadline, a writer stuck in I/O is left behind rather than hanging exit,
-        // and what it held is counted dropped now. Once everything was written, writers
-        // get a moment to close their files even when the caller gave no time.
+        // Once everything was written, writers get a moment to close their files even when
+        // the caller gave no time. Otherwise the abort cuts a writer's pause between attempts
+        // and its network I/O short, and the batch it held is spilled or counted (`closed`) by its own
+        // thread within moments; a writer stuck in I/O no abort reaches (a local file) is
+        // left behind rather than hanging exit, and what it held is counted dropped now.
         let grace = if flushed.is_ok() {
             deadline.max(Instant::now() + Duration::from_millis(500))
         } else {
-            deadline
+            deadline.max(Instant::now() + ABORT_GRACE)
         };
         for d in &self.dests {
             let handle = d.thread.lock().take();
             if let Some(handle) = handle {
-                // A writer pausing between attempts (an outage) answers the abort within a
-                // slice of its pause; one in I/O is not waited for past the deadline.
-                let grace = if d.queue.with_state(|s| s.pausing) {
-                    grace.max(Instant::now() + PAUSE_SLICE * 3)
-                } else {
-                    grace
-                };
                 // Spilling is local I/O that ends soon: waited for past the deadline, since
                 // what it saves would otherwise be dropped.
                 let spill_deadline = Instant::now() + SPILL_GRACE;
@@ -539,7 +534,7 @@ fn deliver(
     let mut outage: Option<(Instant, u64)> = None;
     let mut rounds = 0;
     loop {
-        if dest.abort.load(Ordering::SeqCst) {
+        if dest.abort.is_fired() {
             return closing(dest, writer, batch);
         }
         if let breaker::State::Open { until } = breaker.state() {
@@ -706,12 +701,12 @@ fn attempt_round(
     };
     let mut attempt = 0;
     loop {
-        if dest.abort.load(Ordering::SeqCst) {
+        if dest.abort.is_fired() {
             return Round::Aborted;
         }
         let result = match writer.as_mut() {
             Some(w) => w.write_batch(batch, timeout),
-            None => destinations::open(target)
+            None => destinations::open(target, &dest.abort)
                 .and_then(|w| writer.insert(w).write_batch(batch, timeout)),
         };
         let err = match result {
@@ -720,7 +715,7 @@ fn attempt_round(
         };
         dest.queue
             .with_state(|s| s.counters.last_error = Some(err.message.clone()));
-        if dest.abort.load(Ordering::SeqCst) {
+        if dest.abort.is_fired() {
             return Round::Aborted;
         }
         if err.kind == ErrorKind::Permanent {
@@ -749,18 +744,19 @@ fn attempt_round(
 /// answer an abort within one slice of this sleep.
 fn sleep_unless_aborted(dest: &Destination, total: Duration) {
     let end = Instant::now() + total;
-    dest.queue.with_state(|s| s.pausing = true);
-    while !dest.abort.load(Ordering::SeqCst) {
+    while !dest.abort.is_fired() {
         let now = Instant::now();
         if now >= end {
             break;
         }
         std::thread::sleep((end - now).min(PAUSE_SLICE));
     }
-    dest.queue.with_state(|s| s.pausing = false);
 }
 
 const PAUSE_SLICE: Duration = Duration::from_millis(20);
+
+/// How long `close` waits, past its deadline, for aborted writers to count what they held.
+const ABORT_GRACE: Duration = Duration::from_millis(250);
 
 #[cfg(test)]
 mod tests {

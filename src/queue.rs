@@ -55,8 +55,6 @@ pub struct State {
     /// were counted dropped (`closed`) then, and are not counted again.
     abandoned_after: Option<u64>,
     pub breaker: &'static str,
-    /// The writer waits between attempts at a held batch (no I/O under way).
-    pub pausing: bool,
     /// The writer is writing what it holds to the spill directory at close (local I/O
     /// that ends soon, and whose end `close` waits for).
     pub spilling: bool,
@@ -97,7 +95,6 @@ impl Queue {
                 batches_started: 0,
                 abandoned_after: None,
                 breaker: "closed",
-                pausing: false,
                 spilling: false,
             }),
             limits,

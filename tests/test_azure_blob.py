@@ -73,6 +73,33 @@ def wait_for(check, what, timeout=60.0):
         time.sleep(0.05)
 
 
+def test_close_cuts_off_an_upload_to_a_server_that_never_answers():
+    # The socket listens but is never served: the request is sent and no answer comes.
+    # The upload would wait for attempt_timeout; close must not, and must count the batch.
+    with socket.create_server(("127.0.0.1", 0), backlog=64) as silent:
+        port = silent.getsockname()[1]
+        cs = (
+            f"DefaultEndpointsProtocol=http;AccountName={ACCOUNT};AccountKey={KEY};"
+            f"BlobEndpoint=http://127.0.0.1:{port}/{ACCOUNT};"
+        )
+        dest = logsluice.AzureBlob(cs, container=unique_container(), **fast(attempt_timeout=60))
+        pipeline = logsluice.Pipeline(dest)
+        log = app_logger(pipeline, "silent")
+        for i in range(5):
+            log.warning("never answered %d", i)
+        wait_for(
+            lambda: pipeline.stats()["azure_blob"]["queue_records"] == 0, what="the writer to take the batch"
+        )
+        time.sleep(0.2)  # uploading
+        started = time.monotonic()
+        pipeline.close(timeout=1.0)
+        elapsed = time.monotonic() - started
+        stats = pipeline.stats()["azure_blob"]
+    assert elapsed < 3.0, f"close took {elapsed:.1f} s"
+    assert stats["written"] == 0 and stats["dropped"]["closed"] == 5, stats
+    assert stats["dropped_total"] == 5 and stats["in_flight"] == 0, stats
+
+
 def test_blobs_hold_exactly_the_records_in_order_with_metadata(azurite):
     container = unique_container()
     dest = logsluice.AzureBlob(

@@ -7,6 +7,7 @@ import json
 import logging
 import multiprocessing
 import os
+import socket
 import subprocess
 import threading
 import time
@@ -699,6 +700,36 @@ def backends(postgres, application_name, where="true"):
         f"select count(*) from pg_stat_activity where application_name = %s and {where}",
         (application_name,),
     )[0][0]
+
+
+def test_close_cuts_off_a_connect_to_a_server_that_never_answers(table, log):
+    # The socket listens but is never served: connections complete in its backlog and the
+    # startup handshake hangs, as with a host that swallows packets. Connecting would wait
+    # for connect_timeout; close must not, and must count the batch it held.
+    with socket.create_server(("127.0.0.1", 0), backlog=64) as silent:
+        port = silent.getsockname()[1]
+        destination = logsluice.Postgres(
+            f"postgresql://app:secret@127.0.0.1:{port}/app",
+            table=table,
+            batch_max_delay=0.05,
+            connect_timeout=60,
+            attempt_timeout=60,
+        )
+        pipeline = logsluice.Pipeline(destination)
+        pipeline.attach(log)
+        for i in range(5):
+            log.info("never answered {}", i)
+        wait_for(
+            lambda: pipeline.stats()["postgres"]["queue_records"] == 0, what="the writer to take the batch"
+        )
+        time.sleep(0.2)  # connecting
+        started = time.monotonic()
+        pipeline.close(timeout=1.0)
+        elapsed = time.monotonic() - started
+        stats = pipeline.stats()["postgres"]
+    assert elapsed < 3.0, f"close took {elapsed:.1f} s"
+    assert stats["written"] == 0 and stats["dropped"]["closed"] == 5, stats
+    assert stats["dropped_total"] == 5 and stats["in_flight"] == 0 and accounted(stats), stats
 
 
 @pytest.mark.parametrize("max_retries", [3, 0])

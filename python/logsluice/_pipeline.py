@@ -205,8 +205,9 @@ class Pipeline:
         """Flushes and stops, waiting at most ``timeout`` seconds. What is not written by then is
         reported on the ``logsluice`` logger and, with ``spill_dir``, written there for the next
         start (counted as ``spilled``), else counted as dropped (reason ``closed``) before this
-        returns, except a write already under way: it may still succeed (within
-        ``attempt_timeout``) and is counted when it ends. Safe to call twice."""
+        returns: a connect or write to PostgreSQL or Azure Blob Storage still under way is cut
+        off. Only a write to local files already under way may still succeed and is counted
+        when it ends. Safe to call twice."""
         timeout = _timeout(timeout)
         if self._core.closed:
             return
@@ -225,7 +226,7 @@ class Pipeline:
             )
             _log.warning(
                 "logsluice: close timed out after %.1fs; not yet written (%s unless a write"
-                " is already under way): %s",
+                " to local files is already under way): %s",
                 timeout,
                 fate,
                 pending,

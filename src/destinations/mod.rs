@@ -1,7 +1,11 @@
 //! Destinations: each one writes a batch and knows nothing of Python, queues or breakers.
 
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+
+use tokio::sync::watch;
 
 use crate::config::Target;
 use crate::record::Record;
@@ -96,11 +100,64 @@ pub trait Writer: Send {
     }
 }
 
-pub fn open(target: &Target) -> Result<Box<dyn Writer>, WriteError> {
+/// Fired by the pipeline's `close` when its deadline passes with records unwritten. A
+/// writer's network I/O in progress (a connect to a host that never answers, a COMMIT or an
+/// upload never acknowledged) ends at once instead of at its own time limit, so the batch
+/// it held is counted (`closed`) before `close` returns.
+pub struct Abort {
+    fired: AtomicBool,
+    tx: watch::Sender<bool>,
+}
+
+impl Default for Abort {
+    fn default() -> Self {
+        Abort {
+            fired: AtomicBool::new(false),
+            tx: watch::Sender::new(false),
+        }
+    }
+}
+
+impl Abort {
+    pub fn fire(&self) {
+        self.fired.store(true, Ordering::SeqCst);
+        self.tx.send_replace(true);
+    }
+
+    pub fn is_fired(&self) -> bool {
+        self.fired.load(Ordering::SeqCst)
+    }
+
+    /// Completes once fired (at once if fired already).
+    pub async fn fired(&self) {
+        let mut rx = self.tx.subscribe();
+        let _ = rx.wait_for(|fired| *fired).await;
+    }
+
+    /// Runs `work` unless the abort fires first: `None` then (`work` is dropped mid-way).
+    pub async fn unless_fired<T>(&self, work: impl Future<Output = T>) -> Option<T> {
+        tokio::select! {
+            biased;
+            () = self.fired() => None,
+            out = work => Some(out),
+        }
+    }
+}
+
+/// The error of an attempt cut off by [`Abort`].
+pub fn aborted() -> WriteError {
+    WriteError::transient("cut off: the pipeline is closing")
+}
+
+pub fn open(target: &Target, abort: &Arc<Abort>) -> Result<Box<dyn Writer>, WriteError> {
     Ok(match target {
         Target::LocalFiles(cfg) => Box::new(local_files::LocalFiles::open(cfg.clone())?),
         Target::Controlled(cfg) => Box::new(controlled::Controlled::new(cfg.clone())),
-        Target::Postgres(cfg) => Box::new(postgres::Postgres::open(cfg.clone())?),
-        Target::AzureBlob(cfg) => Box::new(azure_blob::AzureBlob::open(cfg.clone())?),
+        Target::Postgres(cfg) => {
+            Box::new(postgres::Postgres::open(cfg.clone())?.abortable_by(abort.clone()))
+        }
+        Target::AzureBlob(cfg) => {
+            Box::new(azure_blob::AzureBlob::open(cfg.clone())?.abortable_by(abort.clone()))
+        }
     })
 }

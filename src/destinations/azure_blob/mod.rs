@@ -27,7 +27,7 @@ use azure_storage_blob::models::BlockBlobClientUploadOptions;
 use azure_storage_blob::{BlobContainerClient, BlobContainerClientOptions};
 use flate2::write::GzEncoder;
 
-use super::{Outcome, WriteError, Writer};
+use super::{Abort, Outcome, WriteError, Writer};
 use crate::config::{AzureBlobConfig, BlobCompression};
 use crate::encode::{encode_batch, ts_string, write_ndjson};
 use crate::record::{Kind, Record};
@@ -110,9 +110,17 @@ pub struct AzureBlob {
     pending: Option<Pending>,
     raw: Vec<u8>,
     redactor: Redactor,
+    /// Cuts an upload short when the pipeline closes past its deadline.
+    abort: Arc<Abort>,
 }
 
 impl AzureBlob {
+    /// Lets `abort` cut the writer's uploads short.
+    pub fn abortable_by(mut self, abort: Arc<Abort>) -> Self {
+        self.abort = abort;
+        self
+    }
+
     pub fn open(cfg: AzureBlobConfig) -> Result<Self, WriteError> {
         validate(&cfg).map_err(WriteError::permanent)?;
         let endpoint = conn::resolve(&cfg).map_err(WriteError::permanent)?;
@@ -149,6 +157,7 @@ impl AzureBlob {
             pending: None,
             raw: Vec::with_capacity(512 << 10),
             redactor,
+            abort: Arc::new(Abort::default()),
         })
     }
 
@@ -286,7 +295,8 @@ impl Writer for AzureBlob {
             concurrency: self.concurrency,
             gzip: self.compression == BlobCompression::Gzip,
         };
-        let result = self.rt.block_on(async {
+        let abort = &self.abort;
+        let result = self.rt.block_on(abort.unless_fired(async {
             tokio::time::timeout(timeout, async {
                 for part in pending.parts.iter_mut().filter(|p| !p.uploaded) {
                     upload(client, part, &opts).await?;
@@ -295,7 +305,12 @@ impl Writer for AzureBlob {
                 Ok::<(), Failure>(())
             })
             .await
-        });
+        }));
+        // An upload cut off leaves its blob unwritten (a block blob appears whole or not at
+        // all); the parts uploaded before it are kept for a retry.
+        let Some(result) = result else {
+            return Err(super::aborted());
+        };
         match result {
             Ok(Ok(())) => {
                 self.pending = None;

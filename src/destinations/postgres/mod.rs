@@ -21,9 +21,10 @@ use chrono::Utc;
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgDatabaseError, PgSeverity};
 use sqlx::{AssertSqlSafe, Connection, Row};
 
-use super::{Outcome, WriteError, Writer};
+use super::{Abort, Outcome, WriteError, Writer};
 use crate::breaker::Breaker;
 use crate::config::PostgresConfig;
+use crate::destinations;
 use crate::encode::write_ndjson;
 use crate::record::{Kind, Record};
 use schema::{Layout, Names, KINDS};
@@ -300,6 +301,9 @@ fn classify(e: &sqlx::Error) -> Failure {
 pub struct Postgres {
     rt: tokio::runtime::Runtime,
     inner: Inner,
+    /// Cuts the conversation with the server short when the pipeline closes past its
+    /// deadline (a connect to a host that never answers, a COMMIT never acknowledged).
+    abort: Arc<Abort>,
 }
 
 struct Inner {
@@ -422,6 +426,7 @@ impl Postgres {
         let channel = names.notify_channel();
         Ok(Postgres {
             rt,
+            abort: Arc::new(Abort::default()),
             inner: Inner {
                 copy_sql: [
                     names.copy_statement(copy::APP_COLUMNS),
@@ -446,6 +451,14 @@ impl Postgres {
                 cfg,
             },
         })
+    }
+}
+
+impl Postgres {
+    /// Lets `abort` cut the writer's I/O short.
+    pub fn abortable_by(mut self, abort: Arc<Abort>) -> Self {
+        self.abort = abort;
+        self
     }
 }
 
@@ -1541,33 +1554,36 @@ impl Writer for Postgres {
         batch: &[Arc<Record>],
         timeout: Duration,
     ) -> Result<Outcome, WriteError> {
-        let Postgres { rt, inner } = self;
+        let Postgres { rt, inner, abort } = self;
         let _guard = rt.enter();
         rt.block_on(async {
-            let r = inner.write(batch, timeout).await;
+            let Some(r) = abort.unless_fired(inner.write(batch, timeout)).await else {
+                // Cut off mid-conversation: the connection's state is unknown. A COMMIT sent
+                // without an answer stays in doubt, and `given_up` says so.
+                inner.drop_conn();
+                return Err(destinations::aborted());
+            };
             if r.is_ok() {
                 inner.notify_pending = true;
-                if tokio::time::timeout(timeout, inner.notify(false))
-                    .await
-                    .is_err()
-                {
+                let notified = tokio::time::timeout(timeout, inner.notify(false));
+                if !matches!(abort.unless_fired(notified).await, Some(Ok(()))) {
                     inner.drop_conn();
                 }
             }
-            if r.is_ok()
-                && tokio::time::timeout(timeout, inner.maintain())
-                    .await
-                    .is_err()
-            {
-                // Maintenance cut off mid-statement: start the next batch on a fresh connection.
-                inner.drop_conn();
+            if r.is_ok() {
+                let maintained = tokio::time::timeout(timeout, inner.maintain());
+                if !matches!(abort.unless_fired(maintained).await, Some(Ok(()))) {
+                    // Maintenance cut off mid-statement: start the next batch on a fresh
+                    // connection.
+                    inner.drop_conn();
+                }
             }
             r
         })
     }
 
     fn given_up(&mut self, batch: &[Arc<Record>], timeout: Duration) -> Option<Outcome> {
-        let Postgres { rt, inner } = self;
+        let Postgres { rt, inner, abort } = self;
         let doubt = inner.in_doubt.as_ref()?;
         let xid = doubt.xid.clone();
         let _guard = rt.enter();
@@ -1575,11 +1591,11 @@ impl Writer for Postgres {
             None
         } else {
             let deadline = Instant::now() + timeout;
-            rt.block_on(tokio::time::timeout(timeout, async {
+            rt.block_on(abort.unless_fired(tokio::time::timeout(timeout, async {
                 inner.connect().await?;
                 inner.settle_earlier(deadline).await
-            }))
-            .ok()
+            })))
+            .and_then(Result::ok)
         };
         match asked {
             Some(Ok(Some(bad))) => return Some(inner.settled(batch, &bad)),
@@ -1601,17 +1617,15 @@ impl Writer for Postgres {
     }
 
     fn idle(&mut self) {
-        let Postgres { rt, inner } = self;
+        let Postgres { rt, inner, abort } = self;
         let _guard = rt.enter();
         if inner.conn.is_some() && inner.layout.is_some() {
             let timeout = secs(inner.cfg.statement_timeout);
-            if rt
-                .block_on(tokio::time::timeout(timeout, async {
-                    inner.notify(false).await;
-                    inner.maintain().await
-                }))
-                .is_err()
-            {
+            let done = rt.block_on(abort.unless_fired(tokio::time::timeout(timeout, async {
+                inner.notify(false).await;
+                inner.maintain().await
+            })));
+            if !matches!(done, Some(Ok(()))) {
                 inner.drop_conn();
             }
         }
@@ -1622,8 +1636,13 @@ impl Writer for Postgres {
     }
 
     fn close(&mut self) -> Result<(), WriteError> {
-        let Postgres { rt, inner } = self;
+        let Postgres { rt, inner, abort } = self;
         let _guard = rt.enter();
+        if abort.is_fired() {
+            // Closing past its deadline: no goodbyes to a server that may not answer.
+            inner.drop_conn();
+            return Ok(());
+        }
         // The last batch's hint, even inside the gap: nothing later would send it.
         let _ = rt.block_on(tokio::time::timeout(
             Duration::from_secs(2),
