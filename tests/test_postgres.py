@@ -732,6 +732,35 @@ def test_close_cuts_off_a_connect_to_a_server_that_never_answers(table, log):
     assert stats["dropped_total"] == 5 and stats["in_flight"] == 0 and accounted(stats), stats
 
 
+def test_a_commit_in_doubt_is_settled_by_its_own_server_only(postgres, table):
+    # After a failover, a transaction id of the old server may read "committed" on the new
+    # one. The Rust side (real_server_in_doubt_settled_by_its_own_server_only) leaves a
+    # batch in doubt on "another server" (sent again) and one on this server (settled by the
+    # server as committed: not sent).
+    env = {
+        **os.environ,
+        "LOGSLUICE_TEST_PG_DSN": postgres.dsn,
+        "LOGSLUICE_TEST_PG_TABLE": table,
+        "LOGSLUICE_TEST_PG_DOUBT": "1",
+    }
+    cmd = [
+        "cargo",
+        "test",
+        "--release",
+        "--lib",
+        "--quiet",
+        "real_server_in_doubt_settled_by_its_own_server_only",
+    ]
+    run = subprocess.run(
+        cmd, check=False, cwd=Path(__file__).parent.parent, env=env, capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert [r[0] for r in postgres.psql(f"select message from {table} order by id")] == [
+        "first",
+        "sent again",
+    ]
+
+
 @pytest.mark.parametrize("max_retries", [3, 0])
 def test_a_commit_outliving_its_attempt_is_stored_once(postgres, table, log, max_retries):
     # The server runs a deferred trigger at COMMIT that sleeps past the attempt's time limit

@@ -347,13 +347,21 @@ struct Backend {
     /// `SELECT` of the current transaction's id, and of a transaction's status by its id:
     /// `pg_current_xact_id`/`pg_xact_status` (13+), `txid_current`/`txid_status` (10-12).
     xid_sql: Option<(&'static str, &'static str)>,
+    /// Which server's transaction ids these are: its cluster's system identifier and its
+    /// timeline, `?` for a part the role may not read. A failover lands on another cluster
+    /// or, for a promoted standby (same system identifier), on a new timeline: its ids go
+    /// their own way from there, and one that reads "committed" there may be a later
+    /// transaction of its own.
+    server: String,
 }
 
 /// A transaction whose COMMIT went out without an answer (the attempt's time ran out, or
-/// the connection broke): its id, and the records left out of it as data errors.
+/// the connection broke): its id, the server it belongs to, and the records left out of
+/// it as data errors.
 #[derive(Debug)]
 struct InDoubt {
     xid: String,
+    server: String,
     bad: Vec<(usize, String)>,
 }
 
@@ -480,7 +488,13 @@ async fn identify(conn: &mut PgConnection) -> Option<Backend> {
          (SELECT to_char(backend_start AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US') \
           FROM pg_stat_activity WHERE pid = pg_backend_pid()), \
          to_regprocedure('pg_xact_status(xid8)') IS NOT NULL, \
-         to_regprocedure('txid_status(bigint)') IS NOT NULL",
+         to_regprocedure('txid_status(bigint)') IS NOT NULL, \
+         CASE WHEN has_function_privilege(to_regprocedure('pg_control_system()'), 'EXECUTE') \
+              THEN (SELECT system_identifier::text FROM pg_control_system()) END, \
+         CASE WHEN pg_is_in_recovery() THEN NULL \
+              WHEN has_function_privilege(to_regprocedure('pg_walfile_name(pg_lsn)'), 'EXECUTE') \
+              AND has_function_privilege(to_regprocedure('pg_current_wal_lsn()'), 'EXECUTE') \
+              THEN substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8) END",
     )
     .fetch_one(&mut *conn)
     .await
@@ -500,6 +514,17 @@ async fn identify(conn: &mut PgConnection) -> Option<Backend> {
         pid: row.try_get(0).ok()?,
         started: row.try_get::<Option<String>, _>(1).ok()??,
         xid_sql,
+        server: format!(
+            "{}/{}",
+            row.try_get::<Option<String>, _>(4)
+                .ok()?
+                .as_deref()
+                .unwrap_or("?"),
+            row.try_get::<Option<String>, _>(5)
+                .ok()?
+                .as_deref()
+                .unwrap_or("?"),
+        ),
     })
 }
 
@@ -550,12 +575,14 @@ async fn begin(
 /// committed, and the next attempt asks it rather than sending the batch again.
 async fn commit(
     conn: &mut PgConnection,
+    backend: Option<&Backend>,
     xid: Option<String>,
     in_doubt: &mut Option<InDoubt>,
     bad: &[(usize, String)],
 ) -> Result<(), sqlx::Error> {
     *in_doubt = xid.map(|xid| InDoubt {
         xid,
+        server: backend.map(|b| b.server.clone()).unwrap_or_default(),
         bad: bad.to_vec(),
     });
     let result = exec(conn, "COMMIT".into()).await;
@@ -580,7 +607,7 @@ async fn copy_committed(
 ) -> Result<(), sqlx::Error> {
     let xid = begin(conn, backend).await?;
     match copy_rows(conn, sql, buf, rows).await {
-        Ok(_) => commit(conn, xid, in_doubt, set_aside).await,
+        Ok(_) => commit(conn, backend, xid, in_doubt, set_aside).await,
         Err(e) => {
             // Ends the failed transaction; if the connection broke, the error says so.
             let _ = exec(conn, "ROLLBACK".into()).await;
@@ -773,7 +800,11 @@ impl Inner {
                 Err(f) => return Err(self.fail(f)),
             }
         }
-        let Some(xid) = self.in_doubt.as_ref().map(|d| d.xid.clone()) else {
+        let Some((xid, then)) = self
+            .in_doubt
+            .as_ref()
+            .map(|d| (d.xid.clone(), d.server.clone()))
+        else {
             return Ok(None);
         };
         let Some((_, status_sql)) = self.backend.as_ref().and_then(|b| b.xid_sql) else {
@@ -781,6 +812,21 @@ impl Inner {
             self.in_doubt = None;
             return Ok(None);
         };
+        let now = self.backend.as_ref().map_or("", |b| b.server.as_str());
+        if now != then {
+            // Another server since the COMMIT (a failover): its ids are not the ones the
+            // transaction was given, so whatever it says of this one cannot be trusted.
+            self.in_doubt = None;
+            self.notices.push((
+                30,
+                format!(
+                    "reconnected to another server (system/timeline {now}, was {then}): \
+                     whether transaction {xid} committed cannot be told there, so its batch is \
+                     sent again and may be stored twice"
+                ),
+            ));
+            return Ok(None);
+        }
         let mut pause = Duration::from_millis(10);
         loop {
             let conn = self.conn.as_mut().expect("connected");
@@ -1042,7 +1088,7 @@ impl Inner {
                 }
             }
             left_out.extend(bad.drain(..).map(|(i, why)| (kept[i], why)));
-            commit(conn, xid, in_doubt, &left_out).await
+            commit(conn, backend, xid, in_doubt, &left_out).await
         }
         .await;
         if let Err(e) = result {
@@ -1753,6 +1799,68 @@ mod tests {
         .collect();
         let outcome = w.write_batch(&batch, Duration::from_secs(30)).unwrap();
         assert_eq!(outcome.invalid, 2);
+        w.close().unwrap();
+    }
+
+    /// A COMMIT left in doubt is settled by the server that gave the transaction its id, and
+    /// by no other: after a failover, an id of the old server may read "committed" on the
+    /// new one (as a later transaction of its own), and the batch is sent again instead.
+    /// Run by tests/test_postgres.py, which reads the table back; without
+    /// LOGSLUICE_TEST_PG_DOUBT, nothing runs.
+    #[test]
+    fn real_server_in_doubt_settled_by_its_own_server_only() {
+        let (Ok(dsn), Ok(_)) = (
+            std::env::var("LOGSLUICE_TEST_PG_DSN"),
+            std::env::var("LOGSLUICE_TEST_PG_DOUBT"),
+        ) else {
+            return;
+        };
+        let table = std::env::var("LOGSLUICE_TEST_PG_TABLE").unwrap();
+        let mut w = Postgres::open(PostgresConfig {
+            dsn,
+            table,
+            ..Default::default()
+        })
+        .unwrap();
+        let now = Utc::now().timestamp_micros();
+        let batch = |message: &str| {
+            vec![Arc::new(
+                Record::new(now, "INFO", 20, Kind::App, message.into()).finish(1 << 16),
+            )]
+        };
+        let timeout = Duration::from_secs(30);
+        w.write_batch(&batch("first"), timeout).unwrap();
+        let server = w.inner.backend.as_ref().unwrap().server.clone();
+        assert!(
+            !server.contains('?'),
+            "{server}: the test role reads both parts"
+        );
+        // A transaction of this server, committed: what a later one on a new server after a
+        // failover looks like to the status query.
+        let conn = w.inner.conn.as_mut().unwrap();
+        let xid: String =
+            w.rt.block_on(sqlx::query_scalar("SELECT pg_current_xact_id()::text").fetch_one(conn))
+                .unwrap();
+        let doubt = |server: &str| InDoubt {
+            xid: xid.clone(),
+            server: server.into(),
+            bad: Vec::new(),
+        };
+        // Left in doubt on another server: sent again, with a notice.
+        w.inner.in_doubt = Some(doubt("0/00000001"));
+        w.write_batch(&batch("sent again"), timeout).unwrap();
+        let notices = w.notices();
+        assert!(
+            notices
+                .iter()
+                .any(|(_, m)| m.contains("reconnected to another server")),
+            "{notices:?}"
+        );
+        assert!(w.inner.in_doubt.is_none());
+        // Left in doubt on this server: settled as committed, not sent again.
+        w.inner.in_doubt = Some(doubt(&server));
+        w.write_batch(&batch("settled"), timeout).unwrap();
+        assert!(w.inner.in_doubt.is_none());
         w.close().unwrap();
     }
 
