@@ -532,6 +532,7 @@ fn deliver(
 ) -> Settled {
     let n = batch.len() as u64;
     let mut outage: Option<(Instant, u64)> = None;
+    let mut reports = OutageReports::new();
     let mut rounds = 0;
     loop {
         if dest.abort.is_fired() {
@@ -644,17 +645,89 @@ fn deliver(
             "store unavailable after {attempts} attempt(s): {}; holding {waiting} records, {next}",
             err.message
         );
-        // The start of an outage and the breaker opening are news; repeats are rate limited.
+        // The start of an outage and the breaker opening are news; failed probes of an open
+        // breaker are reported at doubling intervals, retries before it opens rate limited.
         let opened = was_closed && breaker.state() != breaker::State::Closed;
+        let now = Instant::now();
+        if opened {
+            reports.opened(now);
+        }
         if starting || opened {
             dest.report_now(30, &message);
         } else {
-            dest.report(30, &message);
+            match reports.failed(now) {
+                Report::RateLimited => dest.report(30, &message),
+                Report::Quiet => {}
+                Report::Due(unreported) => {
+                    let since = outage.map_or(0.0, |(t, _)| t.elapsed().as_secs_f64());
+                    dest.report_now(
+                        30,
+                        &format!(
+                            "{message} (out for {since:.0} s; {unreported} failed attempts not \
+                             reported since the last report)"
+                        ),
+                    );
+                }
+            }
         }
         if breaker.state() == breaker::State::Closed {
             sleep_unless_aborted(dest, backoff.delay(rounds));
         }
         rounds += 1;
+    }
+}
+
+/// How an outage's failed attempts are reported once the breaker is open: the opening is
+/// reported, then one report a minute later, then at doubling intervals up to an hour, each
+/// with the count of failed attempts it stands for. One probe per `breaker_cooldown` (10 s
+/// by default) would otherwise be one report each: 360 an hour.
+struct OutageReports {
+    /// When the next report is due; `None` until the breaker opens.
+    next: Option<Instant>,
+    interval: Duration,
+    unreported: u64,
+}
+
+enum Report {
+    /// The breaker has not opened yet: reported within the destination's rate limit.
+    RateLimited,
+    /// Counted for the next report.
+    Quiet,
+    /// Due now; the failed attempts not reported since the last report.
+    Due(u64),
+}
+
+impl OutageReports {
+    const FIRST: Duration = Duration::from_secs(60);
+    const LONGEST: Duration = Duration::from_secs(3600);
+
+    fn new() -> Self {
+        OutageReports {
+            next: None,
+            interval: Self::FIRST,
+            unreported: 0,
+        }
+    }
+
+    /// The breaker opened (reported at once).
+    fn opened(&mut self, now: Instant) {
+        self.interval = Self::FIRST;
+        self.next = Some(now + self.interval);
+        self.unreported = 0;
+    }
+
+    /// A failed attempt other than the outage's first or the breaker's opening.
+    fn failed(&mut self, now: Instant) -> Report {
+        let Some(next) = self.next else {
+            return Report::RateLimited;
+        };
+        if now < next {
+            self.unreported += 1;
+            return Report::Quiet;
+        }
+        self.interval = (self.interval * 2).min(Self::LONGEST);
+        self.next = Some(now + self.interval);
+        Report::Due(std::mem::take(&mut self.unreported))
     }
 }
 
@@ -915,6 +988,46 @@ mod tests {
         assert_eq!((c.replayed, c.written, c.accepted), (10, 10, 10));
         assert_eq!(std::fs::read_to_string(&out).unwrap().lines().count(), 10);
         assert_eq!(std::fs::read_dir(&spill).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn a_long_outage_is_reported_at_doubling_intervals() {
+        let t0 = Instant::now();
+        let mut r = OutageReports::new();
+        // Before the breaker opens, retries are the rate limit's business.
+        assert!(matches!(r.failed(t0), Report::RateLimited));
+        r.opened(t0);
+        // Ten hours of failed probes, one every 10 s (the default breaker cooldown).
+        let probes = 6 * 60 * 10;
+        let (mut minutes, mut counted) = (Vec::new(), 0);
+        for i in 1..=probes {
+            match r.failed(t0 + Duration::from_secs(10 * i)) {
+                Report::Due(unreported) => {
+                    minutes.push(i / 6);
+                    counted += unreported + 1;
+                }
+                Report::Quiet => {}
+                Report::RateLimited => panic!("the breaker is open"),
+            }
+        }
+        assert_eq!(
+            minutes,
+            [1, 3, 7, 15, 31, 63, 123, 183, 243, 303, 363, 423, 483, 543],
+            "14 reports in ten hours, not 3,600"
+        );
+        // Every failed probe is in one report's count, or waiting for the next.
+        assert_eq!(counted + r.unreported, probes);
+        // A new opening (the next outage) starts the schedule over.
+        let t1 = t0 + Duration::from_secs(10 * probes + 5);
+        r.opened(t1);
+        assert!(matches!(
+            r.failed(t1 + Duration::from_secs(59)),
+            Report::Quiet
+        ));
+        assert!(matches!(
+            r.failed(t1 + Duration::from_secs(60)),
+            Report::Due(1)
+        ));
     }
 
     #[test]
