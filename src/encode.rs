@@ -193,7 +193,7 @@ pub fn encode_batch<'a, I: IntoIterator<Item = &'a Record>>(records: I, out: &mu
 }
 
 /// Records encoded between two chances for the application's threads to run.
-const YIELD_EVERY: usize = 256;
+const YIELD_EVERY: usize = 64;
 
 #[cfg(test)]
 mod tests {

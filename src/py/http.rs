@@ -852,7 +852,7 @@ impl Batch {
 /// job: a wake-up is a system call on the event loop's thread).
 const LANE_POLL: Duration = Duration::from_millis(20);
 /// Exchanges built between two chances for the application's threads to run.
-const LANE_YIELD_EVERY: usize = 64;
+const LANE_YIELD_EVERY: usize = 16;
 /// Woken early when this many jobs wait.
 const LANE_WAKE_AT: usize = 256;
 /// The most a batch's byte buffer keeps between batches.
