@@ -9,6 +9,17 @@ from fastapi import BackgroundTasks, FastAPI
 from fastapi.testclient import TestClient
 
 
+def close_with_a_write_in_io(pipeline, name: str) -> tuple[float, dict]:
+    """Waits for the writer of destination `name` to take its batch into I/O that never
+    ends (a peer that does not answer), then closes with a 1 s timeout: (seconds close took,
+    the destination's stats)."""
+    wait_for(lambda: pipeline.stats()[name]["queue_records"] == 0, what="the writer to take the batch")
+    time.sleep(0.2)  # into the connect or the upload
+    started = time.monotonic()
+    pipeline.close(timeout=1.0)
+    return time.monotonic() - started, pipeline.stats()[name]
+
+
 def pages(reader, **query):
     """Every page of `reader.query(**query)`, following the cursor to the end."""
     cursor = None

@@ -21,7 +21,7 @@ from harness.postgres import APP_DB, SUPERUSER
 from logfiles import read_records
 from logsluice.postgres import parse_duration
 from loguru import logger
-from support import wait_for
+from support import close_with_a_write_in_io, wait_for
 
 SECRET = "s3cret-Hunter2"
 
@@ -719,14 +719,7 @@ def test_close_cuts_off_a_connect_to_a_server_that_never_answers(table, log):
         pipeline.attach(log)
         for i in range(5):
             log.info("never answered {}", i)
-        wait_for(
-            lambda: pipeline.stats()["postgres"]["queue_records"] == 0, what="the writer to take the batch"
-        )
-        time.sleep(0.2)  # connecting
-        started = time.monotonic()
-        pipeline.close(timeout=1.0)
-        elapsed = time.monotonic() - started
-        stats = pipeline.stats()["postgres"]
+        elapsed, stats = close_with_a_write_in_io(pipeline, "postgres")
     assert elapsed < 3.0, f"close took {elapsed:.1f} s"
     assert stats["written"] == 0 and stats["dropped"]["closed"] == 5, stats
     assert stats["dropped_total"] == 5 and stats["in_flight"] == 0 and accounted(stats), stats

@@ -138,21 +138,27 @@ def test_azure_blob_outage_past_close_reaches_the_container_after_a_restart(azur
     assert list(spill.iterdir()) == []
 
 
-def test_two_pipelines_starting_together_deliver_each_spilled_record_once(tmp_path, loguru):
-    spill = tmp_path / "spill"
-    spill.mkdir()
-    for round_ in range(4):
-        # Four processes' spills (one each; a start with the same directory would take the
-        # last one's spill in and spill it again with its own).
+def spills_of_several_processes(tmp_path, loguru, spill: Path, processes: int, each: int, tag: str) -> None:
+    """`processes` spill files in `spill`, `each` records ("{tag}{process} {i}") apiece, as
+    that many processes closing in an outage leave them (each spills into a directory of its
+    own first: a start with the shared one would take the last one's spill in and spill it
+    again with its own)."""
+    for round_ in range(processes):
         own = tmp_path / f"spill{round_}"
         pipeline = logsluice.Pipeline(controlled(tmp_path, "fail", **OUTAGE), spill_dir=own)
         pipeline.attach(loguru, level="INFO")
-        for i in range(25):
-            loguru.info("r{} {}", round_, i)
+        for i in range(each):
+            loguru.info("{}{} {}", tag, round_, i)
         pipeline.close(timeout=0.2)
         loguru.remove()
         for f in own.iterdir():
             f.rename(spill / f.name)
+
+
+def test_two_pipelines_starting_together_deliver_each_spilled_record_once(tmp_path, loguru):
+    spill = tmp_path / "spill"
+    spill.mkdir()
+    spills_of_several_processes(tmp_path, loguru, spill, processes=4, each=25, tag="r")
     assert len(spill_files(spill)) == 4
     (tmp_path / "control").write_text("ok")
     start = threading.Barrier(4)
@@ -178,16 +184,7 @@ def test_two_pipelines_starting_together_deliver_each_spilled_record_once(tmp_pa
 def test_two_processes_starting_together_deliver_each_spilled_record_once(tmp_path, loguru):
     spill = tmp_path / "spill"
     spill.mkdir()
-    for round_ in range(6):
-        own = tmp_path / f"spill{round_}"
-        pipeline = logsluice.Pipeline(controlled(tmp_path, "fail", **OUTAGE), spill_dir=own)
-        pipeline.attach(loguru, level="INFO")
-        for i in range(10):
-            loguru.info("p{} {}", round_, i)
-        pipeline.close(timeout=0.2)
-        loguru.remove()
-        for f in own.iterdir():
-            f.rename(spill / f.name)
+    spills_of_several_processes(tmp_path, loguru, spill, processes=6, each=10, tag="p")
     (tmp_path / "control").write_text("ok")
     control, out = str(tmp_path / "control"), str(tmp_path / "out.ndjson")
     script = (

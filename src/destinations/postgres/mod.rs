@@ -1706,20 +1706,28 @@ mod tests {
     use super::*;
     use crate::record::HttpFields;
 
+    /// The server tests/test_postgres.py names in LOGSLUICE_TEST_PG_DSN (and its table),
+    /// when that test also set `flag`; `None` (nothing to run) otherwise.
+    fn real_server(flag: Option<&str>) -> Option<PostgresConfig> {
+        let dsn = std::env::var("LOGSLUICE_TEST_PG_DSN").ok()?;
+        if let Some(flag) = flag {
+            std::env::var(flag).ok()?;
+        }
+        Some(PostgresConfig {
+            dsn,
+            table: std::env::var("LOGSLUICE_TEST_PG_TABLE").unwrap(),
+            ..Default::default()
+        })
+    }
+
     /// Writes http records (the middleware's) to the server tests/test_postgres.py names in
     /// LOGSLUICE_TEST_PG_DSN; that test then reads the columns back. Without it, nothing runs.
     #[test]
     fn real_server_http_records() {
-        let Ok(dsn) = std::env::var("LOGSLUICE_TEST_PG_DSN") else {
+        let Some(config) = real_server(None) else {
             return;
         };
-        let table = std::env::var("LOGSLUICE_TEST_PG_TABLE").unwrap();
-        let mut w = Postgres::open(PostgresConfig {
-            dsn,
-            table,
-            ..Default::default()
-        })
-        .unwrap();
+        let mut w = Postgres::open(config).unwrap();
         let now = Utc::now().timestamp_micros();
         let mut full = Record::new(now, "INFO", 20, Kind::Http, "GET /items/7 200".into());
         full.request_id = Some("req-http-1".into());
@@ -1770,18 +1778,12 @@ mod tests {
     /// letters back; without LOGSLUICE_TEST_PG_DEAD, nothing runs.
     #[test]
     fn real_server_days_without_a_partition() {
-        let (Ok(dsn), Ok(dead)) = (
-            std::env::var("LOGSLUICE_TEST_PG_DSN"),
-            std::env::var("LOGSLUICE_TEST_PG_DEAD"),
-        ) else {
+        let Some(config) = real_server(Some("LOGSLUICE_TEST_PG_DEAD")) else {
             return;
         };
-        let table = std::env::var("LOGSLUICE_TEST_PG_TABLE").unwrap();
         let mut w = Postgres::open(PostgresConfig {
-            dsn,
-            table,
-            dead_letter_dir: Some(dead),
-            ..Default::default()
+            dead_letter_dir: std::env::var("LOGSLUICE_TEST_PG_DEAD").ok(),
+            ..config
         })
         .unwrap();
         let now = Utc::now().timestamp_micros();
@@ -1809,19 +1811,10 @@ mod tests {
     /// LOGSLUICE_TEST_PG_DOUBT, nothing runs.
     #[test]
     fn real_server_in_doubt_settled_by_its_own_server_only() {
-        let (Ok(dsn), Ok(_)) = (
-            std::env::var("LOGSLUICE_TEST_PG_DSN"),
-            std::env::var("LOGSLUICE_TEST_PG_DOUBT"),
-        ) else {
+        let Some(config) = real_server(Some("LOGSLUICE_TEST_PG_DOUBT")) else {
             return;
         };
-        let table = std::env::var("LOGSLUICE_TEST_PG_TABLE").unwrap();
-        let mut w = Postgres::open(PostgresConfig {
-            dsn,
-            table,
-            ..Default::default()
-        })
-        .unwrap();
+        let mut w = Postgres::open(config).unwrap();
         let now = Utc::now().timestamp_micros();
         let batch = |message: &str| {
             vec![Arc::new(
