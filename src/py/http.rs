@@ -323,7 +323,7 @@ impl HttpSink {
         };
         SCRATCH.with_borrow_mut(|buf| {
             buf.clear();
-            // The job's length, filled in by the push.
+            // The job's length, filled in when it joins a batch.
             buf.extend_from_slice(&0u32.to_le_bytes());
             buf.extend_from_slice(&(Arc::as_ptr(&self.inner) as usize).to_le_bytes());
             scalars.write(buf);
@@ -761,27 +761,28 @@ struct Batch {
 }
 
 impl Batch {
-    /// One job: its packed part, then its bodies. `size` is its weight.
+    /// One job: its packed part (whose first four bytes get the job's length here), then
+    /// its bodies. `size` is its weight.
     fn put(&mut self, py: Python<'_>, packed: &[u8], bodies: [Body<'_>; 2], size: usize) {
+        let start = self.bytes.len();
         self.bytes.extend_from_slice(packed);
+        let mut p = Packed {
+            buf: &mut self.bytes,
+        };
         for body in bodies {
             match body {
-                Body::Absent => Packed {
-                    buf: &mut self.bytes,
-                }
-                .none(),
-                Body::Copied(b) => Packed {
-                    buf: &mut self.bytes,
-                }
-                .put(b),
+                Body::Absent => p.none(),
+                Body::Copied(b) => p.put(b),
                 Body::Shared(obj) => {
-                    self.bytes.extend_from_slice(&SHARED.to_le_bytes());
-                    self.bytes
+                    p.buf.extend_from_slice(&SHARED.to_le_bytes());
+                    p.buf
                         .extend_from_slice(&(self.shared.len() as u32).to_le_bytes());
                     self.shared.push(SharedBytes::new(py, obj));
                 }
             }
         }
+        let len = (self.bytes.len() - start) as u32;
+        self.bytes[start..start + 4].copy_from_slice(&len.to_le_bytes());
         self.jobs += 1;
         self.weight += size;
     }
@@ -946,29 +947,19 @@ impl Lane {
     }
 
     /// Copies one packed exchange onto the current batch, or drops it (counted) when the
-    /// lane is full. `packed` starts with room for the job's length, filled in here; the
-    /// bodies follow it (copied, or held by reference).
+    /// lane is full. `packed` starts with room for the job's length (filled in by
+    /// [`Batch::put`]); the bodies follow it (copied, or held by reference).
     fn push(
         &self,
         py: Python<'_>,
-        packed: &mut [u8],
+        packed: &[u8],
         bodies: [Body<'_>; 2],
         redactor: &Arc<Redactor>,
         core: &Arc<Core>,
         options: &PipelineOptions,
     ) {
-        let in_batch = packed.len()
-            + bodies
-                .iter()
-                .map(|b| match b {
-                    Body::Absent => 4,
-                    Body::Copied(b) => 4 + b.len(),
-                    Body::Shared(_) => 8,
-                })
-                .sum::<usize>();
         // Held bodies count against the lane's bound as much as copied ones.
         let size = packed.len() + bodies.iter().map(|b| 4 + b.len(py)).sum::<usize>();
-        packed[..4].copy_from_slice(&(in_batch as u32).to_le_bytes());
         let inner = self.inner();
         let mut q = inner.queue.lock();
         // Bodies of batches the lane's thread is done with, let go of here (with the GIL).
