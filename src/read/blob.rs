@@ -92,8 +92,6 @@ pub struct BlobStore {
     prefix: String,
     cfg: BlobConfig,
     endpoint: String,
-    /// The container's name, for the error a missing container is.
-    container: String,
     redactor: Redactor,
     pub stats: Stats,
 }
@@ -353,19 +351,12 @@ impl BlobStore {
             let _guard = check.enter();
             build_client(&endpoint).map_err(|e| bad(redactor.clean(&chain(&e))))?;
         }
-        let container = endpoint
-            .container_url
-            .path_segments()
-            .and_then(|mut s| s.rfind(|p| !p.is_empty()))
-            .unwrap_or_default()
-            .to_owned();
         Ok(BlobStore {
             live: PerProcess::default(),
             target: endpoint.clone(),
             template,
             prefix: cfg.target.prefix.clone(),
             endpoint: endpoint.display_url(),
-            container,
             redactor,
             cfg,
             stats: Stats::default(),
@@ -404,14 +395,8 @@ impl BlobStore {
         if container_missing(e) {
             return BadInput(format!(
                 "container '{}' does not exist ({})",
-                self.container, self.endpoint
-            ))
-            .into();
-        }
-        if e.http_status() == Some(StatusCode::NotFound) && what == "listing blobs" {
-            return BadInput(format!(
-                "container '{}' does not exist or is not readable with these credentials ({})",
-                self.container, self.endpoint
+                self.target.container_name(),
+                self.endpoint
             ))
             .into();
         }
@@ -529,9 +514,20 @@ impl BlobStore {
             let page = match budget.answered("listing blobs", pages.next()).await? {
                 None => break,
                 Some(Ok(p)) => p,
-                // Any 404 to a listing is about the container: Azure answers an anonymous
-                // listing of a private one with `ResourceNotFound`, which must not read as
-                // a container without logs.
+                // Any other 404 to a listing is about the container too: Azure answers an
+                // anonymous listing of a private one with `ResourceNotFound`, which must not
+                // read as a container without logs.
+                Some(Err(e))
+                    if e.http_status() == Some(StatusCode::NotFound) && !container_missing(&e) =>
+                {
+                    return Err(BadInput(format!(
+                        "container '{}' does not exist or is not readable with these credentials \
+                         ({})",
+                        self.target.container_name(),
+                        self.endpoint
+                    ))
+                    .into())
+                }
                 Some(Err(e)) => return Err(self.fail("listing blobs", &e)),
             };
             self.stats.list_calls.fetch_add(1, Ordering::Relaxed);
@@ -1031,9 +1027,12 @@ mod tests {
                 ..Default::default()
             }))
             .unwrap();
-            assert_eq!(s.container, name, "{url}");
+            assert_eq!(s.target.container_name(), name, "{url}");
         }
-        assert_eq!(store(naming::DEFAULT_TEMPLATE).container, "logs");
+        assert_eq!(
+            store(naming::DEFAULT_TEMPLATE).target.container_name(),
+            "logs"
+        );
     }
 
     #[test]

@@ -64,7 +64,18 @@ pub struct Endpoint {
     pub auth: Auth,
 }
 
+/// A container URL's last non-empty path segment: the container's name.
+fn container_name_of(url: &Url) -> &str {
+    url.path_segments()
+        .and_then(|mut s| s.rfind(|p| !p.is_empty()))
+        .unwrap_or_default()
+}
+
 impl Endpoint {
+    pub fn container_name(&self) -> &str {
+        container_name_of(&self.container_url)
+    }
+
     /// The container URL without its query: safe to show.
     pub fn display_url(&self) -> String {
         let mut u = self.container_url.clone();
@@ -341,11 +352,7 @@ pub fn resolve(cfg: &AzureBlobConfig) -> Result<Endpoint, String> {
     let raw = cfg.container_url.as_deref().unwrap_or_default();
     let mut container_url = parse_url(raw, "container_url")?;
     container_url.set_fragment(None);
-    let container = container_url
-        .path_segments()
-        .and_then(|mut s| s.rfind(|p| !p.is_empty()))
-        .unwrap_or_default()
-        .to_owned();
+    let container = container_name_of(&container_url).to_owned();
     check_container(&container)
         .map_err(|e| format!("container_url must end with the container name: {e}"))?;
     let auth = match cfg.credential.as_deref() {
