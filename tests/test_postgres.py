@@ -584,12 +584,24 @@ def test_from_env(monkeypatch, postgres):
     pipeline.close()
 
 
+def run_rust_real_server_test(name: str, postgres, table: str, **env: str) -> None:
+    """Runs one of the PostgreSQL writer's real-server Rust tests (src/destinations/postgres/
+    mod.rs) against this server and table; `env` says which (each runs only when named)."""
+    env = {**os.environ, "LOGSLUICE_TEST_PG_DSN": postgres.dsn, "LOGSLUICE_TEST_PG_TABLE": table, **env}
+    test = f"destinations::postgres::tests::{name}"
+    cmd = ["cargo", "test", "--release", "--lib", "--quiet", test, "--", "--exact"]
+    run = subprocess.run(
+        cmd, check=False, cwd=Path(__file__).parent.parent, env=env, capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    # A filter that names no test passes with nothing run.
+    assert "1 passed" in run.stdout, run.stdout
+
+
 def test_http_records_fill_the_http_columns(postgres, table):
     # http records come from the ASGI middleware; the Rust side writes two through the real
     # writer (src/destinations/postgres/mod.rs, real_server_http_records), read back here.
-    env = {**os.environ, "LOGSLUICE_TEST_PG_DSN": postgres.dsn, "LOGSLUICE_TEST_PG_TABLE": table}
-    cmd = ["cargo", "test", "--release", "--lib", "--quiet", "real_server_http_records"]
-    subprocess.run(cmd, cwd=Path(__file__).parent.parent, env=env, check=True, capture_output=True)
+    run_rust_real_server_test("real_server_http_records", postgres, table)
     rows = postgres.psql(
         f"select kind, level_no, request_id, method, scheme, http_version, path, query, route, status,"
         f" duration_ms, ttfb_ms, client_addr, user_agent, trace_id, span_id, request_headers,"
@@ -730,24 +742,9 @@ def test_a_commit_in_doubt_is_settled_by_its_own_server_only(postgres, table):
     # one. The Rust side (real_server_in_doubt_settled_by_its_own_server_only) leaves a
     # batch in doubt on "another server" (sent again) and one on this server (settled by the
     # server as committed: not sent).
-    env = {
-        **os.environ,
-        "LOGSLUICE_TEST_PG_DSN": postgres.dsn,
-        "LOGSLUICE_TEST_PG_TABLE": table,
-        "LOGSLUICE_TEST_PG_DOUBT": "1",
-    }
-    cmd = [
-        "cargo",
-        "test",
-        "--release",
-        "--lib",
-        "--quiet",
-        "real_server_in_doubt_settled_by_its_own_server_only",
-    ]
-    run = subprocess.run(
-        cmd, check=False, cwd=Path(__file__).parent.parent, env=env, capture_output=True, text=True
+    run_rust_real_server_test(
+        "real_server_in_doubt_settled_by_its_own_server_only", postgres, table, LOGSLUICE_TEST_PG_DOUBT="1"
     )
-    assert run.returncode == 0, run.stdout + run.stderr
     assert [r[0] for r in postgres.psql(f"select message from {table} order by id")] == [
         "first",
         "sent again",
@@ -920,14 +917,9 @@ def test_days_no_partition_can_be_made_for_cost_only_their_records(postgres, tab
     # the real writer (src/destinations/postgres/mod.rs, real_server_days_without_a_partition):
     # two good ones, one in the year 10000 and one in 29720 BC.
     dead = tmp_path / "dead"
-    env = {
-        **os.environ,
-        "LOGSLUICE_TEST_PG_DSN": postgres.dsn,
-        "LOGSLUICE_TEST_PG_TABLE": table,
-        "LOGSLUICE_TEST_PG_DEAD": str(dead),
-    }
-    cmd = ["cargo", "test", "--release", "--lib", "--quiet", "real_server_days_without_a_partition"]
-    subprocess.run(cmd, cwd=Path(__file__).parent.parent, env=env, check=True, capture_output=True)
+    run_rust_real_server_test(
+        "real_server_days_without_a_partition", postgres, table, LOGSLUICE_TEST_PG_DEAD=str(dead)
+    )
     assert sorted(r[0] for r in postgres.psql(f"select message from {table}")) == ["good 1", "good 2"]
     lines = [json.loads(line) for f in dead.iterdir() for line in f.read_text().splitlines()]
     assert sorted(r["message"] for r in lines) == ["29720 BC", "year 10000"]
