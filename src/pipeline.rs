@@ -82,6 +82,9 @@ pub struct Destination {
     /// which key (see `spill`).
     spill: Option<(Arc<SpillDir>, String)>,
     spill_out: Mutex<Option<SpillWriter>>,
+    /// The files a previous run spilled for this destination, fed in by its thread (the
+    /// first top-up may come from [`Core::replay_first`], off the caller's logging path).
+    replay: Mutex<Option<Replay>>,
     warned_bad_lines: AtomicBool,
 }
 
@@ -173,28 +176,26 @@ impl Core {
                     last: None,
                     suppressed: 0,
                 }),
+                replay: Mutex::new(
+                    spill
+                        .as_ref()
+                        .and_then(|(dir, key)| Replay::claim(dir.clone(), key)),
+                ),
                 spill,
                 spill_out: Mutex::new(None),
                 warned_bad_lines: AtomicBool::new(false),
             });
-            let mut replay = dest
-                .spill
-                .as_ref()
-                .and_then(|(dir, key)| Replay::claim(dir.clone(), key));
-            if replay.is_some() {
+            if dest.replay.lock().is_some() {
                 dest.report_now(
                     20,
                     "delivering the records a previous run spilled at close, before new ones",
                 );
-                // Queued before the first new record can be, and before a flush that
-                // follows the start (as far as the queue has room).
-                replay_more(&dest, &mut replay);
             }
             let worker = dest.clone();
             let target = spec.target;
             let handle = std::thread::Builder::new()
                 .name(format!("logsluice-{}", dest.common.name))
-                .spawn(move || run(worker, target, replay))
+                .spawn(move || run(worker, target))
                 .expect("spawning a thread");
             *dest.thread.lock() = Some(handle);
             dests.push(dest);
@@ -290,15 +291,16 @@ impl Core {
         } else {
             deadline.max(Instant::now() + ABORT_GRACE)
         };
+        // Spilling is local I/O that ends soon: waited for past the deadline (once for all
+        // destinations), since what it saves would otherwise be dropped.
+        let spill_deadline = grace + SPILL_GRACE;
         for d in &self.dests {
             let handle = d.thread.lock().take();
             if let Some(handle) = handle {
-                // Spilling is local I/O that ends soon: waited for past the deadline, since
-                // what it saves would otherwise be dropped.
-                let spill_deadline = Instant::now() + SPILL_GRACE;
                 let waiting = || {
                     let now = Instant::now();
-                    now < grace || (now < spill_deadline && d.queue.with_state(|s| s.spilling))
+                    now < grace
+                        || (now < spill_deadline && d.queue.with_state(|s| s.spill_from.is_some()))
                 };
                 while !handle.is_finished() && waiting() {
                     std::thread::sleep(Duration::from_millis(2));
@@ -353,7 +355,7 @@ pub fn let_application_run() {
 const SPILL_GRACE: Duration = Duration::from_secs(10);
 
 /// The batcher loop of one destination, on its own thread.
-fn run(dest: Arc<Destination>, target: Target, mut replay: Option<Replay>) {
+fn run(dest: Arc<Destination>, target: Target) {
     yield_to_application();
     let c = &dest.common;
     let mut breaker = Breaker::new(c.breaker_threshold, seconds(c.breaker_cooldown));
@@ -363,7 +365,7 @@ fn run(dest: Arc<Destination>, target: Target, mut replay: Option<Replay>) {
     };
     let mut writer: Option<Box<dyn Writer>> = None;
     loop {
-        replay_more(&dest, &mut replay);
+        replay_more(&dest);
         match dest.queue.next_batch(Duration::from_secs(1)) {
             Next::Closed => break,
             Next::Idle => {
@@ -400,15 +402,27 @@ fn run(dest: Arc<Destination>, target: Target, mut replay: Option<Replay>) {
         }
     }
     let complete = finish_spill(&dest);
-    if let Some(r) = replay {
+    if let Some(r) = dest.replay.lock().take() {
         r.finish(&dest.queue, complete);
     }
-    dest.queue.with_state(|s| s.spilling = false);
+}
+
+impl Core {
+    /// Queues the first of the records a previous run spilled, on the caller's thread: they
+    /// come before any new record, and a flush right after the start waits for them. For a
+    /// caller that may block on reading them (the Python pipeline's construction, without
+    /// the GIL); otherwise the destination's thread does it.
+    pub fn replay_first(&self) {
+        for d in &self.dests {
+            replay_more(d);
+        }
+    }
 }
 
 /// Queues more of the spilled records as the queue has room, and lets go of the replay
 /// once every claimed file is delivered.
-fn replay_more(dest: &Destination, replay: &mut Option<Replay>) {
+fn replay_more(dest: &Destination) {
+    let mut replay = dest.replay.lock();
     let Some(r) = replay.as_mut() else {
         return;
     };
@@ -743,10 +757,14 @@ fn closing(
     let _ = writer
         .as_mut()
         .and_then(|w| w.given_up(batch, Duration::ZERO));
-    let Some((dir, key)) = dest.spill.as_ref() else {
+    let Some((dir, key)) = dest
+        .spill
+        .as_ref()
+        .filter(|_| !dest.queue.batch_counted_at_abandon())
+    else {
         return Settled::dropped(DropReason::Closed, batch.len() as u64);
     };
-    dest.queue.with_state(|s| s.spilling = true);
+    dest.queue.begin_spill();
     let mut out = dest.spill_out.lock();
     let out = out.get_or_insert_with(|| SpillWriter::new(dir.clone(), key.clone()));
     let (spilled, dropped) = out.spill(batch);
@@ -813,8 +831,8 @@ fn attempt_round(
     }
 }
 
-/// Waits between attempts, holding a batch but doing no I/O: `close` knows the thread will
-/// answer an abort within one slice of this sleep.
+/// Waits between attempts, holding a batch but doing no I/O: the thread answers an abort
+/// within one slice of this sleep, well within the `ABORT_GRACE` that `close` gives it.
 fn sleep_unless_aborted(dest: &Destination, total: Duration) {
     let end = Instant::now() + total;
     while !dest.abort.is_fired() {
@@ -982,6 +1000,7 @@ mod tests {
 
         std::fs::write(&ctl, "ok").unwrap();
         let core = start();
+        core.replay_first();
         core.flush(Duration::from_secs(5)).unwrap();
         core.close(Duration::from_secs(5)).unwrap();
         let c = &core.stats()[0].1.counters;

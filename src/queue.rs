@@ -55,9 +55,10 @@ pub struct State {
     /// were counted dropped (`closed`) then, and are not counted again.
     abandoned_after: Option<u64>,
     pub breaker: &'static str,
-    /// The writer is writing what it holds to the spill directory at close (local I/O
-    /// that ends soon, and whose end `close` waits for).
-    pub spilling: bool,
+    /// Set when the writer begins spilling at close (local I/O that ends soon, and whose
+    /// end `close` waits for): how many records were settled then. Those were written (or
+    /// refused for good); any settled later may be in a spill file that did not survive.
+    pub spill_from: Option<u64>,
 }
 
 pub struct Queue {
@@ -95,7 +96,7 @@ impl Queue {
                 batches_started: 0,
                 abandoned_after: None,
                 breaker: "closed",
-                spilling: false,
+                spill_from: None,
             }),
             limits,
             not_empty: Condvar::new(),
@@ -357,6 +358,21 @@ impl Queue {
     /// everything it holds besides the batch it is writing is counted dropped (`closed`)
     /// now, so no more than that batch is in flight when `close` returns; that batch
     /// settles when its write ends. Returns how many were counted.
+    /// The writer's current batch started after `abandon`, which counted its records
+    /// dropped (`closed`) already.
+    pub fn batch_counted_at_abandon(&self) -> bool {
+        let s = self.state.lock();
+        s.abandoned_after
+            .is_some_and(|after| s.batches_started > after)
+    }
+
+    /// Marks the start of spilling at close (once), for `close` and the replay.
+    pub fn begin_spill(&self) {
+        let mut s = self.state.lock();
+        let settled = s.settled;
+        s.spill_from.get_or_insert(settled);
+    }
+
     pub fn abandon(&self) -> u64 {
         let mut s = self.state.lock();
         if s.abandoned_after.is_some() {

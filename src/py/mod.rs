@@ -225,7 +225,8 @@ impl PyCore {
             http_lane: http::Lane::default(),
         };
         if replay_now {
-            core.core_ref();
+            // Claiming and reading the files is disk I/O: without the GIL.
+            py.detach(|| core.core_ref().replay_first());
         }
         Ok(core)
     }

@@ -51,10 +51,6 @@ impl SpillDir {
         }
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     /// Takes `n` bytes of the directory's bound, or says there is no room. Approximate
     /// across processes closing at the same moment: each sees what the others had renamed
     /// into place when it began.

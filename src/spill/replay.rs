@@ -23,19 +23,14 @@ struct Progress {
 }
 
 impl Progress {
-    /// The offset up to which every record is settled.
-    fn settled(&mut self, queue: &Queue) -> u64 {
-        let mut best = self.claimed.start;
-        while let Some(&(mark, offset)) = self.checkpoints.front() {
-            if !queue.settled_upto(mark) {
-                break;
-            }
-            best = offset;
-            self.checkpoints.pop_front();
-        }
-        // Keep the last settled point as the base of the ones still open.
-        self.claimed.start = best;
-        best
+    /// The offset up to which every record was settled by the time `settled` records
+    /// were.
+    fn settled_by(&self, settled: u64) -> u64 {
+        self.checkpoints
+            .iter()
+            .take_while(|&&(mark, _)| mark <= settled)
+            .last()
+            .map_or(self.claimed.start, |&(_, offset)| offset)
     }
 }
 
@@ -80,9 +75,13 @@ impl Replay {
     }
 
     /// Deletes the files whose records are all settled, then queues records while the
-    /// queue has room for them (never after it closed).
+    /// queue has room for them. Neither after the queue closed: records settled then may
+    /// be in a spill file not yet durable, and [`Replay::finish`] decides.
     pub fn top_up(&mut self, queue: &Queue) -> TopUp {
         let mut done = TopUp::default();
+        if queue.is_closed() {
+            return done;
+        }
         self.read_out.retain_mut(|p| {
             let last = p.checkpoints.back().map_or(0, |c| c.0);
             if queue.settled_upto(last) {
@@ -92,9 +91,6 @@ impl Replay {
                 true
             }
         });
-        if queue.is_closed() {
-            return done;
-        }
         loop {
             let next = match self.pending.take() {
                 Some(p) => Some(p),
@@ -181,22 +177,20 @@ impl Replay {
 
     /// Hands the files back at close: each resumes, at the next start, after what this
     /// process queued (`delivered_or_spilled`: every record it queued is now written or in
-    /// a spill file of its own) or else after what was settled, so no record is lost.
+    /// a spill file of its own), or else after what was settled before spilling began
+    /// (those were written; later ones may have been dropped by a spill that failed or was
+    /// full), so no record is lost.
     pub fn finish(mut self, queue: &Queue, delivered_or_spilled: bool) {
         let dir = self.dir.clone();
-        for mut p in std::mem::take(&mut self.read_out) {
-            let offset = if delivered_or_spilled {
-                p.offset
-            } else {
-                p.settled(queue)
-            };
-            p.claimed.release(&dir, offset);
-        }
-        if let Some((mut p, _)) = self.current.take() {
-            let offset = if delivered_or_spilled {
-                p.offset
-            } else {
-                p.settled(queue)
+        let written_by = queue.with_state(|s| s.spill_from);
+        let current = self.current.take().map(|(p, _)| p);
+        for p in std::mem::take(&mut self.read_out)
+            .into_iter()
+            .chain(current)
+        {
+            let offset = match written_by {
+                Some(settled) if !delivered_or_spilled => p.settled_by(settled),
+                _ => p.offset,
             };
             p.claimed.release(&dir, offset);
         }
