@@ -775,6 +775,14 @@ impl Inner {
         Ok(refused)
     }
 
+    /// Gives up the doubt: the batch is sent again (`None`: not written), with a warning
+    /// when it may be stored twice.
+    fn send_again(&mut self, notice: Option<String>) -> Option<Vec<(usize, String)>> {
+        self.in_doubt = None;
+        self.notices.extend(notice.map(|n| (30, n)));
+        None
+    }
+
     /// Before anything else on a new attempt: ends the server processes of connections
     /// given up mid-conversation, and learns the outcome of a COMMIT left unanswered.
     /// `Some(records left out)` when that COMMIT went through: the batch is written and not
@@ -809,23 +817,20 @@ impl Inner {
         };
         let Some((_, status_sql)) = self.backend.as_ref().and_then(|b| b.xid_sql) else {
             // This server cannot tell: sent again.
-            self.in_doubt = None;
-            return Ok(None);
+            return Ok(self.send_again(None));
         };
+        // Identity parts a role cannot read are `?` on both sides: then only the parts
+        // read are compared, and the status is trusted as it was before the check existed.
         let now = self.backend.as_ref().map_or("", |b| b.server.as_str());
         if now != then {
             // Another server since the COMMIT (a failover): its ids are not the ones the
             // transaction was given, so whatever it says of this one cannot be trusted.
-            self.in_doubt = None;
-            self.notices.push((
-                30,
-                format!(
-                    "reconnected to another server (system/timeline {now}, was {then}): \
-                     whether transaction {xid} committed cannot be told there, so its batch is \
-                     sent again and may be stored twice"
-                ),
-            ));
-            return Ok(None);
+            let notice = format!(
+                "reconnected to another server (system/timeline {now}, was {then}): whether \
+                 transaction {xid} committed cannot be told there, so its batch is sent again \
+                 and may be stored twice"
+            );
+            return Ok(self.send_again(Some(notice)));
         }
         let mut pause = Duration::from_millis(10);
         loop {
@@ -839,36 +844,23 @@ impl Inner {
                 // "Transaction ID … is in the future": this server never saw it (another
                 // server took over the address), so the batch is not stored here.
                 Err(e) if sqlstate_of(&e).as_deref() == Some("22023") => {
-                    self.in_doubt = None;
-                    self.notices.push((
-                        30,
-                        format!(
-                            "the server no longer knows transaction {xid} (another server took \
-                             over?): its batch is sent again"
-                        ),
-                    ));
-                    return Ok(None);
+                    return Ok(self.send_again(Some(format!(
+                        "the server no longer knows transaction {xid} (another server took \
+                         over?): its batch is sent again"
+                    ))));
                 }
                 Err(e) => return Err(self.fail(classify(&e))),
                 // Too old for the server to tell: sent again rather than held for good.
                 Ok(None) => {
-                    self.in_doubt = None;
-                    self.notices.push((
-                        30,
-                        format!(
-                            "the server cannot tell any more whether transaction {xid} \
-                             committed: its batch is sent again and may be stored twice"
-                        ),
-                    ));
-                    return Ok(None);
+                    return Ok(self.send_again(Some(format!(
+                        "the server cannot tell any more whether transaction {xid} committed: \
+                         its batch is sent again and may be stored twice"
+                    ))));
                 }
                 Ok(Some(s)) if s == "committed" => {
                     return Ok(self.in_doubt.take().map(|d| d.bad));
                 }
-                Ok(Some(s)) if s == "aborted" => {
-                    self.in_doubt = None;
-                    return Ok(None);
-                }
+                Ok(Some(s)) if s == "aborted" => return Ok(self.send_again(None)),
                 // In progress: its process still ending or waiting.
                 Ok(_) => {}
             }
