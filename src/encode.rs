@@ -79,8 +79,7 @@ impl<'a> Obj<'a> {
     }
     fn str(&mut self, k: &str, v: &str) {
         self.key(k);
-        // Serialising a &str into a Vec cannot fail.
-        let _ = serde_json::to_writer(&mut *self.out, v);
+        crate::json_text::write_str(self.out, v);
     }
     fn opt_str(&mut self, k: &str, v: Option<&str>) {
         match v {
@@ -107,7 +106,7 @@ impl<'a> Obj<'a> {
     }
     fn json(&mut self, k: &str, v: &Value) {
         self.key(k);
-        let _ = serde_json::to_writer(&mut *self.out, v);
+        crate::json_text::write_value(self.out, v);
     }
     fn end(self) {
         self.out.push(b'}');

@@ -5,6 +5,7 @@ pub mod config;
 pub mod destinations;
 pub mod encode;
 pub mod http;
+pub mod json_text;
 pub mod metrics;
 pub mod per_process;
 pub mod pipeline;

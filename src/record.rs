@@ -1,6 +1,8 @@
 //! The one shape every part of the core speaks: built once from Python, shared by all
 //! destinations through an `Arc`, never mutated after the queue.
 
+use std::borrow::Cow;
+
 use serde_json::{Map, Value};
 
 /// Loguru's and the stdlib's numbering; custom levels keep their own number.
@@ -123,7 +125,10 @@ impl Record {
 
     /// Replaces the extra fields (used by tests and by callers holding a JSON map).
     pub fn set_fields(&mut self, fields: &Map<String, Value>) {
-        self.fields_json = serde_json::to_string(fields)
+        let mut out = Vec::with_capacity(64);
+        crate::json_text::write_map(&mut out, fields);
+        // Only whole strings and ASCII punctuation were written.
+        self.fields_json = String::from_utf8(out)
             .unwrap_or_else(|_| "{}".into())
             .into_boxed_str();
     }
@@ -188,14 +193,24 @@ fn json_size(v: &Value) -> usize {
 
 /// Removes NUL characters, which PostgreSQL rejects in `text` and `jsonb`.
 pub fn strip_nul(s: &mut String) {
-    if s.contains('\0') {
+    if memchr::memchr(0, s.as_bytes()).is_some() {
         s.retain(|c| c != '\0');
+    }
+}
+
+/// Bytes as text: borrowed when they are valid UTF-8 (checked word at a time), invalid
+/// sequences replaced otherwise. `String::from_utf8_lossy` checks byte by byte even when the
+/// text is plain ASCII; this was a fifth of the middleware's redaction thread.
+pub fn lossy(bytes: &[u8]) -> Cow<'_, str> {
+    match std::str::from_utf8(bytes) {
+        Ok(s) => Cow::Borrowed(s),
+        Err(_) => String::from_utf8_lossy(bytes),
     }
 }
 
 /// Decodes bytes as UTF-8, replacing invalid sequences, and strips NULs.
 pub fn clean_bytes(bytes: &[u8]) -> String {
-    let mut s = String::from_utf8_lossy(bytes).into_owned();
+    let mut s = lossy(bytes).into_owned();
     strip_nul(&mut s);
     s
 }
@@ -248,6 +263,16 @@ pub fn cut_middle(s: &mut String, max: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lossy_borrows_valid_text_and_replaces_invalid_sequences() {
+        assert!(matches!(
+            lossy(b"plain ascii text"),
+            Cow::Borrowed("plain ascii text")
+        ));
+        assert!(matches!(lossy("é日".as_bytes()), Cow::Borrowed("é日")));
+        assert_eq!(lossy(b"a\xffb\xc3"), "a\u{fffd}b\u{fffd}");
+    }
 
     #[test]
     fn a_middle_cut_keeps_both_ends_and_says_how_much() {

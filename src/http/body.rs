@@ -202,15 +202,15 @@ pub fn store(
                 note: Some("multipart"),
             }
         }
-        Kind::Json => r.redact_json(&String::from_utf8_lossy(body)),
-        Kind::Form => r.redact_urlencoded(&String::from_utf8_lossy(body), &r.body_keys),
+        Kind::Json => r.redact_json(&crate::record::lossy(body)),
+        Kind::Form => r.redact_urlencoded(&crate::record::lossy(body), &r.body_keys),
         Kind::Xml => r
             .scrub(&super::xml::redact(
                 &r.body_keys,
-                &String::from_utf8_lossy(body),
+                &crate::record::lossy(body),
             ))
             .into_owned(),
-        Kind::Text => redact_text(r, &String::from_utf8_lossy(body)),
+        Kind::Text => redact_text(r, &crate::record::lossy(body)),
         Kind::Unknown => unreachable!(),
     };
     crate::record::strip_nul(&mut text);
@@ -304,7 +304,7 @@ fn multipart_summary(r: &Redactor, content_type: &str, body: &[u8], truncated: b
         let Some(head_end) = find(body, b"\r\n\r\n", head_start) else {
             break;
         };
-        let head = String::from_utf8_lossy(&body[head_start..head_end]);
+        let head = crate::record::lossy(&body[head_start..head_end]);
         let content_start = head_end + 4;
         let next = find(body, &[b"\r\n".as_slice(), &delim].concat(), content_start);
         let content_end = next.unwrap_or(body.len());
@@ -346,7 +346,7 @@ fn multipart_summary(r: &Redactor, content_type: &str, body: &[u8], truncated: b
             let value = if name.as_deref().is_some_and(|n| r.body_keys.matches(n)) {
                 REDACTED.to_owned()
             } else {
-                r.scrub(&String::from_utf8_lossy(content)).into_owned()
+                r.scrub(&crate::record::lossy(content)).into_owned()
             };
             part["value"] = Value::from(value);
         }

@@ -114,7 +114,7 @@ fn header<'a>(headers: &'a Headers, name: &str) -> Option<Cow<'a, str>> {
     headers
         .iter()
         .find(|(k, _)| k.eq_ignore_ascii_case(name.as_bytes()))
-        .map(|(_, v)| String::from_utf8_lossy(v))
+        .map(|(_, v)| crate::record::lossy(v))
 }
 
 /// Keeps `[a-z0-9-]` of a token (an encoding name), at most 32 characters.
@@ -128,7 +128,7 @@ pub fn clean_token(s: &str) -> String {
 fn header_map(r: &Redactor, headers: &Headers) -> Value {
     let mut map = Map::new();
     for (k, v) in headers.iter().take(MAX_HEADERS) {
-        let name = String::from_utf8_lossy(k).to_ascii_lowercase();
+        let name = crate::record::lossy(k).to_ascii_lowercase();
         let name = match redact::escape_controls(&name) {
             Cow::Borrowed(_) => name,
             Cow::Owned(escaped) => escaped,
@@ -136,7 +136,7 @@ fn header_map(r: &Redactor, headers: &Headers) -> Value {
         let value = if r.headers.matches(&name) {
             REDACTED.to_owned()
         } else {
-            let mut v = r.scrub(&String::from_utf8_lossy(v)).into_owned();
+            let mut v = r.scrub(&crate::record::lossy(v)).into_owned();
             truncate_in_place(&mut v, r.max_header_bytes);
             v
         };
@@ -175,7 +175,7 @@ fn client_addr(r: &Redactor, peer: Option<&str>, headers: &Headers) -> Option<St
         headers
             .iter()
             .filter(|(k, _)| k.eq_ignore_ascii_case(name.as_bytes()))
-            .map(|(_, v)| String::from_utf8_lossy(v))
+            .map(|(_, v)| crate::record::lossy(v))
             .collect()
     };
     let forwarded = values("forwarded");
@@ -362,7 +362,7 @@ pub fn build_record(r: &Redactor, ex: Exchange, max_message_bytes: usize) -> Rec
     let mut fields = Map::new();
 
     let query = (!ex.query.is_empty()).then(|| {
-        let mut q = r.redact_urlencoded(&String::from_utf8_lossy(&ex.query), &r.query);
+        let mut q = r.redact_urlencoded(&crate::record::lossy(&ex.query), &r.query);
         truncate_in_place(&mut q, MAX_PATH_BYTES);
         q
     });

@@ -4,6 +4,10 @@
 
 use std::borrow::Cow;
 use std::fmt::Write as _;
+use std::sync::LazyLock;
+
+use aho_corasick::{AhoCorasick, AhoCorasickKind};
+use memchr::memmem::Finder;
 
 pub const REDACTED: &str = "[REDACTED]";
 const CARD: &str = "[REDACTED:card]";
@@ -66,8 +70,8 @@ pub fn normalise(key: &str) -> String {
 pub struct Rules {
     /// Whole-name rules (three characters or fewer).
     exact: Vec<String>,
-    /// Substring rules, each with its searcher built once.
-    within: Vec<memchr::memmem::Finder<'static>>,
+    /// Substring rules, all searched for at once.
+    within: Option<AhoCorasick>,
 }
 
 impl Rules {
@@ -80,17 +84,19 @@ impl Rules {
         v.sort();
         v.dedup();
         let (exact, within): (Vec<String>, Vec<String>) = v.into_iter().partition(|r| r.len() <= 3);
-        Rules {
-            exact,
-            within: within
-                .iter()
-                .map(|r| memchr::memmem::Finder::new(r.as_bytes()).into_owned())
-                .collect(),
-        }
+        // Keys are short: a prefilter would cost more to start than the DFA takes to run.
+        let within = (!within.is_empty()).then(|| {
+            AhoCorasick::builder()
+                .kind(Some(AhoCorasickKind::DFA))
+                .prefilter(false)
+                .build(&within)
+                .expect("a few short literal rules always build")
+        });
+        Rules { exact, within }
     }
 
     pub fn matches(&self, key: &str) -> bool {
-        if self.exact.is_empty() && self.within.is_empty() {
+        if self.exact.is_empty() && self.within.is_none() {
             return false;
         }
         // Short ASCII keys (nearly all) are normalised on the stack.
@@ -109,11 +115,7 @@ impl Rules {
     }
 
     fn matches_normalised(&self, n: &str) -> bool {
-        self.exact.iter().any(|r| r == n)
-            || self
-                .within
-                .iter()
-                .any(|f| f.needle().len() <= n.len() && f.find(n.as_bytes()).is_some())
+        self.exact.iter().any(|r| r == n) || self.within.as_ref().is_some_and(|w| w.is_match(n))
     }
 }
 
@@ -187,8 +189,7 @@ impl Redactor {
                 .sum();
             let credentials = b.len() >= 10 && has_auth_scheme(b);
             let passes: [Option<Scanner>; 3] = [
-                text.contains("eyJ")
-                    .then_some(scrub_jwt as fn(&str) -> Option<String>),
+                has_jwt_start(b).then_some(scrub_jwt as fn(&str) -> Option<String>),
                 credentials.then_some(scrub_credentials as Scanner),
                 (digits >= 13).then_some(scrub_cards as Scanner),
             ];
@@ -456,7 +457,7 @@ pub fn percent_decode(s: &str) -> Cow<'_, str> {
         }
         i += 1;
     }
-    Cow::Owned(String::from_utf8_lossy(&out).into_owned())
+    Cow::Owned(crate::record::lossy(&out).into_owned())
 }
 
 fn hex_val(c: u8) -> Option<u8> {
@@ -564,9 +565,16 @@ fn is_b64url(c: u8) -> bool {
     c.is_ascii_alphanumeric() || c == b'_' || c == b'-'
 }
 
+/// Whether `eyJ` (the base64 of `{"`, how every JWT starts) occurs: a vectorised search
+/// built once, not the standard library's byte-wise one.
+fn has_jwt_start(b: &[u8]) -> bool {
+    static JWT_START: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"eyJ"));
+    JWT_START.find(b).is_some()
+}
+
 /// `eyJ...` header, `.`, payload, `.`, optional signature.
 fn scrub_jwt(text: &str) -> Option<String> {
-    if !text.contains("eyJ") {
+    if !has_jwt_start(text.as_bytes()) {
         return None;
     }
     let b = text.as_bytes();

@@ -25,8 +25,8 @@ fn local(name: &[u8]) -> &[u8] {
 }
 
 fn sensitive_name(rules: &Rules, name: &[u8]) -> bool {
-    let name = String::from_utf8_lossy(name);
-    rules.matches(&name) || rules.matches(&String::from_utf8_lossy(local(name.as_bytes())))
+    let name = crate::record::lossy(name);
+    rules.matches(&name) || rules.matches(&crate::record::lossy(local(name.as_bytes())))
 }
 
 /// Whether the element's own name, or the value of a naming attribute, is sensitive.
@@ -36,7 +36,7 @@ fn sensitive_element(rules: &Rules, e: &BytesStart<'_>) -> bool {
     }
     e.attributes().with_checks(false).flatten().any(|a| {
         NAMING_ATTRIBUTES.contains(&local(a.key.as_ref()))
-            && rules.matches(&String::from_utf8_lossy(&a.value))
+            && rules.matches(&crate::record::lossy(&a.value))
     })
 }
 
@@ -51,10 +51,10 @@ fn rewrite_tag(
     let mut changed = false;
     let mut out = String::with_capacity(e.len() + 16);
     out.push('<');
-    out.push_str(&String::from_utf8_lossy(e.name().as_ref()));
+    out.push_str(&crate::record::lossy(e.name().as_ref()));
     for a in e.attributes().with_checks(false) {
         let a = a.map_err(|_| ())?;
-        let key = String::from_utf8_lossy(a.key.as_ref());
+        let key = crate::record::lossy(a.key.as_ref());
         let hide = sensitive_name(rules, a.key.as_ref())
             || (element_sensitive && local(a.key.as_ref()) == b"value");
         out.push(' ');
@@ -64,7 +64,7 @@ fn rewrite_tag(
             changed = true;
             out.push_str(REDACTED);
         } else {
-            out.push_str(&String::from_utf8_lossy(&a.value).replace('"', "&quot;"));
+            out.push_str(&crate::record::lossy(&a.value).replace('"', "&quot;"));
         }
         out.push('"');
     }

@@ -205,11 +205,10 @@ fn capped(mut s: String, max: usize) -> String {
 }
 
 fn push_json_str(out: &mut Vec<u8>, s: &str, max: usize) {
-    // Writing a str into a Vec cannot fail.
     if s.len() > max {
-        let _ = serde_json::to_writer(out, &capped(s.to_owned(), max));
+        crate::json_text::write_str(out, &capped(s.to_owned(), max));
     } else {
-        let _ = serde_json::to_writer(out, s);
+        crate::json_text::write_str(out, s);
     }
 }
 
@@ -286,8 +285,7 @@ pub fn push_json(out: &mut Vec<u8>, obj: &Bound<'_, PyAny>, walk: &mut Walk, dep
         let mut s = crate::record::clean_bytes(&bytes[..bytes.len().min(max + 4)]);
         let original = s.len().max(bytes.len());
         crate::record::truncate_from(&mut s, max, original);
-        // Writing a str into a Vec cannot fail.
-        let _ = serde_json::to_writer(out, &s);
+        crate::json_text::write_str(out, &s);
     } else if depth >= MAX_DEPTH {
         push_repr(out, obj, max);
     } else if obj.cast::<PyDict>().is_ok()
@@ -964,10 +962,9 @@ fn with_field(fields: &str, key: &str, value: &str) -> Box<str> {
         out.push_str(body);
         out.push(',');
     }
-    // Writing a str as JSON cannot fail.
-    out.push_str(&serde_json::to_string(&key).unwrap_or_default());
+    out.push_str(&crate::json_text::quoted(&key));
     out.push(':');
-    out.push_str(&serde_json::to_string(value).unwrap_or_default());
+    out.push_str(&crate::json_text::quoted(value));
     out.push('}');
     out.into_boxed_str()
 }

@@ -722,7 +722,7 @@ impl<'a> Unpack<'a> {
     /// Text whose control characters the record escapes (`\u0000`): NULs kept for that,
     /// not stripped.
     fn escaped_later(b: &[u8]) -> String {
-        String::from_utf8_lossy(b).into_owned()
+        crate::record::lossy(b).into_owned()
     }
 
     fn headers(&mut self) -> Headers {

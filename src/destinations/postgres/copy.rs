@@ -129,12 +129,11 @@ fn opt_i64(out: &mut Vec<u8>, v: Option<u64>) {
 }
 
 /// `jsonb` in binary: a version byte (1) followed by the JSON text.
-fn jsonb<T: serde::Serialize + ?Sized>(out: &mut Vec<u8>, v: &T) {
+fn jsonb(out: &mut Vec<u8>, v: &Value) {
     let len_at = out.len();
     out.extend_from_slice(&0i32.to_be_bytes());
     out.push(1);
-    // Serialising a JSON value into a Vec cannot fail.
-    let _ = serde_json::to_writer(&mut *out, v);
+    crate::json_text::write_value(out, v);
     let len = (out.len() - len_at - 4) as i32;
     out[len_at..len_at + 4].copy_from_slice(&len.to_be_bytes());
 }
