@@ -261,7 +261,7 @@ fn sqlstate_of(e: &sqlx::Error) -> Option<String> {
 fn classify(e: &sqlx::Error) -> Failure {
     match e {
         sqlx::Error::Database(db) => {
-            let code = db.code().map(|c| c.into_owned()).unwrap_or_default();
+            let code = sqlstate_of(e).unwrap_or_default();
             let message = server_message(db.as_ref());
             match sqlstate(&code) {
                 Sqlstate::Data => Failure::Data {
