@@ -4,6 +4,7 @@ pub mod breaker;
 pub mod config;
 pub mod destinations;
 pub mod encode;
+pub mod flock;
 pub mod http;
 pub mod json_text;
 pub mod metrics;

@@ -10,9 +10,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufReader, BufWriter, Write};
-use std::ops::{Deref, DerefMut};
 use std::os::unix::fs::MetadataExt;
-use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,13 +22,14 @@ use flate2::Compression;
 use super::{Outcome, WriteError, Writer};
 use crate::config::LocalFilesConfig;
 use crate::encode::encode_batch;
+use crate::flock::{try_lock, HeldFile};
 use crate::record::Record;
 
 /// Bytes per write system call.
 const WRITE_SLICE: usize = 256 << 10;
 
 struct Current {
-    file: LockedFile,
+    file: HeldFile,
     path: PathBuf,
     bytes: u64,
     period: u64,
@@ -130,7 +129,7 @@ impl LocalFiles {
             .metadata()
             .map_err(|e| io_error("cannot stat", &path, e))?
             .ino();
-        let (file, lock) = LockedFile::lock(file, inode);
+        let (file, lock) = lock_writer_file(file);
         let cur = Current {
             file,
             path,
@@ -241,25 +240,8 @@ fn finished_file(path: &Path) -> Finished {
         return Finished::Yes(None);
     }
     match File::open(path) {
-        Ok(file) if matches!(flock(&file), Ok(true)) => Finished::Yes(Some(file)),
+        Ok(file) if matches!(try_lock(&file), Ok(true)) => Finished::Yes(Some(file)),
         _ => Finished::No,
-    }
-}
-
-/// Tries to take the exclusive `flock` on `file`, without waiting: false when another open
-/// file description holds it (in this process or any other).
-fn flock(file: &File) -> io::Result<bool> {
-    loop {
-        // SAFETY: the descriptor is open for as long as `file` is borrowed.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
-            return Ok(true);
-        }
-        let e = io::Error::last_os_error();
-        match e.raw_os_error() {
-            Some(libc::EINTR) => continue,
-            Some(libc::EWOULDBLOCK) => return Ok(false),
-            _ => return Err(e),
-        }
     }
 }
 
@@ -272,130 +254,24 @@ enum Lock {
     Unsupported,
 }
 
-/// A writer's open file under its lock. The lock goes with the file's last descriptor, so a
-/// forked child, which shares the descriptor, would hold it for as long as it lives; see
-/// `held`.
-struct LockedFile {
-    file: File,
-}
-
-impl LockedFile {
-    fn lock(file: File, inode: u64) -> (LockedFile, Lock) {
-        // Known before the lock: a fork between the two lets go of the child's copy.
-        held::add(file.as_raw_fd(), inode);
-        // A `keep` holds a lock for the moment it takes to remove the file; never wait
-        // without end (a child forked in that moment would hold it for its lifetime).
-        let mut lock = Lock::Busy;
-        for _ in 0..50 {
-            lock = match flock(&file) {
-                Ok(true) => Lock::Held,
-                Ok(false) => Lock::Busy,
-                Err(_) => Lock::Unsupported,
-            };
-            if !matches!(lock, Lock::Busy) {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(2));
+/// Locks a writer's new file (let go of in forked children: see `crate::flock`).
+fn lock_writer_file(file: File) -> (HeldFile, Lock) {
+    let file = HeldFile::new(file);
+    // A `keep` holds a lock for the moment it takes to remove the file; never wait without
+    // end (a child forked in that moment would hold it for its lifetime).
+    let mut lock = Lock::Busy;
+    for _ in 0..50 {
+        lock = match file.try_lock() {
+            Ok(true) => Lock::Held,
+            Ok(false) => Lock::Busy,
+            Err(_) => Lock::Unsupported,
+        };
+        if !matches!(lock, Lock::Busy) {
+            break;
         }
-        (LockedFile { file }, lock)
+        std::thread::sleep(Duration::from_millis(2));
     }
-}
-
-impl Drop for LockedFile {
-    fn drop(&mut self) {
-        // Before the descriptor closes, so a fork never lets go of a number reused since.
-        held::remove(self.file.as_raw_fd());
-    }
-}
-
-impl Deref for LockedFile {
-    type Target = File;
-    fn deref(&self) -> &File {
-        &self.file
-    }
-}
-
-impl DerefMut for LockedFile {
-    fn deref_mut(&mut self) -> &mut File {
-        &mut self.file
-    }
-}
-
-/// The descriptors of this process's locked files. A forked child gets copies of them that
-/// it never uses (the parent's core is left alone there) but that would keep the parent's
-/// files locked, and so uncounted by `keep`, until the child exits: the child lets go of
-/// them right after the fork by pointing those descriptors at /dev/null.
-mod held {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    use std::sync::Once;
-
-    /// A descriptor and the low half of its inode, checked before it is replaced; more
-    /// files than slots are only left locked in children.
-    const SLOTS: usize = 64;
-    const EMPTY: u64 = u64::MAX;
-    static FDS: [AtomicU64; SLOTS] = [const { AtomicU64::new(EMPTY) }; SLOTS];
-    static ATFORK: Once = Once::new();
-
-    fn pack(fd: i32, inode: u64) -> u64 {
-        (u64::from(fd as u32) << 32) | (inode & 0xffff_ffff)
-    }
-
-    pub(super) fn add(fd: i32, inode: u64) {
-        ATFORK.call_once(|| {
-            // SAFETY: registers a handler that only makes async-signal-safe calls.
-            unsafe { libc::pthread_atfork(None, None, Some(let_go_in_child)) };
-        });
-        let entry = pack(fd, inode);
-        let _ = FDS.iter().any(|slot| {
-            slot.compare_exchange(EMPTY, entry, Ordering::SeqCst, Ordering::SeqCst)
-                .is_ok()
-        });
-    }
-
-    pub(super) fn remove(fd: i32) {
-        for slot in &FDS {
-            let entry = slot.load(Ordering::SeqCst);
-            if entry != EMPTY && (entry >> 32) as u32 == fd as u32 {
-                let _ = slot.compare_exchange(entry, EMPTY, Ordering::SeqCst, Ordering::SeqCst);
-            }
-        }
-    }
-
-    extern "C" fn let_go_in_child() {
-        let mut null = -1;
-        for slot in &FDS {
-            let entry = slot.swap(EMPTY, Ordering::SeqCst);
-            if entry == EMPTY {
-                continue;
-            }
-            let fd = (entry >> 32) as u32 as i32;
-            // SAFETY: fstat, open, dup2, fcntl and close are async-signal-safe; `st` is
-            // plain data written by fstat.
-            unsafe {
-                let mut st: libc::stat = std::mem::zeroed();
-                if libc::fstat(fd, &mut st) != 0
-                    || st.st_ino as u64 & 0xffff_ffff != entry & 0xffff_ffff
-                {
-                    continue;
-                }
-                if null < 0 {
-                    null = libc::open(c"/dev/null".as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC);
-                    if null < 0 {
-                        return;
-                    }
-                }
-                // The number stays open (the parent's core, copied, still owns it); the
-                // parent's file and its lock are let go.
-                if libc::dup2(null, fd) >= 0 {
-                    libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
-                }
-            }
-        }
-        if null >= 0 {
-            // SAFETY: our own descriptor, opened above.
-            unsafe { libc::close(null) };
-        }
-    }
+    (file, lock)
 }
 
 fn gzip_file(path: &Path) -> io::Result<()> {
@@ -483,6 +359,7 @@ mod tests {
     use super::*;
     use crate::record::Kind;
     use std::io::Read;
+    use std::os::unix::io::AsRawFd;
 
     fn batch(n: usize) -> Vec<Arc<Record>> {
         (0..n)
@@ -524,7 +401,7 @@ mod tests {
 
     #[test]
     fn writes_lines_and_rotates_by_size_with_gzip_and_keep() {
-        let _serial = SERIAL.lock();
+        let _serial = crate::flock::testing::FORK_SERIAL.lock();
         let tmp = crate::scratch::ScratchDir::new().unwrap();
         let files = ten_batches(LocalFilesConfig {
             max_file_bytes: 2000,
@@ -544,11 +421,6 @@ mod tests {
             .lines()
             .all(|l| serde_json::from_str::<serde_json::Value>(l).is_ok()));
     }
-
-    /// Tests that fork or count what `keep` left take this: a child forked by one test holds
-    /// copies of every descriptor open at that moment (until it closes them), the locks of
-    /// the others' files too.
-    static SERIAL: parking_lot::Mutex<()> = parking_lot::Mutex::new(());
 
     /// A child process holding `flock`s, like a writer in another process or container:
     /// `paths` opened and locked there, besides the descriptors `keep_fds` it was forked
@@ -620,12 +492,12 @@ mod tests {
 
     /// Whether a writer holds `path`: its lock cannot be taken.
     fn locked(path: &Path) -> bool {
-        !flock(&File::open(path).unwrap()).unwrap()
+        !try_lock(&File::open(path).unwrap()).unwrap()
     }
 
     #[test]
     fn keep_never_removes_another_writer_s_open_file_whatever_its_name_says() {
-        let _serial = SERIAL.lock();
+        let _serial = crate::flock::testing::FORK_SERIAL.lock();
         let tmp = crate::scratch::ScratchDir::new().unwrap();
         let mut child = std::process::Command::new("true").spawn().unwrap();
         let dead = child.id();
@@ -665,7 +537,7 @@ mod tests {
 
     #[test]
     fn keep_never_removes_the_open_file_of_another_writer_in_this_process() {
-        let _serial = SERIAL.lock();
+        let _serial = crate::flock::testing::FORK_SERIAL.lock();
         let tmp = crate::scratch::ScratchDir::new().unwrap();
         let mut slow = LocalFiles::open(cfg(tmp.path())).unwrap();
         let mut fast = LocalFiles::open(LocalFilesConfig {
@@ -696,7 +568,7 @@ mod tests {
 
     #[test]
     fn a_forked_child_does_not_keep_the_parent_s_file_locked() {
-        let _serial = SERIAL.lock();
+        let _serial = crate::flock::testing::FORK_SERIAL.lock();
         let tmp = crate::scratch::ScratchDir::new().unwrap();
         let mut w = LocalFiles::open(cfg(tmp.path())).unwrap();
         w.write_batch(&batch(1), Duration::from_secs(1)).unwrap();

@@ -14,7 +14,6 @@ mod replay;
 mod write;
 
 use std::fs::File;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -25,6 +24,7 @@ pub use replay::Replay;
 pub use write::SpillWriter;
 
 use crate::config::{DestinationSpec, Target};
+use crate::flock::{try_lock, HeldFile};
 
 const READY: &str = ".spill";
 const CLAIMED: &str = ".claimed";
@@ -130,7 +130,7 @@ impl SpillDir {
                 .metadata()
                 .and_then(|m| m.modified())
                 .is_ok_and(|t| t.elapsed().unwrap_or_default() > PARTIAL_STALE);
-            if stale && lock(&file) {
+            if stale && try_lock(&file).unwrap_or(false) {
                 let _ = std::fs::remove_file(&path);
             }
         }
@@ -138,8 +138,8 @@ impl SpillDir {
 
     fn claim_one(&self, name: &str) -> Option<Claimed> {
         let path = self.path.join(name);
-        let file = File::open(&path).ok()?;
-        if !lock(&file) {
+        let file = HeldFile::new(File::open(&path).ok()?);
+        if !file.try_lock().unwrap_or(false) {
             return None; // a live process replays it
         }
         // The lock was free, but the name may have moved on meanwhile (claimed and
@@ -182,10 +182,11 @@ impl SpillDir {
     }
 }
 
-/// A spill file this process holds (its lock lives as long as `file`).
+/// A spill file this process holds (its lock lives as long as `file`, and is let go of in
+/// forked children).
 pub struct Claimed {
     path: PathBuf,
-    file: File,
+    file: HeldFile,
     stem: String,
     /// Where replay starts: the offset a process closing mid-replay had reached.
     start: u64,
@@ -208,13 +209,6 @@ impl Claimed {
 
 /// How long an unfinished spill file must lie untouched before it counts as abandoned.
 const PARTIAL_STALE: std::time::Duration = std::time::Duration::from_secs(120);
-
-/// Takes the file's exclusive lock without waiting; it lasts as long as the open file (and
-/// dies with the process).
-fn lock(file: &File) -> bool {
-    // SAFETY: flock on a descriptor `file` keeps open; no memory is involved.
-    unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 }
-}
 
 fn file_name(stem: &str, offset: u64, suffix: &str) -> String {
     if offset == 0 {
@@ -366,6 +360,19 @@ mod tests {
     }
 
     #[test]
+    fn a_claim_handed_back_is_not_kept_by_a_forked_child() {
+        let _serial = crate::flock::testing::FORK_SERIAL.lock();
+        let tmp = crate::scratch::ScratchDir::new().unwrap();
+        let dir = SpillDir::new(&tmp.path().to_string_lossy(), 1 << 20);
+        std::fs::write(tmp.path().join("k.1.spill"), b"{}\n{}\n").unwrap();
+        let claimed = dir.claim("k").into_iter().next().unwrap();
+        // A worker forked while the parent replays, alive after the parent closes.
+        let _child = crate::flock::testing::IdleChild::fork();
+        claimed.release(&dir, 3);
+        assert_eq!(dir.claim("k").len(), 1);
+    }
+
+    #[test]
     fn unfinished_files_are_swept_once_abandoned() {
         let tmp = crate::scratch::ScratchDir::new().unwrap();
         let dir = SpillDir::new(&tmp.path().to_string_lossy(), 1 << 20);
@@ -387,7 +394,7 @@ mod tests {
                 .unwrap();
         }
         let writer = File::open(&held).unwrap();
-        assert!(lock(&writer));
+        assert!(try_lock(&writer).unwrap());
         assert!(dir.claim("k").is_empty());
         assert!(!old.exists() && fresh.exists() && held.exists());
     }

@@ -126,7 +126,9 @@ impl Replay {
         loop {
             if self.current.is_none() {
                 let claimed = self.waiting.pop_front()?;
-                let Ok(mut file) = claimed.file.try_clone() else {
+                // A description of its own: a copy of the claimed one would carry its lock
+                // into forked children.
+                let Ok(mut file) = File::open(&claimed.path) else {
                     // Unreadable now: left for the next start.
                     let start = claimed.start;
                     claimed.release(&self.dir, start);

@@ -7,13 +7,14 @@ use std::sync::Arc;
 
 use super::{SpillDir, PARTIAL, READY};
 use crate::encode::write_ndjson;
+use crate::flock::HeldFile;
 use crate::metrics::DropReason;
 use crate::record::Record;
 
 pub struct SpillWriter {
     dir: Arc<SpillDir>,
     key: String,
-    open: Option<(PathBuf, BufWriter<File>)>,
+    open: Option<(PathBuf, BufWriter<HeldFile>)>,
     records: u64,
     /// Records dropped because the directory was at its bound.
     full: u64,
@@ -81,9 +82,9 @@ impl SpillWriter {
         if self.open.is_none() {
             let stem = self.dir.new_stem(&self.key);
             let path = self.dir.path.join(format!("{stem}{PARTIAL}"));
-            let file = File::options().write(true).create_new(true).open(&path)?;
+            let file = HeldFile::new(File::options().write(true).create_new(true).open(&path)?);
             // Marks it as being written: a start sweeping unfinished files leaves it alone.
-            super::lock(&file);
+            let _ = file.try_lock();
             self.open = Some((path, BufWriter::with_capacity(1 << 20, file)));
         }
         let (_, out) = self.open.as_mut().expect("opened above");
