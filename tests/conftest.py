@@ -2,6 +2,7 @@
 
 import pytest
 from harness import AzuriteServer, PostgresServer
+from loguru import logger
 
 
 @pytest.fixture(scope="session")
@@ -34,3 +35,17 @@ def tmp_logs(tmp_path):
     path = tmp_path / "logs"
     path.mkdir()
     return path
+
+
+@pytest.fixture
+def loguru():
+    """Loguru's logger with no handler but the ones a test attaches."""
+    logger.remove()
+    yield logger
+    logger.remove()
+
+
+@pytest.fixture
+def log(loguru):
+    """The same, under the name the PostgreSQL and middleware tests use."""
+    return loguru

@@ -2,11 +2,36 @@
 
 from __future__ import annotations
 
+import logging
 import time
+import uuid
+from pathlib import Path
 
 import logsluice
 from fastapi import BackgroundTasks, FastAPI
 from fastapi.testclient import TestClient
+from logsluice.destinations import _Controlled
+
+
+def controlled(tmp_path: Path, mode: str = "ok", **options) -> _Controlled:
+    """The test destination: writes to tmp_path/out.ndjson, or fails as tmp_path/control says."""
+    control = tmp_path / "control"
+    control.write_text(mode)
+    return _Controlled(str(control), str(tmp_path / "out.ndjson"), **options)
+
+
+def stdlib_logger(pipeline: logsluice.Pipeline, name: str) -> logging.Logger:
+    """A stdlib logger whose records go to `pipeline` only."""
+    log = logging.getLogger(name)
+    log.propagate = False
+    log.setLevel(logging.DEBUG)
+    log.addHandler(pipeline.logging_handler())
+    return log
+
+
+def unique_container(prefix: str = "t") -> str:
+    """A container name no other test uses (Azurite is shared by the session)."""
+    return f"{prefix}-{uuid.uuid4().hex[:16]}"
 
 
 def close_with_a_write_in_io(pipeline, name: str) -> tuple[float, dict]:

@@ -24,7 +24,7 @@ from azure.storage.blob import (
     generate_container_sas,
 )
 from harness.azurite import ACCOUNT, KEY
-from support import close_with_a_write_in_io
+from support import close_with_a_write_in_io, stdlib_logger, unique_container, wait_for
 
 NAME = re.compile(
     r"^(?P<prefix>.*?)(?P<kind>app|http)/(?P<y>\d{4})/(?P<m>\d{2})/(?P<d>\d{2})/(?P<H>\d{2})/"
@@ -33,21 +33,13 @@ NAME = re.compile(
 )
 
 
-def unique_container() -> str:
-    return f"t-{uuid.uuid4().hex[:16]}"
-
-
 def fast(**extra):
     """Options that keep tests quick: small batches, short waits."""
     return {"batch_max_delay": 0.2, "retry_initial": 0.01, "retry_max": 0.05, **extra}
 
 
 def app_logger(pipeline: logsluice.Pipeline, name: str) -> logging.Logger:
-    log = logging.getLogger(f"test.{name}.{uuid.uuid4().hex[:6]}")
-    log.propagate = False
-    log.setLevel(logging.DEBUG)
-    log.addHandler(pipeline.logging_handler())
-    return log
+    return stdlib_logger(pipeline, f"test.{name}.{uuid.uuid4().hex[:6]}")
 
 
 def container_client(azurite, container):
@@ -64,14 +56,6 @@ def read_blobs(azurite, container):
         records = [json.loads(line) for line in text.decode().splitlines()]
         out.append((b.name, b.metadata, b.content_settings, records))
     return out
-
-
-def wait_for(check, what, timeout=60.0):
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"gave up waiting for {what}")
-        time.sleep(0.05)
 
 
 def test_close_cuts_off_an_upload_to_a_server_that_never_answers():
@@ -241,7 +225,7 @@ def test_an_outage_holds_records_through_the_breaker_and_nothing_is_stored_twice
     azurite.stop()
     try:
         send(15)
-        wait_for(lambda: pipeline.stats()["azure_blob"]["breaker"] == "open", "the breaker to open")
+        wait_for(lambda: pipeline.stats()["azure_blob"]["breaker"] == "open", what="the breaker to open")
         send(5)  # while open: held behind the others, not attempted
         with pytest.raises(TimeoutError, match="azure_blob: 20 records"):
             pipeline.flush(timeout=0.5)

@@ -20,13 +20,6 @@ def table():
     return f"mw_{uuid.uuid4().hex[:12]}"
 
 
-@pytest.fixture
-def log():
-    logger.remove()
-    yield logger
-    logger.remove()
-
-
 def make_app(pipeline):
     app = FastAPI()
     std = logging.getLogger("test.mw.pg")

@@ -23,13 +23,6 @@ TRACEPARENT = f"00-{TRACE}-{SPAN}-01".encode()
 
 
 @pytest.fixture
-def log():
-    logger.remove()
-    yield logger
-    logger.remove()
-
-
-@pytest.fixture
 def pipeline(tmp_logs):
     p = logsluice.Pipeline(logsluice.LocalFiles(tmp_logs))
     yield p

@@ -18,21 +18,8 @@ from pathlib import Path
 import logsluice
 import pytest
 from logfiles import assert_accounted, log_files, read_records
-from logsluice.destinations import _Controlled
 from loguru import logger
-
-
-@pytest.fixture
-def loguru():
-    logger.remove()
-    yield logger
-    logger.remove()
-
-
-def controlled(tmp_path: Path, mode: str = "ok", **options) -> _Controlled:
-    control = tmp_path / "control"
-    control.write_text(mode)
-    return _Controlled(str(control), str(tmp_path / "out.ndjson"), **options)
+from support import controlled, stdlib_logger
 
 
 def set_mode(tmp_path: Path, mode: str) -> None:
@@ -118,14 +105,6 @@ def test_nasty_input_is_stored_sanitised(tmp_logs, loguru):
     exc = by_msg["failed"]["exception"]
     assert exc.startswith("Traceback (most recent call last):") and "KeyError: 'missing'" in exc
     assert "hunter2" not in exc
-
-
-def stdlib_logger(pipeline: logsluice.Pipeline, name: str) -> logging.Logger:
-    log = logging.getLogger(name)
-    log.propagate = False
-    log.setLevel(logging.DEBUG)
-    log.addHandler(pipeline.logging_handler())
-    return log
 
 
 def test_stdlib_logging_handler_and_request_id_context(tmp_logs):

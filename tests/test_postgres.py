@@ -20,7 +20,6 @@ import pytest
 from harness.postgres import APP_DB, SUPERUSER
 from logfiles import read_records
 from logsluice.postgres import parse_duration
-from loguru import logger
 from support import close_with_a_write_in_io, wait_for
 
 SECRET = "s3cret-Hunter2"
@@ -30,14 +29,6 @@ SECRET = "s3cret-Hunter2"
 def table():
     """A fresh table name per test: the PostgreSQL server is shared by the session."""
     return f"t_{uuid.uuid4().hex[:12]}"
-
-
-@pytest.fixture
-def log():
-    """A Loguru logger with no handler but the ones a test attaches."""
-    logger.remove()
-    yield logger
-    logger.remove()
 
 
 def log_at(pipeline, when, message):

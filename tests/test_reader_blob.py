@@ -17,14 +17,10 @@ from azure.storage.blob import BlobServiceClient, ContainerSasPermissions, gener
 from fastapi.testclient import TestClient
 from harness.azurite import ACCOUNT, KEY
 from loguru import logger
-from support import pages, shop_traffic, wait_for
+from support import pages, shop_traffic, unique_container, wait_for
 from test_reader import BAD, CASES, everything, key, read_ndjson, run_cli
 
 N_REQUESTS = 80
-
-
-def unique_container() -> str:
-    return f"r-{uuid.uuid4().hex[:16]}"
 
 
 def blob_names(azurite, container) -> list[str]:
@@ -42,7 +38,7 @@ def world(azurite, postgres, tmp_path_factory):
     background tasks) and app records from Loguru with extra fields."""
     w = World()
     w.dir = str(tmp_path_factory.mktemp("blob-reader-logs"))
-    w.container = unique_container()
+    w.container = unique_container("r")
     w.table = f"b_{uuid.uuid4().hex[:10]}"
     w.cs = azurite.connection_string
     pipeline = logsluice.Pipeline(
@@ -225,7 +221,7 @@ def test_sources_container_url_sas_destination_and_env(world, azurite, monkeypat
 
 
 def test_public_container_reads_without_a_token(azurite):
-    container = unique_container()
+    container = unique_container("r")
     service = BlobServiceClient.from_connection_string(azurite.connection_string)
     service.create_container(container, public_access="container")
     _write_at(azurite, container, [dt.datetime.now(dt.timezone.utc)], "public")
@@ -289,7 +285,7 @@ def test_a_listing_answered_404_resource_not_found_is_an_error_not_an_empty_cont
 def test_a_container_that_does_not_exist_is_named_not_read_as_empty(world, azurite):
     """The service answers 404 ContainerNotFound: every way of reading says so (a typo in the
     container must not look like "no logs"), while an empty container reads as empty."""
-    missing = unique_container()
+    missing = unique_container("r")
     sas = generate_container_sas(
         ACCOUNT,
         missing,
@@ -319,7 +315,7 @@ def test_a_container_that_does_not_exist_is_named_not_read_as_empty(world, azuri
         assert r.returncode == 2, (command, r.stdout, r.stderr)
         assert said in r.stderr and r.stdout == "" and "Traceback" not in r.stderr
         assert KEY not in r.stderr
-    empty = unique_container()
+    empty = unique_container("r")
     BlobServiceClient.from_connection_string(world.cs).create_container(empty)
     assert logsluice.Reader(world.cs, container=empty).query(since="1h").records == []
     r = run_cli("query", "--source", world.cs, "--container", empty)
@@ -341,7 +337,7 @@ def _write_at(azurite, container, times, tag):
 
 
 def test_a_range_lists_only_its_hour_prefixes_and_skips_blobs_outside_it(azurite):
-    container = unique_container()
+    container = unique_container("r")
     hour = dt.timedelta(hours=1)
     base = dt.datetime.now(dt.timezone.utc).replace(minute=0, second=0, microsecond=0) - 6 * hour
     times = [base + 10 * dt.timedelta(minutes=1), base + 2 * hour + dt.timedelta(minutes=10)]
@@ -383,7 +379,7 @@ def test_a_range_lists_only_its_hour_prefixes_and_skips_blobs_outside_it(azurite
 
 
 def test_paging_a_few_thousand_records_without_duplicates_or_gaps(azurite, tmp_logs):
-    container = unique_container()
+    container = unique_container("r")
     pipeline = logsluice.Pipeline(
         logsluice.AzureBlob(
             azurite.connection_string, container=container, batch_max_records=400, batch_max_delay=0.1
@@ -426,7 +422,7 @@ def test_paging_a_few_thousand_records_without_duplicates_or_gaps(azurite, tmp_l
 
 
 def test_tail_sees_new_batches(azurite):
-    container = unique_container()
+    container = unique_container("r")
     pipeline = logsluice.Pipeline(
         logsluice.AzureBlob(azurite.connection_string, container=container, batch_max_delay=0.1)
     )
@@ -482,7 +478,7 @@ def test_viewer_on_a_blob_reader(world):
 def test_viewer_sse_stream_over_a_blob_reader(azurite):
     from viewer_support import ServerThread, client, host_app, sse_events
 
-    container = unique_container()
+    container = unique_container("r")
     pipeline = logsluice.Pipeline(
         logsluice.AzureBlob(azurite.connection_string, container=container, batch_max_delay=0.05)
     )

@@ -16,23 +16,10 @@ import logsluice
 import pytest
 from harness._net import free_port
 from logfiles import assert_accounted
-from logsluice.destinations import _Controlled
-from loguru import logger
+from support import controlled
 
 # Fail fast and hold: an outage, as far as these tests care.
 OUTAGE = {"max_retries": 0, "breaker_threshold": 1, "breaker_cooldown": 60.0, "batch_max_delay": 0.05}
-
-
-@pytest.fixture
-def loguru():
-    logger.remove()
-    yield logger
-    logger.remove()
-
-
-def controlled(tmp_path: Path, mode: str, **options) -> _Controlled:
-    (tmp_path / "control").write_text(mode)
-    return _Controlled(str(tmp_path / "control"), str(tmp_path / "out.ndjson"), **options)
 
 
 def stored(tmp_path: Path) -> list[str]:
