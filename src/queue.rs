@@ -76,6 +76,15 @@ pub enum Next {
     Closed,
 }
 
+/// Whether a record of `size` bytes fits under the given bounds, counting what the writer
+/// has taken and not yet settled. An empty queue always takes one record, so a single record
+/// above the byte bound is still delivered; memory stays within the bound plus one record.
+fn fits(s: &State, size: usize, max_records: usize, max_bytes: usize) -> bool {
+    (s.items.is_empty() && s.in_batch == 0)
+        || (s.items.len() + (s.in_batch as usize) < max_records
+            && s.bytes + s.taken_bytes + size <= max_bytes)
+}
+
 impl Queue {
     pub fn new(limits: Limits) -> Self {
         Queue {
@@ -106,11 +115,7 @@ impl Queue {
     }
 
     fn has_room(&self, s: &State, size: usize) -> bool {
-        // An empty queue always takes one record, so a single record above the byte
-        // bound is still delivered; memory stays within the bound plus one record.
-        (s.items.is_empty() && s.in_batch == 0)
-            || (s.items.len() + (s.in_batch as usize) < self.limits.max_records
-                && s.bytes + s.taken_bytes + size <= self.limits.max_bytes)
+        fits(s, size, self.limits.max_records, self.limits.max_bytes)
     }
 
     fn enqueue(&self, s: &mut State, rec: Arc<Record>) -> bool {
@@ -296,11 +301,12 @@ impl Queue {
     /// hands it back otherwise, or when closed.
     pub fn push_replayed(&self, rec: Arc<Record>) -> Result<(), Arc<Record>> {
         let mut s = self.state.lock();
-        let held = s.items.len() + s.in_batch as usize;
-        let bytes = s.bytes + s.taken_bytes;
-        let roomy = held == 0
-            || (held < self.limits.max_records.div_ceil(2)
-                && bytes + rec.size <= self.limits.max_bytes / 2);
+        let roomy = fits(
+            &s,
+            rec.size,
+            self.limits.max_records.div_ceil(2),
+            self.limits.max_bytes / 2,
+        );
         if s.closed || !roomy {
             return Err(rec);
         }

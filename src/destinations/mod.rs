@@ -105,7 +105,9 @@ pub trait Writer: Send {
 /// upload never acknowledged) ends at once instead of at its own time limit, so the batch
 /// it held is counted (`closed`) before `close` returns.
 pub struct Abort {
+    /// The watch's value, read without its lock: writers ask between every step.
     fired: AtomicBool,
+    /// Wakes the I/O waiting in `fired()`.
     tx: watch::Sender<bool>,
 }
 
