@@ -258,35 +258,46 @@ impl Redactor {
 
     fn redact_keys(&self, text: &str, quote: &str) -> String {
         let b = text.as_bytes();
-        let mut out = String::with_capacity(text.len());
+        // Built only once something is replaced: most bodies have nothing to redact, and
+        // are then copied once, by the scrub's result.
+        let mut out = String::new();
         let mut i = 0;
         let mut copied = 0;
         while i < b.len() {
             let c = b[i];
             let quoted = c == b'"' || (c == b'\'' && opens_value(b, i));
-            let (start, end, key) = if quoted {
+            let (start, end, inner) = if quoted {
                 let end = string_end(b, i);
                 let inner_end = if end > i + 1 && b[end - 1] == c {
                     end - 1
                 } else {
                     end
                 };
-                (i, end, unescape_lossy(&text[i + 1..inner_end]))
+                (i, end, i + 1..inner_end)
             } else if is_word(c) {
                 let mut end = i;
                 while end < b.len() && is_word(b[end]) {
                     end += 1;
                 }
-                (i, end, Cow::Borrowed(&text[i..end]))
+                (i, end, i..end)
             } else {
                 i += 1;
                 continue;
             };
             let colon = skip_ws(b, end);
             if colon < b.len() && b[colon] == b':' && c != b'-' && !c.is_ascii_digit() {
+                // Unescaped only when it is a key: a long string value is never copied.
+                let key = if quoted {
+                    unescape_lossy(&text[inner])
+                } else {
+                    Cow::Borrowed(&text[inner])
+                };
                 if self.body_keys.matches(&key) {
                     let value_start = skip_ws(b, colon + 1);
                     let value_end = value_end(b, value_start);
+                    if copied == 0 {
+                        out.reserve(text.len());
+                    }
                     out.push_str(&text[copied..value_start]);
                     out.push_str(quote);
                     out.push_str(REDACTED);
@@ -300,6 +311,9 @@ impl Redactor {
                 // stays valid.
                 let word = &text[start..end];
                 if word.len() >= 13 && word.bytes().all(|d| d.is_ascii_digit()) && luhn(word) {
+                    if copied == 0 {
+                        out.reserve(text.len());
+                    }
                     out.push_str(&text[copied..start]);
                     out.push_str(quote);
                     out.push_str(CARD);
@@ -309,8 +323,15 @@ impl Redactor {
             }
             i = end.max(i + 1);
         }
+        if copied == 0 {
+            return self.scrub(text).into_owned();
+        }
         out.push_str(&text[copied..]);
-        self.scrub(&out).into_owned()
+        let scrubbed = match self.scrub(&out) {
+            Cow::Owned(s) => Some(s),
+            Cow::Borrowed(_) => None,
+        };
+        scrubbed.unwrap_or(out)
     }
 }
 
