@@ -6,6 +6,8 @@ Baselines, all through the Python SDK (azure-storage-blob), measured in the same
   (c) gzip NDJSON blobs of 10k records             (the best a Python app does by hand)
   (d) one append blob, one append_block per 1000 records
   logsluice: Loguru -> pipeline.attach(logger) -> logsluice.AzureBlob at its default settings
+  logsluice core: the same (message, fields) pairs turned into records and handed to the core
+    (benches/azure_blob_core.rs), at the same defaults: the SDK baselines' footing, no logger
 
 Each configuration writes the same records (~300 bytes of JSON each) into its own, already
 created container. Time runs from the first record handed over to the last byte stored
@@ -26,6 +28,7 @@ import logging
 import multiprocessing
 import os
 import statistics
+import subprocess
 import sys
 import time
 import uuid
@@ -38,6 +41,8 @@ import logsluice  # noqa: E402
 from azure.storage.blob import BlobServiceClient, ContainerClient  # noqa: E402
 from harness import AzuriteServer  # noqa: E402
 from harness._net import free_port  # noqa: E402
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 from loguru import logger  # noqa: E402
 
 # ---------------------------------------------------------------- counting proxy
@@ -221,6 +226,27 @@ def logsluice_run(connection_string: str, container: str, records, via: str) -> 
     return total, calls
 
 
+def core_run(connection_string: str, container: str, n: int) -> float:
+    """Seconds the core took, by its own clock (process start and connecting excluded)."""
+    env = {
+        **os.environ,
+        "LOGSLUICE_BENCH_CONNECTION_STRING": connection_string,
+        "LOGSLUICE_BENCH_CONTAINER": container,
+        "LOGSLUICE_BENCH_RECORDS": str(n),
+    }
+    out = subprocess.run(
+        ["cargo", "bench", "--quiet", "--bench", "azure_blob_core"],
+        cwd=ROOT,
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    fields = dict(kv.split("=") for kv in out.split())
+    assert int(fields["written"]) == n, f"core: {fields['written']} written, expected {n}"
+    return float(fields["seconds"])
+
+
 def floor(records, via: str) -> float:
     """The log calls alone, into a sink that does nothing: what any destination costs at least."""
     if via == "loguru":
@@ -261,6 +287,8 @@ def main() -> None:
     records = make_records(n)
     size = statistics.mean(len(json.dumps(as_json(m, f))) for m, f in records[:1000])
     logger.remove()
+    build = ["cargo", "bench", "--quiet", "--bench", "azure_blob_core", "--no-run"]
+    subprocess.run(build, cwd=ROOT, check=True)
 
     with AzuriteServer() as azurite:
         service = BlobServiceClient.from_connection_string(azurite.connection_string)
@@ -290,16 +318,25 @@ def main() -> None:
             total, calls = logsluice_run(cs, cc.container_name, records, entry)
             return total, calls, cc
 
+        def run_core(n_records: int, via=None) -> tuple[float, ContainerClient]:
+            cc, cs = fresh("core", via)
+            seconds = core_run(cs, cc.container_name, n_records)
+            blobs = cc.list_blobs(include=["metadata"])
+            records_stored = sum(int(b.metadata["record_count"]) for b in blobs)
+            assert records_stored == n_records + 1, f"core: {records_stored} records in blobs"
+            return seconds, cc
+
         # Warm-up: imports, connection pools, the extension, Azurite's JIT.
         for key in sdk:
             run_sdk(key, records[:2000])
         for entry in ENTRIES:
             run_ours(entry)
             floor(records[:2000], entry)
+        run_core(2000)
 
         # Timed pass: rounds of every configuration in turn, so load from other processes on
         # this shared machine hits them all alike; (a) once (it is slow).
-        keys = [*sdk, *(f"ls-{e}" for e in ENTRIES), *(f"floor-{e}" for e in ENTRIES)]
+        keys = [*sdk, *(f"ls-{e}" for e in ENTRIES), *(f"floor-{e}" for e in ENTRIES), "core"]
         seconds: dict[str, list[float]] = {k: [] for k in keys}
         core: dict[str, list[float]] = {e: [] for e in ENTRIES}
         for _ in range(args.runs):
@@ -310,6 +347,7 @@ def main() -> None:
                 seconds[f"ls-{entry}"].append(total)
                 core[entry].append(total - calls)
                 seconds[f"floor-{entry}"].append(floor(records, entry))
+            seconds["core"].append(run_core(n)[0])
         naive_seconds, _ = run_sdk("a", records[:n_naive])
         rate = {k: n / statistics.median(v) for k, v in seconds.items()}
         rate["a"] = n_naive / naive_seconds
@@ -356,6 +394,7 @@ def main() -> None:
             f"{stored_bytes[key]:>14,}{blob_count[key]:>8}"
         )
     print(f"  {'logsluice via logging':<26}{rate['ls-logging']:>12,.0f}   (same blobs and requests)")
+    print(f"  {'logsluice core':<26}{rate['core']:>12,.0f}   (same blobs and requests; no logger)")
     for entry, call in (("loguru", "logger.bind(**f).info(m)"), ("logging", "log.info(m, extra=f)")):
         print(
             f"  floor: {call} into a no-op sink: {rate[f'floor-{entry}']:,.0f}/s; logsluice's "
@@ -369,6 +408,10 @@ def main() -> None:
             f"/ (b) = {ours / rate['b']:.2f}x (target >= 5x), "
             f"/ its own no-op floor = {ours / rate[f'floor-{entry}']:.2f}x"
         )
+    print(
+        f"  logsluice core / (c) = {rate['core'] / rate['c']:.2f}x (target >= 2x), "
+        f"/ (b) = {rate['core'] / rate['b']:.2f}x (target >= 5x)"
+    )
     print(f"  logsluice requests per 10k records = {requests['ls-loguru']:.2f}   (target <= 2)")
     print(
         f"  (b) stored bytes / logsluice = {stored_bytes['b'] / stored_bytes['ls-loguru']:.1f}x   "
