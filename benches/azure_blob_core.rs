@@ -9,13 +9,10 @@
 //!
 //! Prints one line: `records=N seconds=S records_per_sec=R written=W`.
 
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+#[path = "support/timed_core.rs"]
+mod timed_core;
 
-use logsluice::config::{
-    AzureBlobConfig, Common, DestinationSpec, OnFull, PipelineOptions, Target,
-};
-use logsluice::pipeline::Core;
+use logsluice::config::{AzureBlobConfig, Common, DestinationSpec, OnFull, Target};
 use logsluice::record::{Kind, Record};
 use serde_json::{json, Map, Value};
 
@@ -89,33 +86,10 @@ fn main() {
             ..Default::default()
         }),
     };
-    let reporter: logsluice::pipeline::Reporter = Arc::new(|_, m: &str| eprintln!("{m}"));
-    let core = Core::start(vec![spec], PipelineOptions::default(), reporter);
-
-    // Connect and find the container before the clock starts, as a running app would have.
+    // Connect and find the container before the clock starts.
     let (message, fields) = pair(n);
-    core.submit(record(message, &fields));
-    core.flush(Duration::from_secs(60)).expect("warm-up flush");
-
+    let core = timed_core::started(spec, record(message, &fields));
     let pairs: Vec<_> = (0..n).map(pair).collect();
-    let started = Instant::now();
-    for (message, fields) in pairs {
-        let blocked = core.submit(record(message, &fields));
-        if !blocked.is_empty() {
-            Core::wait_for_room(blocked);
-        }
-    }
-    core.flush(Duration::from_secs(600)).expect("flush");
-    let seconds = started.elapsed().as_secs_f64();
-    let stats = core.stats();
-    let c = &stats[0].1.counters;
-    if let Some(e) = &c.last_error {
-        eprintln!("last_error: {e}");
-    }
-    println!(
-        "records={n} seconds={seconds:.3} records_per_sec={:.0} written={}",
-        n as f64 / seconds,
-        c.written - 1
-    );
-    core.close(Duration::from_secs(10)).expect("close");
+    let records = pairs.into_iter().map(|(m, f)| record(m, &f));
+    timed_core::timed(core, "records", n, records);
 }

@@ -28,7 +28,6 @@ import logging
 import multiprocessing
 import os
 import statistics
-import subprocess
 import sys
 import time
 import uuid
@@ -37,12 +36,11 @@ from datetime import datetime, timezone
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 
+import _cargo_bench as cargo_bench  # noqa: E402
 import logsluice  # noqa: E402
 from azure.storage.blob import BlobServiceClient, ContainerClient  # noqa: E402
 from harness import AzuriteServer  # noqa: E402
 from harness._net import free_port  # noqa: E402
-
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 from loguru import logger  # noqa: E402
 
 # ---------------------------------------------------------------- counting proxy
@@ -228,21 +226,8 @@ def logsluice_run(connection_string: str, container: str, records, via: str) -> 
 
 def core_run(connection_string: str, container: str, n: int) -> float:
     """Seconds the core took, by its own clock (process start and connecting excluded)."""
-    env = {
-        **os.environ,
-        "LOGSLUICE_BENCH_CONNECTION_STRING": connection_string,
-        "LOGSLUICE_BENCH_CONTAINER": container,
-        "LOGSLUICE_BENCH_RECORDS": str(n),
-    }
-    out = subprocess.run(
-        ["cargo", "bench", "--quiet", "--bench", "azure_blob_core"],
-        cwd=ROOT,
-        env=env,
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
-    fields = dict(kv.split("=") for kv in out.split())
+    settings = {"CONNECTION_STRING": connection_string, "CONTAINER": container, "RECORDS": str(n)}
+    fields = cargo_bench.run("azure_blob_core", settings)
     assert int(fields["written"]) == n, f"core: {fields['written']} written, expected {n}"
     return float(fields["seconds"])
 
@@ -287,8 +272,7 @@ def main() -> None:
     records = make_records(n)
     size = statistics.mean(len(json.dumps(as_json(m, f))) for m, f in records[:1000])
     logger.remove()
-    build = ["cargo", "bench", "--quiet", "--bench", "azure_blob_core", "--no-run"]
-    subprocess.run(build, cwd=ROOT, check=True)
+    cargo_bench.build("azure_blob_core")
 
     with AzuriteServer() as azurite:
         service = BlobServiceClient.from_connection_string(azurite.connection_string)

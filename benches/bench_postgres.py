@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,6 +25,7 @@ from psycopg.types.json import Jsonb
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
+import _cargo_bench as cargo_bench  # noqa: E402
 import logsluice  # noqa: E402
 from harness import PostgresServer  # noqa: E402
 from loguru import logger  # noqa: E402
@@ -133,23 +132,8 @@ def psycopg_copy(conn, table, data, per=1000):
 
 def core_rate(pg: PostgresServer, table: str, n: int, batch: int, t0_us: int) -> float:
     pg.psql(f"truncate {table}")
-    env = {
-        **os.environ,
-        "LOGSLUICE_BENCH_DSN": pg.dsn,
-        "LOGSLUICE_BENCH_TABLE": table,
-        "LOGSLUICE_BENCH_ROWS": str(n),
-        "LOGSLUICE_BENCH_BATCH": str(batch),
-        "LOGSLUICE_BENCH_T0_US": str(t0_us),
-    }
-    out = subprocess.run(
-        ["cargo", "bench", "--quiet", "--bench", "postgres_copy"],
-        cwd=ROOT,
-        env=env,
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
-    fields = dict(kv.split("=") for kv in out.split())
+    settings = {"DSN": pg.dsn, "TABLE": table, "ROWS": str(n), "BATCH": str(batch), "T0_US": str(t0_us)}
+    fields = cargo_bench.run("postgres_copy", settings)
     got = pg.psql(f"select count(*) from {table}")[0][0]
     assert got == n + 1 == int(fields["written"]) + 1, f"core: {got} rows, expected {n + 1}"
     return float(fields["rows_per_sec"])
@@ -189,8 +173,7 @@ def loguru_rates(pg: PostgresServer, n: int) -> tuple[float, float, float]:
 
 
 def main() -> None:
-    build = ["cargo", "bench", "--quiet", "--bench", "postgres_copy", "--no-run"]
-    subprocess.run(build, cwd=ROOT, check=True)
+    cargo_bench.build("postgres_copy")
     n = int(200_000 * SCALE)
     with PostgresServer() as pg:
         t0 = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)

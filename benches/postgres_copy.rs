@@ -7,11 +7,10 @@
 //!
 //! Prints one line: `rows=N seconds=S rows_per_sec=R written=W`.
 
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+#[path = "support/timed_core.rs"]
+mod timed_core;
 
-use logsluice::config::{Common, DestinationSpec, OnFull, PipelineOptions, PostgresConfig, Target};
-use logsluice::pipeline::Core;
+use logsluice::config::{Common, DestinationSpec, OnFull, PostgresConfig, Target};
 use logsluice::record::{Kind, Record};
 use serde_json::{json, Map, Value};
 
@@ -69,32 +68,8 @@ fn main() {
             ..Default::default()
         }),
     };
-    let reporter: logsluice::pipeline::Reporter = Arc::new(|_, m: &str| eprintln!("{m}"));
-    let core = Core::start(vec![spec], PipelineOptions::default(), reporter);
-
-    // Connect and check the schema before the clock starts, as a running app would have.
-    core.submit(record(rows, t0_us));
-    core.flush(Duration::from_secs(60)).expect("warm-up flush");
-
+    // Connect and check the schema before the clock starts.
+    let core = timed_core::started(spec, record(rows, t0_us));
     let records: Vec<Record> = (0..rows).map(|i| record(i, t0_us)).collect();
-    let started = Instant::now();
-    for r in records {
-        let blocked = core.submit(r);
-        if !blocked.is_empty() {
-            Core::wait_for_room(blocked);
-        }
-    }
-    core.flush(Duration::from_secs(600)).expect("flush");
-    let seconds = started.elapsed().as_secs_f64();
-    let stats = core.stats();
-    let c = &stats[0].1.counters;
-    if let Some(e) = &c.last_error {
-        eprintln!("last_error: {e}");
-    }
-    println!(
-        "rows={rows} seconds={seconds:.3} rows_per_sec={:.0} written={}",
-        rows as f64 / seconds,
-        c.written - 1
-    );
-    core.close(Duration::from_secs(10)).expect("close");
+    timed_core::timed(core, "rows", rows, records.into_iter());
 }

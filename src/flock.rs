@@ -161,18 +161,51 @@ pub mod testing {
     /// tests' plain files too.
     pub static FORK_SERIAL: parking_lot::Mutex<()> = parking_lot::Mutex::new(());
 
-    /// A forked child that lives until dropped; whatever it inherited stays open.
-    pub struct IdleChild {
+    /// A forked child that lives until dropped.
+    pub struct Child {
         pid: libc::pid_t,
         release: i32,
     }
 
-    impl IdleChild {
-        /// Returns once the child runs: its fork handlers are done.
-        pub fn fork() -> IdleChild {
+    impl Child {
+        /// A child that keeps whatever it inherited. Returns once the child runs: its fork
+        /// handlers are done.
+        pub fn idle() -> Child {
+            Child::fork(|_| true)
+        }
+
+        /// Like a process of another writer: only `keep_fds` of what it inherited stay
+        /// open, and `paths` are opened and locked there. Returns once they are.
+        pub fn holding(paths: &[&std::path::Path], keep_fds: &[i32]) -> Child {
+            let paths: Vec<std::ffi::CString> = paths
+                .iter()
+                .map(|p| std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap())
+                .collect();
+            Child::fork(|pipes| {
+                // SAFETY: system calls on descriptors and paths made before the fork.
+                unsafe {
+                    for fd in 3..4096 {
+                        if !pipes.contains(&fd) && !keep_fds.contains(&fd) {
+                            libc::close(fd);
+                        }
+                    }
+                    paths.iter().all(|path| {
+                        let fd = libc::open(path.as_ptr(), libc::O_RDONLY);
+                        fd >= 0 && libc::flock(fd, libc::LOCK_EX | libc::LOCK_NB) == 0
+                    })
+                }
+            })
+        }
+
+        /// `in_child` runs in the child, which must not allocate (another thread may have
+        /// held the allocator's lock at the fork): it is given the two pipe ends the child
+        /// uses, and the child exits at once if it returns false.
+        fn fork(in_child: impl FnOnce(&[i32; 2]) -> bool) -> Child {
             let (mut ready, mut release) = ([0; 2], [0; 2]);
-            // SAFETY: the child only closes, reads and writes pipes and calls _exit.
+            // SAFETY: the child only runs `in_child`, reads and writes pipes and calls _exit.
             unsafe {
+                // Close-on-exec: a process another test spawns meanwhile must not keep the
+                // release pipe open.
                 assert_eq!(libc::pipe2(ready.as_mut_ptr(), libc::O_CLOEXEC), 0);
                 assert_eq!(libc::pipe2(release.as_mut_ptr(), libc::O_CLOEXEC), 0);
                 let pid = libc::fork();
@@ -180,6 +213,9 @@ pub mod testing {
                 if pid == 0 {
                     // Its copy of the write end would keep the read below from ever ending.
                     libc::close(release[1]);
+                    if !in_child(&[ready[1], release[0]]) {
+                        libc::_exit(1);
+                    }
                     libc::write(ready[1], b"r".as_ptr().cast(), 1);
                     let mut byte = 0u8;
                     libc::read(release[0], (&raw mut byte).cast(), 1);
@@ -188,17 +224,19 @@ pub mod testing {
                 libc::close(ready[1]);
                 libc::close(release[0]);
                 let mut byte = 0u8;
-                assert_eq!(libc::read(ready[0], (&raw mut byte).cast(), 1), 1);
+                let got = libc::read(ready[0], (&raw mut byte).cast(), 1);
                 libc::close(ready[0]);
-                IdleChild {
+                let child = Child {
                     pid,
                     release: release[1],
-                }
+                };
+                assert_eq!(got, 1, "the child failed");
+                child
             }
         }
     }
 
-    impl Drop for IdleChild {
+    impl Drop for Child {
         fn drop(&mut self) {
             // SAFETY: our pipe end and our child.
             unsafe {
@@ -211,7 +249,7 @@ pub mod testing {
 
 #[cfg(test)]
 mod tests {
-    use super::testing::{IdleChild, FORK_SERIAL};
+    use super::testing::{Child, FORK_SERIAL};
     use super::*;
 
     #[test]
@@ -225,7 +263,7 @@ mod tests {
         let held_file = HeldFile::new(File::open(&held).unwrap());
         let plain_file = File::open(&plain).unwrap();
         assert!(held_file.try_lock().unwrap() && try_lock(&plain_file).unwrap());
-        let child = IdleChild::fork();
+        let child = Child::idle();
         drop((held_file, plain_file));
         // The parent let go of both; the child still holds the plain file's copy.
         assert!(try_lock(&File::open(&held).unwrap()).unwrap());

@@ -357,6 +357,7 @@ impl Writer for LocalFiles {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::flock::testing::Child;
     use crate::record::Kind;
     use std::io::Read;
     use std::os::unix::io::AsRawFd;
@@ -422,74 +423,6 @@ mod tests {
             .all(|l| serde_json::from_str::<serde_json::Value>(l).is_ok()));
     }
 
-    /// A child process holding `flock`s, like a writer in another process or container:
-    /// `paths` opened and locked there, besides the descriptors `keep_fds` it was forked
-    /// with. Everything else inherited is closed. Ended when dropped.
-    struct Child {
-        pid: libc::pid_t,
-        release: i32,
-    }
-
-    impl Child {
-        fn start(paths: &[&Path], keep_fds: &[i32]) -> Child {
-            let paths: Vec<std::ffi::CString> = paths
-                .iter()
-                .map(|p| std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap())
-                .collect();
-            let (mut ready, mut release) = ([0; 2], [0; 2]);
-            // SAFETY: the child makes async-signal-safe calls only (everything it needs was
-            // allocated before the fork) and ends with _exit.
-            unsafe {
-                // Close-on-exec: a process another test spawns meanwhile must not keep the
-                // release pipe open.
-                assert_eq!(libc::pipe2(ready.as_mut_ptr(), libc::O_CLOEXEC), 0);
-                assert_eq!(libc::pipe2(release.as_mut_ptr(), libc::O_CLOEXEC), 0);
-                let pid = libc::fork();
-                assert!(pid >= 0);
-                if pid == 0 {
-                    for fd in 3..4096 {
-                        if fd != ready[1] && fd != release[0] && !keep_fds.contains(&fd) {
-                            libc::close(fd);
-                        }
-                    }
-                    for path in &paths {
-                        let fd = libc::open(path.as_ptr(), libc::O_RDONLY);
-                        if fd < 0 || libc::flock(fd, libc::LOCK_EX | libc::LOCK_NB) != 0 {
-                            libc::_exit(1);
-                        }
-                    }
-                    libc::write(ready[1], b"r".as_ptr().cast(), 1);
-                    let mut byte = 0u8;
-                    libc::read(release[0], (&raw mut byte).cast(), 1);
-                    libc::_exit(0);
-                }
-                libc::close(ready[1]);
-                libc::close(release[0]);
-                let mut byte = 0u8;
-                assert_eq!(
-                    libc::read(ready[0], (&raw mut byte).cast(), 1),
-                    1,
-                    "child failed"
-                );
-                libc::close(ready[0]);
-                Child {
-                    pid,
-                    release: release[1],
-                }
-            }
-        }
-    }
-
-    impl Drop for Child {
-        fn drop(&mut self) {
-            // SAFETY: our pipe end and our child.
-            unsafe {
-                libc::close(self.release);
-                libc::waitpid(self.pid, std::ptr::null_mut(), 0);
-            }
-        }
-    }
-
     /// Whether a writer holds `path`: its lock cannot be taken.
     fn locked(path: &Path) -> bool {
         !try_lock(&File::open(path).unwrap()).unwrap()
@@ -513,7 +446,7 @@ mod tests {
         for name in [&held_1, &held_me, &left_1, &left_dead] {
             fs::write(tmp.path().join(name), "{}\n").unwrap();
         }
-        let holder = Child::start(
+        let holder = Child::holding(
             &[&tmp.path().join(&held_1), &tmp.path().join(&held_me)],
             &[],
         );
@@ -575,7 +508,7 @@ mod tests {
         let cur = w.current.as_ref().unwrap();
         let (path, fd) = (cur.path.clone(), cur.file.as_raw_fd());
         // The child keeps the descriptor number, as a forked app keeps the parent's core.
-        let child = Child::start(&[], &[fd]);
+        let child = Child::holding(&[], &[fd]);
         assert!(locked(&path));
         w.close().unwrap();
         assert!(

@@ -367,7 +367,7 @@ mod tests {
         std::fs::write(tmp.path().join("k.1.spill"), b"{}\n{}\n").unwrap();
         let claimed = dir.claim("k").into_iter().next().unwrap();
         // A worker forked while the parent replays, alive after the parent closes.
-        let _child = crate::flock::testing::IdleChild::fork();
+        let _child = crate::flock::testing::Child::idle();
         claimed.release(&dir, 3);
         assert_eq!(dir.claim("k").len(), 1);
     }
