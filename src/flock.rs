@@ -7,7 +7,7 @@
 //! replay would stay claimed after the parent let go of it. Files opened as [`HeldFile`]
 //! are let go of in the child right after the fork.
 
-use std::fs::File;
+use std::fs::{File, Metadata};
 use std::io;
 use std::ops::{Deref, DerefMut};
 use std::os::unix::fs::MetadataExt;
@@ -37,9 +37,9 @@ pub struct HeldFile {
 
 impl HeldFile {
     /// Known before any lock is taken: a fork between the two lets go of the child's copy.
-    pub fn new(file: File) -> HeldFile {
-        let inode = file.metadata().map_or(0, |m| m.ino());
-        held::add(file.as_raw_fd(), inode);
+    /// `meta` is the file's own (the callers need it too; read once).
+    pub fn new(file: File, meta: &Metadata) -> HeldFile {
+        held::add(file.as_raw_fd(), meta.ino());
         HeldFile { file }
     }
 
@@ -260,7 +260,9 @@ mod tests {
         for p in [&held, &plain] {
             std::fs::write(p, b"x").unwrap();
         }
-        let held_file = HeldFile::new(File::open(&held).unwrap());
+        let file = File::open(&held).unwrap();
+        let meta = file.metadata().unwrap();
+        let held_file = HeldFile::new(file, &meta);
         let plain_file = File::open(&plain).unwrap();
         assert!(held_file.try_lock().unwrap() && try_lock(&plain_file).unwrap());
         let child = Child::idle();

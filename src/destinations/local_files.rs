@@ -125,11 +125,11 @@ impl LocalFiles {
             .append(true)
             .open(&path)
             .map_err(|e| io_error("cannot create", &path, e))?;
-        let inode = file
+        let meta = file
             .metadata()
-            .map_err(|e| io_error("cannot stat", &path, e))?
-            .ino();
-        let (file, lock) = lock_writer_file(file);
+            .map_err(|e| io_error("cannot stat", &path, e))?;
+        let inode = meta.ino();
+        let (file, lock) = lock_writer_file(HeldFile::new(file, &meta));
         let cur = Current {
             file,
             path,
@@ -255,8 +255,7 @@ enum Lock {
 }
 
 /// Locks a writer's new file (let go of in forked children: see `crate::flock`).
-fn lock_writer_file(file: File) -> (HeldFile, Lock) {
-    let file = HeldFile::new(file);
+fn lock_writer_file(file: HeldFile) -> (HeldFile, Lock) {
     // A `keep` holds a lock for the moment it takes to remove the file; never wait without
     // end (a child forked in that moment would hold it for its lifetime).
     let mut lock = Lock::Busy;

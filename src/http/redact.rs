@@ -327,11 +327,10 @@ impl Redactor {
             return self.scrub(text).into_owned();
         }
         out.push_str(&text[copied..]);
-        let scrubbed = match self.scrub(&out) {
-            Cow::Owned(s) => Some(s),
-            Cow::Borrowed(_) => None,
-        };
-        scrubbed.unwrap_or(out)
+        if let Cow::Owned(scrubbed) = self.scrub(&out) {
+            return scrubbed;
+        }
+        out
     }
 }
 

@@ -138,13 +138,15 @@ impl SpillDir {
 
     fn claim_one(&self, name: &str) -> Option<Claimed> {
         let path = self.path.join(name);
-        let file = HeldFile::new(File::open(&path).ok()?);
+        let file = File::open(&path).ok()?;
+        let held = file.metadata().ok()?;
+        let file = HeldFile::new(file, &held);
         if !file.try_lock().unwrap_or(false) {
             return None; // a live process replays it
         }
         // The lock was free, but the name may have moved on meanwhile (claimed and
         // finished by another process): only the file the name still points to counts.
-        let (held, named) = (file.metadata().ok()?, std::fs::metadata(&path).ok()?);
+        let named = std::fs::metadata(&path).ok()?;
         if (held.dev(), held.ino()) != (named.dev(), named.ino()) {
             return None;
         }

@@ -82,7 +82,9 @@ impl SpillWriter {
         if self.open.is_none() {
             let stem = self.dir.new_stem(&self.key);
             let path = self.dir.path.join(format!("{stem}{PARTIAL}"));
-            let file = HeldFile::new(File::options().write(true).create_new(true).open(&path)?);
+            let file = File::options().write(true).create_new(true).open(&path)?;
+            let meta = file.metadata()?;
+            let file = HeldFile::new(file, &meta);
             // Marks it as being written: a start sweeping unfinished files leaves it alone.
             let _ = file.try_lock();
             self.open = Some((path, BufWriter::with_capacity(1 << 20, file)));
