@@ -10,8 +10,17 @@ request during the measured run (from /proc/<pid>/task/*/schedstat): the event l
 and the pipeline's threads (logsluice-http redacts and builds records, logsluice-local encodes
 and writes them).
 
+Then the same variants at a fixed arrival rate, a share of none's throughput measured above
+(`--paced 0.6`; 0 skips it): the latency a client sees while the server has room, where the
+middleware's CPU shows as service time instead of as lost throughput. apt's wrk has no fixed-rate
+mode (wrk2's -R), so a Lua `delay()` hands each request the next slot of one schedule shared by
+the connections; a connection behind schedule sends at once (no catch-up burst). wrk still times
+each request from its own send, so a stall that holds requests back is not charged to them
+(coordinated omission): the saturation figures above stay the target's measure.
+
     .venv/bin/python benches/bench_middleware_wrk.py [--seconds 10] [--rounds 5] [--connections 16]
-        [--variants none,floor,logsluice]   (also: logsluice_noecho, without the request id echo)
+        [--variants none,floor,logsluice] [--paced 0.6]
+        (variants also: logsluice_noecho, without the request id echo)
 """
 
 from __future__ import annotations
@@ -27,6 +36,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
+from typing import Optional
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BODY = json.dumps({"name": "widget", "tags": ["a", "b", "c"], "description": "x" * 960})
@@ -35,7 +46,35 @@ wrk.method = "POST"
 wrk.body = {json.dumps(BODY)}
 wrk.headers["Content-Type"] = "application/json"
 """
+# One schedule for all connections of wrk's thread (they share its Lua state): every request
+# takes the next slot, `interval_ms` after the one before. wrk waits whole milliseconds.
+PACE = """
+local ffi = require("ffi")
+ffi.cdef[[
+typedef struct { long tv_sec; long tv_nsec; } pace_timespec;
+int clock_gettime(int clock, pace_timespec *ts);
+]]
+local ts = ffi.new("pace_timespec")
+local interval_ms = %r
+local next_ms = nil
+function delay()
+  ffi.C.clock_gettime(1, ts)
+  local now = tonumber(ts.tv_sec) * 1000 + tonumber(ts.tv_nsec) / 1e6
+  if next_ms == nil or next_ms < now then next_ms = now end
+  local wait = next_ms - now
+  next_ms = next_ms + interval_ms
+  return wait
+end
+"""
 UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
+
+
+@dataclass
+class Run:
+    p50: float  # ms
+    p99: float  # ms
+    rps: float
+    cpu: dict[str, float]  # µs per request, by thread
 
 
 def free_port() -> int:
@@ -70,9 +109,16 @@ def thread_cpu_ns(pid: int) -> dict[str, int]:
     return out
 
 
-def run(variant: str, seconds: int, connections: int, logs: str) -> tuple[float, float, dict[str, float]]:
-    """(p99 ms, requests/s, CPU µs per request by thread) of one wrk run against a fresh
-    uvicorn process."""
+def latency_ms(out: str, label: str) -> float:
+    found = re.search(rf"^\s+{label}\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
+    if not found:
+        raise RuntimeError(f"unexpected wrk output:\n{out}")
+    return float(found.group(1)) * UNITS[found.group(2)]
+
+
+def run(variant: str, seconds: int, connections: int, logs: str, rate: Optional[float] = None) -> Run:
+    """One wrk run against a fresh uvicorn process: as fast as it answers, or at `rate`
+    requests/s."""
     port = free_port()
     env = {**os.environ, "LOGSLUICE_DIR": logs}
     server = subprocess.Popen(
@@ -83,7 +129,7 @@ def run(variant: str, seconds: int, connections: int, logs: str) -> tuple[float,
     try:
         wait_for(port)
         with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
-            f.write(LUA)
+            f.write(LUA + (PACE % (1000.0 / rate) if rate else ""))
         url = f"http://127.0.0.1:{port}/items/7"
         # Warm-up, then the measured run.
         subprocess.run(
@@ -101,14 +147,48 @@ def run(variant: str, seconds: int, connections: int, logs: str) -> tuple[float,
     finally:
         server.terminate()
         server.wait(30)
-    p99 = re.search(r"^\s+99%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
     rps = re.search(r"^Requests/sec:\s+([\d.]+)", out, re.M)
     requests = re.search(r"^\s+(\d+) requests in", out, re.M)
-    if not p99 or not rps or not requests or "Non-2xx" in out:
+    if not rps or not requests or "Non-2xx" in out:
         raise RuntimeError(f"unexpected wrk output:\n{out}")
     n = int(requests.group(1))
     cpu = {name: (ns - before.get(name, 0)) / n / 1e3 for name, ns in after.items()}
-    return float(p99.group(1)) * UNITS[p99.group(2)], float(rps.group(1)), cpu
+    return Run(latency_ms(out, "50%"), latency_ms(out, "99%"), float(rps.group(1)), cpu)
+
+
+def rounds_of(
+    variants: list[str], args: argparse.Namespace, logs: str, rate: Optional[float] = None
+) -> dict[str, list[Run]]:
+    results: dict[str, list[Run]] = {v: [] for v in variants}
+    for _ in range(args.rounds):
+        for variant in variants:
+            results[variant].append(run(variant, args.seconds, args.connections, logs, rate))
+    return results
+
+
+def median(runs: list[Run], field: str) -> float:
+    return statistics.median(getattr(r, field) for r in runs)
+
+
+def report(results: dict[str, list[Run]], target: str) -> None:
+    """The latency table and each variant's p99 against none's, per round too (each round's
+    runs ran back to back: their ratios show how far the machine's noise moves the figure)."""
+    print(f"{'variant':<17} {'p50 ms':>8} {'p99 ms':>8} {'requests/s':>11}  runs (p99 ms)")
+    for variant, runs in results.items():
+        print(
+            f"{variant:<17} {median(runs, 'p50'):>8.2f} {median(runs, 'p99'):>8.2f} "
+            f"{median(runs, 'rps'):>11.0f}  {[round(r.p99, 2) for r in runs]}"
+        )
+    none = results["none"]
+    for variant, runs in list(results.items())[1:]:
+        rounds = [v.p99 / n.p99 for v, n in zip(runs, none, strict=True)]
+        note = target if variant == "logsluice" else ""
+        print(
+            f"p99 {variant} / none = {median(runs, 'p99') / median(none, 'p99'):.2f}{note}; "
+            f"p50 {median(runs, 'p50') / median(none, 'p50'):.2f}; "
+            f"requests/s {median(runs, 'rps') / median(none, 'rps'):.2f} of none; "
+            f"per round {[round(r, 2) for r in rounds]}"
+        )
 
 
 def main() -> None:
@@ -119,46 +199,35 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--variants", default="none,floor,logsluice")
+    parser.add_argument("--paced", type=float, default=0.6)
     args = parser.parse_args()
     variants = args.variants.split(",")
     if variants[0] != "none" or len(variants) < 2:
         sys.exit("--variants starts with none (the baseline) and names at least one more")
+    if not 0.0 <= args.paced < 1.0:
+        sys.exit("--paced is a share of none's throughput, from 0 (skip) to below 1")
     if not shutil.which("wrk"):
         sys.exit("wrk is not installed (apt-get install wrk)")
-    results: dict[str, list[tuple[float, float, dict[str, float]]]] = {v: [] for v in variants}
     with tempfile.TemporaryDirectory() as logs:
-        for _ in range(args.rounds):
-            for variant in results:
-                results[variant].append(run(variant, args.seconds, args.connections, logs))
+        saturated = rounds_of(variants, args, logs)
+        rate = args.paced * median(saturated["none"], "rps")
+        paced = rounds_of(variants, args, logs, rate) if rate else None
+
     print(
         f"uvicorn + wrk, 1 thread, {args.connections} connections, "
-        f"{args.rounds} x {args.seconds}s per variant"
+        f"{args.rounds} x {args.seconds}s per variant; medians of the rounds"
     )
-    print(f"{'variant':<17} {'p99 ms (median)':>16} {'requests/s (median)':>20}  runs (p99 ms)")
-    p99 = {}
-    for variant, runs in results.items():
-        p99[variant] = statistics.median(r[0] for r in runs)
-        rps = statistics.median(r[1] for r in runs)
-        print(f"{variant:<17} {p99[variant]:>16.2f} {rps:>20.0f}  {[round(r[0], 2) for r in runs]}")
-    for variant in variants[1:]:
-        # Each round's runs ran back to back: their ratios show how far the machine's noise
-        # moves the figure.
-        rounds = [v[0] / n[0] for v, n in zip(results[variant], results["none"], strict=True)]
-        rps = statistics.median(r[1] for r in results[variant]) / statistics.median(
-            r[1] for r in results["none"]
-        )
-        target = " (target <= 1.10)" if variant == "logsluice" else ""
-        print(
-            f"p99 {variant} / none = {p99[variant] / p99['none']:.2f}{target}; "
-            f"requests/s {rps:.2f} of none; per round {[round(r, 2) for r in rounds]}"
-        )
-
+    print("As fast as uvicorn answers:")
+    report(saturated, " (target <= 1.10)")
     threads = ("event loop", "logsluice-http", "logsluice-local")
-    print("CPU µs per request by thread (median of the rounds):")
+    print("CPU µs per request by thread:")
     print(f"{'variant':<17}" + "".join(f"{t:>17}" for t in threads))
-    for variant, runs in results.items():
-        cells = [statistics.median(r[2].get(t, 0.0) for r in runs) for t in threads]
+    for variant, runs in saturated.items():
+        cells = [statistics.median(r.cpu.get(t, 0.0) for r in runs) for t in threads]
         print(f"{variant:<17}" + "".join(f"{c:>17.1f}" for c in cells))
+    if paced:
+        print(f"At a fixed {rate:.0f} requests/s ({args.paced:.0%} of none's throughput above):")
+        report(paced, "")
 
 
 if __name__ == "__main__":
