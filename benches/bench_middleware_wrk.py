@@ -3,6 +3,11 @@ in and out, without middleware, with the floor middleware (bodies copied, a no-o
 any body-capturing middleware in Python costs, see bench_middleware.py) and with
 LoggingMiddleware, alternating runs in one session.
 
+Both of uvicorn's flavours, one after the other (`--servers plain,standard`): plain is what
+`pip install uvicorn` runs (h11 parses HTTP, the asyncio event loop); standard is what
+`uvicorn[standard]` and `fastapi[standard]` install (httptools, uvloop), whose own cost per
+request is about 40% lower, so a middleware's is a larger share of it.
+
 Target (issue 5): logsluice's p99 within 10% of no middleware. wrk keeps uvicorn's one thread
 saturated, so p99 here follows throughput: the floor's line shows how much of the gap any
 body-capturing middleware pays. Beside it, the CPU time each of uvicorn's threads spent per
@@ -19,13 +24,14 @@ each request from its own send, so a stall that holds requests back is not charg
 (coordinated omission): the saturation figures above stay the target's measure.
 
     .venv/bin/python benches/bench_middleware_wrk.py [--seconds 10] [--rounds 5] [--connections 16]
-        [--variants none,floor,logsluice] [--paced 0.6]
+        [--variants none,floor,logsluice] [--paced 0.6] [--servers plain,standard]
         (variants also: logsluice_noecho, without the request id echo)
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import re
@@ -67,6 +73,12 @@ function delay()
 end
 """
 UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
+# uvicorn's own options for each flavour, named explicitly (its default, "auto", picks
+# whichever is installed).
+SERVERS = {
+    "plain": ["--http", "h11", "--loop", "asyncio"],
+    "standard": ["--http", "httptools", "--loop", "uvloop"],
+}
 
 
 @dataclass
@@ -116,14 +128,16 @@ def latency_ms(out: str, label: str) -> float:
     return float(found.group(1)) * UNITS[found.group(2)]
 
 
-def run(variant: str, seconds: int, connections: int, logs: str, rate: Optional[float] = None) -> Run:
+def run(server_flavour: str, variant: str, args: argparse.Namespace, logs: str, rate: Optional[float]) -> Run:
     """One wrk run against a fresh uvicorn process: as fast as it answers, or at `rate`
     requests/s."""
+    seconds, connections = args.seconds, args.connections
     port = free_port()
     env = {**os.environ, "LOGSLUICE_DIR": logs}
     server = subprocess.Popen(
         [sys.executable, "-m", "uvicorn", f"_wrk_app:app_{variant}", "--app-dir", HERE, "--port", str(port)]
-        + ["--host", "127.0.0.1", "--log-level", "warning", "--no-access-log"],
+        + ["--host", "127.0.0.1", "--log-level", "warning", "--no-access-log"]
+        + SERVERS[server_flavour],
         env=env,
     )
     try:
@@ -157,12 +171,16 @@ def run(variant: str, seconds: int, connections: int, logs: str, rate: Optional[
 
 
 def rounds_of(
-    variants: list[str], args: argparse.Namespace, logs: str, rate: Optional[float] = None
+    server_flavour: str,
+    variants: list[str],
+    args: argparse.Namespace,
+    logs: str,
+    rate: Optional[float] = None,
 ) -> dict[str, list[Run]]:
     results: dict[str, list[Run]] = {v: [] for v in variants}
     for _ in range(args.rounds):
         for variant in variants:
-            results[variant].append(run(variant, args.seconds, args.connections, logs, rate))
+            results[variant].append(run(server_flavour, variant, args, logs, rate))
     return results
 
 
@@ -191,32 +209,13 @@ def report(results: dict[str, list[Run]], target: str) -> None:
         )
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--seconds", type=int, default=10)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--connections", type=int, default=16)
-    parser.add_argument("--variants", default="none,floor,logsluice")
-    parser.add_argument("--paced", type=float, default=0.6)
-    args = parser.parse_args()
-    variants = args.variants.split(",")
-    if variants[0] != "none" or len(variants) < 2:
-        sys.exit("--variants starts with none (the baseline) and names at least one more")
-    if not 0.0 <= args.paced < 1.0:
-        sys.exit("--paced is a share of none's throughput, from 0 (skip) to below 1")
-    if not shutil.which("wrk"):
-        sys.exit("wrk is not installed (apt-get install wrk)")
+def measure(server_flavour: str, variants: list[str], args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as logs:
-        saturated = rounds_of(variants, args, logs)
+        saturated = rounds_of(server_flavour, variants, args, logs)
         rate = args.paced * median(saturated["none"], "rps")
-        paced = rounds_of(variants, args, logs, rate) if rate else None
+        paced = rounds_of(server_flavour, variants, args, logs, rate) if rate else None
 
-    print(
-        f"uvicorn + wrk, 1 thread, {args.connections} connections, "
-        f"{args.rounds} x {args.seconds}s per variant; medians of the rounds"
-    )
+    print(f"\n== uvicorn {server_flavour} ({' '.join(SERVERS[server_flavour])})")
     print("As fast as uvicorn answers:")
     report(saturated, " (target <= 1.10)")
     threads = ("event loop", "logsluice-http", "logsluice-local")
@@ -228,6 +227,37 @@ def main() -> None:
     if paced:
         print(f"At a fixed {rate:.0f} requests/s ({args.paced:.0%} of none's throughput above):")
         report(paced, "")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--variants", default="none,floor,logsluice")
+    parser.add_argument("--paced", type=float, default=0.6)
+    parser.add_argument("--servers", default="plain,standard")
+    args = parser.parse_args()
+    variants = args.variants.split(",")
+    if variants[0] != "none" or len(variants) < 2:
+        sys.exit("--variants starts with none (the baseline) and names at least one more")
+    if not 0.0 <= args.paced < 1.0:
+        sys.exit("--paced is a share of none's throughput, from 0 (skip) to below 1")
+    servers = args.servers.split(",")
+    if not servers or any(s not in SERVERS for s in servers):
+        sys.exit(f"--servers takes a list of {', '.join(SERVERS)}")
+    if not shutil.which("wrk"):
+        sys.exit("wrk is not installed (apt-get install wrk)")
+    if "standard" in servers and not all(importlib.util.find_spec(m) for m in ("httptools", "uvloop")):
+        sys.exit("uvicorn's standard flavour needs httptools and uvloop (pip install 'uvicorn[standard]')")
+    print(
+        f"uvicorn + wrk, 1 thread, {args.connections} connections, "
+        f"{args.rounds} x {args.seconds}s per variant; medians of the rounds"
+    )
+    for server_flavour in servers:
+        measure(server_flavour, variants, args)
 
 
 if __name__ == "__main__":

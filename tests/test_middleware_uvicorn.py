@@ -1,5 +1,6 @@
 """LoggingMiddleware under a real uvicorn on 127.0.0.1, driven by httpx (and a websocket
-client); records read back from LocalFiles."""
+client); records read back from LocalFiles. Every test runs under both of uvicorn's flavours:
+plain (h11, asyncio) and standard (httptools, uvloop: what `uvicorn[standard]` installs)."""
 
 from __future__ import annotations
 
@@ -20,12 +21,21 @@ from logsluice._demo_app import create_app, drive_traffic
 from loguru import logger
 from websockets.sync.client import connect
 
+FLAVOURS = {"plain": {"http": "h11", "loop": "asyncio"}, "standard": {"http": "httptools", "loop": "uvloop"}}
+
+
+@pytest.fixture(params=sorted(FLAVOURS))
+def flavour(request) -> dict[str, str]:
+    return FLAVOURS[request.param]
+
 
 class Server:
-    def __init__(self, app) -> None:
+    def __init__(self, app, flavour: dict[str, str]) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on")
+        config = uvicorn.Config(
+            app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on", **flavour
+        )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
@@ -110,8 +120,8 @@ def make_app(pipeline, **options):
     return app
 
 
-def test_sse_first_event_arrives_before_the_stream_ends(pipeline, tmp_logs):
-    with Server(make_app(pipeline)) as srv, httpx.Client(base_url=srv.url, timeout=30) as client:
+def test_sse_first_event_arrives_before_the_stream_ends(pipeline, tmp_logs, flavour):
+    with Server(make_app(pipeline), flavour) as srv, httpx.Client(base_url=srv.url, timeout=30) as client:
         with client.stream("GET", "/sse") as response:
             lines = response.iter_lines()
             # The stream cannot end before /release: this line came through unbuffered.
@@ -124,9 +134,9 @@ def test_sse_first_event_arrives_before_the_stream_ends(pipeline, tmp_logs):
     assert sse[0]["ttfb_ms"] <= sse[0]["duration_ms"]
 
 
-def test_10_mb_upload_arrives_intact_while_only_the_cap_is_captured(pipeline, tmp_logs):
+def test_10_mb_upload_arrives_intact_while_only_the_cap_is_captured(pipeline, tmp_logs, flavour):
     data = os.urandom(10 * 1024 * 1024)
-    with Server(make_app(pipeline)) as srv, httpx.Client(base_url=srv.url, timeout=60) as client:
+    with Server(make_app(pipeline), flavour) as srv, httpx.Client(base_url=srv.url, timeout=60) as client:
         r = client.post("/upload", content=data, headers={"content-type": "application/octet-stream"})
     assert r.status_code == 200
     assert r.json() == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
@@ -137,9 +147,9 @@ def test_10_mb_upload_arrives_intact_while_only_the_cap_is_captured(pipeline, tm
     assert rec["request_body"] == f"[binary body: {len(data)} bytes, sha256 of the first 65536 bytes {cap}]"
 
 
-def test_websocket_and_lifespan_work_through_the_middleware(pipeline, tmp_logs):
+def test_websocket_and_lifespan_work_through_the_middleware(pipeline, tmp_logs, flavour):
     app = make_app(pipeline)
-    with Server(app) as srv:
+    with Server(app, flavour) as srv:
         assert app.state.flags["lifespan"] == "started"
         with connect(f"ws://127.0.0.1:{srv.port}/ws") as ws:
             ws.send("hi")
@@ -150,13 +160,13 @@ def test_websocket_and_lifespan_work_through_the_middleware(pipeline, tmp_logs):
     assert [r for r in read_records(tmp_logs) if r["kind"] == "http"] == []
 
 
-def test_exception_and_disconnect_records(pipeline, tmp_logs):
+def test_exception_and_disconnect_records(pipeline, tmp_logs, flavour):
     handler = pipeline.attach(logger, level="INFO")
     try:
         # uvicorn closes a connection whose app raised: no keep-alive between requests.
         limits = httpx.Limits(max_keepalive_connections=0)
         with (
-            Server(make_app(pipeline)) as srv,
+            Server(make_app(pipeline), flavour) as srv,
             httpx.Client(base_url=srv.url, timeout=30, limits=limits) as client,
         ):
             r = client.get("/boom", headers={"x-request-id": "boom-1"})
@@ -182,9 +192,9 @@ def test_exception_and_disconnect_records(pipeline, tmp_logs):
     assert forever["response_size"] >= 1024
 
 
-def test_demo_app_under_uvicorn(pipeline, tmp_logs):
+def test_demo_app_under_uvicorn(pipeline, tmp_logs, flavour):
     app = create_app(pipeline)
-    with Server(app) as srv:
+    with Server(app, flavour) as srv:
         summary = drive_traffic(srv.url, requests=20, upload_bytes=1024 * 1024)
     assert summary["/boom 500"] == 1
     assert summary["/login 401"] == 2
