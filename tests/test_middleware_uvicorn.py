@@ -8,6 +8,7 @@ import asyncio
 import hashlib
 import os
 import threading
+from typing import Optional
 
 import httpx
 import logsluice
@@ -30,11 +31,12 @@ def flavour(request) -> dict[str, str]:
 
 
 class Server:
-    def __init__(self, app, flavour: dict[str, str]) -> None:
+    def __init__(self, app, flavour: Optional[dict[str, str]] = None) -> None:
+        """`flavour`: one of FLAVOURS, or None for uvicorn's own choice (the fastest installed)."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         config = uvicorn.Config(
-            app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on", **flavour
+            app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on", **(flavour or {})
         )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
