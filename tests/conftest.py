@@ -43,9 +43,3 @@ def loguru():
     logger.remove()
     yield logger
     logger.remove()
-
-
-@pytest.fixture
-def log(loguru):
-    """The same, under the name the PostgreSQL and middleware tests use."""
-    return loguru

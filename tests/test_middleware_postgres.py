@@ -39,12 +39,12 @@ def make_app(pipeline):
     return app
 
 
-def test_access_record_and_app_logs_share_the_request_id_in_one_table(postgres, table, log, tmp_logs):
+def test_access_record_and_app_logs_share_the_request_id_in_one_table(postgres, table, loguru, tmp_logs):
     pipeline = logsluice.Pipeline(
         logsluice.Postgres(postgres.dsn, table=table, min_level="WARNING"),
         logsluice.LocalFiles(tmp_logs),
     )
-    pipeline.attach(log, level="INFO")
+    pipeline.attach(loguru, level="INFO")
     with Server(make_app(pipeline)) as srv, httpx.Client(base_url=srv.url, timeout=30) as client:
         ok = client.post("/orders/1", json={"item": "a", "password": "hunter2"})
         conflict = client.post("/orders/13", json={"item": "b"}, headers={"x-request-id": "order-13"})

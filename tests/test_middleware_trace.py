@@ -100,8 +100,8 @@ def records_of(pipeline, tmp_logs) -> tuple[dict, list[dict]]:
     ],
     ids=["alone", "after-request-id", "before-request-id"],
 )
-def test_app_records_carry_the_trace_of_their_request(pipeline, tmp_logs, log, headers):
-    pipeline.attach(log, level="INFO")
+def test_app_records_carry_the_trace_of_their_request(pipeline, tmp_logs, loguru, headers):
+    pipeline.attach(loguru, level="INFO")
     seen: dict = {}
     later: list = []
     client = run(traced_app(pipeline, seen, later), headers, seen, later, before=("outer", "outer"))
@@ -129,8 +129,8 @@ def test_app_records_carry_the_trace_of_their_request(pipeline, tmp_logs, log, h
     ],
     ids=["absent", "garbage", "upper-case", "zero-trace", "version-ff", "extra-field", "non-ascii"],
 )
-def test_no_valid_traceparent_means_no_trace_ids(pipeline, tmp_logs, log, traceparent):
-    pipeline.attach(log, level="INFO")
+def test_no_valid_traceparent_means_no_trace_ids(pipeline, tmp_logs, loguru, traceparent):
+    pipeline.attach(loguru, level="INFO")
     seen: dict = {}
     later: list = []
     headers = [(b"host", b"test")] + ([(b"traceparent", traceparent)] if traceparent else [])
@@ -142,8 +142,8 @@ def test_no_valid_traceparent_means_no_trace_ids(pipeline, tmp_logs, log, tracep
         assert "trace_id" not in r and "span_id" not in r, r["message"]
 
 
-def test_without_any_trace_app_records_have_no_trace_keys(pipeline, tmp_logs, log):
-    pipeline.attach(log, level="INFO")
+def test_without_any_trace_app_records_have_no_trace_keys(pipeline, tmp_logs, loguru):
+    pipeline.attach(loguru, level="INFO")
     logger.info("plain")
     logging_handler = pipeline.logging_handler()
     std = logging.getLogger("test.trace.plain")
@@ -156,8 +156,8 @@ def test_without_any_trace_app_records_have_no_trace_keys(pipeline, tmp_logs, lo
     assert all("trace_id" not in r and "span_id" not in r for r in records)
 
 
-def test_explicit_trace_ids_win_over_the_request(pipeline, tmp_logs, log):
-    pipeline.attach(log, level="INFO")
+def test_explicit_trace_ids_win_over_the_request(pipeline, tmp_logs, loguru):
+    pipeline.attach(loguru, level="INFO")
     std = logging.getLogger("test.trace.explicit")
     std.propagate = False
     std.setLevel(logging.INFO)
@@ -184,12 +184,12 @@ def test_explicit_trace_ids_win_over_the_request(pipeline, tmp_logs, log):
     assert by_message["stdlib extra"]["fields"] == {}
 
 
-def test_app_rows_and_access_row_share_the_trace_in_postgres(postgres, tmp_logs, log):
+def test_app_rows_and_access_row_share_the_trace_in_postgres(postgres, tmp_logs, loguru):
     table = f"mw_trace_{uuid.uuid4().hex[:12]}"
     pipeline = logsluice.Pipeline(
         logsluice.Postgres(postgres.dsn, table=table), logsluice.LocalFiles(tmp_logs)
     )
-    pipeline.attach(log, level="INFO")
+    pipeline.attach(loguru, level="INFO")
     std = logging.getLogger("test.trace.pg")
     std.propagate = False
     std.setLevel(logging.INFO)
@@ -249,9 +249,9 @@ def test_app_rows_and_access_row_share_the_trace_in_postgres(postgres, tmp_logs,
         ((7, "s"), ("7", "s")),
     ],
 )
-def test_odd_values_in_the_trace_variable_degrade(pipeline, tmp_logs, log, value, want):
+def test_odd_values_in_the_trace_variable_degrade(pipeline, tmp_logs, loguru, value, want):
     # Someone else may set the variable: the record keeps what makes sense, never fails.
-    pipeline.attach(log, level="INFO")
+    pipeline.attach(loguru, level="INFO")
     token = _context.trace.set(value)
     try:
         logger.info("odd")

@@ -53,14 +53,14 @@ def accounted(stats):
     return s["accepted"] == s["written"] + s["dropped_total"] + s["spilled"] + s["in_flight"]
 
 
-def test_rows_land_with_the_right_columns_and_types(postgres, table, log):
+def test_rows_land_with_the_right_columns_and_types(postgres, table, loguru):
     pipeline = logsluice.Pipeline(logsluice.Postgres(postgres.dsn, table=table))
-    pipeline.attach(log, level="DEBUG")
-    log.bind(user="ada", n=3, request_id="req-1").warning("hello {}", "world")
+    pipeline.attach(loguru, level="DEBUG")
+    loguru.bind(user="ada", n=3, request_id="req-1").warning("hello {}", "world")
     try:
         _ = 1 / 0
     except ZeroDivisionError:
-        log.exception("it broke")
+        loguru.exception("it broke")
     std = logging.getLogger("test.pg.std")
     std.propagate = False
     std.addHandler(pipeline.logging_handler())
@@ -105,17 +105,17 @@ def test_rows_land_with_the_right_columns_and_types(postgres, table, log):
     assert {f"{table}{suffix}" for suffix in want} <= parts
 
 
-def test_200k_records_from_threads_arrive_exactly(postgres, table, log):
+def test_200k_records_from_threads_arrive_exactly(postgres, table, loguru):
     pipeline = logsluice.Pipeline(
         logsluice.Postgres(
             postgres.dsn, table=table, queue_max_records=400_000, on_full="block", block_timeout=30
         )
     )
-    pipeline.attach(log)
+    pipeline.attach(loguru)
     threads, per_thread = 4, 50_000
 
     def work(t):
-        bound = log.bind(t=t)
+        bound = loguru.bind(t=t)
         for i in range(per_thread):
             bound.info("record {}", i)
 
@@ -142,9 +142,9 @@ class Unprintable:
         raise RuntimeError("no repr")
 
 
-def test_every_nasty_input_reaches_the_table(postgres, table, log):
+def test_every_nasty_input_reaches_the_table(postgres, table, loguru):
     pipeline = logsluice.Pipeline(logsluice.Postgres(postgres.dsn, table=table), max_message_bytes=1000)
-    pipeline.attach(log)
+    pipeline.attach(loguru)
     nasty = [
         ("nul", "a\x00b", {"k\x00ey": "v\x00al"}),
         ("surrogate", "bad \udcff surrogate", {"s": "\ud800"}),
@@ -159,7 +159,7 @@ def test_every_nasty_input_reaches_the_table(postgres, table, log):
         ("empty", "", {}),
     ]
     for tag, message, extra in nasty:
-        log.bind(tag=tag, **extra).opt(raw=False).info("{}", message)
+        loguru.bind(tag=tag, **extra).opt(raw=False).info("{}", message)
     pipeline.flush(30)
     stats = pipeline.stats()["postgres"]
     pipeline.close()
@@ -184,19 +184,19 @@ def functools_deep(n):
     return d
 
 
-def test_poisoned_batch_writes_all_its_good_rows(postgres, table, log, tmp_path):
+def test_poisoned_batch_writes_all_its_good_rows(postgres, table, loguru, tmp_path):
     dead = tmp_path / "dead"
     pipeline = logsluice.Pipeline(
         logsluice.Postgres(postgres.dsn, table=table, dead_letter_dir=dead, batch_max_delay=60)
     )
-    pipeline.attach(log)
-    log.info("create the table first")
+    pipeline.attach(loguru)
+    loguru.info("create the table first")
     pipeline.flush(30)
     # A constraint the data can violate: PostgreSQL refuses those rows (SQLSTATE 23514).
     postgres.psql(f"alter table {table} add constraint no_poison check (message not like '%POISON%')")
     bad = set(range(7, 2000, 61))  # 33 offenders: line hints first, then halving
     for i in range(2000):
-        log.info("POISON {}" if i in bad else "good {}", i)
+        loguru.info("POISON {}" if i in bad else "good {}", i)
     pipeline.flush(60)
     stats = pipeline.stats()["postgres"]
     pipeline.close()
@@ -209,7 +209,7 @@ def test_poisoned_batch_writes_all_its_good_rows(postgres, table, log, tmp_path)
     assert all("no_poison" in r["logsluice_error"] and "23514" in r["logsluice_error"] for r in lines)
 
 
-def test_an_outage_past_the_breaker_loses_nothing(postgres, table, log):
+def test_an_outage_past_the_breaker_loses_nothing(postgres, table, loguru):
     destination = logsluice.Postgres(
         postgres.dsn,
         table=table,
@@ -222,14 +222,14 @@ def test_an_outage_past_the_breaker_loses_nothing(postgres, table, log):
         connect_timeout=2,
     )
     pipeline = logsluice.Pipeline(destination)
-    pipeline.attach(log)
-    log.info("before")
+    pipeline.attach(loguru)
+    loguru.info("before")
     pipeline.flush(30)
     postgres.stop()
     try:
         # The app keeps logging; every call returns (no exception, nothing waits on the DB).
         for i in range(60):
-            log.info("during {}", i)
+            loguru.info("during {}", i)
         wait_for(lambda: pipeline.stats()["postgres"]["breaker"] == "open", what="the breaker to open")
         with pytest.raises(TimeoutError, match="postgres: 60 records"):
             pipeline.flush(0.5)
@@ -240,7 +240,7 @@ def test_an_outage_past_the_breaker_loses_nothing(postgres, table, log):
         postgres.start()
     # The probe after the cooldown writes the held batch, then everything queued behind it.
     pipeline.flush(60)
-    log.info("after")
+    loguru.info("after")
     pipeline.close()
     stats = pipeline.stats()["postgres"]
     assert accounted(stats) and stats["in_flight"] == 0
@@ -249,15 +249,15 @@ def test_an_outage_past_the_breaker_loses_nothing(postgres, table, log):
     assert rows == ["before", *(f"during {i}" for i in range(60)), "after"]
 
 
-def test_server_restart_is_survived_without_loss(postgres, table, log):
+def test_server_restart_is_survived_without_loss(postgres, table, loguru):
     pipeline = logsluice.Pipeline(logsluice.Postgres(postgres.dsn, table=table, batch_max_delay=0.05))
-    pipeline.attach(log)
-    log.info("one")
+    pipeline.attach(loguru)
+    loguru.info("one")
     pipeline.flush(30)
     postgres.stop(mode="immediate")
     postgres.start()
     # The old connection is dead; the first attempt fails, the retry reconnects.
-    log.info("two")
+    loguru.info("two")
     pipeline.flush(60)
     stats = pipeline.stats()["postgres"]
     pipeline.close()
@@ -265,16 +265,16 @@ def test_server_restart_is_survived_without_loss(postgres, table, log):
     assert sorted(r[0] for r in postgres.psql(f"select message from {table}")) == ["one", "two"]
 
 
-def test_wrong_password_clear_error_no_secret_no_spin(postgres, table, log, caplog):
+def test_wrong_password_clear_error_no_secret_no_spin(postgres, table, loguru, caplog):
     dsn = postgres.dsn_with(password=SECRET)
     destination = logsluice.Postgres(dsn, table=table, batch_max_delay=0.05)
     assert SECRET not in repr(destination) and SECRET not in destination.dsn
     pipeline = logsluice.Pipeline(destination)
     assert SECRET not in repr(pipeline)
-    pipeline.attach(log)
+    pipeline.attach(loguru)
     with caplog.at_level(logging.INFO, logger="logsluice"):
         for i in range(3):
-            log.info("lost {}", i)
+            loguru.info("lost {}", i)
             pipeline.flush(30)
     stats = pipeline.stats()["postgres"]
     pipeline.close()
@@ -287,10 +287,10 @@ def test_wrong_password_clear_error_no_secret_no_spin(postgres, table, log, capl
     assert "password authentication failed" in logged and SECRET not in logged
 
 
-def test_missing_database_is_permanent(postgres, table, log):
+def test_missing_database_is_permanent(postgres, table, loguru):
     pipeline = logsluice.Pipeline(logsluice.Postgres(postgres.dsn_with(db="nope"), table=table))
-    pipeline.attach(log)
-    log.info("x")
+    pipeline.attach(loguru)
+    loguru.info("x")
     pipeline.flush(30)
     stats = pipeline.stats()["postgres"]
     pipeline.close()
@@ -315,7 +315,7 @@ def test_bad_identifiers_are_refused_at_construction(kwargs):
 
 
 def test_a_mostly_bad_batch_keeps_its_good_rows_when_isolation_runs_out_of_time(
-    postgres, table, log, tmp_path
+    postgres, table, loguru, tmp_path
 ):
     # Isolation takes round trips per bad row: when they outlast its time (4 attempts),
     # the good rows found are committed and the rest counted invalid, never all lost.
@@ -324,12 +324,12 @@ def test_a_mostly_bad_batch_keeps_its_good_rows_when_isolation_runs_out_of_time(
         postgres.dsn, table=table, dead_letter_dir=dead, batch_max_delay=60, attempt_timeout=0.5
     )
     pipeline = logsluice.Pipeline(destination)
-    pipeline.attach(log)
-    log.info("create the table first")
+    pipeline.attach(loguru)
+    loguru.info("create the table first")
     pipeline.flush(30)
     postgres.psql(f"alter table {table} add constraint no_poison check (message not like '%POISON%')")
     for i in range(4000):
-        log.info("POISON {}" if i % 2 else "good {}", i)
+        loguru.info("POISON {}" if i % 2 else "good {}", i)
     pipeline.flush(120)
     stats = pipeline.stats()["postgres"]
     pipeline.close()
@@ -344,20 +344,20 @@ def test_a_mostly_bad_batch_keeps_its_good_rows_when_isolation_runs_out_of_time(
     assert any(r["logsluice_error"] == "not isolated within the time limit" for r in lines)
 
 
-def test_a_copy_outliving_its_attempt_is_not_committed_beside_the_retry(postgres, table, log):
+def test_a_copy_outliving_its_attempt_is_not_committed_beside_the_retry(postgres, table, loguru):
     destination = logsluice.Postgres(
         postgres.dsn, table=table, attempt_timeout=1.0, retry_initial=0.1, retry_max=0.2, max_retries=5
     )
     pipeline = logsluice.Pipeline(destination)
-    pipeline.attach(log)
-    log.info("warm-up")
+    pipeline.attach(loguru)
+    loguru.info("warm-up")
     pipeline.flush(30)
     # A transaction holding the lock until the block ends.
     with psycopg.connect(host=str(postgres.dir), port=postgres.port, user=SUPERUSER, dbname=APP_DB) as conn:
         # Today's partition: the COPY starts, takes the rows, then waits routing them.
         today = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d")
         conn.execute(f"LOCK TABLE {table}_app_{today} IN ACCESS EXCLUSIVE MODE")
-        log.info("only once")
+        loguru.info("only once")
         time.sleep(3)  # attempts time out while their COPY waits for the lock
     pipeline.flush(30)
     pipeline.close()
@@ -423,17 +423,17 @@ def test_eight_processes_create_the_schema_at_once(postgres, table):
     assert count(postgres, table) == 8 * 500
 
 
-def test_retention_drops_old_partitions_and_keeps_today(postgres, table, log):
+def test_retention_drops_old_partitions_and_keeps_today(postgres, table, loguru):
     now = dt.datetime.now(dt.timezone.utc)
     days_ago = {d: (now - dt.timedelta(days=d)) for d in (0, 3, 10)}
 
     # Create the table (and today's partitions), then plant an old http partition by hand.
     setup = logsluice.Pipeline(logsluice.Postgres(postgres.dsn, table=table))
-    setup.attach(log)
-    log.info("setup")
+    setup.attach(loguru)
+    loguru.info("setup")
     setup.flush(30)
     setup.close()
-    log.remove()
+    loguru.remove()
     old_http = (now - dt.timedelta(days=3)).date()
     name = f"{table}_http_{old_http:%Y%m%d}"
     postgres.psql(
@@ -443,7 +443,7 @@ def test_retention_drops_old_partitions_and_keeps_today(postgres, table, log):
     pipeline = logsluice.Pipeline(
         logsluice.Postgres(postgres.dsn, table=table, retention={"app": "7d", "http": "1d"})
     )
-    pipeline.attach(log)
+    pipeline.attach(loguru)
     for d, when in days_ago.items():
         log_at(pipeline, when, f"app {d} days ago")
     pipeline.flush(30)
@@ -460,12 +460,12 @@ def test_retention_drops_old_partitions_and_keeps_today(postgres, table, log):
     assert messages == {"setup", "app 0 days ago", "app 3 days ago"}
 
 
-def test_create_table_false_says_what_is_missing(postgres, table, log):
+def test_create_table_false_says_what_is_missing(postgres, table, loguru):
     postgres.psql(f"create table {table} (id bigserial, ts timestamptz, message text)")
     postgres.psql(f"grant all on {table} to app")
     pipeline = logsluice.Pipeline(logsluice.Postgres(postgres.dsn, table=table, create_table=False))
-    pipeline.attach(log)
-    log.info("x")
+    pipeline.attach(loguru)
+    loguru.info("x")
     pipeline.flush(30)
     stats = pipeline.stats()["postgres"]
     pipeline.close()
@@ -476,17 +476,17 @@ def test_create_table_false_says_what_is_missing(postgres, table, log):
     assert stats["retries"] == 0 and count(postgres, table) == 0
 
 
-def test_create_table_false_missing_table(postgres, table, log):
+def test_create_table_false_missing_table(postgres, table, loguru):
     pipeline = logsluice.Pipeline(logsluice.Postgres(postgres.dsn, table=table, create_table=False))
-    pipeline.attach(log)
-    log.info("x")
+    pipeline.attach(loguru)
+    loguru.info("x")
     pipeline.flush(30)
     err = pipeline.stats()["postgres"]["last_error"]
     pipeline.close()
     assert f"table public.{table} does not exist and create_table=False" in err
 
 
-def test_an_older_table_is_migrated_forward_never_dropped(postgres, table, log):
+def test_an_older_table_is_migrated_forward_never_dropped(postgres, table, loguru):
     postgres.psql(
         f"create table {table} (id bigserial, ts timestamptz not null, level text, level_no smallint,"
         f" kind text, message text); alter table {table} owner to app"
@@ -495,8 +495,8 @@ def test_an_older_table_is_migrated_forward_never_dropped(postgres, table, log):
         f"insert into {table} (ts, level, level_no, kind, message) values (now(), 'INFO', 20, 'app', 'old')"
     )
     pipeline = logsluice.Pipeline(logsluice.Postgres(postgres.dsn, table=table))
-    pipeline.attach(log)
-    log.bind(k=1).warning("new")
+    pipeline.attach(loguru)
+    loguru.bind(k=1).warning("new")
     pipeline.flush(30)
     stats = pipeline.stats()["postgres"]
     pipeline.close()
@@ -505,13 +505,13 @@ def test_an_older_table_is_migrated_forward_never_dropped(postgres, table, log):
     assert rows == [("old", None, None), ("new", {"k": 1}, None)]
 
 
-def test_plain_table_without_partitions(postgres, table, log):
+def test_plain_table_without_partitions(postgres, table, loguru):
     destination = logsluice.Postgres(postgres.dsn, table=table, partition=None, retention="1d")
     pipeline = logsluice.Pipeline(destination)
-    pipeline.attach(log)
+    pipeline.attach(loguru)
     log_at(pipeline, dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=2), "old")
     pipeline.flush(30)
-    log.info("new")
+    loguru.info("new")
     pipeline.flush(30)
     pipeline.close()
     assert postgres.psql(f"select relkind::text from pg_class where relname = '{table}'") == [("r",)]
@@ -519,17 +519,19 @@ def test_plain_table_without_partitions(postgres, table, log):
     assert {r[0] for r in postgres.psql(f"select message from {table}")} == {"new"}
 
 
-def test_a_table_numbered_by_int4_is_read_and_a_retention_beyond_the_calendar_keeps_all(postgres, table, log):
+def test_a_table_numbered_by_int4_is_read_and_a_retention_beyond_the_calendar_keeps_all(
+    postgres, table, loguru
+):
     # The owner's table: ids as `integer` (serial). A retention of a billion days is "forever",
     # not an overflow that kills the writer.
     pipeline = logsluice.Pipeline(
         logsluice.Postgres(postgres.dsn, table=table, partition=None, retention="1000000000d")
     )
-    pipeline.attach(log)
-    log.info("first")
+    pipeline.attach(loguru)
+    loguru.info("first")
     pipeline.flush(30)
     postgres.psql(f"alter table {table} alter column id type integer")
-    log.info("second")
+    loguru.info("second")
     pipeline.flush(30)
     stats = pipeline.stats()["postgres"]
     pipeline.close()
@@ -545,16 +547,16 @@ def test_reader_errors_give_the_server_message_and_sqlstate(postgres, table):
     assert "does not exist" in message and "SQLSTATE 42P01" in message and " at line " not in message
 
 
-def test_routing_everything_to_files_warnings_to_postgres(postgres, table, log, tmp_logs):
+def test_routing_everything_to_files_warnings_to_postgres(postgres, table, loguru, tmp_logs):
     pipeline = logsluice.Pipeline(
         logsluice.LocalFiles(tmp_logs),
         logsluice.Postgres(postgres.dsn, table=table, min_level="WARNING"),
     )
-    pipeline.attach(log, level="DEBUG")
-    log.debug("d")
-    log.info("i")
-    log.warning("w")
-    log.error("e")
+    pipeline.attach(loguru, level="DEBUG")
+    loguru.debug("d")
+    loguru.info("i")
+    loguru.warning("w")
+    loguru.error("e")
     pipeline.flush(30)
     stats = pipeline.stats()
     pipeline.close()
@@ -609,17 +611,17 @@ def test_http_records_fill_the_http_columns(postgres, table):
     assert count(postgres, f"{table}_http") == 2 and count(postgres, f"{table}_app") == 0
 
 
-def test_own_schema_and_mixed_case_table(postgres, log):
+def test_own_schema_and_mixed_case_table(postgres, loguru):
     name = f"Audit_{uuid.uuid4().hex[:6]}"
     pipeline = logsluice.Pipeline(logsluice.Postgres(postgres.dsn, schema="audit", table=name))
-    pipeline.attach(log)
-    log.info("in its own schema")
+    pipeline.attach(loguru)
+    loguru.info("in its own schema")
     pipeline.flush(30)
     pipeline.close()
     assert postgres.psql(f'select message from audit."{name}"') == [("in its own schema",)]
 
 
-def test_statement_timeout_cuts_a_stuck_copy(postgres, table, log):
+def test_statement_timeout_cuts_a_stuck_copy(postgres, table, loguru):
     destination = logsluice.Postgres(
         postgres.dsn,
         table=table,
@@ -629,21 +631,21 @@ def test_statement_timeout_cuts_a_stuck_copy(postgres, table, log):
         breaker_cooldown=0.5,
     )
     pipeline = logsluice.Pipeline(destination)
-    pipeline.attach(log)
-    log.info("first")
+    pipeline.attach(loguru)
+    loguru.info("first")
     pipeline.flush(30)
     postgres.psql(
         "create function slow() returns trigger language plpgsql as $$"
         " begin perform pg_sleep(3); return new; end $$"
     )
     postgres.psql(f"create trigger slow before insert on {table} for each row execute function slow()")
-    log.info("stuck")
+    loguru.info("stuck")
     wait_for(lambda: "57014" in (pipeline.stats()["postgres"]["last_error"] or ""), what="the timeout")
     stats = pipeline.stats()["postgres"]
     assert "statement timeout" in stats["last_error"]
     assert stats["dropped_total"] == 0 and stats["in_flight"] == 1, "held, not dropped"
     postgres.psql(f"drop trigger slow on {table}; drop function slow()")
-    log.info("after")
+    loguru.info("after")
     pipeline.flush(30)
     stats = pipeline.stats()["postgres"]
     pipeline.close()
@@ -651,13 +653,13 @@ def test_statement_timeout_cuts_a_stuck_copy(postgres, table, log):
     assert sorted(r[0] for r in postgres.psql(f"select message from {table}")) == ["after", "first", "stuck"]
 
 
-def test_maintenance_runs_on_its_schedule_while_idle(postgres, table, log):
+def test_maintenance_runs_on_its_schedule_while_idle(postgres, table, loguru):
     destination = logsluice.Postgres(
         postgres.dsn, table=table, retention={"http": "1d"}, maintenance_interval=0.2
     )
     pipeline = logsluice.Pipeline(destination)
-    pipeline.attach(log)
-    log.info("one")
+    pipeline.attach(loguru)
+    loguru.info("one")
     pipeline.flush(30)
     old = (dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=5)).date()
     name = f"{table}_http_{old:%Y%m%d}"
@@ -672,22 +674,22 @@ def test_maintenance_runs_on_its_schedule_while_idle(postgres, table, log):
     assert stats["written"] == 1 and stats["batches"] == 1
 
 
-def test_too_many_connections_is_retried_then_recovers(postgres, table, log):
+def test_too_many_connections_is_retried_then_recovers(postgres, table, loguru):
     destination = logsluice.Postgres(
         postgres.dsn, table=table, max_retries=2, retry_initial=0.01, retry_max=0.05, breaker_cooldown=0.5
     )
     pipeline = logsluice.Pipeline(destination)
-    pipeline.attach(log)
+    pipeline.attach(loguru)
     postgres.psql("alter role app connection limit 0")
     try:
-        log.info("refused at first")
+        loguru.info("refused at first")
         wait_for(lambda: pipeline.stats()["postgres"]["retries"] >= 2, what="retries")
         stats = pipeline.stats()["postgres"]
     finally:
         postgres.psql("alter role app connection limit -1")
     assert "53300" in stats["last_error"] and "too many connections" in stats["last_error"]
     assert stats["dropped_total"] == 0, "transient: retried and held, not dropped"
-    log.info("accepted")
+    loguru.info("accepted")
     pipeline.flush(30)
     stats = pipeline.stats()["postgres"]
     pipeline.close()
@@ -705,7 +707,7 @@ def backends(postgres, application_name, where="true"):
     )[0][0]
 
 
-def test_close_cuts_off_a_connect_to_a_server_that_never_answers(table, log):
+def test_close_cuts_off_a_connect_to_a_server_that_never_answers(table, loguru):
     # The socket listens but is never served: connections complete in its backlog and the
     # startup handshake hangs, as with a host that swallows packets. Connecting would wait
     # for connect_timeout; close must not, and must count the batch it held.
@@ -719,9 +721,9 @@ def test_close_cuts_off_a_connect_to_a_server_that_never_answers(table, log):
             attempt_timeout=60,
         )
         pipeline = logsluice.Pipeline(destination)
-        pipeline.attach(log)
+        pipeline.attach(loguru)
         for i in range(5):
-            log.info("never answered {}", i)
+            loguru.info("never answered {}", i)
         elapsed, stats = close_with_a_write_in_io(pipeline, "postgres")
     assert elapsed < 3.0, f"close took {elapsed:.1f} s"
     assert stats["written"] == 0 and stats["dropped"]["closed"] == 5, stats
@@ -743,7 +745,7 @@ def test_a_commit_in_doubt_is_settled_by_its_own_server_only(postgres, table):
 
 
 @pytest.mark.parametrize("max_retries", [3, 0])
-def test_a_commit_outliving_its_attempt_is_stored_once(postgres, table, log, max_retries):
+def test_a_commit_outliving_its_attempt_is_stored_once(postgres, table, loguru, max_retries):
     # The server runs a deferred trigger at COMMIT that sleeps past the attempt's time limit
     # (the first commit only). The attempt gives up with its COMMIT sent; the server would
     # still commit it after the sleep, beside the retry's copy. The writer ends that commit's
@@ -760,8 +762,8 @@ def test_a_commit_outliving_its_attempt_is_stored_once(postgres, table, log, max
         retry_max=0.2,
     )
     pipeline = logsluice.Pipeline(destination)
-    pipeline.attach(log)
-    log.info("warm-up")
+    pipeline.attach(loguru)
+    loguru.info("warm-up")
     pipeline.flush(30)
     postgres.psql(
         f"create sequence {table}_commits; grant usage on sequence {table}_commits to app;"
@@ -770,7 +772,7 @@ def test_a_commit_outliving_its_attempt_is_stored_once(postgres, table, log, max
         f" create constraint trigger slow_commit after insert on {table} deferrable initially deferred"
         f" for each row execute function {table}_slow()"
     )
-    log.info("only once")
+    loguru.info("only once")
     pipeline.flush(30)
     stats = pipeline.stats()["postgres"]
     pipeline.close()
@@ -786,7 +788,9 @@ def test_a_commit_outliving_its_attempt_is_stored_once(postgres, table, log, max
 
 
 @pytest.mark.parametrize("max_retries", [3, 0])
-def test_a_commit_waiting_for_a_standby_that_never_answers_is_stored_once(postgres, table, log, max_retries):
+def test_a_commit_waiting_for_a_standby_that_never_answers_is_stored_once(
+    postgres, table, loguru, max_retries
+):
     # synchronous_commit waits for a standby that does not exist: each COMMIT is durable
     # on the server but never acknowledged. The writer must not send the batch again; it
     # ends the waiting server process (the transaction stays committed) and counts the
@@ -794,10 +798,10 @@ def test_a_commit_waiting_for_a_standby_that_never_answers_is_stored_once(postgr
     app = f"ls_{table}"
     options = dict(partition=None, application_name=app, notify=False)
     warm = logsluice.Pipeline(logsluice.Postgres(postgres.dsn, table=table, **options))
-    warm.attach(log)
-    log.info("warm-up")
+    warm.attach(loguru)
+    loguru.info("warm-up")
     warm.close(30)
-    log.remove()
+    loguru.remove()
     destination = logsluice.Postgres(
         postgres.dsn,
         table=table,
@@ -808,13 +812,13 @@ def test_a_commit_waiting_for_a_standby_that_never_answers_is_stored_once(postgr
         **options,
     )
     pipeline = logsluice.Pipeline(destination)
-    pipeline.attach(log)
+    pipeline.attach(loguru)
     postgres.psql("alter system set synchronous_standby_names = 'ghost'")
     postgres.psql("alter system set synchronous_commit = 'on'")
     try:
         postgres.psql("select pg_reload_conf()")
         wait_for(lambda: postgres.psql("show synchronous_standby_names") == [("ghost",)], what="reload")
-        log.info("only once")
+        loguru.info("only once")
         pipeline.flush(30)
         stats = pipeline.stats()["postgres"]
         # No server process of the writer is left waiting for the standby.
@@ -833,18 +837,18 @@ def test_a_commit_waiting_for_a_standby_that_never_answers_is_stored_once(postgr
     assert stats["written"] == 1 and stats["dropped_total"] == 0 and accounted(stats), stats
 
 
-def test_records_on_the_first_and_last_day_get_their_partitions(postgres, table, log, tmp_path):
+def test_records_on_the_first_and_last_day_get_their_partitions(postgres, table, loguru, tmp_path):
     # The last day's partition ends at 10000-01-01, which chrono writes as +10000-01-01 and
     # PostgreSQL then read as a time zone: the whole batch failed, good records included.
     dead = tmp_path / "dead"
     pipeline = logsluice.Pipeline(logsluice.Postgres(postgres.dsn, table=table, dead_letter_dir=dead))
-    pipeline.attach(log)
+    pipeline.attach(loguru)
     last = dt.datetime.max.replace(tzinfo=dt.timezone.utc)
     first = dt.datetime.min.replace(tzinfo=dt.timezone.utc)
-    log.info("good 1")
-    log.patch(lambda r: r.update(time=last)).info("last day")
-    log.patch(lambda r: r.update(time=first)).info("first day")
-    log.info("good 2")
+    loguru.info("good 1")
+    loguru.patch(lambda r: r.update(time=last)).info("last day")
+    loguru.patch(lambda r: r.update(time=first)).info("first day")
+    loguru.info("good 2")
     pipeline.flush(30)
     stats = pipeline.stats()["postgres"]
     pipeline.close()
@@ -878,13 +882,13 @@ def test_a_batch_spanning_more_days_than_one_transaction_locks_is_written_in_pie
     assert any("too much for one write" in r.getMessage() for r in caplog.records)
 
 
-def test_days_covered_by_a_partition_made_by_hand_are_written_into_it(postgres, table, log):
+def test_days_covered_by_a_partition_made_by_hand_are_written_into_it(postgres, table, loguru):
     # An operator partitions a span by hand (a month, say) under the kind's table: logsluice's
     # own day partition for a day in it would overlap (SQLSTATE 42P17). Its rows go into the
     # hand-made partition instead of costing their batch.
     pipeline = logsluice.Pipeline(logsluice.Postgres(postgres.dsn, table=table, premake_days=0))
-    pipeline.attach(log)
-    log.info("today")
+    pipeline.attach(loguru)
+    loguru.info("today")
     pipeline.flush(30)
     start = dt.date.today() + dt.timedelta(days=20)
     postgres.psql(
@@ -893,8 +897,8 @@ def test_days_covered_by_a_partition_made_by_hand_are_written_into_it(postgres, 
         f" grant all on {table}_app_by_hand to app"
     )
     when = dt.datetime.combine(start + dt.timedelta(days=3), dt.time(12), tzinfo=dt.timezone.utc)
-    log.patch(lambda r: r.update(time=when)).info("in the hand-made span")
-    log.info("today again")
+    loguru.patch(lambda r: r.update(time=when)).info("in the hand-made span")
+    loguru.info("today again")
     pipeline.flush(30)
     stats = pipeline.stats()["postgres"]
     pipeline.close()
@@ -917,14 +921,14 @@ def test_days_no_partition_can_be_made_for_cost_only_their_records(postgres, tab
     assert all("outside the years 1 to 9999" in r["logsluice_error"] for r in lines)
 
 
-def test_times_outside_years_1_to_9999_are_stored_alike_everywhere(postgres, table, log, tmp_logs):
+def test_times_outside_years_1_to_9999_are_stored_alike_everywhere(postgres, table, loguru, tmp_logs):
     # A time that is not finite or not within years 1 to 9999 becomes the time of
     # conversion; the original is kept in fields. Before, files stored 1970-01-01T00:00:00
     # .775807Z or 5-digit years while PostgreSQL refused the batch.
     pipeline = logsluice.Pipeline(
         logsluice.LocalFiles(tmp_logs), logsluice.Postgres(postgres.dsn, table=table)
     )
-    pipeline.attach(log)
+    pipeline.attach(loguru)
     handler = pipeline.logging_handler()
     before = dt.datetime.now(dt.timezone.utc)
     created = {"inf": float("inf"), "nan": float("nan"), "1e15": 1e15, "1e30": 10**30, "-1e12": -1e12}
@@ -934,7 +938,7 @@ def test_times_outside_years_1_to_9999_are_stored_alike_everywhere(postgres, tab
         record.original_time = "mine"  # a user extra of that name keeps its value
         handler.handle(record)
     late = dt.datetime(9999, 12, 31, 23, 0, tzinfo=dt.timezone(-dt.timedelta(hours=14)))
-    log.patch(lambda r: r.update(time=late)).info("loguru")
+    loguru.patch(lambda r: r.update(time=late)).info("loguru")
     pipeline.flush(30)
     after = dt.datetime.now(dt.timezone.utc)
     stats = pipeline.stats()
