@@ -129,7 +129,8 @@ impl LocalFiles {
             .metadata()
             .map_err(|e| io_error("cannot stat", &path, e))?;
         let inode = meta.ino();
-        let (file, lock) = lock_writer_file(HeldFile::new(file, &meta));
+        let file = HeldFile::new(file, &meta);
+        let lock = lock_writer_file(&file);
         let cur = Current {
             file,
             path,
@@ -255,7 +256,7 @@ enum Lock {
 }
 
 /// Locks a writer's new file (let go of in forked children: see `crate::flock`).
-fn lock_writer_file(file: HeldFile) -> (HeldFile, Lock) {
+fn lock_writer_file(file: &HeldFile) -> Lock {
     // A `keep` holds a lock for the moment it takes to remove the file; never wait without
     // end (a child forked in that moment would hold it for its lifetime).
     let mut lock = Lock::Busy;
@@ -270,7 +271,7 @@ fn lock_writer_file(file: HeldFile) -> (HeldFile, Lock) {
         }
         std::thread::sleep(Duration::from_millis(2));
     }
-    (file, lock)
+    lock
 }
 
 fn gzip_file(path: &Path) -> io::Result<()> {

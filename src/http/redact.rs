@@ -266,20 +266,20 @@ impl Redactor {
         while i < b.len() {
             let c = b[i];
             let quoted = c == b'"' || (c == b'\'' && opens_value(b, i));
-            let (start, end, inner) = if quoted {
+            let (end, inner) = if quoted {
                 let end = string_end(b, i);
                 let inner_end = if end > i + 1 && b[end - 1] == c {
                     end - 1
                 } else {
                     end
                 };
-                (i, end, i + 1..inner_end)
+                (end, i + 1..inner_end)
             } else if is_word(c) {
                 let mut end = i;
                 while end < b.len() && is_word(b[end]) {
                     end += 1;
                 }
-                (i, end, i..end)
+                (end, i..end)
             } else {
                 i += 1;
                 continue;
@@ -295,13 +295,7 @@ impl Redactor {
                 if self.body_keys.matches(&key) {
                     let value_start = skip_ws(b, colon + 1);
                     let value_end = value_end(b, value_start);
-                    if copied == 0 {
-                        out.reserve(text.len());
-                    }
-                    out.push_str(&text[copied..value_start]);
-                    out.push_str(quote);
-                    out.push_str(REDACTED);
-                    out.push_str(quote);
+                    splice(&mut out, text, copied..value_start, quote, REDACTED);
                     copied = value_end;
                     i = value_end;
                     continue;
@@ -309,15 +303,9 @@ impl Redactor {
             } else if self.scrub_values && !quoted {
                 // A bare number that is a card number: replaced by a string so valid JSON
                 // stays valid.
-                let word = &text[start..end];
+                let word = &text[i..end];
                 if word.len() >= 13 && word.bytes().all(|d| d.is_ascii_digit()) && luhn(word) {
-                    if copied == 0 {
-                        out.reserve(text.len());
-                    }
-                    out.push_str(&text[copied..start]);
-                    out.push_str(quote);
-                    out.push_str(CARD);
-                    out.push_str(quote);
+                    splice(&mut out, text, copied..i, quote, CARD);
                     copied = end;
                 }
             }
@@ -332,6 +320,18 @@ impl Redactor {
         }
         out
     }
+}
+
+/// Appends the unchanged `text[kept]` and `marker` in `quote`s to `out`, which is sized for
+/// the whole text when the first replacement starts it.
+fn splice(out: &mut String, text: &str, kept: std::ops::Range<usize>, quote: &str, marker: &str) {
+    if out.capacity() == 0 {
+        out.reserve(text.len());
+    }
+    out.push_str(&text[kept]);
+    out.push_str(quote);
+    out.push_str(marker);
+    out.push_str(quote);
 }
 
 /// A value scanner: the text with its matches replaced, or `None` when nothing matched.
